@@ -1,0 +1,3 @@
+fn main() {
+    vm_notify::x()
+}

@@ -1,0 +1,233 @@
+//! The crate's one error type.
+//!
+//! Every variant says what the caller asked for (the address, GSI or value at fault) and, where
+//! the kernel refused, which errno came back. `docs/ERRORS.md` lists each with its cause and remedy.
+
+use std::io;
+
+use crate::ioevent::IoEventAddress;
+
+/// Result type of every fallible operation in this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A KVM capability the library needs for an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// `KVM_CAP_IOEVENTFD`: guest writes can signal an eventfd in the kernel.
+    IoEventFd,
+    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`: an ioeventfd of length 0 (any write width).
+    IoEventFdAnyLength,
+    /// `KVM_CAP_IRQFD`: an eventfd can inject a GSI.
+    IrqFd,
+    /// `KVM_CAP_IRQFD_RESAMPLE`: level irqfds with a resample eventfd.
+    IrqFdResample,
+    /// `KVM_CAP_IRQ_ROUTING`: the GSI routing table can be set.
+    IrqRouting,
+    /// An in-kernel irqchip (`KVM_CREATE_IRQCHIP`) on this VM.
+    Irqchip,
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Capability::IoEventFd => "KVM_CAP_IOEVENTFD",
+            Capability::IoEventFdAnyLength => "KVM_CAP_IOEVENTFD_ANY_LENGTH",
+            Capability::IrqFd => "KVM_CAP_IRQFD",
+            Capability::IrqFdResample => "KVM_CAP_IRQFD_RESAMPLE",
+            Capability::IrqRouting => "KVM_CAP_IRQ_ROUTING",
+            Capability::Irqchip => "an in-kernel irqchip (KVM_CREATE_IRQCHIP)",
+        })
+    }
+}
+
+/// Everything that can go wrong in vm-notify.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The process (EMFILE) or the system (ENFILE) has no file descriptor left for a new eventfd
+    /// or a clone of one.
+    #[error(
+        "no file descriptor left for {what} ({source}); raise RLIMIT_NOFILE or drop registrations"
+    )]
+    FdExhausted {
+        /// What needed the descriptor.
+        what: &'static str,
+        /// The errno.
+        source: io::Error,
+    },
+    /// An eventfd system call failed for a reason other than fd exhaustion.
+    #[error("eventfd {op} failed: {source}")]
+    Notifier {
+        /// The operation: "create", "read", "write", "clone" or "poll".
+        op: &'static str,
+        /// The errno.
+        source: io::Error,
+    },
+    /// `u64::MAX` cannot be added to an eventfd counter (the kernel returns EINVAL); the counter's
+    /// maximum is `u64::MAX - 1`.
+    #[error(
+        "cannot add {value:#x} to a notifier: an eventfd counter holds at most 0xfffffffffffffffe"
+    )]
+    NotifierValue {
+        /// The value that was refused.
+        value: u64,
+    },
+
+    /// A datamatch was given with [`Width::Any`](crate::Width::Any): KVM compares the value only
+    /// for a fixed write width.
+    #[error("{addr}: a datamatch needs a fixed width (1, 2, 4 or 8 bytes), not Width::Any")]
+    DatamatchWithoutWidth {
+        /// The address of the registration.
+        addr: IoEventAddress,
+    },
+    /// The datamatch value has bits above the registration's width, so no write could match it.
+    #[error("{addr}: datamatch {value:#x} does not fit in a {width}-byte write")]
+    DatamatchTooWide {
+        /// The address of the registration.
+        addr: IoEventAddress,
+        /// The value given.
+        value: u64,
+        /// The width in bytes.
+        width: u32,
+    },
+    /// A port I/O address above 0xffff.
+    #[error("{addr}: port I/O addresses are 16 bits (0..=0xffff)")]
+    PortOutOfRange {
+        /// The address given.
+        addr: IoEventAddress,
+    },
+    /// An 8-byte port I/O registration: x86 has no 8-byte `out`.
+    #[error("{addr}: port I/O has no 8-byte writes; use 1, 2 or 4 bytes")]
+    PioWidth {
+        /// The address given.
+        addr: IoEventAddress,
+    },
+    /// The registered range would run past the end of the address space.
+    #[error(
+        "{addr}: a {width}-byte range at this address wraps past the end of the address space"
+    )]
+    AddressWraps {
+        /// The address given.
+        addr: IoEventAddress,
+        /// The width in bytes.
+        width: u32,
+    },
+    /// KVM already has an overlapping registration (EEXIST): same address and either side any-width,
+    /// or the same width with either side without datamatch or with the same datamatch.
+    #[error("{addr}: an overlapping ioeventfd is already registered (EEXIST)")]
+    IoEventExists {
+        /// The address of the refused registration.
+        addr: IoEventAddress,
+    },
+    /// The kernel's I/O bus has no room for another device (ENOSPC; kernels before 5.x cap a bus
+    /// at 1000 devices).
+    #[error("{addr}: the kernel's I/O bus is full (ENOSPC)")]
+    IoBusFull {
+        /// The address of the refused registration.
+        addr: IoEventAddress,
+    },
+    /// Any other errno from `KVM_IOEVENTFD`.
+    #[error("{addr}: KVM_IOEVENTFD failed: {source}")]
+    IoEvent {
+        /// The address of the registration.
+        addr: IoEventAddress,
+        /// The errno.
+        source: io::Error,
+    },
+
+    /// The VM lacks a capability the operation needs.
+    #[error("KVM lacks {0}")]
+    MissingCapability(Capability),
+    /// A GSI at or above the routing table's limit (4096 on x86).
+    #[error("GSI {gsi} is out of range: KVM accepts GSIs below {limit}")]
+    GsiOutOfRange {
+        /// The GSI given.
+        gsi: u32,
+        /// The first GSI KVM refuses.
+        limit: u32,
+    },
+    /// An irqfd on a GSI the routing table does not route. KVM would accept it and drop every
+    /// interrupt, so the library refuses it.
+    #[error("GSI {gsi} has no committed route: an irqfd there would inject nothing")]
+    UnroutedGsi {
+        /// The GSI given.
+        gsi: u32,
+    },
+    /// Every GSI below the limit is in use.
+    #[error("no free GSI: all {limit} GSIs are routed or reserved")]
+    GsiExhausted {
+        /// The number of GSIs KVM supports.
+        limit: u32,
+    },
+    /// The routing table would exceed KVM's entry limit.
+    #[error("the GSI routing table is full: {entries} entries, KVM takes at most {limit}")]
+    RouteTableFull {
+        /// Entries the table would hold with the change.
+        entries: usize,
+        /// KVM's limit (`KVM_MAX_IRQ_ROUTES`).
+        limit: usize,
+    },
+    /// A route change on a GSI that has irqfds bound to it; drop them first (KVM must see the
+    /// irqfd deassigned before its route goes).
+    #[error("GSI {gsi} has {irqfds} irqfd(s) bound; drop them before changing its route")]
+    GsiBusy {
+        /// The GSI.
+        gsi: u32,
+        /// How many irqfds are bound.
+        irqfds: usize,
+    },
+    /// A message for a GSI that is not an MSI route of this router.
+    #[error("GSI {gsi} is not an MSI route allocated by this router")]
+    NotMsiRoute {
+        /// The GSI given.
+        gsi: u32,
+    },
+    /// `KVM_SET_GSI_ROUTING` failed.
+    #[error("KVM_SET_GSI_ROUTING with {entries} entries failed: {source}")]
+    SetRouting {
+        /// Entries sent.
+        entries: usize,
+        /// The errno.
+        source: io::Error,
+    },
+    /// The notifier is already bound as an irqfd (EBUSY): one eventfd injects one GSI.
+    #[error("GSI {gsi}: this notifier is already bound as an irqfd (EBUSY)")]
+    IrqFdBusy {
+        /// The GSI of the refused binding.
+        gsi: u32,
+    },
+    /// A level irqfd on a GSI whose route is not an irqchip pin: only a level-triggered pin has
+    /// an EOI to resample on.
+    #[error(
+        "GSI {gsi}: a resample irqfd needs an irqchip (PIC/IOAPIC pin) route, not an MSI route"
+    )]
+    ResampleNeedsIrqchip {
+        /// The GSI given.
+        gsi: u32,
+    },
+    /// Any other errno from `KVM_IRQFD`.
+    #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
+    IrqFd {
+        /// The GSI of the binding.
+        gsi: u32,
+        /// The errno.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Maps an eventfd errno to [`Error::FdExhausted`] or [`Error::Notifier`].
+    pub(crate) fn eventfd(op: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EMFILE) | Some(libc::ENFILE) => Error::FdExhausted {
+                what: if op == "clone" {
+                    "a clone of an eventfd"
+                } else {
+                    "a new eventfd"
+                },
+                source,
+            },
+            _ => Error::Notifier { op, source },
+        }
+    }
+}

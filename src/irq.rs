@@ -1,0 +1,194 @@
+//! [`IrqFd`] and [`LevelIrqFd`]: a device adds to a [`Notifier`] and KVM injects a GSI.
+//!
+//! An edge irqfd injects its GSI once per write (writes made before the injection coalesce). A
+//! level irqfd asserts an irqchip pin and keeps it asserted; when the guest EOIs the pin KVM
+//! de-asserts it and adds 1 to the resample notifier. The device then checks its own condition
+//! (for example its interrupt status register) and asserts again if an interrupt is still due.
+//!
+//! Both go through the VM's [`GsiRouter`], which refuses a GSI that has no route: KVM itself would
+//! accept it and then drop every interrupt.
+
+use std::fmt;
+
+use crate::error::{Capability, Error, Result};
+use crate::notifier::Notifier;
+use crate::routing::{Gsi, GsiRouter, Route};
+use crate::sys;
+
+/// One `KVM_IRQFD` assignment; deassigned on drop.
+struct Binding {
+    router: GsiRouter,
+    gsi: Gsi,
+    trigger: Notifier,
+}
+
+impl Binding {
+    fn new(
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: Option<&Notifier>,
+    ) -> Result<Binding> {
+        let mut caps = vec![Capability::IrqFd];
+        if resample.is_some() {
+            caps.push(Capability::IrqFdResample);
+        }
+        for cap in caps {
+            if !sys::check(router.vm(), cap) {
+                return Err(Error::MissingCapability(cap));
+            }
+        }
+        let trigger = trigger.try_clone()?;
+        router.bind(gsi, |vm, routes| {
+            if resample.is_some() && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
+                return Err(Error::ResampleNeedsIrqchip { gsi });
+            }
+            sys::assign_irqfd(vm, &trigger, resample, gsi).map_err(|source| {
+                match source.raw_os_error() {
+                    Some(libc::EBUSY) => Error::IrqFdBusy { gsi },
+                    _ => Error::IrqFd { gsi, source },
+                }
+            })
+        })?;
+        Ok(Binding {
+            router: router.clone(),
+            gsi,
+            trigger,
+        })
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        let (gsi, trigger) = (self.gsi, &self.trigger);
+        // KVM deassigns by (eventfd, GSI). It returns 0 even when nothing matched, so there is no
+        // error worth reporting here; the router's count is what the library relies on.
+        self.router.unbind(gsi, |vm| {
+            let _ = sys::deassign_irqfd(vm, trigger, gsi);
+        });
+    }
+}
+
+impl fmt::Debug for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binding")
+            .field("gsi", &self.gsi)
+            .field("trigger", &self.trigger)
+            .finish()
+    }
+}
+
+/// An edge-triggered irqfd: each [`trigger`](Self::trigger) injects the GSI.
+/// Dropping it deassigns the irqfd.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// use vm_notify::{GsiRouter, IrqFd, Mode, Notifier};
+/// # let kvm = kvm_ioctls::Kvm::new()?;
+/// # let vm = Arc::new(kvm.create_vm()?);
+/// # vm.create_irq_chip()?;
+/// let router = GsiRouter::new(vm.clone())?;
+/// // GSI 4: the default route to PIC pin 4 and IOAPIC pin 4 (a serial port's line).
+/// let irq = IrqFd::new(&router, 4, &Notifier::new(Mode::Counter)?)?;
+/// irq.trigger()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+#[must_use = "dropping an IrqFd deassigns it at once"]
+pub struct IrqFd {
+    binding: Binding,
+}
+
+impl IrqFd {
+    /// Binds `notifier` to inject `gsi`. The irqfd keeps its own descriptor of the notifier.
+    ///
+    /// A count already in the notifier is injected at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GsiOutOfRange`], [`Error::UnroutedGsi`] when `gsi` has no committed route,
+    /// [`Error::MissingCapability`] without `KVM_CAP_IRQFD`, [`Error::IrqFdBusy`] when the
+    /// notifier is already an irqfd, [`Error::FdExhausted`], or [`Error::IrqFd`].
+    pub fn new(router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+        Ok(IrqFd {
+            binding: Binding::new(router, gsi, notifier, None)?,
+        })
+    }
+
+    /// Injects the GSI once (adds 1 to the notifier).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the eventfd write fails.
+    pub fn trigger(&self) -> Result<()> {
+        self.binding.trigger.notify()
+    }
+
+    /// The GSI this irqfd injects.
+    pub fn gsi(&self) -> Gsi {
+        self.binding.gsi
+    }
+
+    /// The irqfd's own descriptor of the notifier (clone it for another thread).
+    pub fn notifier(&self) -> &Notifier {
+        &self.binding.trigger
+    }
+}
+
+/// A level-triggered irqfd with a resample notifier. Dropping it deassigns the irqfd.
+///
+/// [`trigger`](Self::trigger) asserts the pin, which stays asserted until the guest EOIs it.
+/// At the EOI KVM de-asserts the pin and adds 1 to [`resample`](Self::resample); the device then
+/// calls `trigger` again if its interrupt condition still holds. The GSI must be routed to an
+/// irqchip pin (PIC or IOAPIC), programmed level-triggered by the guest.
+#[derive(Debug)]
+#[must_use = "dropping a LevelIrqFd deassigns it at once"]
+pub struct LevelIrqFd {
+    binding: Binding,
+    resample: Notifier,
+}
+
+impl LevelIrqFd {
+    /// Binds `trigger` to assert `gsi` and `resample` to be signalled at its EOI.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`IrqFd::new`], plus [`Error::ResampleNeedsIrqchip`] when `gsi` is routed as an
+    /// MSI and [`Error::MissingCapability`] without `KVM_CAP_IRQFD_RESAMPLE`.
+    pub fn new(
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: &Notifier,
+    ) -> Result<LevelIrqFd> {
+        let resample = resample.try_clone()?;
+        Ok(LevelIrqFd {
+            binding: Binding::new(router, gsi, trigger, Some(&resample))?,
+            resample,
+        })
+    }
+
+    /// Asserts the line (adds 1 to the trigger notifier).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the eventfd write fails.
+    pub fn trigger(&self) -> Result<()> {
+        self.binding.trigger.notify()
+    }
+
+    /// The notifier KVM signals when the guest EOIs the line.
+    pub fn resample(&self) -> &Notifier {
+        &self.resample
+    }
+
+    /// The GSI this irqfd asserts.
+    pub fn gsi(&self) -> Gsi {
+        self.binding.gsi
+    }
+
+    /// The irqfd's own descriptor of the trigger notifier.
+    pub fn notifier(&self) -> &Notifier {
+        &self.binding.trigger
+    }
+}

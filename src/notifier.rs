@@ -1,0 +1,429 @@
+//! [`Notifier`]: an eventfd counter with its kernel semantics as types.
+//!
+//! An eventfd holds a `u64` counter. A write adds to it; the counter's maximum is
+//! `0xffff_ffff_ffff_fffe`, and a write that would pass it waits (or, non-blocking, is refused)
+//! until a read makes room. In [`Mode::Counter`] a read returns the whole counter and zeroes it:
+//! the number of notifications since the last read, however they were coalesced. In
+//! [`Mode::Semaphore`] a read returns 1 and decrements. A read of a zero counter waits (or,
+//! non-blocking, is refused). The descriptor is readable for poll/epoll while the counter is not
+//! zero.
+//!
+//! The descriptor is always opened `EFD_NONBLOCK | EFD_CLOEXEC`; the blocking calls wait with
+//! `poll(2)` and retry, so one notifier serves both kinds of caller and a clone never changes the
+//! behaviour of another (`O_NONBLOCK` is shared by every clone of a descriptor).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE};
+
+use crate::error::{Error, Result};
+
+/// The largest value an eventfd counter can hold.
+pub const COUNTER_MAX: u64 = u64::MAX - 1;
+
+/// How a read consumes the counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// A read returns the whole counter and zeroes it (coalesced notifications).
+    Counter,
+    /// A read returns 1 and decrements the counter (`EFD_SEMAPHORE`): one notification at a time.
+    Semaphore,
+}
+
+/// The outcome of a non-blocking operation: done, or it would have had to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use]
+pub enum Attempt<T> {
+    /// The operation completed with this value.
+    Done(T),
+    /// The operation would block: a read found the counter at zero, or a write would pass
+    /// [`COUNTER_MAX`].
+    WouldBlock,
+}
+
+impl<T> Attempt<T> {
+    /// The value, if the operation completed.
+    pub fn done(self) -> Option<T> {
+        match self {
+            Attempt::Done(v) => Some(v),
+            Attempt::WouldBlock => None,
+        }
+    }
+
+    /// Whether the operation would have blocked.
+    pub fn would_block(&self) -> bool {
+        matches!(self, Attempt::WouldBlock)
+    }
+}
+
+/// An eventfd counter: the handle both directions of notification are made of.
+///
+/// Guest writes to a registered address add 1 to it (see [`IoEvent`](crate::IoEvent)); a
+/// device adds to it to inject an interrupt (see [`IrqFd`](crate::IrqFd)).
+///
+/// # Example
+///
+/// ```
+/// use vm_notify::{Attempt, Mode, Notifier};
+///
+/// let kicks = Notifier::new(Mode::Counter)?;
+/// kicks.notify()?;
+/// kicks.add(2)?;
+/// assert_eq!(kicks.read()?, 3); // coalesced
+/// assert_eq!(kicks.try_read()?, Attempt::WouldBlock);
+/// # Ok::<(), vm_notify::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Notifier {
+    fd: EventFd,
+    mode: Mode,
+}
+
+impl Notifier {
+    /// Creates a notifier with a zero counter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FdExhausted`] when no descriptor is left, [`Error::Notifier`] otherwise.
+    pub fn new(mode: Mode) -> Result<Self> {
+        let mut flags = EFD_NONBLOCK | EFD_CLOEXEC;
+        if mode == Mode::Semaphore {
+            flags |= EFD_SEMAPHORE;
+        }
+        let fd = EventFd::new(flags).map_err(|e| Error::eventfd("create", e))?;
+        Ok(Notifier { fd, mode })
+    }
+
+    /// The read mode chosen at creation.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Adds 1 to the counter: one notification. Waits only if the counter is at its maximum.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the write fails.
+    pub fn notify(&self) -> Result<()> {
+        self.add(1)
+    }
+
+    /// Adds `value` to the counter, waiting while that would pass [`COUNTER_MAX`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotifierValue`] for `u64::MAX`, [`Error::Notifier`] if the write fails.
+    pub fn add(&self, value: u64) -> Result<()> {
+        loop {
+            match self.try_add(value)? {
+                Attempt::Done(()) => return Ok(()),
+                Attempt::WouldBlock => self.wait(libc::POLLOUT, None)?,
+            };
+        }
+    }
+
+    /// Adds `value` to the counter unless that would pass [`COUNTER_MAX`], in which case the
+    /// counter is left unchanged and [`Attempt::WouldBlock`] is returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotifierValue`] for `u64::MAX`, [`Error::Notifier`] if the write fails.
+    pub fn try_add(&self, value: u64) -> Result<Attempt<()>> {
+        if value == u64::MAX {
+            return Err(Error::NotifierValue { value });
+        }
+        match self.fd.write(value) {
+            Ok(()) => Ok(Attempt::Done(())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
+            Err(e) => Err(Error::eventfd("write", e)),
+        }
+    }
+
+    /// Reads the counter, waiting until it is not zero.
+    ///
+    /// In [`Mode::Counter`] returns the counter and zeroes it; in [`Mode::Semaphore`] returns 1
+    /// and decrements it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the read fails.
+    pub fn read(&self) -> Result<u64> {
+        loop {
+            match self.try_read()? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::WouldBlock => self.wait(libc::POLLIN, None)?,
+            };
+        }
+    }
+
+    /// Reads the counter, or returns [`Attempt::WouldBlock`] at once if it is zero.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the read fails.
+    pub fn try_read(&self) -> Result<Attempt<u64>> {
+        match self.fd.read() {
+            Ok(v) => Ok(Attempt::Done(v)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
+            Err(e) => Err(Error::eventfd("read", e)),
+        }
+    }
+
+    /// Reads the counter, waiting at most `timeout` for it to become non-zero.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the read or the wait fails.
+    pub fn read_timeout(&self, timeout: Duration) -> Result<Attempt<u64>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Attempt::Done(v) = self.try_read()? {
+                return Ok(Attempt::Done(v));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Attempt::WouldBlock);
+            }
+            self.wait(libc::POLLIN, Some(left))?;
+        }
+    }
+
+    /// Whether the counter is not zero right now (what poll/epoll report as readable).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if `poll(2)` fails.
+    pub fn is_pending(&self) -> Result<bool> {
+        Ok(self.poll(libc::POLLIN, 0)? & libc::POLLIN != 0)
+    }
+
+    /// A second descriptor for the same counter, for another thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FdExhausted`] when no descriptor is left, [`Error::Notifier`] otherwise.
+    pub fn try_clone(&self) -> Result<Self> {
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|e| Error::eventfd("clone", e))?;
+        Ok(Notifier {
+            fd,
+            mode: self.mode,
+        })
+    }
+
+    /// The underlying vmm-sys-util eventfd, for APIs that take one.
+    pub fn as_event_fd(&self) -> &EventFd {
+        &self.fd
+    }
+
+    fn wait(&self, events: libc::c_short, timeout: Option<Duration>) -> Result<()> {
+        let ms = match timeout {
+            None => -1,
+            // Round up so a short remaining time still waits instead of spinning.
+            Some(t) => t.as_millis().saturating_add(1).min(i32::MAX as u128) as i32,
+        };
+        self.poll(events, ms).map(|_| ())
+    }
+
+    fn poll(&self, events: libc::c_short, timeout_ms: i32) -> Result<libc::c_short> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call and we pass a count
+            // of exactly one; the descriptor is owned by `self` and open.
+            let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if ret >= 0 {
+                return Ok(pfd.revents);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::eventfd("poll", err));
+            }
+        }
+    }
+}
+
+impl AsRawFd for Notifier {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Notifier {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by `self.fd` and stays open while the borrow of `self`
+        // lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn counter_mode_coalesces_and_zeroes() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        for _ in 0..5 {
+            n.notify().unwrap();
+        }
+        n.add(10).unwrap();
+        assert_eq!(n.read().unwrap(), 15);
+        assert_eq!(n.try_read().unwrap(), Attempt::WouldBlock);
+    }
+
+    #[test]
+    fn semaphore_mode_reads_ones() {
+        let n = Notifier::new(Mode::Semaphore).unwrap();
+        n.add(3).unwrap();
+        assert_eq!(n.mode(), Mode::Semaphore);
+        for _ in 0..3 {
+            assert_eq!(n.try_read().unwrap(), Attempt::Done(1));
+        }
+        assert!(n.try_read().unwrap().would_block());
+    }
+
+    #[test]
+    fn overflow_is_refused_and_counter_kept() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        n.add(COUNTER_MAX).unwrap();
+        assert_eq!(n.try_add(1).unwrap(), Attempt::WouldBlock);
+        assert_eq!(n.read().unwrap(), COUNTER_MAX);
+        n.add(1).unwrap();
+        assert_eq!(n.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn u64_max_is_a_typed_error() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        match n.try_add(u64::MAX) {
+            Err(Error::NotifierValue { value }) => assert_eq!(value, u64::MAX),
+            other => panic!("expected NotifierValue, got {other:?}"),
+        }
+        match n.add(u64::MAX) {
+            Err(Error::NotifierValue { .. }) => {}
+            other => panic!("expected NotifierValue, got {other:?}"),
+        }
+        // Nothing was added.
+        assert!(n.try_read().unwrap().would_block());
+    }
+
+    #[test]
+    fn blocking_write_waits_for_room() {
+        let n = Arc::new(Notifier::new(Mode::Counter).unwrap());
+        n.add(COUNTER_MAX).unwrap();
+        let writer = {
+            let n = n.clone();
+            thread::spawn(move || n.add(7).unwrap())
+        };
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !writer.is_finished(),
+            "the write must wait while the counter is full"
+        );
+        assert_eq!(n.read().unwrap(), COUNTER_MAX);
+        writer.join().unwrap();
+        assert_eq!(n.read().unwrap(), 7);
+    }
+
+    #[test]
+    fn blocking_read_waits_for_a_write() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        let writer = n.try_clone().unwrap();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(30));
+            writer.add(4).unwrap();
+        });
+        assert_eq!(n.read().unwrap(), 4);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn read_timeout_expires_on_zero() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        let start = Instant::now();
+        assert!(n
+            .read_timeout(Duration::from_millis(20))
+            .unwrap()
+            .would_block());
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        n.notify().unwrap();
+        assert_eq!(
+            n.read_timeout(Duration::from_millis(20)).unwrap(),
+            Attempt::Done(1)
+        );
+    }
+
+    #[test]
+    fn clone_shares_the_counter_and_mode() {
+        let a = Notifier::new(Mode::Semaphore).unwrap();
+        let b = a.try_clone().unwrap();
+        assert_ne!(a.as_raw_fd(), b.as_raw_fd());
+        a.add(2).unwrap();
+        assert_eq!(b.mode(), Mode::Semaphore);
+        assert_eq!(b.read().unwrap(), 1);
+        assert_eq!(a.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn readiness_follows_the_counter() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        assert!(!n.is_pending().unwrap());
+        n.notify().unwrap();
+        assert!(n.is_pending().unwrap());
+        n.read().unwrap();
+        assert!(!n.is_pending().unwrap());
+    }
+
+    #[test]
+    fn descriptors_are_close_on_exec() {
+        let n = Notifier::new(Mode::Counter).unwrap();
+        let c = n.try_clone().unwrap();
+        for fd in [n.as_raw_fd(), c.as_fd().as_raw_fd()] {
+            // SAFETY: F_GETFD on a descriptor we own reads its flags and changes nothing.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            assert!(flags >= 0);
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "fd {fd} lacks FD_CLOEXEC");
+        }
+    }
+
+    #[test]
+    fn fd_exhaustion_is_typed() {
+        // Lower the soft limit in a child process so the test process keeps its own limit.
+        // SAFETY: fork in a test; the child only calls async-signal-safe functions and _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 1 << 20,
+            };
+            // SAFETY: setrlimit with a valid struct; only this child is affected.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            let code = match Notifier::new(Mode::Counter) {
+                Err(Error::FdExhausted { .. }) => 0,
+                _ => 1,
+            };
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child we forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "child did not see FdExhausted"
+        );
+    }
+}

@@ -1,0 +1,430 @@
+//! [`GsiRouter`]: the VM's GSI routing table, owned in one place.
+//!
+//! `KVM_SET_GSI_ROUTING` replaces the whole table, and KVM cannot read it back. After
+//! `KVM_CREATE_IRQCHIP` on x86 the kernel installs default routes (GSI 0–15 to the PIC pin and the
+//! IOAPIC pin of the same number, GSI 16–23 to the IOAPIC only); the first `KVM_SET_GSI_ROUTING`
+//! that leaves them out removes them. The router therefore keeps a shadow of the whole table,
+//! seeded with those defaults, and sends all of it on every commit.
+//!
+//! Changes are made to the shadow and sent together by [`GsiRouter::commit`]: each call waits for
+//! an SRCU grace period in the kernel, so many changes should share one commit.
+//!
+//! The router also knows which GSIs have irqfds bound, so it refuses an irqfd on a GSI with no
+//! route (KVM would accept it and drop every interrupt) and refuses to remove a route that still
+//! has an irqfd (the irqfd must be deassigned first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES,
+};
+use kvm_ioctls::VmFd;
+
+use crate::error::{Capability, Error, Result};
+use crate::sys;
+
+/// A global system interrupt number: what an irqfd injects.
+pub type Gsi = u32;
+
+/// The number of GSIs KVM accepts on x86 (`KVM_MAX_IRQ_ROUTES`); GSIs are below it.
+pub const GSI_LIMIT: u32 = KVM_MAX_IRQ_ROUTES as u32;
+
+/// The most entries one routing table can hold (`KVM_MAX_IRQ_ROUTES`).
+pub const ROUTE_TABLE_LIMIT: usize = KVM_MAX_IRQ_ROUTES;
+
+/// GSIs 0..24 are the legacy irqchip pins; allocation starts above them.
+pub const IRQCHIP_GSIS: u32 = 24;
+
+/// An in-kernel interrupt controller a GSI can be routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IrqChip {
+    /// The master 8259 PIC (pins 0–7).
+    PicMaster,
+    /// The slave 8259 PIC (pins 0–7, IRQ 8–15).
+    PicSlave,
+    /// The IOAPIC (pins 0–23).
+    Ioapic,
+}
+
+impl IrqChip {
+    fn id(self) -> u32 {
+        match self {
+            IrqChip::PicMaster => KVM_IRQCHIP_PIC_MASTER,
+            IrqChip::PicSlave => KVM_IRQCHIP_PIC_SLAVE,
+            IrqChip::Ioapic => KVM_IRQCHIP_IOAPIC,
+        }
+    }
+}
+
+/// An MSI message: what a device writes, and where, to interrupt a CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MsiMessage {
+    /// The message address (`0xfee0_0000 | dest_apic_id << 12` on x86).
+    pub address: u64,
+    /// The message data (vector in bits 0–7 on x86).
+    pub data: u32,
+}
+
+impl MsiMessage {
+    /// A fixed-delivery, edge-triggered x86 MSI of `vector` to the local APIC `apic_id`.
+    pub fn x86(apic_id: u8, vector: u8) -> Self {
+        MsiMessage {
+            address: 0xfee0_0000 | (u64::from(apic_id) << 12),
+            data: u32::from(vector),
+        }
+    }
+}
+
+/// One entry of the routing table for a GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// To a pin of an in-kernel interrupt controller.
+    Irqchip {
+        /// The controller.
+        chip: IrqChip,
+        /// The pin on it.
+        pin: u32,
+    },
+    /// As an MSI message to the local APICs.
+    Msi(MsiMessage),
+}
+
+impl Route {
+    fn entry(&self, gsi: Gsi) -> kvm_irq_routing_entry {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            ..Default::default()
+        };
+        match *self {
+            Route::Irqchip { chip, pin } => {
+                e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                e.u.irqchip.irqchip = chip.id();
+                e.u.irqchip.pin = pin;
+            }
+            Route::Msi(m) => {
+                e.type_ = KVM_IRQ_ROUTING_MSI;
+                e.u.msi.address_lo = m.address as u32;
+                e.u.msi.address_hi = (m.address >> 32) as u32;
+                e.u.msi.data = m.data;
+            }
+        }
+        e
+    }
+}
+
+/// The default table KVM installs with `KVM_CREATE_IRQCHIP` on x86.
+fn default_routes() -> BTreeMap<Gsi, Vec<Route>> {
+    let mut t = BTreeMap::new();
+    for gsi in 0..IRQCHIP_GSIS {
+        let mut routes = vec![Route::Irqchip {
+            chip: IrqChip::Ioapic,
+            pin: gsi,
+        }];
+        if gsi < 16 {
+            let chip = if gsi < 8 {
+                IrqChip::PicMaster
+            } else {
+                IrqChip::PicSlave
+            };
+            routes.push(Route::Irqchip { chip, pin: gsi % 8 });
+        }
+        t.insert(gsi, routes);
+    }
+    t
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// The shadow being edited; sent whole by `commit`.
+    pending: BTreeMap<Gsi, Vec<Route>>,
+    /// What the kernel has.
+    committed: BTreeMap<Gsi, Vec<Route>>,
+    /// irqfds bound per GSI.
+    irqfds: HashMap<Gsi, usize>,
+}
+
+impl Table {
+    fn entries(&self) -> usize {
+        self.pending.values().map(Vec::len).sum()
+    }
+}
+
+struct Shared {
+    vm: Arc<VmFd>,
+    table: Mutex<Table>,
+}
+
+/// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
+///
+/// Create it once per VM, after `KVM_CREATE_IRQCHIP`, and make every routing change through it.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use vm_notify::{GsiRouter, IrqFd, Mode, MsiMessage, Notifier};
+///
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = Arc::new(kvm.create_vm()?);
+/// vm.create_irq_chip()?;
+/// let router = GsiRouter::new(vm.clone())?;
+/// let gsi = router.add_msi(MsiMessage::x86(0, 0x40))?; // shadow only
+/// router.commit()?; // one KVM_SET_GSI_ROUTING, default routes included
+/// let irq = IrqFd::new(&router, gsi, &Notifier::new(Mode::Counter)?)?;
+/// irq.trigger()?; // the guest's vector 0x40 handler runs
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct GsiRouter {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for GsiRouter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.lock();
+        f.debug_struct("GsiRouter")
+            .field("committed_gsis", &t.committed.len())
+            .field("pending_entries", &t.entries())
+            .field("bound_irqfds", &t.irqfds.values().sum::<usize>())
+            .finish()
+    }
+}
+
+impl GsiRouter {
+    /// Takes charge of `vm`'s routing table, seeded with the irqchip's default routes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingCapability`] when the VM has no in-kernel irqchip or KVM lacks
+    /// `KVM_CAP_IRQ_ROUTING`.
+    pub fn new(vm: Arc<VmFd>) -> Result<Self> {
+        for cap in [Capability::IrqRouting, Capability::Irqchip] {
+            if !sys::check(&vm, cap) {
+                return Err(Error::MissingCapability(cap));
+            }
+        }
+        let defaults = default_routes();
+        let table = Table {
+            pending: defaults.clone(),
+            committed: defaults,
+            irqfds: HashMap::new(),
+        };
+        Ok(GsiRouter {
+            shared: Arc::new(Shared {
+                vm,
+                table: Mutex::new(table),
+            }),
+        })
+    }
+
+    /// The VM this router routes.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.shared.vm
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic elsewhere while holding the lock leaves the table consistent: every change is
+        // made in one assignment.
+        self.shared.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allocates the lowest free GSI above the irqchip pins and routes it to `msg` in the
+    /// shadow. Takes effect at the next [`commit`](Self::commit).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RouteTableFull`] when the table holds [`ROUTE_TABLE_LIMIT`] entries,
+    /// [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
+    pub fn add_msi(&self, msg: MsiMessage) -> Result<Gsi> {
+        let mut t = self.lock();
+        let entries = t.entries() + 1;
+        if entries > ROUTE_TABLE_LIMIT {
+            return Err(Error::RouteTableFull {
+                entries,
+                limit: ROUTE_TABLE_LIMIT,
+            });
+        }
+        let gsi = (IRQCHIP_GSIS..GSI_LIMIT)
+            .find(|g| !t.pending.contains_key(g) && !t.committed.contains_key(g))
+            .ok_or(Error::GsiExhausted { limit: GSI_LIMIT })?;
+        t.pending.insert(gsi, vec![Route::Msi(msg)]);
+        Ok(gsi)
+    }
+
+    /// Allocates a GSI for `msg` and commits at once: [`add_msi`](Self::add_msi) then
+    /// [`commit`](Self::commit).
+    ///
+    /// # Errors
+    ///
+    /// Those of both calls.
+    pub fn route_msi(&self, msg: MsiMessage) -> Result<Gsi> {
+        let gsi = self.add_msi(msg)?;
+        if let Err(e) = self.commit() {
+            self.lock().pending.remove(&gsi);
+            return Err(e);
+        }
+        Ok(gsi)
+    }
+
+    /// Changes the message of an MSI route in the shadow. Irqfds bound to it stay bound and will
+    /// deliver the new message after the next commit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route.
+    pub fn set_msi(&self, gsi: Gsi, msg: MsiMessage) -> Result<()> {
+        let mut t = self.lock();
+        match t.pending.get_mut(&gsi).map(Vec::as_mut_slice) {
+            Some([route @ Route::Msi(_)]) => {
+                *route = Route::Msi(msg);
+                Ok(())
+            }
+            _ => Err(Error::NotMsiRoute { gsi }),
+        }
+    }
+
+    /// Removes every route of `gsi` from the shadow.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GsiBusy`] while irqfds are bound to `gsi`; [`Error::UnroutedGsi`] when it has no
+    /// route.
+    pub fn remove(&self, gsi: Gsi) -> Result<()> {
+        let mut t = self.lock();
+        if let Some(&irqfds) = t.irqfds.get(&gsi) {
+            return Err(Error::GsiBusy { gsi, irqfds });
+        }
+        t.pending
+            .remove(&gsi)
+            .map(|_| ())
+            .ok_or(Error::UnroutedGsi { gsi })
+    }
+
+    /// Sends the whole shadow table to KVM in one `KVM_SET_GSI_ROUTING`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SetRouting`] with the errno; the shadow is kept, so the caller can fix it or
+    /// [`rollback`](Self::rollback).
+    pub fn commit(&self) -> Result<()> {
+        let mut t = self.lock();
+        let entries: Vec<kvm_irq_routing_entry> = t
+            .pending
+            .iter()
+            .flat_map(|(&gsi, routes)| routes.iter().map(move |r| r.entry(gsi)))
+            .collect();
+        let n = entries.len();
+        if n > ROUTE_TABLE_LIMIT {
+            return Err(Error::RouteTableFull {
+                entries: n,
+                limit: ROUTE_TABLE_LIMIT,
+            });
+        }
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RouteTableFull {
+            entries: n,
+            limit: ROUTE_TABLE_LIMIT,
+        })?;
+        sys::set_gsi_routing(&self.shared.vm, &table)
+            .map_err(|source| Error::SetRouting { entries: n, source })?;
+        t.committed = t.pending.clone();
+        Ok(())
+    }
+
+    /// Drops the uncommitted changes: the shadow becomes what the kernel has.
+    pub fn rollback(&self) {
+        let mut t = self.lock();
+        t.pending = t.committed.clone();
+    }
+
+    /// The committed routes of `gsi` (empty when it has none).
+    pub fn routes(&self, gsi: Gsi) -> Vec<Route> {
+        self.lock().committed.get(&gsi).cloned().unwrap_or_default()
+    }
+
+    /// The number of entries the shadow table holds (what the next commit sends).
+    pub fn entries(&self) -> usize {
+        self.lock().entries()
+    }
+
+    /// The number of irqfds bound to `gsi` through this router.
+    pub fn irqfds(&self, gsi: Gsi) -> usize {
+        self.lock().irqfds.get(&gsi).copied().unwrap_or(0)
+    }
+
+    /// Runs `assign` with the table locked if `gsi` has a committed route and records one more
+    /// irqfd on it; the routes are passed so the caller can check their kind.
+    pub(crate) fn bind<T>(
+        &self,
+        gsi: Gsi,
+        assign: impl FnOnce(&VmFd, &[Route]) -> Result<T>,
+    ) -> Result<T> {
+        if gsi >= GSI_LIMIT {
+            return Err(Error::GsiOutOfRange {
+                gsi,
+                limit: GSI_LIMIT,
+            });
+        }
+        let mut t = self.lock();
+        let routes = t
+            .committed
+            .get(&gsi)
+            .filter(|r| !r.is_empty())
+            .ok_or(Error::UnroutedGsi { gsi })?;
+        let value = assign(&self.shared.vm, routes)?;
+        *t.irqfds.entry(gsi).or_insert(0) += 1;
+        Ok(value)
+    }
+
+    /// Runs `deassign` with the table locked and records one irqfd fewer on `gsi`.
+    pub(crate) fn unbind(&self, gsi: Gsi, deassign: impl FnOnce(&VmFd)) {
+        let mut t = self.lock();
+        deassign(&self.shared.vm);
+        if let Some(n) = t.irqfds.get_mut(&gsi) {
+            *n -= 1;
+            if *n == 0 {
+                t.irqfds.remove(&gsi);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table_matches_the_kernel() {
+        let t = default_routes();
+        assert_eq!(t.len(), 24);
+        assert_eq!(t.values().map(Vec::len).sum::<usize>(), 16 * 2 + 8);
+        assert!(t[&9].contains(&Route::Irqchip {
+            chip: IrqChip::PicSlave,
+            pin: 1
+        }));
+        assert_eq!(
+            t[&20],
+            vec![Route::Irqchip {
+                chip: IrqChip::Ioapic,
+                pin: 20
+            }]
+        );
+    }
+
+    #[test]
+    fn msi_entry_layout() {
+        let e = Route::Msi(MsiMessage {
+            address: 0x1_fee0_1000,
+            data: 0x4041,
+        })
+        .entry(30);
+        assert_eq!(e.gsi, 30);
+        assert_eq!(e.type_, KVM_IRQ_ROUTING_MSI);
+        // SAFETY: the entry was built as an MSI entry, so `msi` is the initialised member.
+        let msi = unsafe { e.u.msi };
+        assert_eq!(msi.address_lo, 0xfee0_1000);
+        assert_eq!(msi.address_hi, 1);
+        assert_eq!(msi.data, 0x4041);
+        assert_eq!(MsiMessage::x86(3, 0x41).address, 0xfee0_3000);
+    }
+}

@@ -1,0 +1,103 @@
+//! The tiny-guest test kit: boot a small x86-64 guest on `/dev/kvm` and prove notifications end
+//! to end — the counter the device reads equals the writes the guest made, and the interrupts the
+//! guest's handler counted equal what the device raised.
+//!
+//! * [`TinyVm`]: guest memory (vm-memory), an in-kernel irqchip, a [`GsiRouter`](crate::GsiRouter),
+//!   one vCPU in long mode with the CPUID KVM supports, run on its own thread.
+//! * [`GuestProgram`]: the guest's code, assembled with iced-x86, plus counting interrupt
+//!   handlers, a wait for an interrupt, PIC/LAPIC set-up and ports to talk to the host.
+//! * [`RunReport`]: how the run ended and every exit the kernel did not absorb.
+//! * [`kvm_or_skip`]: the gate every KVM test opens with.
+//!
+//! `docs/GUEST_TESTKIT.md` walks through writing a device test with it.
+
+mod program;
+mod vm;
+
+pub mod layout;
+
+pub use program::{AssembledProgram, Eoi, GuestProgram};
+pub use vm::{ExitHandler, GuestExit, Outcome, RunReport, Running, TinyVm};
+
+/// Set to `1` to make a missing or unusable `/dev/kvm` fail the tests instead of skipping them.
+pub const REQUIRE_KVM_ENV: &str = "VM_NOTIFY_REQUIRE_KVM";
+
+/// Result type of the test kit.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What can go wrong while building or running a tiny guest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A KVM or system call failed during set-up.
+    #[error("{step} failed: {source}")]
+    Kvm {
+        /// The step that failed.
+        step: &'static str,
+        /// The errno.
+        source: std::io::Error,
+    },
+    /// A notifier, registration or routing error from the library.
+    #[error(transparent)]
+    Notify(#[from] crate::Error),
+    /// Guest memory could not be set up, read or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// iced-x86 refused an instruction or could not assemble the program.
+    #[error("assembling the guest program: {0}")]
+    Assemble(#[from] iced_x86::IcedError),
+    /// The program does not fit in guest memory.
+    #[error("the guest program is {bytes} bytes; at most {max} fit")]
+    ProgramTooLarge {
+        /// The program's size.
+        bytes: usize,
+        /// The room there is.
+        max: usize,
+    },
+    /// A `TinyVm` runs one program; it was already started.
+    #[error("this TinyVm already ran its program; create another")]
+    AlreadyStarted,
+    /// The run did not end at the program's `exit`.
+    #[error("the guest did not finish: {0}")]
+    Guest(String),
+}
+
+impl Error {
+    pub(crate) fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |e| Error::Kvm {
+            step,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    }
+}
+
+/// Whether a KVM test can run here. Returns `true` when `/dev/kvm` opens and can create a VM.
+///
+/// Otherwise prints a loud SKIPPING line naming `test` and returns `false` — unless
+/// `VM_NOTIFY_REQUIRE_KVM=1` is set, in which case it panics, so a CI run that must exercise KVM
+/// cannot pass by skipping.
+///
+/// ```
+/// if !vm_notify::testkit::kvm_or_skip("doc example") {
+///     return;
+/// }
+/// // ... boot a TinyVm ...
+/// ```
+pub fn kvm_or_skip(test: &str) -> bool {
+    let usable = kvm_ioctls::Kvm::new()
+        .and_then(|kvm| kvm.create_vm().map(|_| ()))
+        .map_err(|e| e.to_string());
+    match usable {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1") {
+                panic!("{test}: {REQUIRE_KVM_ENV}=1 but /dev/kvm is not usable: {why}");
+            }
+            eprintln!(
+                "\n*** SKIPPING {test}: /dev/kvm is not usable ({why}). \
+                 Set {REQUIRE_KVM_ENV}=1 to make this a failure. ***\n"
+            );
+            false
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! [`TinyVm`]: one vCPU in long mode, an in-kernel irqchip, and a run loop on its own thread.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::layout::{
+    self, CODE, CODE_SELECTOR, DATA_SELECTOR, DONE_PORT, GDT, IDT, IRQ_COUNTS, MEM_SIZE, PD, PDPT,
+    PML4, STACK_TOP, UNEXPECTED_VECTOR_PORT,
+};
+use super::program::{AssembledProgram, GuestProgram};
+use super::{Error, Result};
+use crate::GsiRouter;
+
+/// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
+/// in the kernel handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// An `out` to `port` of `len` bytes carrying `data`.
+    PioWrite {
+        /// The port.
+        port: u16,
+        /// The value written (little-endian, zero-extended).
+        data: u64,
+        /// The write's width in bytes.
+        len: u8,
+    },
+    /// An `in` from `port` of `len` bytes.
+    PioRead {
+        /// The port.
+        port: u16,
+        /// The read's width in bytes.
+        len: u8,
+    },
+    /// A write to `addr` of `len` bytes carrying `data`.
+    MmioWrite {
+        /// The guest-physical address.
+        addr: u64,
+        /// The value written (little-endian, zero-extended).
+        data: u64,
+        /// The write's width in bytes.
+        len: u8,
+    },
+    /// A read from `addr` of `len` bytes.
+    MmioRead {
+        /// The guest-physical address.
+        addr: u64,
+        /// The read's width in bytes.
+        len: u8,
+    },
+}
+
+/// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,
+/// `reply` is the buffer the guest will read (zeroed unless the handler fills it).
+pub trait ExitHandler: Send + 'static {
+    /// Handles one exit.
+    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]);
+}
+
+impl<F: FnMut(&GuestExit, &mut [u8]) + Send + 'static> ExitHandler for F {
+    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]) {
+        self(exit, reply)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The program wrote [`DONE_PORT`](super::layout::DONE_PORT).
+    Done,
+    /// The run did not end within its timeout; the vCPU was stopped.
+    TimedOut,
+    /// The guest stopped in a way a test program should not: an unexpected interrupt vector, a
+    /// triple fault, an emulator failure. The text says which, with the guest's RIP.
+    Fault(String),
+}
+
+/// What a run did: how it ended, every exit that reached userspace, and how long it took.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How the run ended.
+    pub outcome: Outcome,
+    /// Every exit that reached userspace, in order (the final `DONE_PORT` write excluded).
+    pub exits: Vec<GuestExit>,
+    /// Wall time from the first `KVM_RUN` to the end.
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    /// Whether the program ran to its [`exit`](GuestProgram::exit).
+    pub fn is_done(&self) -> bool {
+        self.outcome == Outcome::Done
+    }
+
+    /// The report if the program ran to its end, else [`Error::Guest`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Guest`] with the outcome.
+    pub fn done(self) -> Result<RunReport> {
+        if self.is_done() {
+            Ok(self)
+        } else {
+            Err(Error::Guest(self.to_string()))
+        }
+    }
+
+    /// The number of exits that `pred` accepts.
+    pub fn count(&self, pred: impl Fn(&GuestExit) -> bool) -> usize {
+        self.exits.iter().filter(|e| pred(e)).count()
+    }
+
+    /// The number of MMIO writes to `addr` that reached userspace.
+    pub fn mmio_writes(&self, addr: u64) -> usize {
+        self.count(|e| matches!(e, GuestExit::MmioWrite { addr: a, .. } if *a == addr))
+    }
+
+    /// The number of port writes to `port` that reached userspace.
+    pub fn pio_writes(&self, port: u16) -> usize {
+        self.count(|e| matches!(e, GuestExit::PioWrite { port: p, .. } if *p == port))
+    }
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outcome {:?} after {:?}, {} exit(s) to userspace",
+            self.outcome,
+            self.elapsed,
+            self.exits.len()
+        )?;
+        if let Some(last) = self.exits.last() {
+            write!(f, ", last {last:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A tiny x86-64 VM: 4 MiB of RAM, an in-kernel irqchip (PIC, IOAPIC, LAPIC), one vCPU in long
+/// mode, and a [`GsiRouter`] for its routing table.
+///
+/// A `TinyVm` runs one program: [`start`](Self::start) moves the vCPU onto its own thread.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use vm_notify::testkit::{GuestProgram, TinyVm};
+///
+/// let mut vm = TinyVm::new()?;
+/// let mut p = GuestProgram::new()?;
+/// p.repeat(10, |p| p.count(0))?;
+/// p.exit()?;
+/// let report = vm.run(p, Duration::from_secs(10))?.done()?;
+/// assert_eq!(vm.data(0)?, 10);
+/// assert!(report.exits.is_empty());
+/// # Ok::<(), vm_notify::testkit::Error>(())
+/// ```
+pub struct TinyVm {
+    vm: Arc<VmFd>,
+    router: GsiRouter,
+    memory: GuestMemoryMmap,
+    vcpu: Option<VcpuFd>,
+}
+
+impl fmt::Debug for TinyVm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TinyVm")
+            .field("memory_bytes", &MEM_SIZE)
+            .field("router", &self.router)
+            .field("started", &self.vcpu.is_none())
+            .finish()
+    }
+}
+
+impl TinyVm {
+    /// Creates the VM: memory, irqchip, router, and a vCPU in long mode with the CPUID KVM
+    /// supports. The program is given later, to [`start`](Self::start) or [`run`](Self::run).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kvm`] naming the step that failed (opening `/dev/kvm` first among them).
+    pub fn new() -> Result<TinyVm> {
+        let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let host = memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a MEM_SIZE mapping owned by `memory`, which lives as
+        // long as the VM: `TinyVm` holds it, and the vCPU thread holds a clone while it runs.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        let router = GsiRouter::new(vm.clone())?;
+
+        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        let tiny = TinyVm {
+            vm,
+            router,
+            memory,
+            vcpu: Some(vcpu),
+        };
+        tiny.write_tables()?;
+        tiny.enter_long_mode()?;
+        Ok(tiny)
+    }
+
+    /// The VM descriptor, for registrations ([`IoEvent::register`](crate::IoEvent::register)).
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The VM's routing table.
+    pub fn router(&self) -> &GsiRouter {
+        &self.router
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Reads the `u64` at guest-physical `addr`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] when `addr` is outside RAM.
+    pub fn read_u64(&self, addr: u64) -> Result<u64> {
+        self.memory
+            .read_obj::<u64>(GuestAddress(addr))
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Writes the `u64` at guest-physical `addr`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] when `addr` is outside RAM.
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<()> {
+        self.memory
+            .write_obj(value, GuestAddress(addr))
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Data slot `slot` (see [`layout::DATA`](super::layout::DATA)), as the guest left it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] when `slot` is out of range.
+    pub fn data(&self, slot: usize) -> Result<u64> {
+        self.read_u64(layout::data_slot(slot))
+    }
+
+    /// How many times the guest's handler for `vector` ran.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] only if guest memory is broken.
+    pub fn irq_count(&self, vector: u8) -> Result<u64> {
+        self.read_u64(IRQ_COUNTS + 8 * u64::from(vector))
+    }
+
+    /// Loads `program`, and runs it on its own thread, giving `handler` every exit that reaches
+    /// userspace. Returns at once; [`Running::wait`] collects the report.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyStarted`] on a second call, [`Error::Assemble`] and friends from
+    /// assembling, [`Error::Kvm`] when the vCPU thread cannot be set up.
+    pub fn start(&mut self, program: GuestProgram, handler: impl ExitHandler) -> Result<Running> {
+        let assembled = program.assemble()?;
+        let mut vcpu = self.vcpu.take().ok_or(Error::AlreadyStarted)?;
+        self.load(&assembled)?;
+        install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            let memory = self.memory.clone();
+            let vm = self.vm.clone();
+            thread::Builder::new()
+                .name("tiny-vcpu".into())
+                .spawn(move || {
+                    let report = run_loop(&mut vcpu, &stop, handler);
+                    // The VM, its memory and the vCPU go away only after the run.
+                    drop((vcpu, memory, vm));
+                    let _ = tx.send(report);
+                })
+                .map_err(|e| Error::Kvm {
+                    step: "spawn the vCPU thread",
+                    source: e,
+                })?
+        };
+        Ok(Running { thread, stop, rx })
+    }
+
+    /// Runs `program` to its end (or `timeout`) with no exit handler, and returns the report.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`start`](Self::start).
+    pub fn run(&mut self, program: GuestProgram, timeout: Duration) -> Result<RunReport> {
+        Ok(self
+            .start(program, |_: &GuestExit, _: &mut [u8]| {})?
+            .wait(timeout))
+    }
+
+    fn load(&self, program: &AssembledProgram) -> Result<()> {
+        let mem = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
+        self.memory
+            .write_slice(program.code(), GuestAddress(CODE))
+            .map_err(mem)?;
+        for (vector, &handler) in program.vectors().iter().enumerate() {
+            // 64-bit interrupt gate: present, DPL 0, type 0xe, selector CODE_SELECTOR, no IST.
+            let low = (handler & 0xffff)
+                | (u64::from(CODE_SELECTOR) << 16)
+                | (0x8e00u64 << 32)
+                | ((handler >> 16) & 0xffff) << 48;
+            let high = handler >> 32;
+            let at = IDT + 16 * vector as u64;
+            self.memory.write_obj(low, GuestAddress(at)).map_err(mem)?;
+            self.memory
+                .write_obj(high, GuestAddress(at + 8))
+                .map_err(mem)?;
+        }
+        Ok(())
+    }
+
+    fn write_tables(&self) -> Result<()> {
+        let mem = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
+        let w = |addr: u64, v: u64| self.memory.write_obj(v, GuestAddress(addr)).map_err(mem);
+        // Identity map 0..4 GiB: PML4[0] -> PDPT; PDPT[0..4] -> 4 page directories of 2 MiB pages.
+        w(PML4, PDPT | 0x3)?;
+        for i in 0..4u64 {
+            w(PDPT + 8 * i, (PD + 0x1000 * i) | 0x3)?;
+            for j in 0..512u64 {
+                // Present, writable, 2 MiB page.
+                w(PD + 0x1000 * i + 8 * j, ((i * 512 + j) << 21) | 0x83)?;
+            }
+        }
+        // GDT: null; 64-bit code (P, S, type execute/read, L); data (P, S, type read/write).
+        w(GDT, 0)?;
+        w(GDT + 8, 0x0020_9a00_0000_0000)?;
+        w(GDT + 16, 0x00cf_9200_0000_ffff)?;
+        Ok(())
+    }
+
+    fn enter_long_mode(&self) -> Result<()> {
+        let vcpu = self.vcpu.as_ref().ok_or(Error::AlreadyStarted)?;
+        let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: CODE_SELECTOR,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = kvm_segment {
+            selector: DATA_SELECTOR,
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            selector: 0x18,
+            limit: 0x67,
+            type_: 0xb,
+            s: 0,
+            db: 0,
+            g: 0,
+            ..data
+        };
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 256 * 16 - 1;
+        sregs.cr3 = PML4;
+        sregs.cr4 = 1 << 5; // PAE
+        sregs.cr0 = 1 | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31); // PE MP ET NE WP PG
+        sregs.efer = (1 << 8) | (1 << 10); // LME LMA
+        vcpu.set_sregs(&sregs)
+            .map_err(Error::kvm("KVM_SET_SREGS"))?;
+        let mut regs = vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        regs.rip = CODE;
+        regs.rsp = STACK_TOP;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
+        Ok(())
+    }
+}
+
+/// A program running on its vCPU thread.
+#[derive(Debug)]
+pub struct Running {
+    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    rx: mpsc::Receiver<RunReport>,
+}
+
+impl Running {
+    /// Waits for the program to end, at most `timeout`; then stops the vCPU and reports
+    /// [`Outcome::TimedOut`]. The timeout only guards against a hang: pick it generously.
+    pub fn wait(self, timeout: Duration) -> RunReport {
+        if let Ok(report) = self.rx.recv_timeout(timeout) {
+            let _ = self.thread.join();
+            return report;
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
+        let report = loop {
+            let _ = self.thread.kill(kick_signal());
+            if let Ok(report) = self.rx.recv_timeout(Duration::from_millis(5)) {
+                break report;
+            }
+            if self.thread.is_finished() {
+                break RunReport {
+                    outcome: Outcome::Fault("vCPU thread ended without a report".into()),
+                    exits: Vec::new(),
+                    elapsed: Duration::ZERO,
+                };
+            }
+        };
+        let _ = self.thread.join();
+        RunReport {
+            outcome: if report.outcome == Outcome::Done {
+                Outcome::Done
+            } else {
+                Outcome::TimedOut
+            },
+            ..report
+        }
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN() + 1
+}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        result = register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Kvm {
+            step: "install the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        });
+    });
+    result
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = data.len().min(8);
+    buf[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(buf)
+}
+
+fn run_loop(vcpu: &mut VcpuFd, stop: &AtomicBool, mut handler: impl ExitHandler) -> RunReport {
+    let start = Instant::now();
+    let mut exits = Vec::new();
+    let outcome = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Outcome::TimedOut;
+        }
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Outcome::Done,
+            Ok(VcpuExit::IoOut(UNEXPECTED_VECTOR_PORT, data)) => {
+                let vector = le_value(data);
+                break fault(
+                    vcpu,
+                    format!("unexpected interrupt or exception, vector {vector}"),
+                );
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let exit = GuestExit::PioWrite {
+                    port,
+                    data: le_value(data),
+                    len: data.len() as u8,
+                };
+                handler.handle(&exit, &mut []);
+                exit
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let exit = GuestExit::PioRead {
+                    port,
+                    len: data.len() as u8,
+                };
+                data.fill(0);
+                handler.handle(&exit, data);
+                exit
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let exit = GuestExit::MmioWrite {
+                    addr,
+                    data: le_value(data),
+                    len: data.len() as u8,
+                };
+                handler.handle(&exit, &mut []);
+                exit
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                let exit = GuestExit::MmioRead {
+                    addr,
+                    len: data.len() as u8,
+                };
+                data.fill(0);
+                handler.handle(&exit, data);
+                exit
+            }
+            Ok(VcpuExit::Shutdown) => break fault(vcpu, "shutdown (triple fault)".into()),
+            Ok(VcpuExit::InternalError) => {
+                break fault(vcpu, "KVM internal error (emulation failed)".into())
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                break fault(
+                    vcpu,
+                    format!("VM entry failed, reason {reason:#x} on cpu {cpu}"),
+                )
+            }
+            Ok(other) => {
+                let what = format!("unhandled exit {other:?}");
+                break fault(vcpu, what);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => break fault(vcpu, format!("KVM_RUN failed: {e}")),
+        };
+        exits.push(exit);
+    };
+    RunReport {
+        outcome,
+        exits,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn fault(vcpu: &VcpuFd, what: String) -> Outcome {
+    match vcpu.get_regs() {
+        Ok(regs) => Outcome::Fault(format!("{what} at rip {:#x}", regs.rip)),
+        Err(_) => Outcome::Fault(what),
+    }
+}
