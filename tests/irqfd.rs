@@ -1,0 +1,181 @@
+//! Device → irqfd → guest handler, with a real guest: edge interrupts on a PIC line and on an MSI
+//! route, and kick/interrupt ping-pong.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use vm_notify::testkit::{kvm_or_skip, Eoi, GuestProgram, TinyVm};
+use vm_notify::{Attempt, Gsi, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const ACK: u64 = 0xd000_0000;
+const KICK_SLOT: usize = 0;
+
+/// Where the device's interrupts come from, and how the guest handles them.
+#[derive(Clone, Copy, Debug)]
+enum Line {
+    /// A legacy GSI through the default route to the master PIC.
+    Pic { irq: u8 },
+    /// An MSI route to the local APIC.
+    Msi { vector: u8 },
+}
+
+const PIC_BASE: u8 = 0x20;
+
+struct RoundTrips {
+    guest_kicks: u64,
+    device_kicks: u64,
+    raised: u64,
+    guest_irqs: u64,
+    exits: usize,
+    elapsed: Duration,
+}
+
+/// `rounds` times: the guest kicks (ioeventfd), the device reads the kick and raises one
+/// interrupt, the guest's handler takes it, and the guest kicks again.
+fn round_trips(line: Line, rounds: u64) -> RoundTrips {
+    let mut vm = TinyVm::new().unwrap();
+    let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
+        Line::Pic { irq } => (irq.into(), PIC_BASE + irq, Eoi::PicMaster),
+        Line::Msi { vector } => {
+            let gsi = vm.router().route_msi(MsiMessage::x86(0, vector)).unwrap();
+            (gsi, vector, Eoi::Lapic)
+        }
+    };
+    let kicks = Notifier::new(Mode::Counter).unwrap();
+    let _ack = IoEvent::register(vm.vm(), WriteMatch::mmio(ACK).width(Width::W4), &kicks).unwrap();
+    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+
+    let mut p = GuestProgram::new().unwrap();
+    match line {
+        Line::Pic { irq } => {
+            // Unmask only this IRQ (and the cascade).
+            let mask = !((1u16 << irq) | (1 << 2));
+            p.init_pic(PIC_BASE, mask, 0).unwrap();
+        }
+        Line::Msi { .. } => p.enable_lapic().unwrap(),
+    }
+    p.on_interrupt(vector, eoi);
+    p.repeat(rounds, |p| {
+        p.count(KICK_SLOT)?;
+        p.asm().mov(rdi, ACK)?;
+        p.asm().mov(dword_ptr(rdi), eax)?;
+        p.wait_for_interrupt()
+    })
+    .unwrap();
+    p.exit().unwrap();
+
+    let device = thread::spawn(move || {
+        let (mut device_kicks, mut raised) = (0u64, 0u64);
+        while device_kicks < rounds {
+            match kicks.read_timeout(TIMEOUT).unwrap() {
+                Attempt::Done(n) => {
+                    // The guest waits for each interrupt before kicking again.
+                    assert_eq!(n, 1, "kicks must not run ahead of interrupts");
+                    device_kicks += n;
+                    irq.trigger().unwrap();
+                    raised += 1;
+                }
+                Attempt::WouldBlock => break,
+            }
+        }
+        (device_kicks, raised)
+    });
+    let start = Instant::now();
+    let report = vm.run(p, TIMEOUT).unwrap();
+    let elapsed = start.elapsed();
+    let (device_kicks, raised) = device.join().unwrap();
+    let report = report.done().unwrap();
+    let result = RoundTrips {
+        guest_kicks: vm.data(KICK_SLOT).unwrap(),
+        device_kicks,
+        raised,
+        guest_irqs: vm.irq_count(vector).unwrap(),
+        exits: report.exits.len(),
+        elapsed,
+    };
+    eprintln!(
+        "{line:?}: guest_kicks={} device_kicks={} raised={} guest_irqs={} exits={} in {:?} ({:.1} us per round trip)",
+        result.guest_kicks,
+        result.device_kicks,
+        result.raised,
+        result.guest_irqs,
+        result.exits,
+        result.elapsed,
+        result.elapsed.as_secs_f64() * 1e6 / rounds as f64
+    );
+    result
+}
+
+fn assert_all_equal(r: &RoundTrips, n: u64) {
+    assert_eq!(r.guest_kicks, n, "guest kicks");
+    assert_eq!(r.device_kicks, n, "device kicks");
+    assert_eq!(r.raised, n, "interrupts raised");
+    assert_eq!(r.guest_irqs, n, "interrupts the guest's handler counted");
+    assert_eq!(r.exits, 0, "no exit to userspace");
+}
+
+#[test]
+fn edge_irqfd_on_a_pic_line() {
+    if !kvm_or_skip("edge_irqfd_on_a_pic_line") {
+        return;
+    }
+    let k = 5000;
+    assert_all_equal(&round_trips(Line::Pic { irq: 4 }, k), k);
+}
+
+#[test]
+fn edge_irqfd_on_an_msi_route() {
+    if !kvm_or_skip("edge_irqfd_on_an_msi_route") {
+        return;
+    }
+    let k = 5000;
+    assert_all_equal(&round_trips(Line::Msi { vector: 0x41 }, k), k);
+}
+
+#[test]
+fn ping_pong_kick_and_interrupt() {
+    if !kvm_or_skip("ping_pong_kick_and_interrupt") {
+        return;
+    }
+    let n = 20_000;
+    assert_all_equal(&round_trips(Line::Msi { vector: 0x40 }, n), n);
+}
+
+/// Edge irqfd writes made while the guest has interrupts disabled coalesce into one interrupt:
+/// the host raises 5 times while the vCPU is stopped at an exit, the guest then opens an
+/// interrupt window twice and counts exactly one delivery.
+#[test]
+fn edge_triggers_coalesce_while_the_guest_is_busy() {
+    if !kvm_or_skip("edge_triggers_coalesce_while_the_guest_is_busy") {
+        return;
+    }
+    let mut vm = TinyVm::new().unwrap();
+    let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x42)).unwrap();
+    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt(0x42, Eoi::Lapic);
+    p.signal_host(1).unwrap(); // the host raises 5 times here
+    p.wait_for_interrupt().unwrap(); // taken once
+                                     // A second window: a second delivery would be counted here.
+    p.asm().sti().unwrap();
+    p.repeat(100, |p| {
+        p.asm().nop()?;
+        Ok(())
+    })
+    .unwrap();
+    p.asm().cli().unwrap();
+    p.exit().unwrap();
+    let run = vm
+        .start(p, move |_: &vm_notify::testkit::GuestExit, _: &mut [u8]| {
+            for _ in 0..5 {
+                irq.trigger().unwrap();
+            }
+        })
+        .unwrap();
+    let report = run.wait(TIMEOUT).done().unwrap();
+    assert_eq!(report.exits.len(), 1, "{report}");
+    assert_eq!(vm.irq_count(0x42).unwrap(), 1);
+}
