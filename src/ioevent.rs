@@ -158,7 +158,8 @@ impl WriteMatch {
     }
 
     /// Checks the match as KVM would, without asking KVM: a datamatch needs a width and must fit
-    /// in it, ports are 16 bits and have no 8-byte writes, and the range must not wrap.
+    /// in it, ports are 16 bits and have no 8-byte writes, and and the range's end
+    /// (`addr + width`, as KVM computes it) must not overflow.
     ///
     /// # Errors
     ///
@@ -192,10 +193,12 @@ impl WriteMatch {
                 return Err(Error::PioWidth { addr });
             }
         }
-        let last = u64::from(len.max(1)) - 1;
-        let limit = if pio { 0xffff } else { u64::MAX };
-        match addr.raw().checked_add(last) {
-            Some(end) if end <= limit => {}
+        // KVM's own rule: the exclusive end `addr + len` must not overflow (so a 1-byte MMIO
+        // registration at u64::MAX is refused with EINVAL); ports end at 0x10000.
+        let limit = if pio { Some(0x1_0000) } else { None };
+        match (addr.raw().checked_add(u64::from(len)), limit) {
+            (Some(end), Some(limit)) if end <= limit => {}
+            (Some(_), None) => {}
             _ => return Err(Error::AddressWraps { addr, width: len }),
         }
         Ok(IoEventRequest {
@@ -366,10 +369,16 @@ mod tests {
             WriteMatch::mmio(u64::MAX - 2).width(Width::W4).validate(),
             Err(Error::AddressWraps { width: 4, .. })
         ));
-        assert!(WriteMatch::mmio(u64::MAX - 3)
+        assert!(matches!(
+            WriteMatch::mmio(u64::MAX).width(Width::W1).validate(),
+            Err(Error::AddressWraps { width: 1, .. })
+        ));
+        assert!(WriteMatch::mmio(u64::MAX - 4)
             .width(Width::W4)
             .validate()
             .is_ok());
+        assert!(WriteMatch::mmio(u64::MAX).validate().is_ok());
+        assert!(WriteMatch::pio(0xfffc).width(Width::W4).validate().is_ok());
         assert!(matches!(
             WriteMatch::pio(0xfffe).width(Width::W4).validate(),
             Err(Error::AddressWraps { .. })

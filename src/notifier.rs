@@ -403,15 +403,21 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let lim = libc::rlimit {
+            let mut lim = libc::rlimit {
                 rlim_cur: 0,
-                rlim_max: 1 << 20,
+                rlim_max: 0,
             };
-            // SAFETY: setrlimit with a valid struct; only this child is affected.
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-            let code = match Notifier::new(Mode::Counter) {
-                Err(Error::FdExhausted { .. }) => 0,
-                _ => 1,
+            // SAFETY: getrlimit/setrlimit with a valid struct; only this child is affected.
+            let set = unsafe {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                lim.rlim_cur = 0;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
+            };
+            let code = match (set, Notifier::new(Mode::Counter)) {
+                (0, Err(Error::FdExhausted { .. })) => 0,
+                (0, Err(_)) => 2,
+                (0, Ok(_)) => 3,
+                _ => 4,
             };
             // SAFETY: leave the child without running the parent's destructors.
             unsafe { libc::_exit(code) };

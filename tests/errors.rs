@@ -1,0 +1,204 @@
+//! Bad input against a real VM: each refusal is a typed error that names what was wrong, and
+//! leaves nothing registered behind.
+
+use std::sync::Arc;
+
+use vm_notify::testkit::{kvm_or_skip, TinyVm};
+use vm_notify::{
+    Capability, Error, GsiRouter, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, Notifier, Width,
+    WriteMatch, GSI_LIMIT, ROUTE_TABLE_LIMIT,
+};
+
+fn notifier() -> Notifier {
+    Notifier::new(Mode::Counter).unwrap()
+}
+
+#[test]
+fn invalid_matches_are_refused_before_kvm() {
+    if !kvm_or_skip("invalid_matches_are_refused_before_kvm") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let n = notifier();
+    let cases = [
+        (
+            WriteMatch::mmio(0x1000).datamatch(1),
+            "datamatch needs a fixed width",
+        ),
+        (
+            WriteMatch::mmio(0x1000).width(Width::W1).datamatch(0x1ff),
+            "does not fit in a 1-byte write",
+        ),
+        (WriteMatch::pio(0x10000), "16 bits"),
+        (WriteMatch::pio(0x60).width(Width::W8), "no 8-byte writes"),
+        (WriteMatch::mmio(u64::MAX - 1).width(Width::W2), "wraps"),
+        (WriteMatch::pio(0xfffe).width(Width::W4), "wraps"),
+    ];
+    for (m, text) in cases {
+        let e = IoEvent::register(vm.vm(), m, &n).unwrap_err();
+        assert!(e.to_string().contains(text), "{m:?}: {e}");
+        // The refused match can be registered nowhere: a valid one at the same address works.
+        let ok = WriteMatch::at(m.address()).width(Width::W1);
+        if ok.validate().is_ok() {
+            drop(IoEvent::register(vm.vm(), ok, &n).unwrap());
+        }
+    }
+    // What validation lets through, KVM takes: the last byte of MMIO space, the last port.
+    for m in [
+        WriteMatch::mmio(u64::MAX - 1).width(Width::W1),
+        WriteMatch::pio(0xffff).width(Width::W1),
+        WriteMatch::pio(0xfffc).width(Width::W4),
+    ] {
+        drop(IoEvent::register(vm.vm(), m, &n).unwrap());
+    }
+}
+
+#[test]
+fn router_without_irqchip_is_refused() {
+    if !kvm_or_skip("router_without_irqchip_is_refused") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let e = GsiRouter::new(vm).unwrap_err();
+    assert!(
+        matches!(e, Error::MissingCapability(Capability::Irqchip)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("irqchip"), "{e}");
+}
+
+#[test]
+fn unknown_and_out_of_range_gsis_are_refused() {
+    if !kvm_or_skip("unknown_and_out_of_range_gsis_are_refused") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router();
+    let n = notifier();
+    // KVM would take GSI 100 silently and drop its interrupts.
+    let e = IrqFd::new(router, 100, &n).unwrap_err();
+    assert!(matches!(e, Error::UnroutedGsi { gsi: 100 }), "{e:?}");
+    assert!(e.to_string().contains("GSI 100"), "{e}");
+    let e = IrqFd::new(router, 5000, &n).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::GsiOutOfRange {
+                gsi: 5000,
+                limit: GSI_LIMIT
+            }
+        ),
+        "{e:?}"
+    );
+    // A route that is only in the shadow is not a route yet.
+    let gsi = router.add_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    assert!(matches!(
+        IrqFd::new(router, gsi, &n),
+        Err(Error::UnroutedGsi { .. })
+    ));
+    router.commit().unwrap();
+    let irq = IrqFd::new(router, gsi, &n).unwrap();
+    assert_eq!(router.irqfds(gsi), 1);
+    drop(irq);
+    assert_eq!(router.irqfds(gsi), 0);
+}
+
+#[test]
+fn a_notifier_injects_one_gsi_only() {
+    if !kvm_or_skip("a_notifier_injects_one_gsi_only") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let n = notifier();
+    let _first = IrqFd::new(vm.router(), 4, &n).unwrap();
+    let e = IrqFd::new(vm.router(), 5, &n).unwrap_err();
+    assert!(matches!(e, Error::IrqFdBusy { gsi: 5 }), "{e:?}");
+    assert_eq!(
+        vm.router().irqfds(5),
+        0,
+        "the refused binding is not counted"
+    );
+    let e = LevelIrqFd::new(vm.router(), 6, &n, &notifier()).unwrap_err();
+    assert!(matches!(e, Error::IrqFdBusy { gsi: 6 }), "{e:?}");
+}
+
+#[test]
+fn routes_with_irqfds_cannot_be_removed() {
+    if !kvm_or_skip("routes_with_irqfds_cannot_be_removed") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router();
+    let gsi = router.route_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    let irq = IrqFd::new(router, gsi, &notifier()).unwrap();
+    let e = router.remove(gsi).unwrap_err();
+    assert!(
+        matches!(e, Error::GsiBusy { gsi: g, irqfds: 1 } if g == gsi),
+        "{e:?}"
+    );
+    drop(irq);
+    router.remove(gsi).unwrap();
+    router.commit().unwrap();
+    assert!(router.routes(gsi).is_empty());
+    assert!(matches!(router.remove(gsi), Err(Error::UnroutedGsi { .. })));
+    // Only MSI routes take a message.
+    assert!(matches!(
+        router.set_msi(4, MsiMessage::x86(0, 0x41)),
+        Err(Error::NotMsiRoute { gsi: 4 })
+    ));
+}
+
+#[test]
+fn full_route_table_is_a_typed_error_before_the_ioctl() {
+    if !kvm_or_skip("full_route_table_is_a_typed_error_before_the_ioctl") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router();
+    let defaults = router.entries();
+    assert_eq!(defaults, 40, "16 PIC+IOAPIC pairs and 8 IOAPIC-only pins");
+    let mut added = 0;
+    let err = loop {
+        match router.add_msi(MsiMessage::x86(0, 0x40 + (added % 64) as u8)) {
+            Ok(_) => added += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(added, ROUTE_TABLE_LIMIT - defaults);
+    assert!(
+        matches!(err, Error::RouteTableFull { entries, limit } if entries == ROUTE_TABLE_LIMIT + 1 && limit == ROUTE_TABLE_LIMIT),
+        "{err:?}"
+    );
+    // The full table itself is one KVM accepts.
+    router.commit().unwrap();
+    // The irqchip's defaults survived the commit: an irqfd on a legacy line still binds.
+    let _legacy = IrqFd::new(router, 4, &notifier()).unwrap();
+}
+
+#[test]
+fn gsi_exhaustion_is_a_typed_error() {
+    if !kvm_or_skip("gsi_exhaustion_is_a_typed_error") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router();
+    // Without the 40 default entries the table has room for more routes than there are GSIs.
+    for gsi in 0..24 {
+        router.remove(gsi).unwrap();
+    }
+    let mut added = 0u32;
+    let err = loop {
+        match router.add_msi(MsiMessage::x86(0, 0x40)) {
+            Ok(_) => added += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(added, GSI_LIMIT - 24);
+    assert!(
+        matches!(err, Error::GsiExhausted { limit: GSI_LIMIT }),
+        "{err:?}"
+    );
+    router.rollback();
+    assert_eq!(router.entries(), 40);
+}
