@@ -213,7 +213,8 @@ impl WriteMatch {
 /// A registered ioeventfd. Guest writes matching its [`WriteMatch`] add 1 to its notifier in the
 /// kernel. Dropping it unregisters.
 ///
-/// ```no_run
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
 /// use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
 ///
@@ -223,6 +224,7 @@ impl WriteMatch {
 /// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
 /// drop(reg); // the same writes now exit to userspace
+/// let again = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]

@@ -81,7 +81,8 @@ impl fmt::Debug for Binding {
 /// An edge-triggered irqfd: each [`trigger`](Self::trigger) injects the GSI.
 /// Dropping it deassigns the irqfd.
 ///
-/// ```no_run
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
 /// use vm_notify::{GsiRouter, IrqFd, Mode, Notifier};
 /// # let kvm = kvm_ioctls::Kvm::new()?;

@@ -161,7 +161,8 @@ struct Shared {
 ///
 /// Create it once per VM, after `KVM_CREATE_IRQCHIP`, and make every routing change through it.
 ///
-/// ```no_run
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
 /// use vm_notify::{GsiRouter, IrqFd, Mode, MsiMessage, Notifier};
 ///

@@ -93,7 +93,7 @@ fn mmio_counter_mode_counts_every_write() {
     let (guest, device, reads) = write_loop(IoEventAddress::Mmio(MMIO), Width::W4, Mode::Counter);
     assert_eq!(guest, N);
     assert_eq!(device, N);
-    assert!(reads >= 1 && reads <= N);
+    assert!((1..=N).contains(&reads));
 }
 
 #[test]
@@ -321,12 +321,13 @@ fn dropping_the_guard_unregisters() {
     let (slot2, seen2) = (slot.clone(), seen_by_phase.clone());
     let mut phase = 1usize;
     let run = vm
-        .start(p, move |e: &GuestExit, _: &mut [u8]| match *e {
-            GuestExit::PioWrite {
+        .start(p, move |e: &GuestExit, _: &mut [u8]| {
+            if let GuestExit::PioWrite {
                 port: layout::HOST_PORT,
                 data,
                 ..
-            } => {
+            } = *e
+            {
                 // Record what the notifier saw in the phase that just ended.
                 seen2.lock().unwrap()[phase] = kicks2.try_read().unwrap().done().unwrap_or(0);
                 phase = data as usize + 1;
@@ -337,7 +338,6 @@ fn dropping_the_guard_unregisters() {
                     *slot = Some(IoEvent::register(&vm_fd, write, &kicks2).unwrap());
                 }
             }
-            _ => {}
         })
         .unwrap();
     let report = run.wait(TIMEOUT).done().unwrap();

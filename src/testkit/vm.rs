@@ -150,7 +150,8 @@ impl fmt::Display for RunReport {
 ///
 /// A `TinyVm` runs one program: [`start`](Self::start) moves the vCPU onto its own thread.
 ///
-/// ```no_run
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("TinyVm example") { return Ok(()); }
 /// use std::time::Duration;
 /// use vm_notify::testkit::{GuestProgram, TinyVm};
 ///
