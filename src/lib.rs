@@ -92,3 +92,21 @@ pub use routing::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_are_send_and_sync() {
+        // Device threads, vCPU threads and the VMM thread each hold what they use.
+        send_sync::<Notifier>();
+        send_sync::<IoEvent>();
+        send_sync::<IrqFd>();
+        send_sync::<LevelIrqFd>();
+        send_sync::<GsiRouter>();
+        send_sync::<Error>();
+    }
+}
