@@ -85,7 +85,8 @@ pub use ioevent::{IoEvent, IoEventAddress, Width, WriteMatch};
 pub use irq::{IrqFd, LevelIrqFd};
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
 pub use routing::{
-    Gsi, GsiRouter, IrqChip, MsiMessage, Route, GSI_LIMIT, IRQCHIP_GSIS, ROUTE_TABLE_LIMIT,
+    Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
+    ROUTE_TABLE_LIMIT,
 };
 
 /// The README's code, compiled as a doctest.

@@ -6,8 +6,8 @@
 //! that leaves them out removes them. The router therefore keeps a shadow of the whole table,
 //! seeded with those defaults, and sends all of it on every commit.
 //!
-//! Changes are made to the shadow and sent together by [`GsiRouter::commit`]: each call waits for
-//! an SRCU grace period in the kernel, so many changes should share one commit.
+//! Each `KVM_SET_GSI_ROUTING` waits for an SRCU grace period in the kernel, so many changes should
+//! share one call: a [`Transaction`] collects them and commits once.
 //!
 //! The router also knows which GSIs have irqfds bound, so it refuses an irqfd on a GSI with no
 //! route (KVM would accept it and drop every interrupt) and refuses to remove a route that still
@@ -138,18 +138,14 @@ fn default_routes() -> BTreeMap<Gsi, Vec<Route>> {
 
 #[derive(Debug, Default)]
 struct Table {
-    /// The shadow being edited; sent whole by `commit`.
-    pending: BTreeMap<Gsi, Vec<Route>>,
     /// What the kernel has.
-    committed: BTreeMap<Gsi, Vec<Route>>,
+    routes: BTreeMap<Gsi, Vec<Route>>,
     /// irqfds bound per GSI.
     irqfds: HashMap<Gsi, usize>,
 }
 
-impl Table {
-    fn entries(&self) -> usize {
-        self.pending.values().map(Vec::len).sum()
-    }
+fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
+    routes.values().map(Vec::len).sum()
 }
 
 struct Shared {
@@ -159,7 +155,10 @@ struct Shared {
 
 /// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
 ///
-/// Create it once per VM, after `KVM_CREATE_IRQCHIP`, and make every routing change through it.
+/// Create it once per VM, after `KVM_CREATE_IRQCHIP`, and make every routing change through it:
+/// one change at a time with [`route_msi`](Self::route_msi), [`set_msi`](Self::set_msi) and
+/// [`remove`](Self::remove), or many in one `KVM_SET_GSI_ROUTING` with a
+/// [`transaction`](Self::transaction).
 ///
 /// ```
 /// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
@@ -170,8 +169,8 @@ struct Shared {
 /// let vm = Arc::new(kvm.create_vm()?);
 /// vm.create_irq_chip()?;
 /// let router = GsiRouter::new(vm.clone())?;
-/// let gsi = router.add_msi(MsiMessage::x86(0, 0x40))?; // shadow only
-/// router.commit()?; // one KVM_SET_GSI_ROUTING, default routes included
+/// // One KVM_SET_GSI_ROUTING, the irqchip's default routes included.
+/// let gsi = router.route_msi(MsiMessage::x86(0, 0x40))?;
 /// let irq = IrqFd::new(&router, gsi, &Notifier::new(Mode::Counter)?)?;
 /// irq.trigger()?; // the guest's vector 0x40 handler runs
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -185,8 +184,8 @@ impl fmt::Debug for GsiRouter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = self.lock();
         f.debug_struct("GsiRouter")
-            .field("committed_gsis", &t.committed.len())
-            .field("pending_entries", &t.entries())
+            .field("routed_gsis", &t.routes.len())
+            .field("entries", &count_entries(&t.routes))
             .field("bound_irqfds", &t.irqfds.values().sum::<usize>())
             .finish()
     }
@@ -205,10 +204,8 @@ impl GsiRouter {
                 return Err(Error::MissingCapability(cap));
             }
         }
-        let defaults = default_routes();
         let table = Table {
-            pending: defaults.clone(),
-            committed: defaults,
+            routes: default_routes(),
             irqfds: HashMap::new(),
         };
         Ok(GsiRouter {
@@ -225,127 +222,70 @@ impl GsiRouter {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        // A panic elsewhere while holding the lock leaves the table consistent: every change is
-        // made in one assignment.
+        // A panic elsewhere while holding the lock leaves the table consistent: the committed
+        // routes change in one assignment, after the ioctl succeeded.
         self.shared.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Allocates the lowest free GSI above the irqchip pins and routes it to `msg` in the
-    /// shadow. Takes effect at the next [`commit`](Self::commit).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::RouteTableFull`] when the table holds [`ROUTE_TABLE_LIMIT`] entries,
-    /// [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
-    pub fn add_msi(&self, msg: MsiMessage) -> Result<Gsi> {
-        let mut t = self.lock();
-        let entries = t.entries() + 1;
-        if entries > ROUTE_TABLE_LIMIT {
-            return Err(Error::RouteTableFull {
-                entries,
-                limit: ROUTE_TABLE_LIMIT,
-            });
+    /// Starts a batch of route changes, sent together by [`Transaction::commit`] in one
+    /// `KVM_SET_GSI_ROUTING`. The router is locked until the transaction commits or drops, so
+    /// bind irqfds after committing.
+    pub fn transaction(&self) -> Transaction<'_> {
+        let table = self.lock();
+        let pending = table.routes.clone();
+        let entries = count_entries(&pending);
+        Transaction {
+            vm: &self.shared.vm,
+            table,
+            pending,
+            entries,
+            next_free: IRQCHIP_GSIS,
         }
-        let gsi = (IRQCHIP_GSIS..GSI_LIMIT)
-            .find(|g| !t.pending.contains_key(g) && !t.committed.contains_key(g))
-            .ok_or(Error::GsiExhausted { limit: GSI_LIMIT })?;
-        t.pending.insert(gsi, vec![Route::Msi(msg)]);
-        Ok(gsi)
     }
 
-    /// Allocates a GSI for `msg` and commits at once: [`add_msi`](Self::add_msi) then
-    /// [`commit`](Self::commit).
+    /// Allocates the lowest free GSI above the irqchip pins, routes it to `msg` and commits.
     ///
     /// # Errors
     ///
-    /// Those of both calls.
+    /// Those of [`Transaction::add_msi`] and [`Transaction::commit`].
     pub fn route_msi(&self, msg: MsiMessage) -> Result<Gsi> {
-        let gsi = self.add_msi(msg)?;
-        if let Err(e) = self.commit() {
-            self.lock().pending.remove(&gsi);
-            return Err(e);
-        }
+        let mut tx = self.transaction();
+        let gsi = tx.add_msi(msg)?;
+        tx.commit()?;
         Ok(gsi)
     }
 
-    /// Changes the message of an MSI route in the shadow. Irqfds bound to it stay bound and will
-    /// deliver the new message after the next commit.
+    /// Changes the message of an MSI route and commits. Irqfds bound to it stay bound and
+    /// deliver the new message from then on.
     ///
     /// # Errors
     ///
-    /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route.
+    /// Those of [`Transaction::set_msi`] and [`Transaction::commit`].
     pub fn set_msi(&self, gsi: Gsi, msg: MsiMessage) -> Result<()> {
-        let mut t = self.lock();
-        match t.pending.get_mut(&gsi).map(Vec::as_mut_slice) {
-            Some([route @ Route::Msi(_)]) => {
-                *route = Route::Msi(msg);
-                Ok(())
-            }
-            _ => Err(Error::NotMsiRoute { gsi }),
-        }
+        let mut tx = self.transaction();
+        tx.set_msi(gsi, msg)?;
+        tx.commit()
     }
 
-    /// Removes every route of `gsi` from the shadow.
+    /// Removes every route of `gsi` and commits.
     ///
     /// # Errors
     ///
-    /// [`Error::GsiBusy`] while irqfds are bound to `gsi`; [`Error::UnroutedGsi`] when it has no
-    /// route.
+    /// Those of [`Transaction::remove`] and [`Transaction::commit`].
     pub fn remove(&self, gsi: Gsi) -> Result<()> {
-        let mut t = self.lock();
-        if let Some(&irqfds) = t.irqfds.get(&gsi) {
-            return Err(Error::GsiBusy { gsi, irqfds });
-        }
-        t.pending
-            .remove(&gsi)
-            .map(|_| ())
-            .ok_or(Error::UnroutedGsi { gsi })
-    }
-
-    /// Sends the whole shadow table to KVM in one `KVM_SET_GSI_ROUTING`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::SetRouting`] with the errno; the shadow is kept, so the caller can fix it or
-    /// [`rollback`](Self::rollback).
-    pub fn commit(&self) -> Result<()> {
-        let mut t = self.lock();
-        let entries: Vec<kvm_irq_routing_entry> = t
-            .pending
-            .iter()
-            .flat_map(|(&gsi, routes)| routes.iter().map(move |r| r.entry(gsi)))
-            .collect();
-        let n = entries.len();
-        if n > ROUTE_TABLE_LIMIT {
-            return Err(Error::RouteTableFull {
-                entries: n,
-                limit: ROUTE_TABLE_LIMIT,
-            });
-        }
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RouteTableFull {
-            entries: n,
-            limit: ROUTE_TABLE_LIMIT,
-        })?;
-        sys::set_gsi_routing(&self.shared.vm, &table)
-            .map_err(|source| Error::SetRouting { entries: n, source })?;
-        t.committed = t.pending.clone();
-        Ok(())
-    }
-
-    /// Drops the uncommitted changes: the shadow becomes what the kernel has.
-    pub fn rollback(&self) {
-        let mut t = self.lock();
-        t.pending = t.committed.clone();
+        let mut tx = self.transaction();
+        tx.remove(gsi)?;
+        tx.commit()
     }
 
     /// The committed routes of `gsi` (empty when it has none).
     pub fn routes(&self, gsi: Gsi) -> Vec<Route> {
-        self.lock().committed.get(&gsi).cloned().unwrap_or_default()
+        self.lock().routes.get(&gsi).cloned().unwrap_or_default()
     }
 
-    /// The number of entries the shadow table holds (what the next commit sends).
+    /// The number of entries in the committed table.
     pub fn entries(&self) -> usize {
-        self.lock().entries()
+        count_entries(&self.lock().routes)
     }
 
     /// The number of irqfds bound to `gsi` through this router.
@@ -368,7 +308,7 @@ impl GsiRouter {
         }
         let mut t = self.lock();
         let routes = t
-            .committed
+            .routes
             .get(&gsi)
             .filter(|r| !r.is_empty())
             .ok_or(Error::UnroutedGsi { gsi })?;
@@ -387,6 +327,135 @@ impl GsiRouter {
                 t.irqfds.remove(&gsi);
             }
         }
+    }
+}
+
+/// A batch of route changes committed in one `KVM_SET_GSI_ROUTING`.
+///
+/// KVM replaces the whole table on each call and waits for an SRCU grace period, so 1024 changes
+/// in one transaction cost one call instead of 1024. Limits are checked as changes are made, before
+/// the ioctl. Dropping a transaction without committing discards its changes.
+///
+/// The order that is safe for the kernel is enforced: a route with irqfds bound cannot be removed
+/// ([`Error::GsiBusy`]: deassign first), and an irqfd can only bind to a committed route (assign
+/// after the commit).
+///
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # use std::sync::Arc;
+/// use vm_notify::{GsiRouter, MsiMessage};
+/// # let kvm = kvm_ioctls::Kvm::new()?;
+/// # let vm = Arc::new(kvm.create_vm()?);
+/// # vm.create_irq_chip()?;
+/// let router = GsiRouter::new(vm.clone())?;
+/// let mut tx = router.transaction();
+/// let gsis = (0..64)
+///     .map(|v| tx.add_msi(MsiMessage::x86(0, 0x40 + v)))
+///     .collect::<Result<Vec<_>, _>>()?;
+/// tx.commit()?; // one ioctl for 64 routes
+/// assert_eq!(router.routes(gsis[63]).len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "a transaction does nothing until it is committed"]
+pub struct Transaction<'a> {
+    vm: &'a VmFd,
+    table: MutexGuard<'a, Table>,
+    pending: BTreeMap<Gsi, Vec<Route>>,
+    entries: usize,
+    next_free: Gsi,
+}
+
+impl fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl Transaction<'_> {
+    /// Allocates the lowest free GSI above the irqchip pins and routes it to `msg`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RouteTableFull`] when the table holds [`ROUTE_TABLE_LIMIT`] entries,
+    /// [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
+    pub fn add_msi(&mut self, msg: MsiMessage) -> Result<Gsi> {
+        let entries = self.entries + 1;
+        if entries > ROUTE_TABLE_LIMIT {
+            return Err(Error::RouteTableFull {
+                entries,
+                limit: ROUTE_TABLE_LIMIT,
+            });
+        }
+        let gsi = (self.next_free..GSI_LIMIT)
+            .find(|g| !self.pending.contains_key(g))
+            .ok_or(Error::GsiExhausted { limit: GSI_LIMIT })?;
+        self.pending.insert(gsi, vec![Route::Msi(msg)]);
+        self.entries = entries;
+        self.next_free = gsi + 1;
+        Ok(gsi)
+    }
+
+    /// Changes the message of the MSI route of `gsi`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route.
+    pub fn set_msi(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<()> {
+        match self.pending.get_mut(&gsi).map(Vec::as_mut_slice) {
+            Some([route @ Route::Msi(_)]) => {
+                *route = Route::Msi(msg);
+                Ok(())
+            }
+            _ => Err(Error::NotMsiRoute { gsi }),
+        }
+    }
+
+    /// Removes every route of `gsi`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GsiBusy`] while irqfds are bound to `gsi` (drop them first);
+    /// [`Error::UnroutedGsi`] when it has no route.
+    pub fn remove(&mut self, gsi: Gsi) -> Result<()> {
+        if let Some(&irqfds) = self.table.irqfds.get(&gsi) {
+            return Err(Error::GsiBusy { gsi, irqfds });
+        }
+        let routes = self
+            .pending
+            .remove(&gsi)
+            .ok_or(Error::UnroutedGsi { gsi })?;
+        self.entries -= routes.len();
+        self.next_free = self.next_free.min(gsi.max(IRQCHIP_GSIS));
+        Ok(())
+    }
+
+    /// The number of entries the table will hold when committed.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Sends the whole table to KVM in one `KVM_SET_GSI_ROUTING`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SetRouting`] with the errno; the committed table is then unchanged.
+    pub fn commit(mut self) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = self
+            .pending
+            .iter()
+            .flat_map(|(&gsi, routes)| routes.iter().map(move |r| r.entry(gsi)))
+            .collect();
+        let n = entries.len();
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RouteTableFull {
+            entries: n,
+            limit: ROUTE_TABLE_LIMIT,
+        })?;
+        sys::set_gsi_routing(self.vm, &table)
+            .map_err(|source| Error::SetRouting { entries: n, source })?;
+        self.table.routes = std::mem::take(&mut self.pending);
+        Ok(())
     }
 }
 

@@ -91,13 +91,17 @@ fn unknown_and_out_of_range_gsis_are_refused() {
         ),
         "{e:?}"
     );
-    // A route that is only in the shadow is not a route yet.
-    let gsi = router.add_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    // A route that is not committed is not a route: a transaction dropped uncommitted leaves
+    // nothing behind.
+    let gsi = {
+        let mut tx = router.transaction();
+        tx.add_msi(MsiMessage::x86(0, 0x40)).unwrap()
+    };
     assert!(matches!(
         IrqFd::new(router, gsi, &n),
         Err(Error::UnroutedGsi { .. })
     ));
-    router.commit().unwrap();
+    assert_eq!(router.route_msi(MsiMessage::x86(0, 0x40)).unwrap(), gsi);
     let irq = IrqFd::new(router, gsi, &n).unwrap();
     assert_eq!(router.irqfds(gsi), 1);
     drop(irq);
@@ -139,7 +143,6 @@ fn routes_with_irqfds_cannot_be_removed() {
     );
     drop(irq);
     router.remove(gsi).unwrap();
-    router.commit().unwrap();
     assert!(router.routes(gsi).is_empty());
     assert!(matches!(router.remove(gsi), Err(Error::UnroutedGsi { .. })));
     // Only MSI routes take a message.
@@ -158,9 +161,10 @@ fn full_route_table_is_a_typed_error_before_the_ioctl() {
     let router = vm.router();
     let defaults = router.entries();
     assert_eq!(defaults, 40, "16 PIC+IOAPIC pairs and 8 IOAPIC-only pins");
+    let mut tx = router.transaction();
     let mut added = 0;
     let err = loop {
-        match router.add_msi(MsiMessage::x86(0, 0x40 + (added % 64) as u8)) {
+        match tx.add_msi(MsiMessage::x86(0, 0x40 + (added % 64) as u8)) {
             Ok(_) => added += 1,
             Err(e) => break e,
         }
@@ -170,8 +174,10 @@ fn full_route_table_is_a_typed_error_before_the_ioctl() {
         matches!(err, Error::RouteTableFull { entries, limit } if entries == ROUTE_TABLE_LIMIT + 1 && limit == ROUTE_TABLE_LIMIT),
         "{err:?}"
     );
-    // The full table itself is one KVM accepts.
-    router.commit().unwrap();
+    // The full table itself is one KVM accepts, in one call.
+    assert_eq!(tx.entries(), ROUTE_TABLE_LIMIT);
+    tx.commit().unwrap();
+    assert_eq!(router.entries(), ROUTE_TABLE_LIMIT);
     // The irqchip's defaults survived the commit: an irqfd on a legacy line still binds.
     let _legacy = IrqFd::new(router, 4, &notifier()).unwrap();
 }
@@ -184,12 +190,13 @@ fn gsi_exhaustion_is_a_typed_error() {
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     // Without the 40 default entries the table has room for more routes than there are GSIs.
+    let mut tx = router.transaction();
     for gsi in 0..24 {
-        router.remove(gsi).unwrap();
+        tx.remove(gsi).unwrap();
     }
     let mut added = 0u32;
     let err = loop {
-        match router.add_msi(MsiMessage::x86(0, 0x40)) {
+        match tx.add_msi(MsiMessage::x86(0, 0x40)) {
             Ok(_) => added += 1,
             Err(e) => break e,
         }
@@ -199,6 +206,6 @@ fn gsi_exhaustion_is_a_typed_error() {
         matches!(err, Error::GsiExhausted { limit: GSI_LIMIT }),
         "{err:?}"
     );
-    router.rollback();
+    drop(tx); // uncommitted: nothing changes
     assert_eq!(router.entries(), 40);
 }
