@@ -205,6 +205,31 @@ pub enum Error {
         /// The GSI given.
         gsi: u32,
     },
+    /// An MSI-X table of 0 or more than 2048 vectors.
+    #[error("an MSI-X table has 1 to 2048 vectors, not {count}")]
+    MsixVectorCount {
+        /// The count given.
+        count: usize,
+    },
+    /// A vector index past the table.
+    #[error("MSI-X vector {index} does not exist: the table has {count} vectors")]
+    MsixVectorIndex {
+        /// The index given.
+        index: usize,
+        /// The table's size.
+        count: usize,
+    },
+    /// A guest access to the MSI-X table or PBA that is not 4 or 8 bytes, not naturally
+    /// aligned, or past the end.
+    #[error("MSI-X table/PBA access of {len} bytes at offset {offset:#x} refused: accesses are 4 or 8 bytes, naturally aligned, within {size:#x} bytes")]
+    MsixAccess {
+        /// The offset in the table or PBA.
+        offset: u64,
+        /// The access size in bytes.
+        len: usize,
+        /// The size of the table or PBA.
+        size: u64,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

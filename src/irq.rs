@@ -15,8 +15,10 @@ use crate::notifier::Notifier;
 use crate::routing::{Gsi, GsiRouter, Route};
 use crate::sys;
 
-/// One `KVM_IRQFD` assignment; deassigned on drop.
-struct Binding {
+/// One `KVM_IRQFD` assignment. It has no `Drop` of its own: its owners ([`IrqFd`],
+/// [`LevelIrqFd`], the MSI-X vectors) call [`release`](Self::release) or
+/// [`detach`](Self::detach) exactly once.
+pub(crate) struct Binding {
     router: GsiRouter,
     gsi: Gsi,
     trigger: Notifier,
@@ -29,17 +31,27 @@ impl Binding {
         trigger: &Notifier,
         resample: Option<&Notifier>,
     ) -> Result<Binding> {
+        Binding::assign(router, gsi, trigger.try_clone()?, resample).map_err(|(e, _)| e)
+    }
+
+    /// Assigns `trigger` to inject `gsi`, taking ownership of it; on failure the notifier comes
+    /// back with the error.
+    pub(crate) fn assign(
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: Notifier,
+        resample: Option<&Notifier>,
+    ) -> std::result::Result<Binding, (Error, Notifier)> {
         let mut caps = vec![Capability::IrqFd];
         if resample.is_some() {
             caps.push(Capability::IrqFdResample);
         }
         for cap in caps {
             if !sys::check(router.vm(), cap) {
-                return Err(Error::MissingCapability(cap));
+                return Err((Error::MissingCapability(cap), trigger));
             }
         }
-        let trigger = trigger.try_clone()?;
-        router.bind(gsi, |vm, routes| {
+        let bound = router.bind(gsi, |vm, routes| {
             if resample.is_some() && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
                 return Err(Error::ResampleNeedsIrqchip { gsi });
             }
@@ -49,20 +61,34 @@ impl Binding {
                     _ => Error::IrqFd { gsi, source },
                 }
             })
-        })?;
-        Ok(Binding {
-            router: router.clone(),
-            gsi,
-            trigger,
-        })
+        });
+        match bound {
+            Ok(()) => Ok(Binding {
+                router: router.clone(),
+                gsi,
+                trigger,
+            }),
+            Err(e) => Err((e, trigger)),
+        }
     }
-}
 
-impl Drop for Binding {
-    fn drop(&mut self) {
+    /// The notifier that injects the GSI.
+    pub(crate) fn trigger(&self) -> &Notifier {
+        &self.trigger
+    }
+
+    /// Deassigns the irqfd and gives back its notifier. Once this returns, writes to the
+    /// notifier stay in its counter.
+    pub(crate) fn detach(self) -> Notifier {
+        self.release();
+        self.trigger
+    }
+
+    /// Deassigns the irqfd. KVM deassigns by (eventfd, GSI) and returns 0 even when nothing
+    /// matched, so there is no error worth reporting; the router's count is what the library
+    /// relies on.
+    fn release(&self) {
         let (gsi, trigger) = (self.gsi, &self.trigger);
-        // KVM deassigns by (eventfd, GSI). It returns 0 even when nothing matched, so there is no
-        // error worth reporting here; the router's count is what the library relies on.
         self.router.unbind(gsi, |vm| {
             let _ = sys::deassign_irqfd(vm, trigger, gsi);
         });
@@ -100,6 +126,12 @@ pub struct IrqFd {
     binding: Binding,
 }
 
+impl Drop for IrqFd {
+    fn drop(&mut self) {
+        self.binding.release();
+    }
+}
+
 impl IrqFd {
     /// Binds `notifier` to inject `gsi`. The irqfd keeps its own descriptor of the notifier.
     ///
@@ -122,7 +154,7 @@ impl IrqFd {
     ///
     /// [`Error::Notifier`] if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
-        self.binding.trigger.notify()
+        self.binding.trigger().notify()
     }
 
     /// The GSI this irqfd injects.
@@ -132,7 +164,7 @@ impl IrqFd {
 
     /// The irqfd's own descriptor of the notifier (clone it for another thread).
     pub fn notifier(&self) -> &Notifier {
-        &self.binding.trigger
+        self.binding.trigger()
     }
 }
 
@@ -147,6 +179,12 @@ impl IrqFd {
 pub struct LevelIrqFd {
     binding: Binding,
     resample: Notifier,
+}
+
+impl Drop for LevelIrqFd {
+    fn drop(&mut self) {
+        self.binding.release();
+    }
 }
 
 impl LevelIrqFd {
@@ -175,7 +213,7 @@ impl LevelIrqFd {
     ///
     /// [`Error::Notifier`] if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
-        self.binding.trigger.notify()
+        self.binding.trigger().notify()
     }
 
     /// The notifier KVM signals when the guest EOIs the line.
@@ -190,6 +228,6 @@ impl LevelIrqFd {
 
     /// The irqfd's own descriptor of the trigger notifier.
     pub fn notifier(&self) -> &Notifier {
-        &self.binding.trigger
+        self.binding.trigger()
     }
 }

@@ -72,6 +72,7 @@
 mod error;
 mod ioevent;
 mod irq;
+mod msi;
 mod notifier;
 mod routing;
 mod sys;
@@ -83,6 +84,10 @@ pub mod testkit;
 pub use error::{Capability, Error, Result};
 pub use ioevent::{IoEvent, IoEventAddress, Width, WriteMatch};
 pub use irq::{IrqFd, LevelIrqFd};
+pub use msi::{
+    MsixState, MsixStats, MsixVectors, VectorState, MSIX_ENABLE, MSIX_ENTRY_SIZE,
+    MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_VECTOR_MASKED,
+};
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
 pub use routing::{
     Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,

@@ -11,11 +11,13 @@
 //!
 //! `docs/GUEST_TESTKIT.md` walks through writing a device test with it.
 
+mod msix_bar;
 mod program;
 mod vm;
 
 pub mod layout;
 
+pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN};
 pub use program::{AssembledProgram, Eoi, GuestProgram};
 pub use vm::{ExitHandler, GuestExit, Outcome, RunReport, Running, TinyVm};
 
@@ -54,6 +56,9 @@ pub enum Error {
         /// The room there is.
         max: usize,
     },
+    /// An access width the guest cannot make.
+    #[error("a guest memory access is 1, 2, 4 or 8 bytes, not {0}")]
+    Width(usize),
     /// A `TinyVm` runs one program; it was already started.
     #[error("this TinyVm already ran its program; create another")]
     AlreadyStarted,

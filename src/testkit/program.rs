@@ -14,12 +14,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use iced_x86::code_asm::{
-    al, dword_ptr, dx, eax, ptr, qword_ptr, r15, rax, rsp, CodeAssembler, CodeLabel,
+    al, ax, byte_ptr, dword_ptr, dx, eax, ptr, qword_ptr, r15, rax, rdx, rsp, word_ptr,
+    CodeAssembler, CodeLabel,
 };
 use iced_x86::BlockEncoderOptions;
 
 use super::layout::{
-    data_slot, CODE, CODE_MAX, DONE_PORT, HOST_PORT, IRQ_COUNTS, LAPIC, RESUME_SLOT,
+    data_slot, CODE, CODE_MAX, DONE_PORT, HOST_PORT, IOAPIC, IRQ_COUNTS, LAPIC, RESUME_SLOT,
     SAVED_RSP_SLOT, UNEXPECTED_VECTOR_PORT,
 };
 use super::{Error, Result};
@@ -153,6 +154,82 @@ impl GuestProgram {
         self.asm.jmp(halt)?;
         self.asm.set_label(&mut resume)?;
         Ok(())
+    }
+
+    /// Enables interrupts for `nops` instructions without halting, then disables them again: an
+    /// interrupt already pending (or raised meanwhile) is taken here, and the program goes on
+    /// after the window either way. Clobbers `rax`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`].
+    pub fn interrupt_window(&mut self, nops: u32) -> Result<()> {
+        let mut resume = self.asm.create_label();
+        self.asm.mov(qword_ptr(SAVED_RSP_SLOT), rsp)?;
+        self.asm.lea(rax, ptr(resume))?;
+        self.asm.mov(qword_ptr(RESUME_SLOT), rax)?;
+        self.asm.sti()?;
+        for _ in 0..nops {
+            self.asm.nop()?;
+        }
+        self.asm.cli()?;
+        self.asm.set_label(&mut resume)?;
+        Ok(())
+    }
+
+    /// Writes `value` to the MMIO address `addr` with a write of `width` bytes (1, 2, 4 or 8).
+    /// Clobbers `rax` and `rdx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], or [`Error::Width`] for another width.
+    pub fn mmio_write(&mut self, addr: u64, value: u64, width: usize) -> Result<()> {
+        let a = &mut self.asm;
+        a.mov(rdx, addr)?;
+        a.mov(rax, value)?;
+        match width {
+            1 => a.mov(byte_ptr(rdx), al)?,
+            2 => a.mov(word_ptr(rdx), ax)?,
+            4 => a.mov(dword_ptr(rdx), eax)?,
+            8 => a.mov(qword_ptr(rdx), rax)?,
+            _ => return Err(Error::Width(width)),
+        }
+        Ok(())
+    }
+
+    /// Reads `width` bytes (1, 2, 4 or 8) from the MMIO address `addr` into `rax`,
+    /// zero-extended. Clobbers `rax` and `rdx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], or [`Error::Width`] for another width.
+    pub fn mmio_read(&mut self, addr: u64, width: usize) -> Result<()> {
+        let a = &mut self.asm;
+        a.mov(rdx, addr)?;
+        match width {
+            1 => a.movzx(eax, byte_ptr(rdx))?,
+            2 => a.movzx(eax, word_ptr(rdx))?,
+            4 => a.mov(eax, dword_ptr(rdx))?,
+            8 => a.mov(rax, qword_ptr(rdx))?,
+            _ => return Err(Error::Width(width)),
+        }
+        Ok(())
+    }
+
+    /// Programs IOAPIC redirection entry `pin`: `vector`, fixed delivery to APIC 0, active
+    /// high, level- or edge-triggered, unmasked. Clobbers `rax` and `rdx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`].
+    pub fn route_ioapic_pin(&mut self, pin: u8, vector: u8, level: bool) -> Result<()> {
+        let low = u64::from(vector) | if level { 1 << 15 } else { 0 };
+        let select = IOAPIC;
+        let window = IOAPIC + 0x10;
+        self.mmio_write(select, 0x11 + 2 * u64::from(pin), 4)?;
+        self.mmio_write(window, 0, 4)?; // destination APIC 0
+        self.mmio_write(select, 0x10 + 2 * u64::from(pin), 4)?;
+        self.mmio_write(window, low, 4)
     }
 
     /// Writes `value` to [`HOST_PORT`]: the host's exit handler sees it, and the program goes

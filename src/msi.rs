@@ -1,0 +1,731 @@
+//! [`MsixVectors`]: a device's MSI-X vectors, with the PCI table and PBA semantics, delivered
+//! through irqfds on MSI routes.
+//!
+//! The device raises a vector by index and never sees a GSI. Each vector has a message
+//! (address/data), a mask bit and a pending bit; the function has an enable bit and a function
+//! mask. A vector *delivers* when MSI-X is enabled, the function is unmasked and the vector is
+//! unmasked: then its irqfd is assigned on an MSI route carrying its message.
+//!
+//! # Masking without loss
+//!
+//! Masking a vector (or the function) **detaches** its irqfd: the irqfd is deassigned and the
+//! eventfd is kept. Every state change of a vector — raise, mask, unmask, message change — runs
+//! under that vector's lock, so they happen in one order:
+//!
+//! * **raise** while delivering writes the eventfd; KVM injects at once (the write's wakeup runs
+//!   the injection before the write returns, or queues work that deassignment flushes). While not
+//!   delivering, raise sets the pending bit instead.
+//! * **mask** deassigns the irqfd. When `KVM_IRQFD` returns, everything written before is
+//!   injected and nothing written after can be. The counter is then read, and anything in it
+//!   (written by a holder of [`MsixVectors::notifier`], such as a vhost-user backend) becomes the
+//!   pending bit.
+//! * **unmask** first drains the counter into the pending bit, then assigns the irqfd on an
+//!   empty counter (so KVM's assign-time injection, which does not consume the counter, never
+//!   fires), then — if the pending bit was set — clears it and writes the eventfd once: exactly one
+//!   interrupt, injected by the same path as any raise.
+//!
+//! Hence no interrupt reaches the guest from a masked vector after the mask returns, no raise is
+//! lost (it is injected, or pending and injected at unmask), and none is doubled (the pending bit
+//! is consumed under the same lock that set it). An external writer that writes the eventfd
+//! without the lock gets the same guarantees except in one window: a write landing between the
+//! drain and the assignment in an unmask is injected by KVM's assign-time poll as well as counted
+//! in the counter, so its next delivery may come one event early.
+//!
+//! # Guest-visible table
+//!
+//! [`MsixVectors::table_read`], [`table_write`](MsixVectors::table_write),
+//! [`pba_read`](MsixVectors::pba_read) and
+//! [`write_message_control`](MsixVectors::write_message_control) emulate the MSI-X table, the PBA
+//! and the capability's message control for a VMM that traps them.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::irq::Binding;
+use crate::notifier::{Attempt, Mode, Notifier};
+use crate::routing::{Gsi, GsiRouter, MsiMessage};
+
+/// The most vectors an MSI-X capability can have (table size field of 11 bits).
+pub const MSIX_MAX_VECTORS: usize = 2048;
+/// Bytes per MSI-X table entry.
+pub const MSIX_ENTRY_SIZE: u64 = 16;
+/// Message control: MSI-X enable.
+pub const MSIX_ENABLE: u16 = 1 << 15;
+/// Message control: function mask.
+pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Vector control: mask bit.
+pub const MSIX_VECTOR_MASKED: u32 = 1;
+
+/// One vector's state, as saved and restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VectorState {
+    /// The message address and data from the table.
+    pub message: MsiMessage,
+    /// The vector control mask bit.
+    pub masked: bool,
+    /// The PBA pending bit.
+    pub pending: bool,
+}
+
+impl Default for VectorState {
+    /// A vector after reset: masked, message zero, not pending.
+    fn default() -> Self {
+        VectorState {
+            message: MsiMessage::default(),
+            masked: true,
+            pending: false,
+        }
+    }
+}
+
+/// The whole MSI-X state of a function, for snapshot and migration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MsixState {
+    /// Message control: MSI-X enable.
+    pub enabled: bool,
+    /// Message control: function mask.
+    pub function_masked: bool,
+    /// Every vector, in table order.
+    pub vectors: Vec<VectorState>,
+}
+
+/// Counters of what the vectors did, for reports and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MsixStats {
+    /// Calls of [`MsixVectors::raise`].
+    pub raised: u64,
+    /// Raises injected at once (the vector was delivering).
+    pub delivered: u64,
+    /// Raises that set the pending bit (masked, function masked, or disabled).
+    pub raised_while_masked: u64,
+    /// Unmasks (or enables) that found the pending bit set and injected one interrupt.
+    pub pending_at_unmask: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    raised: AtomicU64,
+    delivered: AtomicU64,
+    raised_while_masked: AtomicU64,
+    pending_at_unmask: AtomicU64,
+}
+
+/// Where a vector's eventfd is: owned while detached, inside the irqfd while delivering.
+enum Line {
+    /// Never needed an eventfd yet.
+    None,
+    /// Detached: writes stay in the counter.
+    Detached(Notifier),
+    /// Assigned as an irqfd: writes inject.
+    Attached(Binding),
+}
+
+struct Vector {
+    state: VectorState,
+    /// Copy of the function's "enabled and not function-masked", so `raise` needs one lock.
+    function_open: bool,
+    /// The vector's MSI route and the message committed in it.
+    route: Option<(Gsi, MsiMessage)>,
+    line: Line,
+}
+
+impl Vector {
+    fn delivers(&self) -> bool {
+        self.function_open && !self.state.masked
+    }
+
+    /// Moves the counter of a detached eventfd into the pending bit.
+    fn drain(&mut self) -> Result<()> {
+        if let Line::Detached(n) = &self.line {
+            if let Attempt::Done(c) = n.try_read()? {
+                if c > 0 {
+                    self.state.pending = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) -> Result<()> {
+        if let Line::Attached(_) = self.line {
+            if let Line::Attached(b) = std::mem::replace(&mut self.line, Line::None) {
+                self.line = Line::Detached(b.detach());
+            }
+        }
+        self.drain()
+    }
+
+    /// Assigns the irqfd (route already committed with the current message) and delivers the
+    /// pending bit.
+    fn attach(&mut self, router: &GsiRouter, counters: &Counters) -> Result<()> {
+        let Some((gsi, _)) = self.route else {
+            return Ok(());
+        };
+        if let Line::Attached(_) = self.line {
+            return Ok(());
+        }
+        self.drain()?;
+        let notifier = match std::mem::replace(&mut self.line, Line::None) {
+            Line::Detached(n) => n,
+            _ => Notifier::new(Mode::Counter)?,
+        };
+        match Binding::assign(router, gsi, notifier, None) {
+            Ok(b) => self.line = Line::Attached(b),
+            Err((e, n)) => {
+                self.line = Line::Detached(n);
+                return Err(e);
+            }
+        }
+        if self.state.pending {
+            self.state.pending = false;
+            counters.pending_at_unmask.fetch_add(1, Ordering::Relaxed);
+            if let Line::Attached(b) = &self.line {
+                b.trigger().notify()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_pending(&self) -> Result<bool> {
+        Ok(self.state.pending
+            || match &self.line {
+                Line::Detached(n) => n.is_pending()?,
+                _ => false,
+            })
+    }
+}
+
+struct Function {
+    enabled: bool,
+    masked: bool,
+}
+
+struct Inner {
+    router: GsiRouter,
+    function: Mutex<Function>,
+    vectors: Box<[Mutex<Vector>]>,
+    counters: Counters,
+}
+
+impl Inner {
+    fn vector(&self, index: usize) -> Result<MutexGuard<'_, Vector>> {
+        let v = self.vectors.get(index).ok_or(Error::MsixVectorIndex {
+            index,
+            count: self.vectors.len(),
+        })?;
+        Ok(lock(v))
+    }
+
+    fn function(&self) -> MutexGuard<'_, Function> {
+        lock(&self.function)
+    }
+
+    /// Brings the routes of `vectors` up to date in one routing transaction and then assigns
+    /// the irqfds of those that deliver. The guards must be held by the caller.
+    fn sync(&self, vectors: &mut [MutexGuard<'_, Vector>]) -> Result<()> {
+        let mut changed = Vec::new();
+        {
+            let mut tx = self.router.transaction();
+            for (i, v) in vectors.iter().enumerate() {
+                if !v.delivers() {
+                    continue;
+                }
+                let msg = v.state.message;
+                match v.route {
+                    Some((_, routed)) if routed == msg => {}
+                    Some((gsi, _)) => {
+                        tx.set_msi(gsi, msg)?;
+                        changed.push((i, gsi, msg));
+                    }
+                    None => changed.push((i, tx.add_msi(msg)?, msg)),
+                }
+            }
+            if !changed.is_empty() {
+                tx.commit()?;
+            }
+        }
+        for (i, gsi, msg) in changed {
+            vectors[i].route = Some((gsi, msg));
+        }
+        for v in vectors.iter_mut() {
+            if v.delivers() {
+                v.attach(&self.router, &self.counters)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_all(&self) -> Vec<MutexGuard<'_, Vector>> {
+        self.vectors.iter().map(lock).collect()
+    }
+
+    /// Applies a new function state to every vector: detach those that stop delivering, attach
+    /// those that start.
+    fn set_function(&self, enabled: bool, masked: bool) -> Result<()> {
+        let mut f = self.function();
+        f.enabled = enabled;
+        f.masked = masked;
+        let open = enabled && !masked;
+        let mut all = self.lock_all();
+        for v in all.iter_mut() {
+            v.function_open = open;
+            if !v.delivers() {
+                v.detach()?;
+            }
+        }
+        self.sync(&mut all)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Deassign every irqfd before its route goes, then remove the routes in one commit.
+        let mut gsis = Vec::new();
+        for v in self.vectors.iter() {
+            let mut v = lock(v);
+            let _ = v.detach();
+            if let Some((gsi, _)) = v.route.take() {
+                gsis.push(gsi);
+            }
+        }
+        if gsis.is_empty() {
+            return;
+        }
+        let mut tx = self.router.transaction();
+        for gsi in gsis {
+            let _ = tx.remove(gsi);
+        }
+        let _ = tx.commit();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every state change is made before anything that can fail returns, so a poisoned lock still
+    // guards consistent state.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A function's MSI-X vectors. Cheap to clone: the device thread raises, the VMM thread emulates
+/// the table, both on clones of one set.
+///
+/// ```
+/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # use std::sync::Arc;
+/// use vm_notify::{GsiRouter, MsiMessage, MsixVectors};
+/// # let kvm = kvm_ioctls::Kvm::new()?;
+/// # let vm = Arc::new(kvm.create_vm()?);
+/// # vm.create_irq_chip()?;
+/// let router = GsiRouter::new(vm.clone())?;
+/// let msix = MsixVectors::new(&router, 4)?;
+/// // What a guest driver does through the table and the capability:
+/// msix.set_message(0, MsiMessage::x86(0, 0x41))?;
+/// msix.set_masked(0, false)?;
+/// msix.set_enabled(true)?;
+/// // The device:
+/// msix.raise(0)?; // injected
+/// msix.set_masked(0, true)?;
+/// msix.raise(0)?; // held: the PBA bit is set
+/// assert!(msix.is_pending(0)?);
+/// msix.set_masked(0, false)?; // exactly one interrupt now
+/// assert!(!msix.is_pending(0)?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct MsixVectors {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for MsixVectors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let func = self.inner.function();
+        f.debug_struct("MsixVectors")
+            .field("vectors", &self.inner.vectors.len())
+            .field("enabled", &func.enabled)
+            .field("function_masked", &func.masked)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl MsixVectors {
+    /// `count` vectors in their reset state (all masked, MSI-X disabled), routed through
+    /// `router`. No GSI is used until a vector first delivers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorCount`] unless `1 <= count <= 2048`.
+    pub fn new(router: &GsiRouter, count: usize) -> Result<Self> {
+        let state = MsixState {
+            enabled: false,
+            function_masked: false,
+            vectors: vec![VectorState::default(); count],
+        };
+        Self::build(router, &state)
+    }
+
+    /// Vectors with a saved state, on `router`'s VM (a new VM after migration). Re-registers
+    /// every delivering vector; a pending bit on a delivering vector is delivered now, on a masked
+    /// one when the guest unmasks it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorCount`], and the routing and irqfd errors of registering.
+    pub fn restore(router: &GsiRouter, state: &MsixState) -> Result<Self> {
+        let v = Self::build(router, state)?;
+        let mut all = v.inner.lock_all();
+        v.inner.sync(&mut all)?;
+        drop(all);
+        Ok(v)
+    }
+
+    fn build(router: &GsiRouter, state: &MsixState) -> Result<Self> {
+        let count = state.vectors.len();
+        if !(1..=MSIX_MAX_VECTORS).contains(&count) {
+            return Err(Error::MsixVectorCount { count });
+        }
+        let open = state.enabled && !state.function_masked;
+        let vectors = state
+            .vectors
+            .iter()
+            .map(|&s| {
+                Mutex::new(Vector {
+                    state: s,
+                    function_open: open,
+                    route: None,
+                    line: Line::None,
+                })
+            })
+            .collect();
+        Ok(MsixVectors {
+            inner: Arc::new(Inner {
+                router: router.clone(),
+                function: Mutex::new(Function {
+                    enabled: state.enabled,
+                    masked: state.function_masked,
+                }),
+                vectors,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The number of vectors.
+    pub fn len(&self) -> usize {
+        self.inner.vectors.len()
+    }
+
+    /// Always false: a table has at least one vector.
+    pub fn is_empty(&self) -> bool {
+        self.inner.vectors.is_empty()
+    }
+
+    /// Raises vector `index`: injected now if it delivers, else its pending bit is set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if the eventfd write fails.
+    pub fn raise(&self, index: usize) -> Result<()> {
+        let c = &self.inner.counters;
+        c.raised.fetch_add(1, Ordering::Relaxed);
+        let mut v = self.inner.vector(index)?;
+        if let Line::Attached(b) = &v.line {
+            b.trigger().notify()?;
+            c.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            v.state.pending = true;
+            c.raised_while_masked.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A descriptor of vector `index`'s eventfd, for a writer outside this process's raise path
+    /// (a vhost-user backend's call fd, a VFIO interrupt). Writes to it deliver while the vector
+    /// delivers and become the pending bit while it does not.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], [`Error::FdExhausted`].
+    pub fn notifier(&self, index: usize) -> Result<Notifier> {
+        let mut v = self.inner.vector(index)?;
+        match &v.line {
+            Line::Attached(b) => b.trigger().try_clone(),
+            Line::Detached(n) => n.try_clone(),
+            Line::None => {
+                let n = Notifier::new(Mode::Counter)?;
+                let clone = n.try_clone()?;
+                v.line = Line::Detached(n);
+                Ok(clone)
+            }
+        }
+    }
+
+    /// Sets vector `index`'s mask bit. Masking detaches its irqfd; unmasking re-attaches it and
+    /// delivers one interrupt if the pending bit is set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], and the routing and irqfd errors of (re)attaching.
+    pub fn set_masked(&self, index: usize, masked: bool) -> Result<()> {
+        let mut v = self.inner.vector(index)?;
+        if v.state.masked == masked {
+            return Ok(());
+        }
+        v.state.masked = masked;
+        if masked {
+            v.detach()
+        } else {
+            self.inner.sync(std::slice::from_mut(&mut v))
+        }
+    }
+
+    /// Sets vector `index`'s message. A delivering vector's route is updated at once (its irqfd
+    /// stays assigned); a masked one's when it next delivers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], and routing errors.
+    pub fn set_message(&self, index: usize, message: MsiMessage) -> Result<()> {
+        let mut v = self.inner.vector(index)?;
+        v.state.message = message;
+        self.inner.sync(std::slice::from_mut(&mut v))
+    }
+
+    /// Sets many vectors' messages and masks with one routing commit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`] (nothing is changed then), and routing and irqfd errors.
+    pub fn configure(&self, vectors: &[(usize, MsiMessage, bool)]) -> Result<()> {
+        let count = self.len();
+        if let Some(&(index, _, _)) = vectors.iter().find(|(i, _, _)| *i >= count) {
+            return Err(Error::MsixVectorIndex { index, count });
+        }
+        let mut all = self.inner.lock_all();
+        for &(index, message, masked) in vectors {
+            let v = &mut all[index];
+            v.state.message = message;
+            v.state.masked = masked;
+            if !v.delivers() {
+                v.detach()?;
+            }
+        }
+        self.inner.sync(&mut all)
+    }
+
+    /// Vector `index`'s pending bit, as the PBA shows it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if polling fails.
+    pub fn is_pending(&self, index: usize) -> Result<bool> {
+        self.inner.vector(index)?.is_pending()
+    }
+
+    /// Vector `index`'s state.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if polling fails.
+    pub fn vector(&self, index: usize) -> Result<VectorState> {
+        let v = self.inner.vector(index)?;
+        Ok(VectorState {
+            pending: v.is_pending()?,
+            ..v.state
+        })
+    }
+
+    /// The GSI vector `index` delivers through, once it has delivered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`].
+    pub fn gsi(&self, index: usize) -> Result<Option<Gsi>> {
+        Ok(self.inner.vector(index)?.route.map(|(gsi, _)| gsi))
+    }
+
+    /// Sets the MSI-X enable bit.
+    ///
+    /// # Errors
+    ///
+    /// Routing and irqfd errors of attaching the vectors that start delivering.
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        let masked = self.inner.function().masked;
+        self.inner.set_function(enabled, masked)
+    }
+
+    /// Sets the function mask bit: while set, no vector delivers and raises set pending bits.
+    ///
+    /// # Errors
+    ///
+    /// Routing and irqfd errors of re-attaching when clearing it.
+    pub fn set_function_masked(&self, masked: bool) -> Result<()> {
+        let enabled = self.inner.function().enabled;
+        self.inner.set_function(enabled, masked)
+    }
+
+    /// The capability's message control register: enable (bit 15), function mask (bit 14),
+    /// table size − 1 (bits 0–10).
+    pub fn message_control(&self) -> u16 {
+        let f = self.inner.function();
+        let mut v = (self.len() - 1) as u16;
+        if f.enabled {
+            v |= MSIX_ENABLE;
+        }
+        if f.masked {
+            v |= MSIX_FUNCTION_MASK;
+        }
+        v
+    }
+
+    /// A guest write of the message control register: applies bits 15 and 14; the table size is
+    /// read-only.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`set_enabled`](Self::set_enabled).
+    pub fn write_message_control(&self, value: u16) -> Result<()> {
+        self.inner
+            .set_function(value & MSIX_ENABLE != 0, value & MSIX_FUNCTION_MASK != 0)
+    }
+
+    /// The size of the MSI-X table in bytes.
+    pub fn table_len(&self) -> u64 {
+        self.len() as u64 * MSIX_ENTRY_SIZE
+    }
+
+    /// The size of the PBA in bytes (whole QWORDs).
+    pub fn pba_len(&self) -> u64 {
+        (self.len() as u64).div_ceil(64) * 8
+    }
+
+    fn check_access(&self, offset: u64, len: usize, size: u64) -> Result<()> {
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size);
+        if (len == 4 || len == 8) && offset % len as u64 == 0 && fits {
+            Ok(())
+        } else {
+            Err(Error::MsixAccess { offset, len, size })
+        }
+    }
+
+    /// A guest read of the MSI-X table at `offset` into `data` (4 or 8 bytes, naturally
+    /// aligned). Reserved bits read as 0.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table; `data`
+    /// is then left as it was.
+    pub fn table_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+        self.check_access(offset, data.len(), self.table_len())?;
+        let index = (offset / MSIX_ENTRY_SIZE) as usize;
+        let s = self.inner.vector(index)?.state;
+        let words = [
+            s.message.address as u32 & !0x3,
+            (s.message.address >> 32) as u32,
+            s.message.data,
+            if s.masked { MSIX_VECTOR_MASKED } else { 0 },
+        ];
+        let first = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
+        for (i, chunk) in data.chunks_mut(4).enumerate() {
+            chunk.copy_from_slice(&words[first + i].to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// A guest write of the MSI-X table at `offset` (4 or 8 bytes, naturally aligned). Writes
+    /// to reserved bits (address bits 0–1, vector control bits 1–31) are dropped. Message changes
+    /// take effect as [`set_message`](Self::set_message), mask changes as
+    /// [`set_masked`](Self::set_masked).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table (nothing
+    /// is written then), and the errors of applying the change.
+    pub fn table_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_access(offset, data.len(), self.table_len())?;
+        let index = (offset / MSIX_ENTRY_SIZE) as usize;
+        let first = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
+        let (mut message, mut masked) = {
+            let s = self.inner.vector(index)?.state;
+            (s.message, s.masked)
+        };
+        for (i, chunk) in data.chunks(4).enumerate() {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(chunk);
+            let w = u32::from_le_bytes(b);
+            match first + i {
+                0 => message.address = (message.address & !0xffff_ffff) | u64::from(w & !0x3),
+                1 => message.address = (message.address & 0xffff_ffff) | (u64::from(w) << 32),
+                2 => message.data = w,
+                _ => masked = w & MSIX_VECTOR_MASKED != 0,
+            }
+        }
+        self.set_message(index, message)?;
+        self.set_masked(index, masked)
+    }
+
+    /// A guest read of the PBA at `offset` into `data` (4 or 8 bytes, naturally aligned): bit
+    /// `n` is vector `n`'s pending bit; bits past the last vector read as 0.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixAccess`] for any other size, alignment or an offset past the PBA.
+    pub fn pba_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+        self.check_access(offset, data.len(), self.pba_len())?;
+        let first = (offset * 8) as usize;
+        let mut bits = 0u64;
+        for bit in 0..data.len() * 8 {
+            let index = first + bit;
+            if index < self.len() && self.is_pending(index)? {
+                bits |= 1 << bit;
+            }
+        }
+        data.copy_from_slice(&bits.to_le_bytes()[..data.len()]);
+        Ok(())
+    }
+
+    /// A guest write of the PBA: read-only to software, so nothing changes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixAccess`] for a malformed access.
+    pub fn pba_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_access(offset, data.len(), self.pba_len())
+    }
+
+    /// The whole state, for snapshot or migration. Events sitting in the counter of a detached
+    /// eventfd (written by an external writer while masked) are moved into their pending bits
+    /// first, so the state holds them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if reading a counter fails.
+    pub fn save(&self) -> Result<MsixState> {
+        let f = self.inner.function();
+        let mut all = self.inner.lock_all();
+        let mut vectors = Vec::with_capacity(all.len());
+        for v in all.iter_mut() {
+            v.drain()?;
+            vectors.push(v.state);
+        }
+        Ok(MsixState {
+            enabled: f.enabled,
+            function_masked: f.masked,
+            vectors,
+        })
+    }
+
+    /// What the vectors did so far.
+    pub fn stats(&self) -> MsixStats {
+        let c = &self.inner.counters;
+        MsixStats {
+            raised: c.raised.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            raised_while_masked: c.raised_while_masked.load(Ordering::Relaxed),
+            pending_at_unmask: c.pending_at_unmask.load(Ordering::Relaxed),
+        }
+    }
+}
