@@ -4,6 +4,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use iced_x86::code_asm::{qword_ptr, rax};
 use vm_memory::{Bytes, GuestAddress};
 use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
 use vm_notify::{Error, MsiMessage, MsixState, MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
@@ -188,10 +189,7 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
         // Phase 1 unless the host marked this run as restored.
         let mut restored = p.asm().create_label();
         p.asm()
-            .cmp(
-                iced_x86::code_asm::qword_ptr(layout::data_slot(RESTORED_SLOT)),
-                0,
-            )
+            .cmp(qword_ptr(layout::data_slot(RESTORED_SLOT)), 0)
             .unwrap();
         p.asm().jne(restored).unwrap();
         for i in 0..N {
@@ -414,4 +412,78 @@ fn dropping_the_vectors_releases_irqfds_and_routes() {
     drop(msix);
     assert_eq!(router.irqfds(gsi), 0);
     assert_eq!(router.entries(), before);
+}
+
+/// With a quiet device, each unmask of a vector with its pending bit set delivers exactly one
+/// interrupt, however many raises the mask held back, and the pending bit is then clear.
+#[test]
+fn unmask_delivers_exactly_one_pending_interrupt() {
+    if !kvm_or_skip("unmask_delivers_exactly_one_pending_interrupt") {
+        return;
+    }
+    const CYCLES: u64 = 200;
+    const DRAIN: u8 = 0x30;
+    const PBA_SLOT: usize = 0; // PBA bits seen set before each unmask, summed
+    const PBA_AFTER_SLOT: usize = 1; // PBA bits seen set after each unmask, summed
+    let mut vm = TinyVm::new().unwrap();
+    let msix = MsixVectors::new(vm.router(), 1).unwrap();
+    let bar = MsixBar::new(msix.clone(), BAR);
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt(BASE_VECTOR, Eoi::Lapic);
+    program_entry(&mut p, &bar, 0, BASE_VECTOR, false);
+    p.mmio_write(bar.control(), u64::from(MSIX_ENABLE), 2)
+        .unwrap();
+    p.repeat(CYCLES, |p| {
+        p.mmio_write(bar.vector_control(0), 1, 4)?;
+        p.signal_host(1)?; // the host raises 1 to 3 times while the vector is masked
+        p.mmio_read(bar.pba(), 4)?;
+        p.asm().add(qword_ptr(layout::data_slot(PBA_SLOT)), rax)?;
+        p.mmio_write(bar.vector_control(0), 0, 4)?;
+        p.drain_interrupts(DRAIN)?; // takes the one pending interrupt, and anything extra
+        p.mmio_read(bar.pba(), 4)?;
+        p.asm()
+            .add(qword_ptr(layout::data_slot(PBA_AFTER_SLOT)), rax)?;
+        Ok(())
+    })
+    .unwrap();
+    p.exit().unwrap();
+    let inner = bar.clone();
+    let mut cycle = 0u64;
+    let run = vm
+        .start(p, move |e: &GuestExit, reply: &mut [u8]| {
+            if inner.handle(e, reply) {
+                return;
+            }
+            if let GuestExit::PioWrite {
+                port: layout::HOST_PORT,
+                ..
+            } = e
+            {
+                cycle += 1;
+                for _ in 0..=cycle % 3 {
+                    inner.vectors().raise(0).unwrap();
+                }
+            }
+        })
+        .unwrap();
+    run.wait(TIMEOUT).done().unwrap();
+    assert!(bar.errors().is_empty(), "{:?}", bar.errors());
+    let stats = msix.stats();
+    eprintln!("unmask with pending, {CYCLES} cycles: {stats:?}");
+    assert_eq!(
+        vm.irq_count(BASE_VECTOR).unwrap(),
+        CYCLES,
+        "one interrupt per unmask"
+    );
+    assert_eq!(vm.irq_count(DRAIN).unwrap(), CYCLES);
+    assert_eq!(
+        vm.data(PBA_SLOT).unwrap(),
+        CYCLES,
+        "pending before every unmask"
+    );
+    assert_eq!(vm.data(PBA_AFTER_SLOT).unwrap(), 0, "never pending after");
+    assert_eq!(stats.pending_at_unmask, CYCLES);
+    assert_eq!(stats.raised_while_masked, stats.raised);
+    assert_eq!(stats.delivered, 0);
 }
