@@ -42,12 +42,9 @@ impl Binding {
         trigger: Notifier,
         resample: Option<&Notifier>,
     ) -> std::result::Result<Binding, (Error, Notifier)> {
-        let mut caps = vec![Capability::IrqFd];
-        if resample.is_some() {
-            caps.push(Capability::IrqFdResample);
-        }
-        for cap in caps {
-            if !sys::check(router.vm(), cap) {
+        let resample_cap = resample.map(|_| Capability::IrqFdResample);
+        for cap in std::iter::once(Capability::IrqFd).chain(resample_cap) {
+            if !router.has(cap) {
                 return Err((Error::MissingCapability(cap), trigger));
             }
         }

@@ -166,6 +166,8 @@ impl Vector {
         if let Line::Attached(_) = self.line {
             return Ok(());
         }
+        // Events written while detached become the pending bit; the irqfd is then assigned on an
+        // empty counter, so KVM's assign-time poll finds nothing to inject.
         self.drain()?;
         let notifier = match std::mem::replace(&mut self.line, Line::None) {
             Line::Detached(n) => n,

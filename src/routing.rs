@@ -151,6 +151,9 @@ fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
 struct Shared {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
+    /// `KVM_CAP_IRQFD` and `KVM_CAP_IRQFD_RESAMPLE`, asked once: every irqfd needs the answer.
+    irqfd: bool,
+    irqfd_resample: bool,
 }
 
 /// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
@@ -208,10 +211,14 @@ impl GsiRouter {
             routes: default_routes(),
             irqfds: HashMap::new(),
         };
+        let irqfd = sys::check(&vm, Capability::IrqFd);
+        let irqfd_resample = sys::check(&vm, Capability::IrqFdResample);
         Ok(GsiRouter {
             shared: Arc::new(Shared {
                 vm,
                 table: Mutex::new(table),
+                irqfd,
+                irqfd_resample,
             }),
         })
     }
@@ -291,6 +298,15 @@ impl GsiRouter {
     /// The number of irqfds bound to `gsi` through this router.
     pub fn irqfds(&self, gsi: Gsi) -> usize {
         self.lock().irqfds.get(&gsi).copied().unwrap_or(0)
+    }
+
+    /// Whether KVM offers `cap` (asked once, when the router was created, for the irqfd ones).
+    pub(crate) fn has(&self, cap: Capability) -> bool {
+        match cap {
+            Capability::IrqFd => self.shared.irqfd,
+            Capability::IrqFdResample => self.shared.irqfd_resample,
+            other => sys::check(&self.shared.vm, other),
+        }
     }
 
     /// Runs `assign` with the table locked if `gsi` has a committed route and records one more

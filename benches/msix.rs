@@ -1,0 +1,187 @@
+//! MSI-X routing and masking costs, measured side by side in one run.
+//!
+//! ```text
+//! cargo bench --bench msix
+//! ```
+//!
+//! * configuring 1024 vectors with one routing commit (`MsixVectors::configure`) against one
+//!   commit per vector (`set_message` + `set_masked` each), irqfd assignment included in both;
+//! * the same for bare routes (`GsiRouter::transaction` against `route_msi` per route);
+//! * one `KVM_SET_GSI_ROUTING` with 1 entry and with 1024;
+//! * one mask + unmask pair of a delivering vector.
+//!
+//! A plain harness with its own statistics (median of several rounds, rounds alternating between
+//! the variants so machine noise hits both): the figures are ratios on a shared, nested host.
+
+use std::time::{Duration, Instant};
+
+use vm_notify::testkit::TinyVm;
+use vm_notify::{GsiRouter, MsiMessage, MsixVectors};
+
+const VECTORS: usize = 1024;
+const ROUNDS: usize = 7;
+const MASK_PAIRS: usize = 2000;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn message(i: usize) -> MsiMessage {
+    MsiMessage::x86(0, 0x40 + (i % 160) as u8)
+}
+
+fn configure_batched(router: &GsiRouter) -> Duration {
+    let msix = MsixVectors::new(router, VECTORS).unwrap();
+    msix.set_enabled(true).unwrap();
+    let entries: Vec<_> = (0..VECTORS).map(|i| (i, message(i), false)).collect();
+    let start = Instant::now();
+    msix.configure(&entries).unwrap();
+    let t = start.elapsed();
+    assert!(msix.gsi(VECTORS - 1).unwrap().is_some());
+    t
+}
+
+fn configure_one_by_one(router: &GsiRouter) -> Duration {
+    let msix = MsixVectors::new(router, VECTORS).unwrap();
+    msix.set_enabled(true).unwrap();
+    let start = Instant::now();
+    for i in 0..VECTORS {
+        msix.set_message(i, message(i)).unwrap();
+        msix.set_masked(i, false).unwrap();
+    }
+    let t = start.elapsed();
+    assert!(msix.gsi(VECTORS - 1).unwrap().is_some());
+    t
+}
+
+fn routes_batched(router: &GsiRouter) -> Duration {
+    let start = Instant::now();
+    let mut tx = router.transaction();
+    let gsis: Vec<_> = (0..VECTORS)
+        .map(|i| tx.add_msi(message(i)).unwrap())
+        .collect();
+    tx.commit().unwrap();
+    let t = start.elapsed();
+    let mut tx = router.transaction();
+    for gsi in gsis {
+        tx.remove(gsi).unwrap();
+    }
+    tx.commit().unwrap();
+    t
+}
+
+fn routes_one_by_one(router: &GsiRouter) -> Duration {
+    let start = Instant::now();
+    let gsis: Vec<_> = (0..VECTORS)
+        .map(|i| router.route_msi(message(i)).unwrap())
+        .collect();
+    let t = start.elapsed();
+    let mut tx = router.transaction();
+    for gsi in gsis {
+        tx.remove(gsi).unwrap();
+    }
+    tx.commit().unwrap();
+    t
+}
+
+/// One commit of the table as it stands plus `extra` routes (1 entry changed vs 1024 added).
+fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
+    let mut tx = router.transaction();
+    let gsis: Vec<_> = (0..extra)
+        .map(|i| tx.add_msi(message(i)).unwrap())
+        .collect();
+    tx.commit().unwrap();
+    // Time a commit of the same table size: change one message, send everything.
+    let mut tx = router.transaction();
+    if let Some(&gsi) = gsis.first() {
+        tx.set_msi(gsi, message(1)).unwrap();
+    }
+    let start = Instant::now();
+    tx.commit().unwrap();
+    let t = start.elapsed();
+    let mut tx = router.transaction();
+    for gsi in gsis {
+        tx.remove(gsi).unwrap();
+    }
+    tx.commit().unwrap();
+    t
+}
+
+fn mask_unmask(router: &GsiRouter) -> Duration {
+    let msix = MsixVectors::new(router, 1).unwrap();
+    msix.configure(&[(0, message(0), false)]).unwrap();
+    msix.set_enabled(true).unwrap();
+    let start = Instant::now();
+    for _ in 0..MASK_PAIRS {
+        msix.set_masked(0, true).unwrap();
+        msix.set_masked(0, false).unwrap();
+    }
+    start.elapsed() / MASK_PAIRS as u32
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent: keep that quick.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("msix bench: run with `cargo bench --bench msix`");
+        return;
+    }
+    if !vm_notify::testkit::kvm_or_skip("msix bench") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router();
+    let (mut batched, mut single) = (Vec::new(), Vec::new());
+    let (mut routes_tx, mut routes_single) = (Vec::new(), Vec::new());
+    let (mut commit_small, mut commit_large) = (Vec::new(), Vec::new());
+    let mut pairs = Vec::new();
+    for round in 0..ROUNDS {
+        eprintln!("round {}/{ROUNDS}", round + 1);
+        batched.push(configure_batched(router));
+        single.push(configure_one_by_one(router));
+        routes_tx.push(routes_batched(router));
+        routes_single.push(routes_one_by_one(router));
+        commit_small.push(one_commit(router, 1));
+        commit_large.push(one_commit(router, VECTORS));
+        pairs.push(mask_unmask(router));
+    }
+    let (b, s) = (median(batched), median(single));
+    let (rt, rs) = (median(routes_tx), median(routes_single));
+    let (c1, c1024) = (median(commit_small), median(commit_large));
+    let pair = median(pairs);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("vm-notify msix bench: median of {ROUNDS} rounds, variants alternating");
+    println!("| measurement | median |");
+    println!("|---|---|");
+    println!(
+        "| configure {VECTORS} vectors, one commit (`configure`) | {:.0} us |",
+        us(b)
+    );
+    println!(
+        "| configure {VECTORS} vectors, one commit per vector | {:.0} us |",
+        us(s)
+    );
+    println!(
+        "| **ratio per-vector / batched** | **{:.0}x** |",
+        s.as_secs_f64() / b.as_secs_f64()
+    );
+    println!(
+        "| {VECTORS} MSI routes, one transaction | {:.0} us |",
+        us(rt)
+    );
+    println!(
+        "| {VECTORS} MSI routes, `route_msi` each | {:.0} us |",
+        us(rs)
+    );
+    println!("| ratio | {:.0}x |", rs.as_secs_f64() / rt.as_secs_f64());
+    println!("| one KVM_SET_GSI_ROUTING, 41 entries | {:.0} us |", us(c1));
+    println!(
+        "| one KVM_SET_GSI_ROUTING, {} entries | {:.0} us |",
+        40 + VECTORS,
+        us(c1024)
+    );
+    println!(
+        "| mask + unmask of a delivering vector | {:.1} us |",
+        us(pair)
+    );
+}
