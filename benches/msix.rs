@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use vm_notify::testkit::TinyVm;
-use vm_notify::{GsiRouter, MsiMessage, MsixVectors};
+use vm_notify::{GsiRouter, IrqFd, Mode, MsiMessage, MsixVectors, Notifier};
 
 const VECTORS: usize = 1024;
 const ROUNDS: usize = 7;
@@ -85,6 +85,44 @@ fn routes_one_by_one(router: &GsiRouter) -> Duration {
     t
 }
 
+/// Assigning 1024 irqfds on committed routes, eventfds created beforehand: the part of a batched
+/// configuration that batching the routes cannot remove.
+fn irqfds_alone(router: &GsiRouter) -> Duration {
+    let mut tx = router.transaction();
+    let gsis: Vec<_> = (0..VECTORS)
+        .map(|i| tx.add_msi(message(i)).unwrap())
+        .collect();
+    tx.commit().unwrap();
+    let notifiers: Vec<_> = (0..VECTORS)
+        .map(|_| Notifier::new(Mode::Counter).unwrap())
+        .collect();
+    let start = Instant::now();
+    let irqfds: Vec<_> = gsis
+        .iter()
+        .zip(&notifiers)
+        .map(|(&gsi, n)| IrqFd::new(router, gsi, n).unwrap())
+        .collect();
+    let t = start.elapsed();
+    drop(irqfds);
+    let mut tx = router.transaction();
+    for gsi in gsis {
+        tx.remove(gsi).unwrap();
+    }
+    tx.commit().unwrap();
+    t
+}
+
+/// Creating 1024 eventfds (descriptor table already grown by earlier rounds).
+fn eventfds_alone() -> Duration {
+    let start = Instant::now();
+    let notifiers: Vec<_> = (0..VECTORS)
+        .map(|_| Notifier::new(Mode::Counter).unwrap())
+        .collect();
+    let t = start.elapsed();
+    drop(notifiers);
+    t
+}
+
 /// One commit of the table as it stands plus `extra` routes (1 entry changed vs 1024 added).
 fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
     let mut tx = router.transaction();
@@ -135,6 +173,8 @@ fn main() {
     let (mut routes_tx, mut routes_single) = (Vec::new(), Vec::new());
     let (mut commit_small, mut commit_large) = (Vec::new(), Vec::new());
     let mut pairs = Vec::new();
+    let mut irqfds = Vec::new();
+    let mut eventfds = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         batched.push(configure_batched(router));
@@ -144,11 +184,15 @@ fn main() {
         commit_small.push(one_commit(router, 1));
         commit_large.push(one_commit(router, VECTORS));
         pairs.push(mask_unmask(router));
+        irqfds.push(irqfds_alone(router));
+        eventfds.push(eventfds_alone());
     }
     let (b, s) = (median(batched), median(single));
     let (rt, rs) = (median(routes_tx), median(routes_single));
     let (c1, c1024) = (median(commit_small), median(commit_large));
     let pair = median(pairs);
+    let assign = median(irqfds);
+    let create = median(eventfds);
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("vm-notify msix bench: median of {ROUNDS} rounds, variants alternating");
     println!("| measurement | median |");
@@ -164,6 +208,14 @@ fn main() {
     println!(
         "| **ratio per-vector / batched** | **{:.0}x** |",
         s.as_secs_f64() / b.as_secs_f64()
+    );
+    println!(
+        "| {VECTORS} irqfd assignments alone (in both configurations) | {:.0} us |",
+        us(assign)
+    );
+    println!(
+        "| {VECTORS} eventfd creations alone (in both configurations) | {:.0} us |",
+        us(create)
     );
     println!(
         "| {VECTORS} MSI routes, one transaction | {:.0} us |",
