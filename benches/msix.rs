@@ -31,6 +31,25 @@ fn message(i: usize) -> MsiMessage {
     MsiMessage::x86(0, 0x40 + (i % 160) as u8)
 }
 
+/// Adds `count` MSI routes in one transaction.
+fn add_routes(router: &GsiRouter, count: usize) -> Vec<u32> {
+    let mut tx = router.transaction();
+    let gsis = (0..count)
+        .map(|i| tx.add_msi(message(i)).unwrap())
+        .collect();
+    tx.commit().unwrap();
+    gsis
+}
+
+/// Removes `gsis` in one transaction.
+fn remove_routes(router: &GsiRouter, gsis: Vec<u32>) {
+    let mut tx = router.transaction();
+    for gsi in gsis {
+        tx.remove(gsi).unwrap();
+    }
+    tx.commit().unwrap();
+}
+
 fn configure_batched(router: &GsiRouter) -> Duration {
     let msix = MsixVectors::new(router, VECTORS).unwrap();
     msix.set_enabled(true).unwrap();
@@ -63,11 +82,7 @@ fn routes_batched(router: &GsiRouter) -> Duration {
         .collect();
     tx.commit().unwrap();
     let t = start.elapsed();
-    let mut tx = router.transaction();
-    for gsi in gsis {
-        tx.remove(gsi).unwrap();
-    }
-    tx.commit().unwrap();
+    remove_routes(router, gsis);
     t
 }
 
@@ -77,22 +92,14 @@ fn routes_one_by_one(router: &GsiRouter) -> Duration {
         .map(|i| router.route_msi(message(i)).unwrap())
         .collect();
     let t = start.elapsed();
-    let mut tx = router.transaction();
-    for gsi in gsis {
-        tx.remove(gsi).unwrap();
-    }
-    tx.commit().unwrap();
+    remove_routes(router, gsis);
     t
 }
 
 /// Assigning 1024 irqfds on committed routes, eventfds created beforehand: the part of a batched
 /// configuration that batching the routes cannot remove.
 fn irqfds_alone(router: &GsiRouter) -> Duration {
-    let mut tx = router.transaction();
-    let gsis: Vec<_> = (0..VECTORS)
-        .map(|i| tx.add_msi(message(i)).unwrap())
-        .collect();
-    tx.commit().unwrap();
+    let gsis = add_routes(router, VECTORS);
     let notifiers: Vec<_> = (0..VECTORS)
         .map(|_| Notifier::new(Mode::Counter).unwrap())
         .collect();
@@ -104,11 +111,7 @@ fn irqfds_alone(router: &GsiRouter) -> Duration {
         .collect();
     let t = start.elapsed();
     drop(irqfds);
-    let mut tx = router.transaction();
-    for gsi in gsis {
-        tx.remove(gsi).unwrap();
-    }
-    tx.commit().unwrap();
+    remove_routes(router, gsis);
     t
 }
 
@@ -125,11 +128,7 @@ fn eventfds_alone() -> Duration {
 
 /// One commit of the table as it stands plus `extra` routes (1 entry changed vs 1024 added).
 fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
-    let mut tx = router.transaction();
-    let gsis: Vec<_> = (0..extra)
-        .map(|i| tx.add_msi(message(i)).unwrap())
-        .collect();
-    tx.commit().unwrap();
+    let gsis = add_routes(router, extra);
     // Time a commit of the same table size: change one message, send everything.
     let mut tx = router.transaction();
     if let Some(&gsi) = gsis.first() {
@@ -138,11 +137,7 @@ fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
     let start = Instant::now();
     tx.commit().unwrap();
     let t = start.elapsed();
-    let mut tx = router.transaction();
-    for gsi in gsis {
-        tx.remove(gsi).unwrap();
-    }
-    tx.commit().unwrap();
+    remove_routes(router, gsis);
     t
 }
 

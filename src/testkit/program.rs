@@ -144,18 +144,31 @@ impl GuestProgram {
     ///
     /// [`Error::Assemble`].
     pub fn wait_for_interrupt(&mut self) -> Result<()> {
+        self.with_interrupts(|a| {
+            let mut halt = a.create_label();
+            a.set_label(&mut halt)?;
+            // `sti` delays interrupts by one instruction, so none can slip in before `hlt`.
+            a.hlt()?;
+            // Woken without an interrupt (nothing else wakes a halted vCPU here): halt again.
+            a.jmp(halt)?;
+            Ok(())
+        })
+    }
+
+    /// Emits: record the resume point and stack pointer, the `before_sti` hook, `sti`, `body`,
+    /// `cli`, and the resume point that handlers jump to. Clobbers `rax`.
+    fn with_interrupts(
+        &mut self,
+        body: impl FnOnce(&mut CodeAssembler) -> Result<()>,
+    ) -> Result<()> {
         let mut resume = self.asm.create_label();
-        let mut halt = self.asm.create_label();
         self.asm.mov(qword_ptr(SAVED_RSP_SLOT), rsp)?;
         self.asm.lea(rax, ptr(resume))?;
         self.asm.mov(qword_ptr(RESUME_SLOT), rax)?;
         self.emit_before_sti()?;
         self.asm.sti()?;
-        self.asm.set_label(&mut halt)?;
-        // `sti` delays interrupts by one instruction, so none can slip in before `hlt`.
-        self.asm.hlt()?;
-        // Woken without an interrupt (nothing else wakes a halted vCPU here): halt again.
-        self.asm.jmp(halt)?;
+        body(&mut self.asm)?;
+        self.asm.cli()?;
         self.asm.set_label(&mut resume)?;
         // Zero bytes carry the label, so the caller may put its own label next.
         self.asm.zero_bytes()?;
@@ -176,20 +189,12 @@ impl GuestProgram {
     ///
     /// [`Error::Assemble`].
     pub fn interrupt_window(&mut self, nops: u32) -> Result<()> {
-        let mut resume = self.asm.create_label();
-        self.asm.mov(qword_ptr(SAVED_RSP_SLOT), rsp)?;
-        self.asm.lea(rax, ptr(resume))?;
-        self.asm.mov(qword_ptr(RESUME_SLOT), rax)?;
-        self.emit_before_sti()?;
-        self.asm.sti()?;
-        for _ in 0..nops {
-            self.asm.nop()?;
-        }
-        self.asm.cli()?;
-        self.asm.set_label(&mut resume)?;
-        // Zero bytes carry the label, so the caller may put its own label next.
-        self.asm.zero_bytes()?;
-        Ok(())
+        self.with_interrupts(|a| {
+            for _ in 0..nops {
+                a.nop()?;
+            }
+            Ok(())
+        })
     }
 
     /// Takes every interrupt pending in the local APIC at a higher priority class than
