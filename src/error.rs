@@ -11,7 +11,7 @@ use crate::ioevent::IoEventAddress;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// A KVM capability the library needs for an operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Capability {
     /// `KVM_CAP_IOEVENTFD`: guest writes can signal an eventfd in the kernel.
     IoEventFd,

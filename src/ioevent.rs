@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
-use crate::error::{Capability, Error, Result};
+use crate::backend::{self as sys, Backend, BackendKind, IoEventRequest, Path};
+use crate::dispatch::{ExitDispatcher, Key};
+use crate::error::{Error, Result};
 use crate::notifier::Notifier;
-use crate::sys::{self, IoEventRequest};
 
 /// Where a guest write lands: the MMIO bus or the port I/O bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -210,34 +211,59 @@ impl WriteMatch {
     }
 }
 
-/// A registered ioeventfd. Guest writes matching its [`WriteMatch`] add 1 to its notifier in the
-/// kernel. Dropping it unregisters.
+/// A registered guest-write notification. Guest writes matching its [`WriteMatch`] add 1 to its
+/// notifier — in the kernel ([`Path::Kernel`]), or through a [`Backend`]'s dispatcher when the
+/// registration lives in userspace. Dropping it unregisters.
 ///
 /// ```
 /// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
-/// use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
+/// use vm_notify::{IoEvent, Mode, Notifier, Path, Width, WriteMatch};
 ///
 /// let kvm = kvm_ioctls::Kvm::new()?;
 /// let vm = Arc::new(kvm.create_vm()?);
 /// let kicks = Notifier::new(Mode::Counter)?;
 /// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
+/// assert_eq!(reg.path(), &Path::Kernel);
 /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
 /// drop(reg); // the same writes now exit to userspace
 /// let again = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 #[must_use = "dropping an IoEvent unregisters it at once"]
 pub struct IoEvent {
-    vm: Arc<VmFd>,
-    notifier: Notifier,
     write: WriteMatch,
-    req: IoEventRequest,
+    path: Path,
+    notifier: Arc<Notifier>,
+    place: Place,
+}
+
+enum Place {
+    Kernel {
+        vm: Arc<VmFd>,
+        req: IoEventRequest,
+        /// The entry that makes a backend's dispatcher see this registration's overlaps.
+        shadow: Option<(ExitDispatcher, Key)>,
+    },
+    Userspace {
+        dispatcher: ExitDispatcher,
+        key: Key,
+    },
+}
+
+impl fmt::Debug for IoEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoEvent")
+            .field("write", &self.write)
+            .field("path", &self.path)
+            .field("notifier", &self.notifier)
+            .finish()
+    }
 }
 
 impl IoEvent {
-    /// Registers `notifier` for the guest writes `write` describes.
+    /// Registers `notifier` in the kernel for the guest writes `write` describes: a
+    /// [`BackendKind::Kernel`] registration.
     ///
     /// The registration keeps its own descriptor of the notifier; the caller keeps theirs.
     ///
@@ -249,31 +275,64 @@ impl IoEvent {
     /// overlapping registration exists; [`Error::IoBusFull`] when the kernel bus is full;
     /// [`Error::FdExhausted`] when no descriptor is left; [`Error::IoEvent`] for other errnos.
     pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
-        let req = write.request()?;
-        if !sys::check(vm, Capability::IoEventFd) {
-            return Err(Error::MissingCapability(Capability::IoEventFd));
-        }
-        if write.width == Width::Any && !sys::check(vm, Capability::IoEventFdAnyLength) {
-            return Err(Error::MissingCapability(Capability::IoEventFdAnyLength));
-        }
-        let notifier = notifier.try_clone()?;
+        Backend::new(vm.clone(), BackendKind::Kernel).register(write, notifier)
+    }
+
+    /// `KVM_IOEVENTFD` for a validated `write`. On failure the shadow entry is removed.
+    pub(crate) fn assign(
+        vm: &Arc<VmFd>,
+        write: WriteMatch,
+        req: IoEventRequest,
+        notifier: Arc<Notifier>,
+        shadow: Option<(ExitDispatcher, Key)>,
+    ) -> Result<IoEvent> {
         let addr = write.addr;
-        sys::assign_ioevent(vm, &notifier, &req).map_err(|source| match source.raw_os_error() {
-            Some(libc::EEXIST) => Error::IoEventExists { addr },
-            Some(libc::ENOSPC) => Error::IoBusFull { addr },
-            _ => Error::IoEvent { addr, source },
-        })?;
+        if let Err(source) = sys::assign_ioevent(vm, &notifier, &req) {
+            if let Some((dispatcher, key)) = &shadow {
+                dispatcher.remove(key);
+            }
+            return Err(match source.raw_os_error() {
+                Some(libc::EEXIST) => Error::IoEventExists { addr },
+                Some(libc::ENOSPC) => Error::IoBusFull { addr },
+                _ => Error::IoEvent { addr, source },
+            });
+        }
         Ok(IoEvent {
-            vm: vm.clone(),
-            notifier,
             write,
-            req,
+            path: Path::Kernel,
+            notifier,
+            place: Place::Kernel {
+                vm: vm.clone(),
+                req,
+                shadow,
+            },
         })
+    }
+
+    /// A registration served by `dispatcher` under `key`.
+    pub(crate) fn dispatched(
+        write: WriteMatch,
+        notifier: Arc<Notifier>,
+        dispatcher: ExitDispatcher,
+        key: Key,
+        path: Path,
+    ) -> IoEvent {
+        IoEvent {
+            write,
+            path,
+            notifier,
+            place: Place::Userspace { dispatcher, key },
+        }
     }
 
     /// What this registration matches.
     pub fn write_match(&self) -> WriteMatch {
         self.write
+    }
+
+    /// Where it lives, and why in userspace if it does.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The registration's own descriptor of the notifier.
@@ -284,10 +343,18 @@ impl IoEvent {
 
 impl Drop for IoEvent {
     fn drop(&mut self) {
-        // The exact (fd, address, length, datamatch) of the assignment; with them KVM finds the
-        // registration. Nothing useful can be done with an error in drop: the kernel drops the
-        // registration anyway when the VM closes.
-        let _ = sys::deassign_ioevent(&self.vm, &self.notifier, &self.req);
+        match &self.place {
+            Place::Kernel { vm, req, shadow } => {
+                // The exact (fd, address, length, datamatch) of the assignment; with them KVM
+                // finds the registration. Nothing useful can be done with an error in drop: the
+                // kernel drops the registration anyway when the VM closes.
+                let _ = sys::deassign_ioevent(vm, &self.notifier, req);
+                if let Some((dispatcher, key)) = shadow {
+                    dispatcher.remove(key);
+                }
+            }
+            Place::Userspace { dispatcher, key } => dispatcher.remove(key),
+        }
     }
 }
 

@@ -10,10 +10,10 @@
 
 use std::fmt;
 
+use crate::backend as sys;
 use crate::error::{Capability, Error, Result};
 use crate::notifier::Notifier;
 use crate::routing::{Gsi, GsiRouter, Route};
-use crate::sys;
 
 /// One `KVM_IRQFD` assignment. It has no `Drop` of its own: its owners ([`IrqFd`],
 /// [`LevelIrqFd`], the MSI-X vectors) call [`release`](Self::release) or

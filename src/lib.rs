@@ -69,18 +69,21 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+mod backend;
+mod dispatch;
 mod error;
 mod ioevent;
 mod irq;
 mod msi;
 mod notifier;
 mod routing;
-mod sys;
 
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
+pub use backend::{Backend, BackendKind, Fallback, Path};
+pub use dispatch::ExitDispatcher;
 pub use error::{Capability, Error, Result};
 pub use ioevent::{IoEvent, IoEventAddress, Width, WriteMatch};
 pub use irq::{IrqFd, LevelIrqFd};

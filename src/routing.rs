@@ -23,8 +23,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
+use crate::backend as sys;
 use crate::error::{Capability, Error, Result};
-use crate::sys;
 
 /// A global system interrupt number: what an irqfd injects.
 pub type Gsi = u32;
