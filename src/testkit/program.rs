@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use iced_x86::code_asm::{
-    al, ax, byte_ptr, dword_ptr, dx, eax, ptr, qword_ptr, r13, r15, rax, rdx, rsp, word_ptr,
+    al, ax, byte_ptr, dword_ptr, dx, eax, edx, ptr, qword_ptr, r13, r15, rax, rdx, rsp, word_ptr,
     CodeAssembler, CodeLabel,
 };
 use iced_x86::BlockEncoderOptions;
@@ -244,6 +244,43 @@ impl GuestProgram {
             _ => return Err(Error::Width(width)),
         }
         Ok(())
+    }
+
+    /// Writes `value` to port `port` with an `out` of `width` bytes (1, 2 or 4). Clobbers `rax`
+    /// and `rdx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], or [`Error::Width`] for another width.
+    pub fn pio_write(&mut self, port: u16, value: u32, width: usize) -> Result<()> {
+        let a = &mut self.asm;
+        a.mov(edx, u32::from(port))?;
+        a.mov(eax, value)?;
+        match width {
+            1 => a.out(dx, al)?,
+            2 => a.out(dx, ax)?,
+            4 => a.out(dx, eax)?,
+            _ => return Err(Error::Width(width)),
+        }
+        Ok(())
+    }
+
+    /// One guest write of `width` bytes carrying `value` to `addr`, on its bus (MMIO or port
+    /// I/O; a port address is taken modulo 2^16). Clobbers `rax` and `rdx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], or [`Error::Width`] for a width the bus has not.
+    pub fn write_to(
+        &mut self,
+        addr: crate::IoEventAddress,
+        value: u64,
+        width: usize,
+    ) -> Result<()> {
+        match addr {
+            crate::IoEventAddress::Mmio(a) => self.mmio_write(a, value, width),
+            crate::IoEventAddress::Pio(p) => self.pio_write(p as u16, value as u32, width),
+        }
     }
 
     /// Reads `width` bytes (1, 2, 4 or 8) from the MMIO address `addr` into `rax`,

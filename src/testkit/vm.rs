@@ -18,7 +18,7 @@ use super::layout::{
 };
 use super::program::{AssembledProgram, GuestProgram};
 use super::{Error, Result};
-use crate::GsiRouter;
+use crate::{ExitDispatcher, GsiRouter};
 
 /// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
 /// in the kernel handles.
@@ -56,6 +56,26 @@ pub enum GuestExit {
         /// The read's width in bytes.
         len: u8,
     },
+}
+
+impl GuestExit {
+    /// Hands a write exit to `dispatcher` (the userspace path of a [`Backend`](crate::Backend));
+    /// returns whether a registration took it. Reads are never taken.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Notifier`] if the eventfd write fails.
+    pub fn dispatch(&self, dispatcher: &ExitDispatcher) -> crate::Result<bool> {
+        match *self {
+            GuestExit::MmioWrite { addr, data, len } => {
+                dispatcher.mmio_write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            GuestExit::PioWrite { port, data, len } => {
+                dispatcher.pio_write(port, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,
