@@ -1,0 +1,92 @@
+//! Kernel behaviour the differential test found, kept as a reproducer.
+//!
+//! Three registrations on one bus: a 2-byte one at A-4, an any-width one at A, and a 4-byte one
+//! at A-4 (its range reaches A). Registered in some orders, KVM never signals the any-width one
+//! for a write at A — its I/O bus orders zero-length ranges inconsistently against ranges that end
+//! at their address, and the lookup stops before it. Other orders work. The userspace dispatcher
+//! takes the write in every order, as KVM's documented matching says.
+//!
+//! This test asserts the dispatcher's side and reports the kernel's, so a kernel that fixes the
+//! lookup shows here.
+
+use std::time::Duration;
+
+use vm_notify::testkit::{kvm_or_skip, GuestExit, GuestProgram, TinyVm};
+use vm_notify::{Backend, BackendKind, Mode, Notifier, Width, WriteMatch};
+
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [0, 2, 1],
+    [1, 0, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [2, 1, 0],
+];
+
+/// Registers the three matches in `order` on a backend of `kind`, writes one byte at A, and
+/// returns how many times the any-width registration was signalled.
+fn any_width_count(kind: BackendKind, pio: bool, order: [usize; 3]) -> u64 {
+    let a: u64 = if pio { 0x604 } else { 0xd000_0004 };
+    let at = |x| {
+        if pio {
+            WriteMatch::pio(x)
+        } else {
+            WriteMatch::mmio(x)
+        }
+    };
+    let matches = [
+        at(a - 4).width(Width::W2),
+        at(a),
+        at(a - 4).width(Width::W4).datamatch(3),
+    ];
+    let mut vm = TinyVm::new().unwrap();
+    let backend = Backend::new(vm.vm().clone(), kind);
+    let notifiers: Vec<_> = matches
+        .iter()
+        .map(|_| Notifier::new(Mode::Counter).unwrap())
+        .collect();
+    let _regs: Vec<_> = order
+        .iter()
+        .map(|&i| backend.register(matches[i], &notifiers[i]).unwrap())
+        .collect();
+    let mut p = GuestProgram::new().unwrap();
+    if pio {
+        p.pio_write(a as u16, 1, 1).unwrap();
+    } else {
+        p.mmio_write(a, 1, 1).unwrap();
+    }
+    p.exit().unwrap();
+    let d = backend.dispatcher().clone();
+    vm.start(p, move |e: &GuestExit, _: &mut [u8]| {
+        e.dispatch(&d).unwrap();
+    })
+    .unwrap()
+    .wait(Duration::from_secs(30))
+    .done()
+    .unwrap();
+    notifiers[1].try_read().unwrap().done().unwrap_or(0)
+}
+
+#[test]
+fn any_width_registration_next_to_sized_ones() {
+    if !kvm_or_skip("any_width_registration_next_to_sized_ones") {
+        return;
+    }
+    let mut lost = Vec::new();
+    for pio in [true, false] {
+        for order in ORDERS {
+            assert_eq!(
+                any_width_count(BackendKind::Userspace, pio, order),
+                1,
+                "the dispatcher takes the write (pio {pio}, order {order:?})"
+            );
+            if any_width_count(BackendKind::Kernel, pio, order) == 0 {
+                lost.push((if pio { "PIO" } else { "MMIO" }, order));
+            }
+        }
+    }
+    eprintln!(
+        "kernel: the any-width ioeventfd missed the write in {} of 12 registration orders: {lost:?}",
+        lost.len()
+    );
+}
