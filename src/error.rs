@@ -230,6 +230,20 @@ pub enum Error {
         /// The size of the table or PBA.
         size: u64,
     },
+    /// An epoll call of an [`EventLoop`](crate::EventLoop) failed.
+    #[error("event loop: epoll {op} failed: {source}")]
+    EventLoop {
+        /// The operation: "create", "add", "delete" or "wait".
+        op: &'static str,
+        /// The errno.
+        source: io::Error,
+    },
+    /// A token already watched by the event loop, not watched, or the reserved `u64::MAX`.
+    #[error("event loop token {token} is in use, not watched, or reserved (u64::MAX)")]
+    EventLoopToken {
+        /// The token given.
+        token: u64,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

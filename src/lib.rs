@@ -72,6 +72,7 @@
 mod backend;
 mod dispatch;
 mod error;
+mod event_loop;
 mod ioevent;
 mod irq;
 mod msi;
@@ -85,6 +86,7 @@ pub mod testkit;
 pub use backend::{Backend, BackendKind, Fallback, Path};
 pub use dispatch::ExitDispatcher;
 pub use error::{Capability, Error, Result};
+pub use event_loop::{EventLoop, StopHandle, Wake};
 pub use ioevent::{IoEvent, IoEventAddress, Width, WriteMatch};
 pub use irq::{IrqFd, LevelIrqFd};
 pub use msi::{

@@ -1,0 +1,336 @@
+//! [`EventLoop`]: a device thread waits on many notifiers at once.
+//!
+//! The loop watches notifiers with epoll (level-triggered), and each wake-up reports which fired
+//! and their counts (the value read: the kicks since the last read in counter mode, 1 in
+//! semaphore mode — a semaphore notifier with more pending fires again at the next wait). A
+//! [`StopHandle`] stops the loop from any thread: the wait in progress returns
+//! [`Wake::Stopped`], and so does every later one.
+//!
+//! ```
+//! use std::time::Duration;
+//! use vm_notify::{EventLoop, Mode, Notifier, Wake};
+//!
+//! let queue0 = Notifier::new(Mode::Counter)?;
+//! let queue1 = Notifier::new(Mode::Counter)?;
+//! let events = EventLoop::new()?;
+//! events.add(0, &queue0)?;
+//! events.add(1, &queue1)?;
+//! queue1.add(3)?;
+//! let mut ready = Vec::new();
+//! assert_eq!(events.wait(Some(Duration::from_secs(1)), &mut ready)?, Wake::Ready);
+//! assert_eq!(ready, [(1, 3)]);
+//! events.stop_handle().stop()?;
+//! assert_eq!(events.wait(None, &mut ready)?, Wake::Stopped);
+//! # Ok::<(), vm_notify::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::error::{Error, Result};
+use crate::notifier::{Attempt, Mode, Notifier};
+
+/// The epoll data of the stop notifier; no caller token may use it.
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// Why [`EventLoop::wait`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wake {
+    /// At least one notifier fired; the ready list holds them.
+    Ready,
+    /// The loop was stopped.
+    Stopped,
+    /// The timeout passed with nothing ready.
+    TimedOut,
+}
+
+/// Stops an [`EventLoop`] from another thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    stop: Arc<Notifier>,
+}
+
+impl StopHandle {
+    /// Stops the loop: its current and every later wait return [`Wake::Stopped`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the eventfd write fails.
+    pub fn stop(&self) -> Result<()> {
+        self.stop.notify()
+    }
+}
+
+/// Waits on many notifiers with epoll. Methods take `&self`: one thread waits while others add
+/// or remove notifiers.
+pub struct EventLoop {
+    epoll: Epoll,
+    stop: Arc<Notifier>,
+    watched: Mutex<HashMap<u64, Notifier>>,
+}
+
+impl fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("watched", &self.lock().len())
+            .finish()
+    }
+}
+
+fn epoll_error(op: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::EventLoop { op, source }
+}
+
+impl EventLoop {
+    /// An empty loop.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoop`] if epoll cannot be created, [`Error::FdExhausted`].
+    pub fn new() -> Result<Self> {
+        let epoll = Epoll::new().map_err(epoll_error("create"))?;
+        let stop = Arc::new(Notifier::new(Mode::Counter)?);
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(epoll_error("add"))?;
+        Ok(EventLoop {
+            epoll,
+            stop,
+            watched: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Notifier>> {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that stops this loop.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// Watches `notifier` (the loop keeps its own descriptor) under `token`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoopToken`] for a token in use or `u64::MAX` (reserved);
+    /// [`Error::EventLoop`] if epoll refuses; [`Error::FdExhausted`].
+    pub fn add(&self, token: u64, notifier: &Notifier) -> Result<()> {
+        let mut w = self.lock();
+        if token == STOP_TOKEN || w.contains_key(&token) {
+            return Err(Error::EventLoopToken { token });
+        }
+        let n = notifier.try_clone()?;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                n.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(epoll_error("add"))?;
+        w.insert(token, n);
+        Ok(())
+    }
+
+    /// Stops watching `token`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoopToken`] if nothing is watched under it.
+    pub fn remove(&self, token: u64) -> Result<()> {
+        let n = self
+            .lock()
+            .remove(&token)
+            .ok_or(Error::EventLoopToken { token })?;
+        self.epoll
+            .ctl(
+                ControlOperation::Delete,
+                n.as_raw_fd(),
+                EpollEvent::default(),
+            )
+            .map_err(epoll_error("delete"))
+    }
+
+    /// The number of watched notifiers.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until a notifier fires, the loop is stopped, or `timeout` passes (`None`: no
+    /// timeout). `ready` is cleared and filled with `(token, count)` for each notifier read —
+    /// also when the result is [`Wake::Stopped`], if notifiers fired in the same wake-up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoop`] if `epoll_wait` fails, [`Error::Notifier`] if a read fails.
+    pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<(u64, u64)>) -> Result<Wake> {
+        ready.clear();
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        let mut events = [EpollEvent::default(); 64];
+        let n = loop {
+            match self.epoll.wait(ms, &mut events) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::EventLoop {
+                        op: "wait",
+                        source: e,
+                    })
+                }
+            }
+        };
+        if n == 0 {
+            return Ok(Wake::TimedOut);
+        }
+        let w = self.lock();
+        let mut stopped = false;
+        for e in &events[..n] {
+            let token = e.data();
+            if token == STOP_TOKEN {
+                stopped = true;
+            } else if let Some(notifier) = w.get(&token) {
+                if let Attempt::Done(count) = notifier.try_read()? {
+                    ready.push((token, count));
+                }
+            }
+        }
+        Ok(if stopped {
+            Wake::Stopped
+        } else if ready.is_empty() {
+            Wake::TimedOut
+        } else {
+            Wake::Ready
+        })
+    }
+
+    /// Calls `on_ready(token, count)` for every notifier that fires, until the loop is stopped.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`wait`](Self::wait), and the first error `on_ready` returns.
+    pub fn run(&self, mut on_ready: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let mut ready = Vec::new();
+        loop {
+            let wake = self.wait(None, &mut ready)?;
+            for &(token, count) in &ready {
+                on_ready(token, count)?;
+            }
+            if wake == Wake::Stopped {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+    use std::time::Instant;
+
+    #[test]
+    fn reports_which_fired_and_counts() {
+        let l = EventLoop::new().unwrap();
+        let ns: Vec<Notifier> = (0..4)
+            .map(|_| Notifier::new(Mode::Counter).unwrap())
+            .collect();
+        for (i, n) in ns.iter().enumerate() {
+            l.add(i as u64 * 10, n).unwrap();
+        }
+        ns[1].add(5).unwrap();
+        ns[3].notify().unwrap();
+        let mut ready = Vec::new();
+        assert_eq!(
+            l.wait(Some(Duration::from_secs(1)), &mut ready).unwrap(),
+            Wake::Ready
+        );
+        ready.sort();
+        assert_eq!(ready, [(10, 5), (30, 1)]);
+        assert_eq!(
+            l.wait(Some(Duration::from_millis(10)), &mut ready).unwrap(),
+            Wake::TimedOut
+        );
+    }
+
+    #[test]
+    fn semaphore_notifiers_fire_once_per_count() {
+        let l = EventLoop::new().unwrap();
+        let n = Notifier::new(Mode::Semaphore).unwrap();
+        l.add(7, &n).unwrap();
+        n.add(3).unwrap();
+        let mut ready = Vec::new();
+        for _ in 0..3 {
+            assert_eq!(
+                l.wait(Some(Duration::from_secs(1)), &mut ready).unwrap(),
+                Wake::Ready
+            );
+            assert_eq!(ready, [(7, 1)]);
+        }
+        assert_eq!(
+            l.wait(Some(Duration::from_millis(10)), &mut ready).unwrap(),
+            Wake::TimedOut
+        );
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let l = EventLoop::new().unwrap();
+        let n = Notifier::new(Mode::Counter).unwrap();
+        l.add(1, &n).unwrap();
+        assert!(matches!(
+            l.add(1, &n),
+            Err(Error::EventLoopToken { token: 1 })
+        ));
+        assert!(matches!(
+            l.add(u64::MAX, &n),
+            Err(Error::EventLoopToken { .. })
+        ));
+        l.remove(1).unwrap();
+        assert!(matches!(
+            l.remove(1),
+            Err(Error::EventLoopToken { token: 1 })
+        ));
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn stop_from_another_thread_returns_promptly() {
+        let l = Arc::new(EventLoop::new().unwrap());
+        let stop = l.stop_handle();
+        let waiter = {
+            let l = l.clone();
+            thread::spawn(move || {
+                let start = Instant::now();
+                let r = l.run(|_, _| Ok(()));
+                (r.is_ok(), start.elapsed())
+            })
+        };
+        thread::sleep(Duration::from_millis(20));
+        stop.stop().unwrap();
+        let (ok, _) = waiter.join().unwrap();
+        assert!(ok);
+        let mut ready = Vec::new();
+        assert_eq!(
+            l.wait(None, &mut ready).unwrap(),
+            Wake::Stopped,
+            "stop is sticky"
+        );
+    }
+}
