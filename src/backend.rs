@@ -20,12 +20,15 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::dispatch::ExitDispatcher;
 use crate::error::{Capability, Error, Result};
+use crate::inject::Injector;
 use crate::ioevent::{IoEvent, Width, WriteMatch};
+use crate::irq::{IrqFd, LevelIrqFd};
 use crate::notifier::Notifier;
+use crate::routing::{Gsi, GsiRouter};
 
 /// Which path registrations take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,6 +106,7 @@ pub struct Backend {
     vm: Arc<VmFd>,
     dispatcher: ExitDispatcher,
     disabled: Vec<Capability>,
+    injector: Arc<OnceLock<Injector>>,
 }
 
 impl fmt::Debug for Backend {
@@ -123,6 +127,7 @@ impl Backend {
             vm,
             dispatcher: ExitDispatcher::new(),
             disabled: Vec::new(),
+            injector: Arc::default(),
         }
     }
 
@@ -203,6 +208,99 @@ impl Backend {
         }
     }
 
+    /// The injector thread of this backend, started on first use.
+    fn injector(&self, router: &GsiRouter) -> Result<&Injector> {
+        if let Some(i) = self.injector.get() {
+            return Ok(i);
+        }
+        let made = Injector::new(self.vm.clone(), router.clone())?;
+        Ok(self.injector.get_or_init(|| made))
+    }
+
+    /// Why the kernel cannot take an irqfd (with resample if `level`), if a capability is the
+    /// reason.
+    fn irqfd_gap(&self, router: &GsiRouter, level: bool) -> Option<Fallback> {
+        let mut needed = vec![Capability::IrqFd];
+        if level {
+            needed.push(Capability::IrqFdResample);
+        }
+        needed.into_iter().find_map(|cap| {
+            if self.disabled.contains(&cap) {
+                Some(Fallback::Disabled(cap))
+            } else if !router.has(cap) {
+                Some(Fallback::MissingCapability(cap))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Whether an irqfd error is the kernel's refusal (fall back) rather than the caller's
+    /// mistake (report it).
+    fn kernel_refused(e: &Error) -> bool {
+        matches!(e, Error::IrqFd { .. } | Error::MissingCapability(_))
+    }
+
+    /// An edge interrupt on `gsi` that `notifier` triggers: a kernel irqfd, or on the userspace
+    /// path the injector thread (`KVM_IRQ_LINE` pulse for irqchip routes, `KVM_SIGNAL_MSI` for MSI
+    /// routes). One injection per wake-up of the notifier either way.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`IrqFd::new`]; on the userspace path the same route checks.
+    pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+        let gap = self.irqfd_gap(router, false);
+        match (self.kind, gap) {
+            (BackendKind::Userspace, _) => IrqFd::injected(
+                self.injector(router)?,
+                router,
+                gsi,
+                notifier,
+                Fallback::Requested,
+            ),
+            (BackendKind::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
+                Err(Error::MissingCapability(c))
+            }
+            (BackendKind::Auto, Some(why)) => {
+                IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
+            }
+            _ => match IrqFd::new(router, gsi, notifier) {
+                Err(e) if self.kind == BackendKind::Auto && Self::kernel_refused(&e) => {
+                    let why = Fallback::KernelRefused(e.to_string());
+                    IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`.
+    ///
+    /// Level lines have no userspace path: with an in-kernel irqchip userspace sees no EOI, so
+    /// it cannot lower the line at the EOI as KVM's resampler does (see `docs/ARCHITECTURE.md`).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LevelIrqFd::new`]; [`Error::LevelFallback`] on a [`BackendKind::Userspace`]
+    /// backend, or on [`BackendKind::Auto`] where the kernel lacks the irqfd capabilities.
+    pub fn level_irqfd(
+        &self,
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: &Notifier,
+    ) -> Result<LevelIrqFd> {
+        match (self.kind, self.irqfd_gap(router, true)) {
+            (BackendKind::Userspace, _) | (BackendKind::Auto, Some(_)) => {
+                Err(Error::LevelFallback { gsi })
+            }
+            (BackendKind::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
+                Err(Error::MissingCapability(c))
+            }
+            _ => LevelIrqFd::new(router, gsi, trigger, resample),
+        }
+    }
+
     fn userspace(
         &self,
         write: WriteMatch,
@@ -224,7 +322,6 @@ const KVMIO: u32 = 0xAE;
 // kvm-ioctls infers an ioeventfd's length from its datamatch type, so a fixed width without a
 // datamatch cannot be said through it; the ioctl itself can say it.
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
-
 /// One `KVM_IOEVENTFD` request, as the kernel sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct IoEventRequest {

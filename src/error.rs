@@ -244,6 +244,13 @@ pub enum Error {
         /// The token given.
         token: u64,
     },
+    /// A level-triggered line on a userspace path: without KVM's resampler nothing can lower the
+    /// line at the guest's EOI, so level lines need `KVM_CAP_IRQFD` and `KVM_CAP_IRQFD_RESAMPLE`.
+    #[error("GSI {gsi}: level-triggered lines have no userspace path; they need a kernel irqfd with resample")]
+    LevelFallback {
+        /// The GSI of the refused line.
+        gsi: u32,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

@@ -182,6 +182,30 @@ impl EventLoop {
     /// [`Error::EventLoop`] if `epoll_wait` fails, [`Error::Notifier`] if a read fails.
     pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<(u64, u64)>) -> Result<Wake> {
         ready.clear();
+        let mut tokens = Vec::new();
+        let wake = self.wait_tokens(timeout, &mut tokens)?;
+        let w = self.lock();
+        for token in tokens {
+            if let Some(notifier) = w.get(&token) {
+                if let Attempt::Done(count) = notifier.try_read()? {
+                    ready.push((token, count));
+                }
+            }
+        }
+        Ok(match wake {
+            Wake::Ready if ready.is_empty() => Wake::TimedOut,
+            other => other,
+        })
+    }
+
+    /// Like [`wait`](Self::wait), but only reports which tokens are readable, without reading
+    /// them: for a caller that reads under its own lock.
+    pub(crate) fn wait_tokens(
+        &self,
+        timeout: Option<Duration>,
+        tokens: &mut Vec<u64>,
+    ) -> Result<Wake> {
+        tokens.clear();
         let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
         let mut events = [EpollEvent::default(); 64];
         let n = loop {
@@ -196,24 +220,16 @@ impl EventLoop {
                 }
             }
         };
-        if n == 0 {
-            return Ok(Wake::TimedOut);
-        }
-        let w = self.lock();
         let mut stopped = false;
         for e in &events[..n] {
-            let token = e.data();
-            if token == STOP_TOKEN {
-                stopped = true;
-            } else if let Some(notifier) = w.get(&token) {
-                if let Attempt::Done(count) = notifier.try_read()? {
-                    ready.push((token, count));
-                }
+            match e.data() {
+                STOP_TOKEN => stopped = true,
+                token => tokens.push(token),
             }
         }
         Ok(if stopped {
             Wake::Stopped
-        } else if ready.is_empty() {
+        } else if tokens.is_empty() {
             Wake::TimedOut
         } else {
             Wake::Ready

@@ -11,9 +11,11 @@
 use std::fmt;
 
 use crate::backend as sys;
+use crate::backend::{Fallback, Path};
 use crate::error::{Capability, Error, Result};
+use crate::inject::Injector;
 use crate::notifier::Notifier;
-use crate::routing::{Gsi, GsiRouter, Route};
+use crate::routing::{Gsi, GsiRouter, Route, GSI_LIMIT};
 
 /// One `KVM_IRQFD` assignment. It has no `Drop` of its own: its owners ([`IrqFd`],
 /// [`LevelIrqFd`], the MSI-X vectors) call [`release`](Self::release) or
@@ -101,8 +103,90 @@ impl fmt::Debug for Binding {
     }
 }
 
+/// How an irqfd's trigger reaches KVM.
+enum Delivery {
+    /// Assigned with `KVM_IRQFD`.
+    Kernel(Binding),
+    /// Read by the injector thread, which calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`.
+    Injected {
+        injector: Injector,
+        token: u64,
+        trigger: Notifier,
+        gsi: Gsi,
+    },
+}
+
+impl Delivery {
+    /// Registers `trigger` with `injector` for `gsi` after the checks `KVM_IRQFD` would make.
+    fn injected(
+        injector: &Injector,
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+    ) -> Result<Delivery> {
+        if gsi >= GSI_LIMIT {
+            return Err(Error::GsiOutOfRange {
+                gsi,
+                limit: GSI_LIMIT,
+            });
+        }
+        let routes = router.routes(gsi);
+        if routes.is_empty() {
+            return Err(Error::UnroutedGsi { gsi });
+        }
+        let trigger = trigger.try_clone()?;
+        let token = injector.add(gsi, &trigger)?;
+        Ok(Delivery::Injected {
+            injector: injector.clone(),
+            token,
+            trigger,
+            gsi,
+        })
+    }
+
+    fn trigger(&self) -> &Notifier {
+        match self {
+            Delivery::Kernel(b) => b.trigger(),
+            Delivery::Injected { trigger, .. } => trigger,
+        }
+    }
+
+    fn gsi(&self) -> Gsi {
+        match self {
+            Delivery::Kernel(b) => b.gsi,
+            Delivery::Injected { gsi, .. } => *gsi,
+        }
+    }
+
+    fn release(&self) {
+        match self {
+            Delivery::Kernel(b) => b.release(),
+            Delivery::Injected {
+                injector, token, ..
+            } => injector.remove(*token),
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Delivery::Kernel(b) => b.fmt(f),
+            Delivery::Injected { gsi, trigger, .. } => f
+                .debug_struct("Injected")
+                .field("gsi", gsi)
+                .field("trigger", trigger)
+                .finish(),
+        }
+    }
+}
+
 /// An edge-triggered irqfd: each [`trigger`](Self::trigger) injects the GSI.
 /// Dropping it deassigns the irqfd.
+///
+/// Made by [`IrqFd::new`] it is a kernel irqfd; a [`Backend`](crate::Backend) can make one that
+/// an injector thread serves instead ([`path`](Self::path) says which). The device's side is the
+/// same.
 ///
 /// ```
 /// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
@@ -120,17 +204,19 @@ impl fmt::Debug for Binding {
 #[derive(Debug)]
 #[must_use = "dropping an IrqFd deassigns it at once"]
 pub struct IrqFd {
-    binding: Binding,
+    delivery: Delivery,
+    path: Path,
 }
 
 impl Drop for IrqFd {
     fn drop(&mut self) {
-        self.binding.release();
+        self.delivery.release();
     }
 }
 
 impl IrqFd {
-    /// Binds `notifier` to inject `gsi`. The irqfd keeps its own descriptor of the notifier.
+    /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps its own descriptor
+    /// of the notifier.
     ///
     /// A count already in the notifier is injected at once.
     ///
@@ -141,7 +227,21 @@ impl IrqFd {
     /// notifier is already an irqfd, [`Error::FdExhausted`], or [`Error::IrqFd`].
     pub fn new(router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
         Ok(IrqFd {
-            binding: Binding::new(router, gsi, notifier, None)?,
+            delivery: Delivery::Kernel(Binding::new(router, gsi, notifier, None)?),
+            path: Path::Kernel,
+        })
+    }
+
+    pub(crate) fn injected(
+        injector: &Injector,
+        router: &GsiRouter,
+        gsi: Gsi,
+        notifier: &Notifier,
+        why: Fallback,
+    ) -> Result<IrqFd> {
+        Ok(IrqFd {
+            delivery: Delivery::injected(injector, router, gsi, notifier)?,
+            path: Path::Userspace(why),
         })
     }
 
@@ -151,17 +251,22 @@ impl IrqFd {
     ///
     /// [`Error::Notifier`] if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
-        self.binding.trigger().notify()
+        self.delivery.trigger().notify()
     }
 
     /// The GSI this irqfd injects.
     pub fn gsi(&self) -> Gsi {
-        self.binding.gsi
+        self.delivery.gsi()
     }
 
     /// The irqfd's own descriptor of the notifier (clone it for another thread).
     pub fn notifier(&self) -> &Notifier {
-        self.binding.trigger()
+        self.delivery.trigger()
+    }
+
+    /// Whether KVM injects (an irqfd) or the injector thread does, and why.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -170,7 +275,8 @@ impl IrqFd {
 /// [`trigger`](Self::trigger) asserts the pin, which stays asserted until the guest EOIs it.
 /// At the EOI KVM de-asserts the pin and adds 1 to [`resample`](Self::resample); the device then
 /// calls `trigger` again if its interrupt condition still holds. The GSI must be routed to an
-/// irqchip pin (PIC or IOAPIC), programmed level-triggered by the guest.
+/// irqchip pin (PIC or IOAPIC), programmed level-triggered by the guest. Level lines are always
+/// kernel irqfds: there is no userspace path for them (see `Backend::level_irqfd`).
 #[derive(Debug)]
 #[must_use = "dropping a LevelIrqFd deassigns it at once"]
 pub struct LevelIrqFd {
@@ -185,7 +291,8 @@ impl Drop for LevelIrqFd {
 }
 
 impl LevelIrqFd {
-    /// Binds `trigger` to assert `gsi` and `resample` to be signalled at its EOI.
+    /// Binds `trigger` to assert `gsi` and `resample` to be signalled at its EOI, with
+    /// `KVM_IRQFD`.
     ///
     /// # Errors
     ///
@@ -213,7 +320,7 @@ impl LevelIrqFd {
         self.binding.trigger().notify()
     }
 
-    /// The notifier KVM signals when the guest EOIs the line.
+    /// The notifier signalled when the guest EOIs the line.
     pub fn resample(&self) -> &Notifier {
         &self.resample
     }
@@ -226,5 +333,10 @@ impl LevelIrqFd {
     /// The irqfd's own descriptor of the trigger notifier.
     pub fn notifier(&self) -> &Notifier {
         self.binding.trigger()
+    }
+
+    /// Always [`Path::Kernel`]: level lines are kernel irqfds.
+    pub fn path(&self) -> &Path {
+        &Path::Kernel
     }
 }

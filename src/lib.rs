@@ -73,6 +73,7 @@ mod backend;
 mod dispatch;
 mod error;
 mod event_loop;
+mod inject;
 mod ioevent;
 mod irq;
 mod msi;

@@ -1,16 +1,21 @@
 //! Device → irqfd → guest handler, with a real guest: edge interrupts on a PIC line and on an MSI
-//! route, and kick/interrupt ping-pong.
+//! route, and kick/interrupt ping-pong — each on the kernel path (ioeventfd + irqfd) and on the
+//! userspace path (exit dispatcher + injector thread).
 
 use std::thread;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestProgram, TinyVm};
-use vm_notify::{Attempt, Gsi, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
+use vm_notify::{
+    Attempt, Backend, BackendKind, Gsi, IrqFd, Mode, MsiMessage, Notifier, Path, Width, WriteMatch,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const ACK: u64 = 0xd000_0000;
 const KICK_SLOT: usize = 0;
+/// Every test here runs once per path.
+const KINDS: [BackendKind; 2] = [BackendKind::Kernel, BackendKind::Userspace];
 
 /// Where the device's interrupts come from, and how the guest handles them.
 #[derive(Clone, Copy, Debug)]
@@ -34,8 +39,9 @@ struct RoundTrips {
 
 /// `rounds` times: the guest kicks (ioeventfd), the device reads the kick and raises one
 /// interrupt, the guest's handler takes it, and the guest kicks again.
-fn round_trips(line: Line, rounds: u64) -> RoundTrips {
+fn round_trips(kind: BackendKind, line: Line, rounds: u64) -> RoundTrips {
     let mut vm = TinyVm::new().unwrap();
+    let backend = Backend::new(vm.vm().clone(), kind);
     let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
         Line::Pic { irq } => (irq.into(), PIC_BASE + irq, Eoi::PicMaster),
         Line::Msi { vector } => {
@@ -44,8 +50,15 @@ fn round_trips(line: Line, rounds: u64) -> RoundTrips {
         }
     };
     let kicks = Notifier::new(Mode::Counter).unwrap();
-    let _ack = IoEvent::register(vm.vm(), WriteMatch::mmio(ACK).width(Width::W4), &kicks).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let ack = backend
+        .register(WriteMatch::mmio(ACK).width(Width::W4), &kicks)
+        .unwrap();
+    let irq = backend
+        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
+        .unwrap();
+    let on_kernel = kind == BackendKind::Kernel;
+    assert_eq!(ack.path() == &Path::Kernel, on_kernel);
+    assert_eq!(irq.path() == &Path::Kernel, on_kernel);
 
     let mut p = GuestProgram::new().unwrap();
     match line {
@@ -83,7 +96,13 @@ fn round_trips(line: Line, rounds: u64) -> RoundTrips {
         (device_kicks, raised)
     });
     let start = Instant::now();
-    let report = vm.run(p, TIMEOUT).unwrap();
+    let dispatcher = backend.dispatcher().clone();
+    let report = vm
+        .start(p, move |e: &GuestExit, _: &mut [u8]| {
+            e.dispatch(&dispatcher).unwrap();
+        })
+        .unwrap()
+        .wait(TIMEOUT);
     let elapsed = start.elapsed();
     let (device_kicks, raised) = device.join().unwrap();
     let report = report.done().unwrap();
@@ -95,8 +114,9 @@ fn round_trips(line: Line, rounds: u64) -> RoundTrips {
         exits: report.exits.len(),
         elapsed,
     };
+    drop(ack);
     eprintln!(
-        "{line:?}: guest_kicks={} device_kicks={} raised={} guest_irqs={} exits={} in {:?} ({:.1} us per round trip)",
+        "{kind:?} {line:?}: guest_kicks={} device_kicks={} raised={} guest_irqs={} exits={} in {:?} ({:.1} us per round trip)",
         result.guest_kicks,
         result.device_kicks,
         result.raised,
@@ -108,12 +128,20 @@ fn round_trips(line: Line, rounds: u64) -> RoundTrips {
     result
 }
 
-fn assert_all_equal(r: &RoundTrips, n: u64) {
+fn assert_all_equal(kind: BackendKind, r: &RoundTrips, n: u64) {
     assert_eq!(r.guest_kicks, n, "guest kicks");
     assert_eq!(r.device_kicks, n, "device kicks");
     assert_eq!(r.raised, n, "interrupts raised");
     assert_eq!(r.guest_irqs, n, "interrupts the guest's handler counted");
-    assert_eq!(r.exits, 0, "no exit to userspace");
+    let exits = if kind == BackendKind::Kernel {
+        0
+    } else {
+        n as usize
+    };
+    assert_eq!(
+        r.exits, exits,
+        "{kind:?}: exits to userspace (the kicks, on that path)"
+    );
 }
 
 #[test]
@@ -122,7 +150,9 @@ fn edge_irqfd_on_a_pic_line() {
         return;
     }
     let k = 5000;
-    assert_all_equal(&round_trips(Line::Pic { irq: 4 }, k), k);
+    for kind in KINDS {
+        assert_all_equal(kind, &round_trips(kind, Line::Pic { irq: 4 }, k), k);
+    }
 }
 
 #[test]
@@ -131,7 +161,9 @@ fn edge_irqfd_on_an_msi_route() {
         return;
     }
     let k = 5000;
-    assert_all_equal(&round_trips(Line::Msi { vector: 0x41 }, k), k);
+    for kind in KINDS {
+        assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x41 }, k), k);
+    }
 }
 
 #[test]
@@ -140,7 +172,9 @@ fn ping_pong_kick_and_interrupt() {
         return;
     }
     let n = 20_000;
-    assert_all_equal(&round_trips(Line::Msi { vector: 0x40 }, n), n);
+    for kind in KINDS {
+        assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x40 }, n), n);
+    }
 }
 
 /// Edge irqfd writes made while the guest has interrupts disabled coalesce into one interrupt:
