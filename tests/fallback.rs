@@ -1,0 +1,143 @@
+//! Automatic choice of path: where the kernel cannot take a registration, the backend serves it in
+//! userspace, the guest's writes and the device's interrupts are still counted, and the reason is
+//! kept in the registration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
+use vm_notify::{
+    Backend, BackendKind, Capability, Fallback, IoEvent, Mode, MsiMessage, Notifier, Path, Width,
+    WriteMatch,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const NOTIFY: u64 = 0xd000_0050;
+
+/// Runs `p`, handing every exit to `backend`'s dispatcher; returns the exits nothing took.
+fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> usize {
+    let untaken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (d, u) = (backend.dispatcher().clone(), untaken.clone());
+    vm.start(p, move |e: &GuestExit, _: &mut [u8]| {
+        if !e.dispatch(&d).unwrap() {
+            u.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .unwrap()
+    .wait(TIMEOUT)
+    .done()
+    .unwrap();
+    untaken.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn missing_ioeventfd_capability_falls_back_and_counts() {
+    if !kvm_or_skip("missing_ioeventfd_capability_falls_back_and_counts") {
+        return;
+    }
+    let mut vm = TinyVm::new().unwrap();
+    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto).disable(Capability::IoEventFd);
+    let kicks = Notifier::new(Mode::Counter).unwrap();
+    let reg = backend
+        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .unwrap();
+    assert_eq!(
+        reg.path(),
+        &Path::Userspace(Fallback::Disabled(Capability::IoEventFd))
+    );
+    eprintln!("registration path: {}", reg.path());
+    let mut p = GuestProgram::new().unwrap();
+    p.repeat(500, |p| p.mmio_write(NOTIFY, 0, 4)).unwrap();
+    p.exit().unwrap();
+    assert_eq!(run(&mut vm, &backend, p), 0);
+    assert_eq!(kicks.read().unwrap(), 500);
+}
+
+/// The kernel refuses a registration the backend did not cause: an overlapping ioeventfd made
+/// outside it (EEXIST). The fallback serves the writes the kernel's own registration does not
+/// take; the refusal is the recorded reason.
+#[test]
+fn kernel_refusal_falls_back_with_the_reason() {
+    if !kvm_or_skip("kernel_refusal_falls_back_with_the_reason") {
+        return;
+    }
+    let mut vm = TinyVm::new().unwrap();
+    let outside = Notifier::new(Mode::Counter).unwrap();
+    let _outside = IoEvent::register(
+        vm.vm(),
+        WriteMatch::mmio(NOTIFY).width(Width::W4).datamatch(1),
+        &outside,
+    )
+    .unwrap();
+    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto);
+    let kicks = Notifier::new(Mode::Counter).unwrap();
+    let reg = backend
+        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .unwrap();
+    match reg.path() {
+        Path::Userspace(Fallback::KernelRefused(why)) => {
+            assert!(why.contains("EEXIST"), "{why}")
+        }
+        other => panic!("expected a kernel refusal, got {other:?}"),
+    }
+    eprintln!("registration path: {}", reg.path());
+    // Values 1 go to the kernel's registration; 2 and 3 exit and reach the fallback.
+    let mut p = GuestProgram::new().unwrap();
+    p.repeat(100, |p| {
+        for v in [1, 2, 3] {
+            p.mmio_write(NOTIFY, v, 4)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    p.exit().unwrap();
+    assert_eq!(run(&mut vm, &backend, p), 0);
+    assert_eq!(outside.read().unwrap(), 100);
+    assert_eq!(kicks.read().unwrap(), 200);
+}
+
+#[test]
+fn missing_irqfd_capability_falls_back_to_the_injector() {
+    if !kvm_or_skip("missing_irqfd_capability_falls_back_to_the_injector") {
+        return;
+    }
+    const ROUNDS: u64 = 1000;
+    let mut vm = TinyVm::new().unwrap();
+    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto).disable(Capability::IrqFd);
+    let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x45)).unwrap();
+    let irq = backend
+        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
+        .unwrap();
+    assert_eq!(
+        irq.path(),
+        &Path::Userspace(Fallback::Disabled(Capability::IrqFd))
+    );
+    // The guest kicks through a kernel ioeventfd; the device answers through the injector.
+    let kicks = Notifier::new(Mode::Counter).unwrap();
+    let _kick = backend
+        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .unwrap();
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt(0x45, Eoi::Lapic);
+    p.repeat(ROUNDS, |p| {
+        p.asm().mov(rdi, NOTIFY)?;
+        p.asm().mov(dword_ptr(rdi), eax)?;
+        p.wait_for_interrupt()
+    })
+    .unwrap();
+    p.exit().unwrap();
+    let device = std::thread::spawn(move || {
+        let mut raised = 0;
+        while raised < ROUNDS {
+            kicks.read().unwrap();
+            irq.trigger().unwrap();
+            raised += 1;
+        }
+        raised
+    });
+    assert_eq!(run(&mut vm, &backend, p), 0);
+    assert_eq!(device.join().unwrap(), ROUNDS);
+    assert_eq!(vm.irq_count(0x45).unwrap(), ROUNDS);
+}
