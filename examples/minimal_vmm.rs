@@ -13,14 +13,13 @@
 //! guest's counts read from its own memory; the process exits non-zero if the counts disagree.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use iced_x86::code_asm::{dword_ptr, eax, rdi};
 use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{Attempt, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+use vm_notify::{EventLoop, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
 
 /// The device's registers: a virtio-mmio style window; QueueNotify at +0x50.
 const DEVICE_BASE: u64 = 0xd000_0000;
@@ -75,26 +74,27 @@ fn run_with_notifiers(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
     let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
 
-    // The device thread: each read returns the kicks since the last one; the device processes
-    // its queue and signals used buffers with one interrupt.
-    let stop = Arc::new(AtomicBool::new(false));
+    // The device thread waits on its queue notifiers with the event loop; each wake-up gives
+    // the kicks since the last one. The device processes its queue and signals used buffers
+    // with one interrupt.
+    let events = Arc::new(EventLoop::new()?);
+    events.add(QUEUE, &kicks)?;
+    let stop = events.stop_handle();
     let device = {
-        let stop = stop.clone();
+        let events = events.clone();
         thread::spawn(move || -> vm_notify::Result<(u64, u64, u64)> {
             let (mut kicked, mut reads, mut raised) = (0, 0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                if let Attempt::Done(n) = kicks.read_timeout(Duration::from_millis(20))? {
-                    kicked += n;
-                    reads += 1;
-                    irq.trigger()?;
-                    raised += 1;
-                }
-            }
+            events.run(|_queue, n| {
+                kicked += n;
+                reads += 1;
+                raised += 1;
+                irq.trigger()
+            })?;
             Ok((kicked, reads, raised))
         })
     };
     let report = vm.run(guest_program(rounds)?, TIMEOUT)?;
-    stop.store(true, Ordering::Relaxed);
+    stop.stop()?;
     let (device_kicks, device_reads, irqs_raised) =
         device.join().map_err(|_| "device thread panicked")??;
     let report = report.done()?;
