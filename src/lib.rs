@@ -80,9 +80,15 @@ mod msi;
 mod notifier;
 mod routing;
 
+#[cfg(feature = "event-manager")]
+mod subscriber;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
+
+#[cfg(feature = "event-manager")]
+#[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]
+pub use subscriber::NotifierSubscriber;
 
 pub use backend::{Backend, BackendKind, Fallback, Path};
 pub use dispatch::ExitDispatcher;
