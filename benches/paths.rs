@@ -14,7 +14,6 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use iced_x86::code_asm::{dword_ptr, eax, rdi};
 use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
 use vm_notify::{
     Backend, BackendKind, ExitDispatcher, Mode, MsiMessage, Notifier, Width, WriteMatch,
@@ -56,12 +55,8 @@ fn ping_pong(kind: BackendKind) -> Duration {
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x40, Eoi::Lapic);
-    p.repeat(PING_PONGS, |p| {
-        p.asm().mov(rdi, NOTIFY)?;
-        p.asm().mov(dword_ptr(rdi), eax)?;
-        p.wait_for_interrupt()
-    })
-    .unwrap();
+    p.repeat(PING_PONGS, |p| p.kick_and_wait(NOTIFY, 0, None))
+        .unwrap();
     p.exit().unwrap();
     let device = std::thread::spawn(move || {
         for _ in 0..PING_PONGS {

@@ -50,11 +50,7 @@ fn guest_program(rounds: u64) -> Result<GuestProgram, vm_notify::testkit::Error>
     p.enable_lapic()?;
     p.on_interrupt(VECTOR, Eoi::Lapic);
     p.repeat(rounds, |p| {
-        p.count(KICKS_SLOT)?;
-        p.asm().mov(rdi, QUEUE_NOTIFY)?;
-        p.asm().mov(eax, QUEUE as u32)?;
-        p.asm().mov(dword_ptr(rdi), eax)?;
-        p.wait_for_interrupt()
+        p.kick_and_wait(QUEUE_NOTIFY, QUEUE as u32, Some(KICKS_SLOT))
     })?;
     p.exit()?;
     Ok(p)

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use iced_x86::code_asm::*;
 use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
 use vm_notify::{
     Backend, BackendKind, Capability, Fallback, IoEvent, Mode, MsiMessage, Notifier, Path, Width,
@@ -121,12 +120,8 @@ fn missing_irqfd_capability_falls_back_to_the_injector() {
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x45, Eoi::Lapic);
-    p.repeat(ROUNDS, |p| {
-        p.asm().mov(rdi, NOTIFY)?;
-        p.asm().mov(dword_ptr(rdi), eax)?;
-        p.wait_for_interrupt()
-    })
-    .unwrap();
+    p.repeat(ROUNDS, |p| p.kick_and_wait(NOTIFY, 0, None))
+        .unwrap();
     p.exit().unwrap();
     let device = std::thread::spawn(move || {
         let mut raised = 0;

@@ -5,7 +5,6 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use iced_x86::code_asm::*;
 use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
 use vm_notify::{
     Attempt, Backend, BackendKind, Gsi, IrqFd, Mode, MsiMessage, Notifier, Path, Width, WriteMatch,
@@ -70,13 +69,8 @@ fn round_trips(kind: BackendKind, line: Line, rounds: u64) -> RoundTrips {
         Line::Msi { .. } => p.enable_lapic().unwrap(),
     }
     p.on_interrupt(vector, eoi);
-    p.repeat(rounds, |p| {
-        p.count(KICK_SLOT)?;
-        p.asm().mov(rdi, ACK)?;
-        p.asm().mov(dword_ptr(rdi), eax)?;
-        p.wait_for_interrupt()
-    })
-    .unwrap();
+    p.repeat(rounds, |p| p.kick_and_wait(ACK, 0, Some(KICK_SLOT)))
+        .unwrap();
     p.exit().unwrap();
 
     let device = thread::spawn(move || {

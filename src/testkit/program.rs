@@ -246,6 +246,21 @@ impl GuestProgram {
         Ok(())
     }
 
+    /// One round of the kick/interrupt ping-pong: count a kick in data slot `count` (if given),
+    /// write `value` to the 4-byte register `notify` (a queue notify), then wait for the device's
+    /// interrupt. Clobbers `rax` and `rdx`. Repeat it with [`repeat`](Self::repeat).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`].
+    pub fn kick_and_wait(&mut self, notify: u64, value: u32, count: Option<usize>) -> Result<()> {
+        if let Some(slot) = count {
+            self.count(slot)?;
+        }
+        self.mmio_write(notify, value.into(), 4)?;
+        self.wait_for_interrupt()
+    }
+
     /// Writes `value` to port `port` with an `out` of `width` bytes (1, 2 or 4). Clobbers `rax`
     /// and `rdx`.
     ///
