@@ -18,6 +18,12 @@
 //!   kind has a resample notifier signalled at the guest's EOI.
 //! * [`GsiRouter`]: the VM's routing table (default irqchip routes kept, MSI routes allocated,
 //!   changes committed in one ioctl); irqfds on unrouted GSIs are refused.
+//! * [`MsixVectors`]: MSI-X vectors raised by index, with mask and pending bits that lose and
+//!   double nothing, the table and PBA for a VMM to emulate, batched routing, save/restore.
+//! * [`Backend`]: the same registrations in the kernel or in userspace ([`ExitDispatcher`] for
+//!   guest writes that exit, an injector thread for edge interrupts), chosen per registration.
+//! * [`EventLoop`]: a device thread waits on many notifiers; `NotifierSubscriber` (feature
+//!   `event-manager`) does it inside an `event-manager` loop.
 //! * `testkit` (cargo feature `testkit`): a tiny x86-64 guest on `/dev/kvm`, for proving all of
 //!   the above end to end.
 //!
