@@ -52,6 +52,10 @@ pub enum Fallback {
     MissingCapability(Capability),
     /// KVM refused the registration; the text is the error.
     KernelRefused(String),
+    /// In the kernel it would sit next to another of this backend's registrations in the
+    /// pattern KVM's I/O bus mishandles (an any-width registration at an address a sized one
+    /// reaches from below), where the kernel can miss its writes.
+    KernelWouldMiss,
 }
 
 /// Where a registration lives.
@@ -75,6 +79,9 @@ impl fmt::Display for Path {
             Path::Userspace(Fallback::KernelRefused(why)) => {
                 write!(f, "userspace (the kernel refused: {why})")
             }
+            Path::Userspace(Fallback::KernelWouldMiss) => f.write_str(
+                "userspace (next to a sized registration reaching its address, the kernel can miss its writes)",
+            ),
         }
     }
 }
@@ -193,6 +200,9 @@ impl Backend {
             BackendKind::Auto => {
                 if let Some(reason) = self.capability_gap(&write) {
                     return self.userspace(write, notifier, reason);
+                }
+                if self.dispatcher.kernel_would_shadow(&write) {
+                    return self.userspace(write, notifier, Fallback::KernelWouldMiss);
                 }
                 let key = self.dispatcher.insert(&write, notifier.clone(), true)?;
                 let shadow = Some((self.dispatcher.clone(), key));

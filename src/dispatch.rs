@@ -127,6 +127,25 @@ impl ExitDispatcher {
         Ok(key)
     }
 
+    /// Whether registering `write` in the kernel next to this dispatcher's kernel-held entries
+    /// would form the pattern KVM's I/O bus mishandles: an any-width registration at A and a
+    /// sized one on the same bus starting below A and reaching A (`tests/kernel_quirks.rs`).
+    /// Conservative: the kernel misses writes only in some registration orders.
+    pub(crate) fn kernel_would_shadow(&self, write: &WriteMatch) -> bool {
+        let new = Key::of(write);
+        let reaches = |sized: &Key, any: &Key| {
+            sized.pio == any.pio
+                && sized.len > 0
+                && any.len == 0
+                && sized.addr < any.addr
+                && sized.addr.saturating_add(u64::from(sized.len)) >= any.addr
+        };
+        self.read()
+            .iter()
+            .filter(|(_, e)| e.in_kernel)
+            .any(|(k, _)| reaches(k, &new) || reaches(&new, k))
+    }
+
     pub(crate) fn remove(&self, key: &Key) {
         self.write().remove(key);
     }
