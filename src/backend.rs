@@ -162,14 +162,22 @@ impl Backend {
 
     /// Why the kernel cannot take `write`, if it cannot for a capability reason.
     fn capability_gap(&self, write: &WriteMatch) -> Option<Fallback> {
-        let mut needed = vec![Capability::IoEventFd];
-        if write.write_width() == Width::Any {
-            needed.push(Capability::IoEventFdAnyLength);
-        }
+        let any_length = write.write_width() == Width::Any;
+        let needed = std::iter::once(Capability::IoEventFd)
+            .chain(any_length.then_some(Capability::IoEventFdAnyLength));
+        self.first_gap(needed, |cap| check(&self.vm, cap))
+    }
+
+    /// The first of `needed` that is disabled on this backend or that `has` says KVM lacks.
+    fn first_gap(
+        &self,
+        needed: impl IntoIterator<Item = Capability>,
+        has: impl Fn(Capability) -> bool,
+    ) -> Option<Fallback> {
         needed.into_iter().find_map(|cap| {
             if self.disabled.contains(&cap) {
                 Some(Fallback::Disabled(cap))
-            } else if !check(&self.vm, cap) {
+            } else if !has(cap) {
                 Some(Fallback::MissingCapability(cap))
             } else {
                 None
@@ -230,19 +238,9 @@ impl Backend {
     /// Why the kernel cannot take an irqfd (with resample if `level`), if a capability is the
     /// reason.
     fn irqfd_gap(&self, router: &GsiRouter, level: bool) -> Option<Fallback> {
-        let mut needed = vec![Capability::IrqFd];
-        if level {
-            needed.push(Capability::IrqFdResample);
-        }
-        needed.into_iter().find_map(|cap| {
-            if self.disabled.contains(&cap) {
-                Some(Fallback::Disabled(cap))
-            } else if !router.has(cap) {
-                Some(Fallback::MissingCapability(cap))
-            } else {
-                None
-            }
-        })
+        let needed =
+            std::iter::once(Capability::IrqFd).chain(level.then_some(Capability::IrqFdResample));
+        self.first_gap(needed, |cap| router.has(cap))
     }
 
     /// Whether an irqfd error is the kernel's refusal (fall back) rather than the caller's

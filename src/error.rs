@@ -233,7 +233,7 @@ pub enum Error {
     /// An epoll call of an [`EventLoop`](crate::EventLoop) failed.
     #[error("event loop: epoll {op} failed: {source}")]
     EventLoop {
-        /// The operation: "create", "add", "delete" or "wait".
+        /// The operation: "create", "add", "delete", "wait", or "spawn the injector thread".
         op: &'static str,
         /// The errno.
         source: io::Error,
