@@ -282,15 +282,13 @@ impl Backend {
         }
     }
 
-    /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`.
-    ///
-    /// Level lines have no userspace path: with an in-kernel irqchip userspace sees no EOI, so
-    /// it cannot lower the line at the EOI as KVM's resampler does (see `docs/ARCHITECTURE.md`).
+    /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`, or
+    /// on the userspace path the injector thread, which holds the line high with `KVM_IRQ_LINE`
+    /// until [`LevelIrqFd::deassert`] (see [`LevelIrqFd`] for the device's side, the same on both).
     ///
     /// # Errors
     ///
-    /// Those of [`LevelIrqFd::new`]; [`Error::LevelFallback`] on a [`BackendKind::Userspace`]
-    /// backend, or on [`BackendKind::Auto`] where the kernel lacks the irqfd capabilities.
+    /// Those of [`LevelIrqFd::new`] (on the userspace path, the same GSI checks).
     pub fn level_irqfd(
         &self,
         router: &GsiRouter,
@@ -298,14 +296,20 @@ impl Backend {
         trigger: &Notifier,
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
+        let injected =
+            |why| LevelIrqFd::injected(self.injector(router)?, router, gsi, trigger, resample, why);
         match (self.kind, self.irqfd_gap(router, true)) {
-            (BackendKind::Userspace, _) | (BackendKind::Auto, Some(_)) => {
-                Err(Error::LevelFallback { gsi })
-            }
+            (BackendKind::Userspace, _) => injected(Fallback::Requested),
             (BackendKind::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
                 Err(Error::MissingCapability(c))
             }
-            _ => LevelIrqFd::new(router, gsi, trigger, resample),
+            (BackendKind::Auto, Some(why)) => injected(why),
+            _ => match LevelIrqFd::new(router, gsi, trigger, resample) {
+                Err(e) if self.kind == BackendKind::Auto && Self::kernel_refused(&e) => {
+                    injected(Fallback::KernelRefused(e.to_string()))
+                }
+                other => other,
+            },
         }
     }
 

@@ -244,12 +244,13 @@ pub enum Error {
         /// The token given.
         token: u64,
     },
-    /// A level-triggered line on a userspace path: without KVM's resampler nothing can lower the
-    /// line at the guest's EOI, so level lines need `KVM_CAP_IRQFD` and `KVM_CAP_IRQFD_RESAMPLE`.
-    #[error("GSI {gsi}: level-triggered lines have no userspace path; they need a kernel irqfd with resample")]
-    LevelFallback {
-        /// The GSI of the refused line.
+    /// `KVM_IRQ_LINE` failed while the injector thread changed a line's level.
+    #[error("GSI {gsi}: KVM_IRQ_LINE failed: {source}")]
+    IrqLine {
+        /// The GSI of the line.
         gsi: u32,
+        /// The errno.
+        source: io::Error,
     },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]

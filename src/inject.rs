@@ -6,12 +6,12 @@
 //! * **edge, irqchip route**: each wake-up of the trigger notifier (however many writes it
 //!   coalesced) pulses the line: `KVM_IRQ_LINE` high, then low — one edge, as one irqfd injection.
 //! * **edge, MSI route**: each wake-up sends the route's message with `KVM_SIGNAL_MSI`.
-//!
-//! Level lines have no fallback here. With an in-kernel irqchip userspace sees no EOI, so it
-//! cannot lower the line at the EOI as KVM's resampler does; polling the irqchip state from this
-//! thread was tried and measured: a guest EOI that lands between the assertion and the lowering
-//! re-delivers, and on these hosts that happened for most interrupts under load (557 assertions
-//! gave 5000 deliveries). `Backend::level_irqfd` refuses the userspace path with a typed error.
+//! * **level, irqchip route**: a wake-up asserts the line (`KVM_IRQ_LINE` high) and the line
+//!   *stays* high: the irqchip re-delivers at each EOI while it is. With an in-kernel irqchip
+//!   userspace sees no EOI, so the line is lowered when the device says its condition cleared
+//!   ([`Injector::deassert`]); that lowering also drains a trigger not yet taken and adds 1 to
+//!   the resample notifier, so a device written for KVM's resampler (re-assert on resample
+//!   while the condition holds) runs unchanged.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,9 +29,18 @@ use crate::routing::{Gsi, GsiRouter, Route};
 
 struct Line {
     gsi: Gsi,
-    /// Read only under the lines lock, by `fire` or by the final flush in `remove`, so each
-    /// write is injected exactly once.
+    /// Read only under the lines lock, by `fire`, `deassert` or the final flush in `remove`, so
+    /// each write is injected exactly once.
     trigger: Notifier,
+    /// Set for a level line.
+    level: Option<Level>,
+}
+
+/// A level line's state.
+struct Level {
+    resample: Notifier,
+    /// Whether this injector holds the line high.
+    asserted: bool,
 }
 
 struct Shared {
@@ -101,12 +110,26 @@ impl Injector {
         })
     }
 
-    /// Injects `gsi` whenever `trigger` is written.
-    pub(crate) fn add(&self, gsi: Gsi, trigger: &Notifier) -> Result<u64> {
+    /// Injects `gsi` whenever `trigger` is written: an edge (or an MSI) each time, or, with
+    /// `resample`, a level held high until [`deassert`](Self::deassert).
+    pub(crate) fn add(
+        &self,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: Option<&Notifier>,
+    ) -> Result<u64> {
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let level = match resample {
+            Some(r) => Some(Level {
+                resample: r.try_clone()?,
+                asserted: false,
+            }),
+            None => None,
+        };
         let line = Line {
             gsi,
             trigger: trigger.try_clone()?,
+            level,
         };
         self.shared.lock().insert(token, line);
         if let Err(e) = self.shared.events.add(token, trigger) {
@@ -116,14 +139,64 @@ impl Injector {
         Ok(token)
     }
 
-    /// Stops serving `token`. A trigger written before is still injected, as a kernel irqfd
-    /// would have injected it at the write.
+    /// The device's condition for level line `token` cleared: drains a trigger not yet taken
+    /// and, if the line is held high, lowers it and adds 1 to its resample notifier. Returns
+    /// whether the line was lowered.
+    ///
+    /// Called on the vCPU thread while it handles the guest's acknowledge (an exit), the line is
+    /// low before the guest can EOI, so the irqchip does not deliver again.
+    pub(crate) fn deassert(&self, token: u64) -> Result<bool> {
+        let mut lines = self.shared.lock();
+        let Some(line) = lines.get_mut(&token) else {
+            return Ok(false);
+        };
+        let _ = line.trigger.try_read()?;
+        let gsi = line.gsi;
+        let Some(level) = line.level.as_mut().filter(|l| l.asserted) else {
+            return Ok(false);
+        };
+        level.asserted = false;
+        level.resample.notify()?;
+        // A line shared with another asserted level source stays high.
+        if !held(&lines, gsi) {
+            self.shared
+                .vm
+                .set_irq_line(gsi, false)
+                .map_err(|e| Error::IrqLine {
+                    gsi,
+                    source: e.into(),
+                })?;
+        }
+        Ok(true)
+    }
+
+    /// Stops serving `token`. On an edge line a trigger written before is still injected, as a
+    /// kernel irqfd would have injected it at the write; a level line is lowered, as KVM lowers
+    /// it when a resample irqfd is deassigned.
     pub(crate) fn remove(&self, token: u64) {
         let _ = self.shared.events.remove(token);
         let mut lines = self.shared.lock();
-        self.shared.fire(&mut lines, token);
+        let level = lines
+            .get(&token)
+            .and_then(|l| l.level.as_ref().map(|level| (l.gsi, level.asserted)));
+        if level.is_none() {
+            self.shared.fire(&mut lines, token);
+        }
         lines.remove(&token);
+        if let Some((gsi, true)) = level {
+            if !held(&lines, gsi) {
+                let _ = self.shared.vm.set_irq_line(gsi, false);
+            }
+        }
     }
+}
+
+/// Whether a level line on `gsi` is held high: KVM keeps one level per GSI for all of
+/// userspace, so a shared line is lowered only when its last asserted source clears.
+fn held(lines: &HashMap<u64, Line>, gsi: Gsi) -> bool {
+    lines
+        .values()
+        .any(|l| l.gsi == gsi && l.level.as_ref().is_some_and(|level| level.asserted))
 }
 
 impl Shared {
@@ -146,7 +219,7 @@ impl Shared {
     }
 
     /// Reads `token`'s trigger; if it was written, one injection, however many writes it
-    /// coalesced.
+    /// coalesced (on a level line, the assertion if the line is low).
     fn fire(&self, lines: &mut HashMap<u64, Line>, token: u64) {
         let Some(line) = lines.get_mut(&token) else {
             return;
@@ -155,6 +228,12 @@ impl Shared {
             return;
         }
         let gsi = line.gsi;
+        if let Some(level) = line.level.as_mut() {
+            if !level.asserted && self.vm.set_irq_line(gsi, true).is_ok() {
+                level.asserted = true;
+            }
+            return;
+        }
         let msi = self.router.routes(gsi).into_iter().find_map(|r| match r {
             Route::Msi(m) => Some(m),
             Route::Irqchip { .. } => None,
@@ -171,7 +250,9 @@ impl Shared {
             }
             None => {
                 let _ = self.vm.set_irq_line(gsi, true);
-                let _ = self.vm.set_irq_line(gsi, false);
+                if !held(lines, gsi) {
+                    let _ = self.vm.set_irq_line(gsi, false);
+                }
             }
         }
     }

@@ -117,12 +117,14 @@ enum Delivery {
 }
 
 impl Delivery {
-    /// Registers `trigger` with `injector` for `gsi` after the checks `KVM_IRQFD` would make.
+    /// Registers `trigger` with `injector` for `gsi` after the checks `KVM_IRQFD` would make;
+    /// with `resample`, as a level line.
     fn injected(
         injector: &Injector,
         router: &GsiRouter,
         gsi: Gsi,
         trigger: &Notifier,
+        resample: Option<&Notifier>,
     ) -> Result<Delivery> {
         if gsi >= GSI_LIMIT {
             return Err(Error::GsiOutOfRange {
@@ -134,8 +136,11 @@ impl Delivery {
         if routes.is_empty() {
             return Err(Error::UnroutedGsi { gsi });
         }
+        if resample.is_some() && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
+            return Err(Error::ResampleNeedsIrqchip { gsi });
+        }
         let trigger = trigger.try_clone()?;
-        let token = injector.add(gsi, &trigger)?;
+        let token = injector.add(gsi, &trigger, resample)?;
         Ok(Delivery::Injected {
             injector: injector.clone(),
             token,
@@ -240,7 +245,7 @@ impl IrqFd {
         why: Fallback,
     ) -> Result<IrqFd> {
         Ok(IrqFd {
-            delivery: Delivery::injected(injector, router, gsi, notifier)?,
+            delivery: Delivery::injected(injector, router, gsi, notifier, None)?,
             path: Path::Userspace(why),
         })
     }
@@ -270,23 +275,37 @@ impl IrqFd {
     }
 }
 
-/// A level-triggered irqfd with a resample notifier. Dropping it deassigns the irqfd.
+/// A level-triggered irqfd with a resample notifier. Dropping it deassigns the irqfd (and
+/// lowers the line).
 ///
-/// [`trigger`](Self::trigger) asserts the pin, which stays asserted until the guest EOIs it.
-/// At the EOI KVM de-asserts the pin and adds 1 to [`resample`](Self::resample); the device then
-/// calls `trigger` again if its interrupt condition still holds. The GSI must be routed to an
-/// irqchip pin (PIC or IOAPIC), programmed level-triggered by the guest. Level lines are always
-/// kernel irqfds: there is no userspace path for them (see `Backend::level_irqfd`).
+/// The device's side, the same on both paths:
+///
+/// * [`trigger`](Self::trigger) when the interrupt condition becomes true: the pin goes high.
+/// * On [`resample`](Self::resample), assert again if the condition still holds.
+/// * [`deassert`](Self::deassert) where the condition clears (typically while handling the
+///   guest's write to the device's acknowledge register).
+///
+/// Made by [`LevelIrqFd::new`] it is a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`: the pin stays
+/// asserted until the guest EOIs it, then KVM lowers it and adds 1 to `resample`, and `deassert`
+/// has nothing to do. A [`Backend`](crate::Backend) can make one that its injector thread serves
+/// instead ([`path`](Self::path) says which): the injector raises the pin with `KVM_IRQ_LINE` and
+/// holds it high — the irqchip re-delivers at each EOI while it is — until `deassert` lowers it and
+/// adds 1 to `resample`. There userspace sees no EOI, so `deassert` is what lowers the line; called
+/// on the vCPU thread before the guest's EOI, it leaves no extra delivery.
+///
+/// The GSI must be routed to an irqchip pin (PIC or IOAPIC), programmed level-triggered by the
+/// guest.
 #[derive(Debug)]
 #[must_use = "dropping a LevelIrqFd deassigns it at once"]
 pub struct LevelIrqFd {
-    binding: Binding,
+    delivery: Delivery,
     resample: Notifier,
+    path: Path,
 }
 
 impl Drop for LevelIrqFd {
     fn drop(&mut self) {
-        self.binding.release();
+        self.delivery.release();
     }
 }
 
@@ -306,8 +325,25 @@ impl LevelIrqFd {
     ) -> Result<LevelIrqFd> {
         let resample = resample.try_clone()?;
         Ok(LevelIrqFd {
-            binding: Binding::new(router, gsi, trigger, Some(&resample))?,
+            delivery: Delivery::Kernel(Binding::new(router, gsi, trigger, Some(&resample))?),
             resample,
+            path: Path::Kernel,
+        })
+    }
+
+    pub(crate) fn injected(
+        injector: &Injector,
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: &Notifier,
+        why: Fallback,
+    ) -> Result<LevelIrqFd> {
+        let resample = resample.try_clone()?;
+        Ok(LevelIrqFd {
+            delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample))?,
+            resample,
+            path: Path::Userspace(why),
         })
     }
 
@@ -317,26 +353,45 @@ impl LevelIrqFd {
     ///
     /// [`Error::Notifier`] if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
-        self.binding.trigger().notify()
+        self.delivery.trigger().notify()
     }
 
-    /// The notifier signalled when the guest EOIs the line.
+    /// The device's interrupt condition cleared. On the injector path this takes back a trigger
+    /// not yet served and lowers the line if it is held high (then adds 1 to
+    /// [`resample`](Self::resample)); returns whether it lowered the line. On the kernel path
+    /// KVM lowers the line at the EOI itself, and this returns `Ok(false)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if the trigger read or the resample write fails, [`Error::IrqLine`] if
+    /// `KVM_IRQ_LINE` does.
+    pub fn deassert(&self) -> Result<bool> {
+        match &self.delivery {
+            Delivery::Kernel(_) => Ok(false),
+            Delivery::Injected {
+                injector, token, ..
+            } => injector.deassert(*token),
+        }
+    }
+
+    /// The notifier signalled when the line is lowered: at the guest's EOI on the kernel path,
+    /// at [`deassert`](Self::deassert) on the injector path.
     pub fn resample(&self) -> &Notifier {
         &self.resample
     }
 
     /// The GSI this irqfd asserts.
     pub fn gsi(&self) -> Gsi {
-        self.binding.gsi
+        self.delivery.gsi()
     }
 
     /// The irqfd's own descriptor of the trigger notifier.
     pub fn notifier(&self) -> &Notifier {
-        self.binding.trigger()
+        self.delivery.trigger()
     }
 
-    /// Always [`Path::Kernel`]: level lines are kernel irqfds.
+    /// Whether KVM asserts the line (an irqfd) or the injector thread does, and why.
     pub fn path(&self) -> &Path {
-        &Path::Kernel
+        &self.path
     }
 }
