@@ -21,9 +21,11 @@
 //! * [`MsixVectors`]: MSI-X vectors raised by index, with mask and pending bits that lose and
 //!   double nothing, the table and PBA for a VMM to emulate, batched routing, save/restore.
 //! * [`Backend`]: the same registrations in the kernel or in userspace ([`ExitDispatcher`] for
-//!   guest writes that exit, an injector thread for edge interrupts), chosen per registration.
+//!   guest writes that exit, an injector thread for edge, MSI and level interrupts), chosen per
+//!   registration.
 //! * [`EventLoop`]: a device thread waits on many notifiers; `NotifierSubscriber` (feature
-//!   `event-manager`) does it inside an `event-manager` loop.
+//!   `event-manager`) does it inside an `event-manager` loop. [`AdaptivePoll`] (opt-in) polls a
+//!   busy notifier for a self-tuning time before blocking.
 //! * `testkit` (cargo feature `testkit`): a tiny x86-64 guest on `/dev/kvm`, for proving all of
 //!   the above end to end.
 //!
@@ -84,6 +86,7 @@ mod ioevent;
 mod irq;
 mod msi;
 mod notifier;
+mod poll;
 mod routing;
 
 #[cfg(feature = "event-manager")]
@@ -107,6 +110,7 @@ pub use msi::{
     MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_VECTOR_MASKED,
 };
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
+pub use poll::{AdaptivePoll, PollStats};
 pub use routing::{
     Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
     ROUTE_TABLE_LIMIT,
@@ -131,6 +135,7 @@ mod tests {
         send_sync::<IrqFd>();
         send_sync::<LevelIrqFd>();
         send_sync::<GsiRouter>();
+        send_sync::<AdaptivePoll>();
         send_sync::<Error>();
     }
 }

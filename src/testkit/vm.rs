@@ -339,6 +339,24 @@ impl TinyVm {
         Ok(Running { thread, stop, rx })
     }
 
+    /// Loads `program` and hands the vCPU over, for a caller that runs `KVM_RUN` itself — a
+    /// benchmark's raw baseline, which then shares only the machine with the kit (memory, page
+    /// tables, registers, the assembled guest). The program ends with an `out` to
+    /// [`DONE_PORT`](super::layout::DONE_PORT); an unexpected vector shows as an `out` to
+    /// [`UNEXPECTED_VECTOR_PORT`](super::layout::UNEXPECTED_VECTOR_PORT).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyStarted`] once the vCPU is gone, and those of assembling.
+    pub fn take_vcpu(&mut self, program: GuestProgram) -> Result<VcpuFd> {
+        let assembled = program.assemble()?;
+        if self.vcpu.is_none() {
+            return Err(Error::AlreadyStarted);
+        }
+        self.load(&assembled)?;
+        self.vcpu.take().ok_or(Error::AlreadyStarted)
+    }
+
     /// Runs `program` to its end (or `timeout`) with no exit handler, and returns the report.
     ///
     /// # Errors
