@@ -244,6 +244,12 @@ pub enum Error {
         /// The token given.
         token: u64,
     },
+    /// More queues than a virtio device can have.
+    #[error("a virtio device has at most 65535 queues, not {count}")]
+    VirtioQueueCount {
+        /// The count given.
+        count: usize,
+    },
     /// `KVM_IRQ_LINE` failed while the injector thread changed a line's level.
     #[error("GSI {gsi}: KVM_IRQ_LINE failed: {source}")]
     IrqLine {

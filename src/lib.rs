@@ -88,6 +88,7 @@ mod msi;
 mod notifier;
 mod poll;
 mod routing;
+mod virtio;
 
 #[cfg(feature = "event-manager")]
 mod subscriber;
@@ -114,6 +115,10 @@ pub use poll::{AdaptivePoll, PollStats};
 pub use routing::{
     Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
     ROUTE_TABLE_LIMIT,
+};
+pub use virtio::{
+    MmioInterrupt, MmioNotify, PciNotify, VirtQueueNotify, INT_CONFIG, INT_VRING,
+    MMIO_INTERRUPT_ACK, MMIO_INTERRUPT_STATUS, MMIO_QUEUE_NOTIFY, NO_VECTOR,
 };
 
 /// The README's code, compiled as a doctest.

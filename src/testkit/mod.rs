@@ -13,12 +13,14 @@
 
 mod msix_bar;
 mod program;
+mod virtq;
 mod vm;
 
 pub mod layout;
 
 pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN};
 pub use program::{AssembledProgram, Eoi, GuestProgram};
+pub use virtq::{SplitQueue, MAX_BUFFER, MAX_QUEUES, QUEUES_BASE, QUEUE_REGION};
 pub use vm::{ExitHandler, GuestExit, Outcome, RunReport, Running, TinyVm};
 
 /// Set to `1` to make a missing or unusable `/dev/kvm` fail the tests instead of skipping them.

@@ -1,0 +1,3 @@
+//! Code shared by the integration tests (and, by path, the examples).
+
+pub mod virtio_rng;

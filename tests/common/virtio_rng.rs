@@ -1,0 +1,135 @@
+//! A virtio entropy device (virtio-rng, one request queue per `VirtQueueNotify`) served with the
+//! rust-vmm `virtio-queue` crate, notified through vm-notify. Shared by `tests/virtio.rs` and
+//! `examples/virtio_backend.rs`.
+
+use std::fs::File;
+use std::io::Read;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_notify::testkit::SplitQueue;
+use vm_notify::{EventLoop, MmioInterrupt, VirtQueueNotify};
+
+/// What the device did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RngStats {
+    /// Descriptor chains completed, per queue.
+    pub requests: Vec<u64>,
+    /// Bytes written into guest buffers.
+    pub bytes: u64,
+    /// Guest notifications read from the kick notifiers (after coalescing).
+    pub kicks: u64,
+    /// Kick wake-ups: how many times a kick notifier was found written.
+    pub wakeups: u64,
+    /// `signal_used` calls, and how many asked for a new interrupt.
+    pub signals: u64,
+    /// Of `signals`, those that asked for a new interrupt (see `VirtQueueNotify::signal_used`).
+    pub new_interrupts: u64,
+    /// Resample wake-ups, and those that re-asserted the line.
+    pub resamples: u64,
+    /// Re-assertions after a resample.
+    pub reasserts: u64,
+}
+
+/// Token of the interrupt's resample notifier in the device's event loop.
+const RESAMPLE: u64 = u64::MAX - 1;
+
+/// A virtio-rng device over `queues` (each with its guest-side layout).
+pub struct RngDevice {
+    mem: GuestMemoryMmap,
+    queues: Vec<(VirtQueueNotify, Queue)>,
+    irq: Option<Arc<MmioInterrupt>>,
+    random: File,
+    stats: RngStats,
+}
+
+impl RngDevice {
+    /// A device serving `queues`, as a driver that laid them out with `SplitQueue` configured them.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        queues: &[(VirtQueueNotify, SplitQueue)],
+        irq: Option<Arc<MmioInterrupt>>,
+    ) -> RngDevice {
+        let queues: Vec<_> = queues
+            .iter()
+            .map(|(notify, layout)| {
+                let mut q = Queue::new(layout.size()).unwrap();
+                q.set_size(layout.size());
+                let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+                let (lo, hi) = split(layout.desc_table());
+                q.set_desc_table_address(lo, hi);
+                let (lo, hi) = split(layout.avail_ring());
+                q.set_avail_ring_address(lo, hi);
+                let (lo, hi) = split(layout.used_ring());
+                q.set_used_ring_address(lo, hi);
+                q.set_ready(true);
+                (notify.clone(), q)
+            })
+            .collect();
+        let n = queues.len();
+        RngDevice {
+            mem,
+            queues,
+            irq,
+            random: File::open("/dev/urandom").unwrap(),
+            stats: RngStats {
+                requests: vec![0; n],
+                ..RngStats::default()
+            },
+        }
+    }
+
+    /// Serves until `events` is stopped; returns what it did.
+    pub fn run(mut self, events: &EventLoop) -> RngStats {
+        for (i, (notify, _)) in self.queues.iter().enumerate() {
+            events.add(i as u64, notify.kick()).unwrap();
+        }
+        if let Some(irq) = &self.irq {
+            events.add(RESAMPLE, irq.resample()).unwrap();
+        }
+        events
+            .run(|token, count| {
+                if token == RESAMPLE {
+                    self.stats.resamples += count;
+                    if self.irq.as_ref().unwrap().on_resample()? {
+                        self.stats.reasserts += 1;
+                    }
+                } else {
+                    self.stats.kicks += count;
+                    self.stats.wakeups += 1;
+                    self.serve(token as usize);
+                }
+                Ok(())
+            })
+            .unwrap();
+        self.stats
+    }
+
+    /// Fills every available chain of queue `i`, then signals once if any was used.
+    fn serve(&mut self, i: usize) {
+        let mut used = 0;
+        let mut buf = [0u8; 4096];
+        let (notify, queue) = &mut self.queues[i];
+        while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let mut len = 0u32;
+            for desc in chain.writable() {
+                let n = desc.len() as usize;
+                self.random.read_exact(&mut buf[..n]).unwrap();
+                self.mem.write_slice(&buf[..n], desc.addr()).unwrap();
+                len += desc.len();
+            }
+            queue.add_used(&self.mem, head, len).unwrap();
+            self.stats.requests[i] += 1;
+            self.stats.bytes += u64::from(len);
+            used += 1;
+        }
+        if used > 0 {
+            self.stats.signals += 1;
+            if notify.signal_used().unwrap() {
+                self.stats.new_interrupts += 1;
+            }
+        }
+    }
+}
