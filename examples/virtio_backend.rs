@@ -67,22 +67,11 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     // The VMM's exit handler: the interrupt registers; queue notifications on the userspace path.
     let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());
     let report = vm
-        .start(p, move |e: &GuestExit, data: &mut [u8]| match *e {
-            // Reads of anything but InterruptStatus read as 0 (the run loop zeroes `data`).
-            GuestExit::MmioRead { addr, .. } => {
-                let _ = vmm.read(addr, data);
+        .start(p, move |e: &GuestExit, data: &mut [u8]| {
+            // Other reads read as 0 (the run loop zeroes `data`); other writes are dropped.
+            if !e.serve_virtio_mmio(&vmm, data).unwrap_or(false) {
+                let _ = e.dispatch(&dispatcher);
             }
-            GuestExit::MmioWrite {
-                addr,
-                data: value,
-                len,
-            } => {
-                let bytes = &value.to_le_bytes()[..usize::from(len)];
-                if !vmm.write(addr, bytes).unwrap_or(false) {
-                    let _ = e.dispatch(&dispatcher);
-                }
-            }
-            _ => {}
         })?
         .wait(TIMEOUT);
     stop.stop()?;

@@ -257,29 +257,12 @@ impl Backend {
     ///
     /// Those of [`IrqFd::new`]; on the userspace path the same route checks.
     pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
-        let gap = self.irqfd_gap(router, false);
-        match (self.kind, gap) {
-            (BackendKind::Userspace, _) => IrqFd::injected(
-                self.injector(router)?,
-                router,
-                gsi,
-                notifier,
-                Fallback::Requested,
-            ),
-            (BackendKind::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
-                Err(Error::MissingCapability(c))
-            }
-            (BackendKind::Auto, Some(why)) => {
-                IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
-            }
-            _ => match IrqFd::new(router, gsi, notifier) {
-                Err(e) if self.kind == BackendKind::Auto && Self::kernel_refused(&e) => {
-                    let why = Fallback::KernelRefused(e.to_string());
-                    IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
-                }
-                other => other,
-            },
-        }
+        self.choose_irq_path(
+            router,
+            false,
+            || IrqFd::new(router, gsi, notifier),
+            |injector, why| IrqFd::injected(injector, router, gsi, notifier, why),
+        )
     }
 
     /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`, or
@@ -296,21 +279,38 @@ impl Backend {
         trigger: &Notifier,
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
-        let injected =
-            |why| LevelIrqFd::injected(self.injector(router)?, router, gsi, trigger, resample, why);
-        match (self.kind, self.irqfd_gap(router, true)) {
-            (BackendKind::Userspace, _) => injected(Fallback::Requested),
+        self.choose_irq_path(
+            router,
+            true,
+            || LevelIrqFd::new(router, gsi, trigger, resample),
+            |injector, why| LevelIrqFd::injected(injector, router, gsi, trigger, resample, why),
+        )
+    }
+
+    /// The choice every interrupt registration makes: the kernel (`kernel`) unless the kind says
+    /// userspace, a capability is missing (with resample if `level`), or, on `Auto`, the kernel
+    /// refuses; otherwise the injector thread (`injected`, with the reason).
+    fn choose_irq_path<T>(
+        &self,
+        router: &GsiRouter,
+        level: bool,
+        kernel: impl FnOnce() -> Result<T>,
+        injected: impl FnOnce(&Injector, Fallback) -> Result<T>,
+    ) -> Result<T> {
+        let why = match (self.kind, self.irqfd_gap(router, level)) {
+            (BackendKind::Userspace, _) => Fallback::Requested,
             (BackendKind::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
-                Err(Error::MissingCapability(c))
+                return Err(Error::MissingCapability(c))
             }
-            (BackendKind::Auto, Some(why)) => injected(why),
-            _ => match LevelIrqFd::new(router, gsi, trigger, resample) {
+            (BackendKind::Auto, Some(why)) => why,
+            _ => match kernel() {
                 Err(e) if self.kind == BackendKind::Auto && Self::kernel_refused(&e) => {
-                    injected(Fallback::KernelRefused(e.to_string()))
+                    Fallback::KernelRefused(e.to_string())
                 }
-                other => other,
+                other => return other,
             },
-        }
+        };
+        injected(self.injector(router)?, why)
     }
 
     fn userspace(

@@ -105,6 +105,42 @@ impl VirtQueueNotify {
     }
 }
 
+/// A device's queues: the device-side handles and their notify registrations, index for index.
+#[derive(Debug, Default)]
+struct Queues {
+    handles: Vec<VirtQueueNotify>,
+    registrations: Vec<IoEvent>,
+}
+
+impl Queues {
+    /// Registers the next queue's notifications at `at` with `backend`; its used buffers go to
+    /// `signal`.
+    fn add(&mut self, backend: &Backend, at: WriteMatch, signal: Signal) -> Result<()> {
+        let index = self.handles.len() as u16;
+        let kick = Notifier::new(Mode::Counter)?;
+        self.registrations
+            .push(backend.register(at.datamatch(index.into()), &kick)?);
+        self.handles.push(VirtQueueNotify {
+            inner: Arc::new(QueueInner {
+                index,
+                kick,
+                signal,
+            }),
+        });
+        Ok(())
+    }
+
+    fn get(&self, index: u16) -> Option<VirtQueueNotify> {
+        self.handles.get(usize::from(index)).cloned()
+    }
+
+    fn path(&self, index: u16) -> Option<&Path> {
+        self.registrations
+            .get(usize::from(index))
+            .map(IoEvent::path)
+    }
+}
+
 fn raise_vector(vectors: &MsixVectors, vector: u16) -> Result<bool> {
     if vector == NO_VECTOR {
         return Ok(false);
@@ -202,9 +238,8 @@ impl MmioInterrupt {
 #[derive(Debug)]
 pub struct MmioNotify {
     base: u64,
-    queues: Vec<VirtQueueNotify>,
+    queues: Queues,
     irq: Arc<MmioInterrupt>,
-    registrations: Vec<IoEvent>,
 }
 
 impl MmioNotify {
@@ -232,41 +267,27 @@ impl MmioNotify {
             line,
             status: Mutex::new(0),
         });
-        let mut registrations = Vec::with_capacity(queues.into());
-        let mut handles = Vec::with_capacity(queues.into());
-        for index in 0..queues {
-            let kick = Notifier::new(Mode::Counter)?;
-            let at = WriteMatch::mmio(base + MMIO_QUEUE_NOTIFY)
-                .width(Width::W4)
-                .datamatch(index.into());
-            registrations.push(backend.register(at, &kick)?);
-            handles.push(VirtQueueNotify {
-                inner: Arc::new(QueueInner {
-                    index,
-                    kick,
-                    signal: Signal::Mmio(irq.clone()),
-                }),
-            });
+        let mut handles = Queues::default();
+        for _ in 0..queues {
+            let at = WriteMatch::mmio(base + MMIO_QUEUE_NOTIFY).width(Width::W4);
+            handles.add(backend, at, Signal::Mmio(irq.clone()))?;
         }
         Ok(MmioNotify {
             base,
             queues: handles,
             irq,
-            registrations,
         })
     }
 
     /// Queue `index`'s notifications, if it exists.
     pub fn queue(&self, index: u16) -> Option<VirtQueueNotify> {
-        self.queues.get(usize::from(index)).cloned()
+        self.queues.get(index)
     }
 
     /// Where queue `index`'s notifications are taken (kernel ioeventfd, or the backend's
     /// dispatcher, and why).
     pub fn queue_path(&self, index: u16) -> Option<&Path> {
-        self.registrations
-            .get(usize::from(index))
-            .map(IoEvent::path)
+        self.queues.path(index)
     }
 
     /// The device's interrupt.
@@ -310,11 +331,10 @@ pub struct PciNotify {
     notify_base: u64,
     multiplier: u32,
     offsets: Vec<u16>,
-    queues: Vec<VirtQueueNotify>,
+    queues: Queues,
     queue_vectors: Vec<Arc<AtomicU16>>,
     config_vector: AtomicU16,
     vectors: Arc<MsixVectors>,
-    registrations: Vec<IoEvent>,
 }
 
 impl PciNotify {
@@ -338,28 +358,16 @@ impl PciNotify {
                 count: queue_notify_off.len(),
             });
         }
-        let mut registrations = Vec::with_capacity(queue_notify_off.len());
-        let mut queues = Vec::with_capacity(queue_notify_off.len());
+        let mut queues = Queues::default();
         let mut queue_vectors = Vec::with_capacity(queue_notify_off.len());
-        for (index, &off) in queue_notify_off.iter().enumerate() {
-            let index = index as u16;
+        for &off in queue_notify_off {
             let addr = notify_address(notify_base, notify_off_multiplier, off)?;
-            let kick = Notifier::new(Mode::Counter)?;
-            let at = WriteMatch::mmio(addr)
-                .width(Width::W2)
-                .datamatch(index.into());
-            registrations.push(backend.register(at, &kick)?);
             let vector = Arc::new(AtomicU16::new(NO_VECTOR));
-            queues.push(VirtQueueNotify {
-                inner: Arc::new(QueueInner {
-                    index,
-                    kick,
-                    signal: Signal::Pci {
-                        vectors: vectors.clone(),
-                        vector: vector.clone(),
-                    },
-                }),
-            });
+            let signal = Signal::Pci {
+                vectors: vectors.clone(),
+                vector: vector.clone(),
+            };
+            queues.add(backend, WriteMatch::mmio(addr).width(Width::W2), signal)?;
             queue_vectors.push(vector);
         }
         Ok(PciNotify {
@@ -370,21 +378,18 @@ impl PciNotify {
             queue_vectors,
             config_vector: AtomicU16::new(NO_VECTOR),
             vectors,
-            registrations,
         })
     }
 
     /// Queue `index`'s notifications, if it exists.
     pub fn queue(&self, index: u16) -> Option<VirtQueueNotify> {
-        self.queues.get(usize::from(index)).cloned()
+        self.queues.get(index)
     }
 
     /// Where queue `index`'s notifications are taken (kernel ioeventfd, or the backend's
     /// dispatcher, and why).
     pub fn queue_path(&self, index: u16) -> Option<&Path> {
-        self.registrations
-            .get(usize::from(index))
-            .map(IoEvent::path)
+        self.queues.path(index)
     }
 
     /// The guest-physical address queue `index` is notified at.

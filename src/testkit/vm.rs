@@ -18,7 +18,7 @@ use super::layout::{
 };
 use super::program::{AssembledProgram, GuestProgram};
 use super::{Error, Result};
-use crate::{ExitDispatcher, GsiRouter};
+use crate::{ExitDispatcher, GsiRouter, MmioNotify};
 
 /// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
 /// in the kernel handles.
@@ -72,6 +72,23 @@ impl GuestExit {
             }
             GuestExit::PioWrite { port, data, len } => {
                 dispatcher.pio_write(port, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Serves the guest's access to a virtio-mmio device's interrupt registers: an
+    /// `InterruptStatus` read (fills `data`) or an `InterruptACK` write. Returns whether this exit
+    /// was one.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MmioNotify::write`].
+    pub fn serve_virtio_mmio(&self, notify: &MmioNotify, data: &mut [u8]) -> crate::Result<bool> {
+        match *self {
+            GuestExit::MmioRead { addr, .. } => Ok(notify.read(addr, data)),
+            GuestExit::MmioWrite { addr, data, len } => {
+                notify.write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
             }
             _ => Ok(false),
         }
