@@ -244,6 +244,23 @@ pub enum Error {
         /// The token given.
         token: u64,
     },
+    /// `Notifier::from_fd` was given a descriptor that is not an eventfd.
+    #[error("descriptor {fd} is not an eventfd")]
+    NotAnEventFd {
+        /// The descriptor.
+        fd: i32,
+    },
+    /// A vhost-user request failed: the step, and what the vhost crate or the backend said.
+    #[error("vhost-user {op} failed: {reason}")]
+    VhostUser {
+        /// The step (a message name, or the connection).
+        op: &'static str,
+        /// The error.
+        reason: String,
+    },
+    /// The vhost-user backend closed its connection.
+    #[error("the vhost-user backend disconnected")]
+    VhostUserDisconnected,
     /// More queues than a virtio device can have.
     #[error("a virtio device has at most 65535 queues, not {count}")]
     VirtioQueueCount {

@@ -95,6 +95,9 @@ mod subscriber;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
+#[cfg(feature = "vhost-user")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vhost-user")))]
+pub mod vhost;
 
 #[cfg(feature = "event-manager")]
 #[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]

@@ -96,6 +96,58 @@ impl Notifier {
         Ok(Notifier { fd, mode })
     }
 
+    /// Adopts an eventfd made elsewhere — the kick or call fd a vhost-user backend receives over
+    /// its socket, say — with the same counter semantics as one made here. The mode is the
+    /// descriptor's own (`EFD_SEMAPHORE`, read from `/proc/self/fdinfo`; counter mode on kernels
+    /// that do not show it).
+    ///
+    /// The descriptor is made non-blocking, as every notifier is (blocking reads wait with
+    /// `poll`). That flag belongs to the open file, so other holders of the same eventfd see it
+    /// too; KVM ignores it, and eventfd users that wait with poll or epoll are not affected.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotAnEventFd`] when `fd` is not an eventfd; [`Error::Notifier`] if its flags
+    /// cannot be read or set.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
+        let raw = fd.as_raw_fd();
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|source| {
+                Error::Notifier {
+                    op: "read fdinfo",
+                    source,
+                }
+            })?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim_start_matches(':').trim().to_string())
+        };
+        if field("eventfd-count").is_none() {
+            return Err(Error::NotAnEventFd { fd: raw });
+        }
+        let mode = match field("eventfd-semaphore").as_deref() {
+            Some("1") => Mode::Semaphore,
+            _ => Mode::Counter,
+        };
+        // SAFETY: fcntl on a descriptor `fd` owns; F_GETFL/F_SETFL touch only its flags.
+        let set = unsafe {
+            let flags = libc::fcntl(raw, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !set {
+            return Err(Error::Notifier {
+                op: "make non-blocking",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the descriptor comes from an `OwnedFd`, so it is open and owned by nothing
+        // else; the `EventFd` takes that ownership.
+        let fd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Notifier { fd, mode })
+    }
+
     /// The read mode chosen at creation.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -269,6 +321,37 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+
+    /// A descriptor of an eventfd made elsewhere (here: a plain blocking eventfd, as a backend
+    /// library might make, duplicated as if received over a socket) keeps the counter and the
+    /// mode; anything else is refused with a typed error.
+    #[test]
+    fn adopted_eventfds_keep_counter_and_mode() {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        for (flags, mode) in [(0, Mode::Counter), (libc::EFD_SEMAPHORE, Mode::Semaphore)] {
+            let theirs = EventFd::new(flags).unwrap();
+            // SAFETY: dup returns a new descriptor (checked) that nothing else owns.
+            let dup = unsafe { libc::dup(theirs.as_raw_fd()) };
+            assert!(dup >= 0);
+            // SAFETY: `dup` is a fresh, open descriptor owned by nothing else.
+            let ours = Notifier::from_fd(unsafe { OwnedFd::from_raw_fd(dup) }).unwrap();
+            assert_eq!(ours.mode(), mode);
+            theirs.write(3).unwrap();
+            let expect = if mode == Mode::Counter { 3 } else { 1 };
+            assert_eq!(ours.read().unwrap(), expect);
+            ours.add(5).unwrap();
+            // Their read sees our write: the whole count, or one in semaphore mode.
+            assert_eq!(
+                theirs.read().unwrap(),
+                if mode == Mode::Counter { 5 } else { 1 }
+            );
+            // Non-blocking now: an empty counter is WouldBlock, not a hang.
+            while ours.try_read().unwrap() != Attempt::WouldBlock {}
+        }
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let e = Notifier::from_fd(OwnedFd::from(file)).unwrap_err();
+        assert!(matches!(e, Error::NotAnEventFd { .. }), "{e:?}");
+    }
 
     #[test]
     fn counter_mode_coalesces_and_zeroes() {

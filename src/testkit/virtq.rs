@@ -31,6 +31,7 @@ const USED: u64 = 0x2000;
 const LENS: u64 = 0x3000;
 const SUBMITTED: u64 = 0x3800;
 const MISMATCHES: u64 = 0x3808;
+const SLEEPS: u64 = 0x3810;
 const BUFFERS: u64 = 0x4000;
 
 /// `VIRTQ_DESC_F_WRITE`: the device writes the buffer.
@@ -102,6 +103,19 @@ impl SplitQueue {
         self.lengths[usize::from(i % self.size)]
     }
 
+    /// The queue's layout as queue `index` of a device, for
+    /// [`VhostUserFrontend::start_queue`](crate::vhost::VhostUserFrontend::start_queue).
+    #[cfg(feature = "vhost-user")]
+    pub fn vring(&self, index: u16) -> crate::vhost::VringLayout {
+        crate::vhost::VringLayout {
+            index,
+            size: self.size,
+            desc_table: self.desc_table(),
+            avail_ring: self.avail_ring(),
+            used_ring: self.used_ring(),
+        }
+    }
+
     /// Writes the descriptor table, zeroed rings and the expected lengths into `vm`'s memory.
     ///
     /// # Errors
@@ -125,6 +139,7 @@ impl SplitQueue {
             }
         }
         vm.write_u64(self.region + SUBMITTED, 0)?;
+        vm.write_u64(self.region + SLEEPS, 0)?;
         vm.write_u64(self.region + MISMATCHES, 0)
     }
 
@@ -144,6 +159,16 @@ impl SplitQueue {
     /// [`Error::Memory`].
     pub fn mismatches(&self, vm: &TinyVm) -> Result<u64> {
         vm.read_u64(self.region + MISMATCHES)
+    }
+
+    /// How many times the guest slept in [`GuestProgram::virtq_wait_used`] (each sleep ends with
+    /// an interrupt).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`].
+    pub fn sleeps(&self, vm: &TinyVm) -> Result<u64> {
+        vm.read_u64(self.region + SLEEPS)
     }
 
     /// The used ring's index, as the device left it.
@@ -195,6 +220,7 @@ impl GuestProgram {
         a.mov(rcx, qword_ptr(q.region + SUBMITTED))?;
         a.cmp(ax, cx)?;
         a.je(done)?;
+        a.inc(qword_ptr(q.region + SLEEPS))?;
         self.wait_for_interrupt()?;
         let a = self.asm();
         a.jmp(check)?;

@@ -1,6 +1,7 @@
 //! [`TinyVm`]: one vCPU in long mode, an in-kernel irqchip, and a run loop on its own thread.
 
 use std::fmt;
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Once};
@@ -226,14 +227,46 @@ impl TinyVm {
     ///
     /// [`Error::Kvm`] naming the step that failed (opening `/dev/kvm` first among them).
     pub fn new() -> Result<TinyVm> {
+        TinyVm::build(None)
+    }
+
+    /// As [`new`](Self::new), with guest memory in a memfd mapped shared, so another process
+    /// (a vhost-user backend) can map the same memory from the file descriptor
+    /// ([`memory`](Self::memory)'s region has a `file_offset`).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`new`](Self::new); [`Error::Kvm`] if the memfd cannot be made.
+    pub fn with_shared_memory() -> Result<TinyVm> {
+        let name = c"vm-notify-tiny-guest";
+        // SAFETY: `name` is a NUL-terminated string; memfd_create returns a new descriptor or -1
+        // and touches no memory of ours.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Kvm {
+                step: "memfd_create",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        file.set_len(MEM_SIZE as u64).map_err(|source| Error::Kvm {
+            step: "size the guest memory memfd",
+            source,
+        })?;
+        TinyVm::build(Some(vm_memory::FileOffset::new(file, 0)))
+    }
+
+    fn build(file: Option<vm_memory::FileOffset>) -> Result<TinyVm> {
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
             .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+        let memory =
+            GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), MEM_SIZE, file)])
+                .map_err(|e| Error::Memory(e.to_string()))?;
         let host = memory
             .get_host_address(GuestAddress(0))
             .map_err(|e| Error::Memory(e.to_string()))?;

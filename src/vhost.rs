@@ -1,0 +1,282 @@
+//! vhost-user hand-off (cargo feature `vhost-user`): a virtio queue whose work an external
+//! vhost-user backend does, with no VMM thread in the notification path.
+//!
+//! The queue's kick notifier is registered as an ioeventfd on the queue-notify address and its
+//! call notifier is bound to the queue's interrupt (an [`IrqFd`], or an MSI-X vector of
+//! [`MsixVectors`]); [`VhostUserFrontend::start_queue`] hands the very same eventfds to the backend
+//! with `SET_VRING_KICK` / `SET_VRING_CALL`. A guest kick then goes from KVM straight to the
+//! backend, and the backend's call straight into KVM as an interrupt.
+//!
+//! Ownership: the frontend owns each started queue's kick registration and its call binding;
+//! dropping the frontend unregisters both (and closes the connection).
+//!
+//! MSI-X with an external writer: the backend holds the vector's own eventfd
+//! ([`MsixVectors::notifier`]), and masking detaches the irqfd but keeps that eventfd, so a call
+//! made while masked stays in its counter — the pending bit the guest reads in the PBA — and is
+//! delivered on unmask. When the guest moves the queue to another vector,
+//! [`VhostUserFrontend::set_call`] hands the backend the new vector's eventfd.
+//!
+//! A backend that stops is seen: [`VhostUserFrontend::wait_disconnect`] polls the connection and
+//! returns [`Error::VhostUserDisconnected`] when the peer has gone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+use crate::ioevent::IoEvent;
+use crate::irq::IrqFd;
+use crate::msi::MsixVectors;
+use crate::notifier::Notifier;
+
+/// A split virtqueue's layout in guest memory, as the driver configured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VringLayout {
+    /// The queue's index.
+    pub index: u16,
+    /// Its size (descriptors).
+    pub size: u16,
+    /// Guest-physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest-physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest-physical address of the used ring.
+    pub used_ring: u64,
+}
+
+/// Where a queue's calls become interrupts.
+#[derive(Debug)]
+pub enum CallTarget {
+    /// An irqfd on a GSI (a legacy pin or an MSI route); the backend writes its notifier.
+    Irq(IrqFd),
+    /// MSI-X vector `index` of a function; the backend writes the vector's own eventfd.
+    Msix {
+        /// The function's vectors (a handle sharing them).
+        vectors: MsixVectors,
+        /// The vector.
+        index: usize,
+    },
+}
+
+impl CallTarget {
+    fn notifier(&self) -> Result<Notifier> {
+        match self {
+            CallTarget::Irq(irq) => irq.notifier().try_clone(),
+            CallTarget::Msix { vectors, index } => vectors.notifier(*index),
+        }
+    }
+}
+
+/// A started queue: what the frontend owns for it.
+#[derive(Debug)]
+struct Handed {
+    _kick: IoEvent,
+    call: CallTarget,
+}
+
+/// The frontend side of one vhost-user connection (see the module docs).
+pub struct VhostUserFrontend {
+    frontend: Frontend,
+    memory: GuestMemoryMmap,
+    features: u64,
+    protocol: Option<VhostUserProtocolFeatures>,
+    queues: BTreeMap<u16, Handed>,
+}
+
+impl fmt::Debug for VhostUserFrontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VhostUserFrontend")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("protocol", &self.protocol)
+            .field("queues", &self.queues)
+            .finish()
+    }
+}
+
+fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
+    move |e| Error::VhostUser {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+impl VhostUserFrontend {
+    /// Connects to the backend listening at `socket`, for up to `queues` queues; takes ownership
+    /// of the device (`SET_OWNER`); negotiates the features the backend offers among `wanted`
+    /// (plus `VHOST_USER_F_PROTOCOL_FEATURES` when offered, and then the `MQ` protocol feature if
+    /// offered); and shares `memory`, which must be file-backed
+    /// ([`TinyVm::with_shared_memory`](crate::testkit::TinyVm::with_shared_memory) is).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VhostUser`] naming the step that failed (the connection first among them), or
+    /// when a memory region has no file.
+    pub fn connect(
+        socket: impl AsRef<Path>,
+        queues: u16,
+        memory: &GuestMemoryMmap,
+        wanted: u64,
+    ) -> Result<VhostUserFrontend> {
+        let mut frontend =
+            Frontend::connect(socket, queues.into()).map_err(vhost_err("connect"))?;
+        frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = offered & (wanted | protocol_bit);
+        frontend
+            .set_features(features)
+            .map_err(vhost_err("SET_FEATURES"))?;
+        let protocol = if features & protocol_bit != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+            let chosen = offered & VhostUserProtocolFeatures::MQ;
+            frontend
+                .set_protocol_features(chosen)
+                .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+            Some(chosen)
+        } else {
+            None
+        };
+        let regions = memory
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(vhost_err("describe guest memory (is it file-backed?)"))?;
+        frontend
+            .set_mem_table(&regions)
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+        Ok(VhostUserFrontend {
+            frontend,
+            memory: memory.clone(),
+            features,
+            protocol,
+            queues: BTreeMap::new(),
+        })
+    }
+
+    /// The negotiated virtio features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Hands queue `layout.index` to the backend: its size and ring addresses, then `kick`'s
+    /// notifier (a registered ioeventfd) and `call`'s eventfd, then enables it. The frontend owns
+    /// both from now on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VhostUser`] naming the message that failed, or a ring address outside guest
+    /// memory; those of [`MsixVectors::notifier`].
+    pub fn start_queue(
+        &mut self,
+        layout: VringLayout,
+        kick: IoEvent,
+        call: CallTarget,
+    ) -> Result<()> {
+        let host = |gpa: u64| {
+            self.memory
+                .get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .map_err(|e| Error::VhostUser {
+                    op: "translate a ring address",
+                    reason: e.to_string(),
+                })
+        };
+        let index = usize::from(layout.index);
+        let config = VringConfigData {
+            queue_max_size: layout.size,
+            queue_size: layout.size,
+            flags: 0,
+            desc_table_addr: host(layout.desc_table)?,
+            used_ring_addr: host(layout.used_ring)?,
+            avail_ring_addr: host(layout.avail_ring)?,
+            log_addr: None,
+        };
+        let f = &mut self.frontend;
+        f.set_vring_num(index, layout.size)
+            .map_err(vhost_err("SET_VRING_NUM"))?;
+        f.set_vring_addr(index, &config)
+            .map_err(vhost_err("SET_VRING_ADDR"))?;
+        f.set_vring_base(index, 0)
+            .map_err(vhost_err("SET_VRING_BASE"))?;
+        f.set_vring_call(index, call.notifier()?.as_event_fd())
+            .map_err(vhost_err("SET_VRING_CALL"))?;
+        f.set_vring_kick(index, kick.notifier().as_event_fd())
+            .map_err(vhost_err("SET_VRING_KICK"))?;
+        if self.protocol.is_some() {
+            f.set_vring_enable(index, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+        self.queues
+            .insert(layout.index, Handed { _kick: kick, call });
+        Ok(())
+    }
+
+    /// Moves queue `index`'s calls to `call` (the guest picked another vector): hands the backend
+    /// the new eventfd; the old binding is dropped once the backend has the new one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VhostUser`] for a queue not started or a failed `SET_VRING_CALL`.
+    pub fn set_call(&mut self, index: u16, call: CallTarget) -> Result<()> {
+        if !self.queues.contains_key(&index) {
+            return Err(Error::VhostUser {
+                op: "SET_VRING_CALL",
+                reason: format!("queue {index} was not started"),
+            });
+        }
+        self.frontend
+            .set_vring_call(index.into(), call.notifier()?.as_event_fd())
+            .map_err(vhost_err("SET_VRING_CALL"))?;
+        if let Some(q) = self.queues.get_mut(&index) {
+            q.call = call;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the backend to go away. Returns `Ok(())` if it is still
+    /// connected then, and [`Error::VhostUserDisconnected`] as soon as the connection hangs up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VhostUserDisconnected`]; [`Error::VhostUser`] if polling fails.
+    pub fn wait_disconnect(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.frontend.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `pfd` is one valid pollfd on the connection's socket, which `self` keeps
+            // open; poll reads and writes only it.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::VhostUser {
+                    op: "poll the connection",
+                    reason: e.to_string(),
+                });
+            }
+            if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(Error::VhostUserDisconnected);
+            }
+            if left.is_zero() {
+                return Ok(());
+            }
+        }
+    }
+}
