@@ -21,6 +21,14 @@ const LENGTHS: [u32; 4] = [16, 64, 256, 512];
 /// VIRTIO_F_VERSION_1. The guest does not maintain used_event, so no VIRTIO_RING_F_EVENT_IDX.
 const FEATURES: u64 = 1 << 32;
 
+/// The tests here run one at a time: the leak test counts the process's descriptors, which the
+/// others would change under it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Setup {
     vm: TinyVm,
     queue: SplitQueue,
@@ -84,6 +92,8 @@ fn open_fds() -> usize {
 
 #[test]
 fn a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path() {
+    // Before the KVM probe too: it opens descriptors.
+    let _serial = serial();
     if !kvm_or_skip("a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path") {
         return;
     }
@@ -129,6 +139,8 @@ fn a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path() {
 
 #[test]
 fn a_killed_backend_is_reported_and_leaves_nothing_behind() {
+    // Before the KVM probe too: it opens descriptors.
+    let _serial = serial();
     if !kvm_or_skip("a_killed_backend_is_reported_and_leaves_nothing_behind") {
         return;
     }
@@ -188,6 +200,8 @@ fn a_killed_backend_is_reported_and_leaves_nothing_behind() {
 /// calls follow.
 #[test]
 fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
+    // Before the KVM probe too: it opens descriptors.
+    let _serial = serial();
     if !kvm_or_skip("msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd") {
         return;
     }
