@@ -171,6 +171,22 @@ impl SplitQueue {
         vm.read_u64(self.region + SLEEPS)
     }
 
+    /// How many distinct 8-byte words the buffers hold now: with entropy in them, about as many
+    /// as there are words; with constant bytes, one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`].
+    pub fn distinct_words(&self, vm: &TinyVm) -> Result<usize> {
+        let mut words = std::collections::BTreeSet::new();
+        for i in 0..self.size {
+            for off in (0..u64::from(self.buffer_len(i))).step_by(8) {
+                words.insert(vm.read_u64(self.buffer(i) + off)?);
+            }
+        }
+        Ok(words.len())
+    }
+
     /// The used ring's index, as the device left it.
     ///
     /// # Errors
