@@ -90,6 +90,9 @@ mod poll;
 mod routing;
 mod virtio;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "event-manager")]
 mod subscriber;
 #[cfg(feature = "testkit")]
