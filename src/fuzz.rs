@@ -45,7 +45,7 @@ fn matches(a: &Reg, pio: bool, addr: u64, len: u32, value: u64) -> bool {
         && !a.in_kernel
         && a.pio == pio
         && a.addr == addr
-        && (a.len == 0 || (a.len == len && a.datamatch.is_none_or(|d| d == value)))
+        && (a.len == 0 || (a.len == len && a.datamatch.map_or(true, |d| d == value)))
 }
 
 struct Bytes<'a>(&'a [u8]);
