@@ -1,0 +1,92 @@
+//! Every descriptor the library makes is close-on-exec: with a VM, notifiers, registrations on
+//! both paths, level and edge irqfds, MSI-X vectors, an event loop and an injector thread alive, a
+//! child started with `exec` sees none of them.
+
+use std::process::Command;
+
+use vm_notify::testkit::{kvm_or_skip, TinyVm};
+use vm_notify::{
+    Backend, BackendKind, EventLoop, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, MsixVectors,
+    Notifier, WriteMatch,
+};
+
+/// Descriptors open without close-on-exec: the ones this process was started with that children
+/// inherit on purpose (cargo's jobserver pipe, say).
+fn inheritable(fds: &[u32]) -> Vec<u32> {
+    fds.iter()
+        .copied()
+        .filter(|&fd| {
+            // SAFETY: F_GETFD only reads the descriptor's flags; a closed one returns -1.
+            let flags = unsafe { libc::fcntl(fd as i32, libc::F_GETFD) };
+            flags >= 0 && flags & libc::FD_CLOEXEC == 0
+        })
+        .collect()
+}
+
+fn own_fds() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn no_descriptor_survives_exec() {
+    if !kvm_or_skip("no_descriptor_survives_exec") {
+        return;
+    }
+    let before = own_fds();
+    let inherited = inheritable(&before);
+    let vm = TinyVm::with_shared_memory().unwrap();
+    let n = || Notifier::new(Mode::Counter).unwrap();
+    let kick = n();
+    let _kernel = IoEvent::register(vm.vm(), WriteMatch::mmio(0xd000_0050), &kick).unwrap();
+    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let _user = user.register(WriteMatch::mmio(0xd000_0060), &n()).unwrap();
+    let _edge = IrqFd::new(vm.router(), 4, &n()).unwrap();
+    let _injected = user.irqfd(vm.router(), 3, &n()).unwrap();
+    let _level = LevelIrqFd::new(vm.router(), 5, &n(), &n()).unwrap();
+    let vectors = MsixVectors::new(vm.router(), 4).unwrap();
+    vectors.set_message(0, MsiMessage::x86(0, 0x40)).unwrap();
+    vectors.set_masked(0, false).unwrap();
+    vectors.set_enabled(true).unwrap();
+    let _vector_fd = vectors.notifier(0).unwrap();
+    let events = EventLoop::new().unwrap();
+    events.add(1, &kick).unwrap();
+
+    let parent = own_fds();
+    let ours: Vec<u32> = parent
+        .iter()
+        .copied()
+        .filter(|fd| !before.contains(fd))
+        .collect();
+    // Every descriptor made since the start carries FD_CLOEXEC...
+    assert_eq!(inheritable(&ours), Vec::<u32>::new(), "of {ours:?}");
+    // `ls` lists its own descriptors: 0, 1, 2, and the one it reads the directory with.
+    let out = Command::new("ls")
+        .arg("/proc/self/fd")
+        .output()
+        .expect("run ls");
+    assert!(out.status.success());
+    let child: Vec<u32> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    eprintln!(
+        "the library opened {} descriptors; the exec'd child sees {child:?} (inherited on purpose by this process: {inherited:?})",
+        ours.len()
+    );
+    assert!(ours.len() > 15, "the library should hold many: {ours:?}");
+    // ...and none reaches the child: it has its standard three, the one `ls` reads the directory
+    // with, and what this process itself inherited.
+    let leaked: Vec<u32> = child
+        .iter()
+        .copied()
+        .filter(|fd| *fd > 3 && !inherited.contains(fd))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "descriptors leaked across exec: {leaked:?} of {child:?}"
+    );
+}
