@@ -7,10 +7,25 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use vm_notify::testkit::{kvm_or_skip, GuestProgram, TinyVm};
-use vm_notify::{Error, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+use vm_notify::{
+    Backend, BackendKind, Error, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, MsixVectors,
+    Notifier, Width, WriteMatch,
+};
 
+/// Kernel ioeventfd cycles: each unregistration waits for an SRCU grace period (about 8 ms).
 const CYCLES: usize = 1000;
+/// Cycles of every other kind.
+const MANY: usize = 10_000;
 const ADDR: u64 = 0xd000_0000;
+
+/// Runs `cycle` `n` times; returns the time per cycle.
+fn cycles(n: usize, mut cycle: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        cycle();
+    }
+    start.elapsed() / n as u32
+}
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -28,18 +43,55 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     let irq_notifier = Notifier::new(Mode::Counter).unwrap();
     let before = open_fds();
 
-    let start = Instant::now();
-    for _ in 0..CYCLES {
-        let reg = IoEvent::register(vm.vm(), write, &kicks).unwrap();
-        drop(reg);
-    }
-    let ioevent_time = start.elapsed();
-    let start = Instant::now();
-    for _ in 0..CYCLES {
-        let irq = IrqFd::new(vm.router(), gsi, &irq_notifier).unwrap();
-        drop(irq);
-    }
-    let irqfd_time = start.elapsed();
+    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let resample = Notifier::new(Mode::Counter).unwrap();
+    let entries = vm.router().entries();
+    let mut report = Vec::new();
+    report.push((
+        "kernel ioeventfd",
+        CYCLES,
+        cycles(CYCLES, || drop(IoEvent::register(vm.vm(), write, &kicks).unwrap())),
+    ));
+    report.push((
+        "userspace ioeventfd (dispatcher)",
+        MANY,
+        cycles(MANY, || drop(user.register(write, &kicks).unwrap())),
+    ));
+    report.push((
+        "kernel irqfd (MSI route)",
+        MANY,
+        cycles(MANY, || drop(IrqFd::new(vm.router(), gsi, &irq_notifier).unwrap())),
+    ));
+    report.push((
+        "injected irqfd (userspace path)",
+        MANY,
+        cycles(MANY, || drop(user.irqfd(vm.router(), gsi, &irq_notifier).unwrap())),
+    ));
+    report.push((
+        "kernel level irqfd with resample (IOAPIC pin 10)",
+        MANY,
+        cycles(MANY, || {
+            drop(LevelIrqFd::new(vm.router(), 10, &irq_notifier, &resample).unwrap())
+        }),
+    ));
+    report.push((
+        "injected level irqfd (userspace path)",
+        MANY,
+        cycles(MANY, || {
+            drop(user.level_irqfd(vm.router(), 10, &irq_notifier, &resample).unwrap())
+        }),
+    ));
+    report.push((
+        "MSI-X vector: table of 1, configured, enabled, raised",
+        MANY,
+        cycles(MANY, || {
+            let v = MsixVectors::new(vm.router(), 1).unwrap();
+            v.configure(&[(0, MsiMessage::x86(0, 0x41), false)]).unwrap();
+            v.set_enabled(true).unwrap();
+            v.raise(0).unwrap();
+        }),
+    ));
+    let ioevent_time = report[0].2;
     // Refused registrations release what they took, too.
     let held = IoEvent::register(vm.vm(), write, &kicks).unwrap();
     for _ in 0..100 {
@@ -53,14 +105,17 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         ));
     }
     drop(held);
+    drop((user, resample));
     let after = open_fds();
-    eprintln!(
-        "{CYCLES} ioeventfd register/drop cycles in {ioevent_time:?} ({:.2} ms each), \
-         {CYCLES} irqfd cycles in {irqfd_time:?}; open fds {before} -> {after}",
-        ioevent_time.as_secs_f64() * 1e3 / CYCLES as f64
-    );
+    for (kind, n, each) in &report {
+        eprintln!("{n} register/drop cycles of {kind}: {each:?} each");
+    }
+    eprintln!("open fds {before} -> {after}; routing entries {entries} -> {}", vm.router().entries());
+    assert!(ioevent_time > Duration::ZERO);
     assert_eq!(before, after, "descriptors leaked");
     assert_eq!(vm.router().irqfds(gsi), 0);
+    assert_eq!(vm.router().irqfds(10), 0);
+    assert_eq!(vm.router().entries(), entries, "routes leaked");
 
     // The address registers again, and a guest write to it is counted in the kernel.
     let _reg = IoEvent::register(vm.vm(), write, &kicks).unwrap();
