@@ -221,7 +221,9 @@ impl VhostUserFrontend {
     }
 
     /// Moves queue `index`'s calls to `call` (the guest picked another vector): hands the backend
-    /// the new eventfd; the old binding is dropped once the backend has the new one.
+    /// the new eventfd and returns once the backend has taken it (a request with a reply follows
+    /// it on the connection); the old binding is dropped then. Calls made before that go to the
+    /// old vector, as an MSI in flight before a vector change would.
     ///
     /// # Errors
     ///
@@ -236,6 +238,13 @@ impl VhostUserFrontend {
         self.frontend
             .set_vring_call(index.into(), call.notifier()?.as_event_fd())
             .map_err(vhost_err("SET_VRING_CALL"))?;
+        // SET_VRING_CALL has no reply unless REPLY_ACK is negotiated, and a backend may call the
+        // old eventfd until it has read it. A request with a reply behind it on the same
+        // connection returns only once the backend has handled everything before it: after
+        // this, every call goes to the new eventfd.
+        self.frontend
+            .get_features()
+            .map_err(vhost_err("GET_FEATURES (barrier after SET_VRING_CALL)"))?;
         if let Some(q) = self.queues.get_mut(&index) {
             q.call = call;
         }

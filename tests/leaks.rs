@@ -50,7 +50,9 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     report.push((
         "kernel ioeventfd",
         CYCLES,
-        cycles(CYCLES, || drop(IoEvent::register(vm.vm(), write, &kicks).unwrap())),
+        cycles(CYCLES, || {
+            drop(IoEvent::register(vm.vm(), write, &kicks).unwrap())
+        }),
     ));
     report.push((
         "userspace ioeventfd (dispatcher)",
@@ -60,12 +62,16 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     report.push((
         "kernel irqfd (MSI route)",
         MANY,
-        cycles(MANY, || drop(IrqFd::new(vm.router(), gsi, &irq_notifier).unwrap())),
+        cycles(MANY, || {
+            drop(IrqFd::new(vm.router(), gsi, &irq_notifier).unwrap())
+        }),
     ));
     report.push((
         "injected irqfd (userspace path)",
         MANY,
-        cycles(MANY, || drop(user.irqfd(vm.router(), gsi, &irq_notifier).unwrap())),
+        cycles(MANY, || {
+            drop(user.irqfd(vm.router(), gsi, &irq_notifier).unwrap())
+        }),
     ));
     report.push((
         "kernel level irqfd with resample (IOAPIC pin 10)",
@@ -78,7 +84,10 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         "injected level irqfd (userspace path)",
         MANY,
         cycles(MANY, || {
-            drop(user.level_irqfd(vm.router(), 10, &irq_notifier, &resample).unwrap())
+            drop(
+                user.level_irqfd(vm.router(), 10, &irq_notifier, &resample)
+                    .unwrap(),
+            )
         }),
     ));
     report.push((
@@ -86,7 +95,8 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         MANY,
         cycles(MANY, || {
             let v = MsixVectors::new(vm.router(), 1).unwrap();
-            v.configure(&[(0, MsiMessage::x86(0, 0x41), false)]).unwrap();
+            v.configure(&[(0, MsiMessage::x86(0, 0x41), false)])
+                .unwrap();
             v.set_enabled(true).unwrap();
             v.raise(0).unwrap();
         }),
@@ -110,7 +120,10 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     for (kind, n, each) in &report {
         eprintln!("{n} register/drop cycles of {kind}: {each:?} each");
     }
-    eprintln!("open fds {before} -> {after}; routing entries {entries} -> {}", vm.router().entries());
+    eprintln!(
+        "open fds {before} -> {after}; routing entries {entries} -> {}",
+        vm.router().entries()
+    );
     assert!(ioevent_time > Duration::ZERO);
     assert_eq!(before, after, "descriptors leaked");
     assert_eq!(vm.router().irqfds(gsi), 0);

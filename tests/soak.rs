@@ -75,7 +75,8 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
                 let n = Notifier::new(Mode::Counter).unwrap();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let at = WriteMatch::mmio(0xd100_0000 + 0x1000 * t + 8 * (i % 64)).width(Width::W4);
+                    let at =
+                        WriteMatch::mmio(0xd100_0000 + 0x1000 * t + 8 * (i % 64)).width(Width::W4);
                     drop(backend.register(at, &n).unwrap());
                     churned.fetch_add(1, Ordering::Relaxed);
                     i += 1;

@@ -278,6 +278,8 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
         p.virtq_wait_used(&queue)
     })
     .unwrap();
+    // Take every interrupt still pending (the last call's, at least): all on vector 1.
+    p.drain_interrupts(0x30).unwrap();
     p.exit().unwrap();
 
     let (tx, rx) = std::sync::mpsc::channel();
@@ -335,7 +337,7 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
         "no call went to the old vector after the retarget"
     );
     assert!(
-        sleeps <= irqs[1] && irqs[1] <= AFTER,
+        sleeps.max(1) <= irqs[1] && irqs[1] <= AFTER,
         "{irqs:?}, sleeps {sleeps}"
     );
     assert_eq!(u64::from(queue.used_idx(&vm).unwrap()), 1 + AFTER);
