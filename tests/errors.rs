@@ -209,3 +209,80 @@ fn gsi_exhaustion_is_a_typed_error() {
     drop(tx); // uncommitted: nothing changes
     assert_eq!(router.entries(), 40);
 }
+
+/// A kernel without an ioeventfd or irqfd capability, simulated at the backend seam: a
+/// `Kernel` backend names the missing capability, and nothing is registered.
+#[test]
+fn missing_capabilities_are_typed_at_the_backend_seam() {
+    if !kvm_or_skip("missing_capabilities_are_typed_at_the_backend_seam") {
+        return;
+    }
+    use vm_notify::{Backend, BackendKind};
+    let vm = TinyVm::new().unwrap();
+    let kernel = |cap| Backend::new(vm.vm().clone(), BackendKind::Kernel).disable(cap);
+    let n = notifier();
+    let sized = WriteMatch::mmio(0xd000_0000).width(Width::W4);
+    let any = WriteMatch::mmio(0xd000_0000);
+    for (cap, m) in [
+        (Capability::IoEventFd, sized),
+        (Capability::IoEventFdAnyLength, any),
+    ] {
+        let e = kernel(cap).register(m, &n).unwrap_err();
+        assert!(
+            matches!(e, Error::MissingCapability(c) if c == cap),
+            "{e:?}"
+        );
+    }
+    // The address is free: the refusals registered nothing.
+    drop(IoEvent::register(vm.vm(), any, &n).unwrap());
+    let e = kernel(Capability::IrqFd)
+        .irqfd(vm.router(), 4, &n)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::MissingCapability(Capability::IrqFd)),
+        "{e:?}"
+    );
+    let e = kernel(Capability::IrqFdResample)
+        .level_irqfd(vm.router(), 10, &n, &notifier())
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::MissingCapability(Capability::IrqFdResample)),
+        "{e:?}"
+    );
+    assert_eq!(vm.router().irqfds(4), 0);
+    assert_eq!(vm.router().irqfds(10), 0);
+}
+
+#[test]
+fn set_msi_on_an_irqchip_route_is_refused() {
+    if !kvm_or_skip("set_msi_on_an_irqchip_route_is_refused") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let before = vm.router().routes(4);
+    let e = vm
+        .router()
+        .set_msi(4, MsiMessage::x86(0, 0x40))
+        .unwrap_err();
+    assert!(matches!(e, Error::NotMsiRoute { gsi: 4 }), "{e:?}");
+    assert_eq!(vm.router().routes(4), before);
+}
+
+#[test]
+fn a_vector_past_the_table_is_refused() {
+    if !kvm_or_skip("a_vector_past_the_table_is_refused") {
+        return;
+    }
+    let vm = TinyVm::new().unwrap();
+    let v = vm_notify::MsixVectors::new(vm.router(), 2).unwrap();
+    for r in [
+        v.raise(2),
+        v.set_masked(7, false),
+        v.set_message(2, MsiMessage::x86(0, 0x40)),
+    ] {
+        assert!(
+            matches!(r, Err(Error::MsixVectorIndex { index, count: 2 }) if index >= 2),
+            "{r:?}"
+        );
+    }
+}

@@ -346,3 +346,18 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     // Only MSI-X table/PBA accesses and the retarget signal reached the VMM: no queue notify.
     assert_eq!(report.mmio_writes(NOTIFY), 0);
 }
+
+/// No backend at the socket: a typed error naming the step, and nothing registered.
+#[test]
+fn connecting_to_no_backend_is_a_typed_error() {
+    let _serial = serial();
+    if !kvm_or_skip("connecting_to_no_backend_is_a_typed_error") {
+        return;
+    }
+    let vm = TinyVm::with_shared_memory().unwrap();
+    let missing =
+        std::env::temp_dir().join(format!("vm-notify-{}-nobody.sock", std::process::id()));
+    let e = VhostUserFrontend::connect(&missing, 1, vm.memory(), FEATURES).unwrap_err();
+    assert!(matches!(e, Error::VhostUser { op: "connect", .. }), "{e:?}");
+    eprintln!("{e}");
+}
