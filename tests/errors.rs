@@ -286,3 +286,128 @@ fn a_vector_past_the_table_is_refused() {
         );
     }
 }
+
+const FD_CHILD: &str = "VM_NOTIFY_FD_EXHAUSTION_CHILD";
+
+/// The lowest descriptor number not in use: with the soft limit set to it, the next descriptor
+/// cannot be made.
+fn lowest_free_fd() -> u64 {
+    // SAFETY: dup returns the lowest free descriptor (checked), closed again at once.
+    let fd = unsafe { libc::dup(0) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just made here and nothing else uses it.
+    unsafe { libc::close(fd) };
+    fd as u64
+}
+
+fn set_fd_limit(soft: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one valid struct; only this (child) process
+    // is affected.
+    let ok = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = soft;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    assert!(ok, "setrlimit");
+}
+
+/// Runs in a child process (this test binary again): with no descriptor left, each registration
+/// kind fails with `FdExhausted`, and once descriptors are back the same registrations succeed —
+/// nothing half-made was left in the kernel or the router.
+fn fd_exhaustion_child() {
+    use vm_notify::{Backend, BackendKind, MsixVectors};
+    let vm = TinyVm::new().unwrap();
+    let n = notifier();
+    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    let vectors = MsixVectors::new(vm.router(), 1).unwrap();
+    vectors.set_message(0, MsiMessage::x86(0, 0x41)).unwrap();
+    let sized = WriteMatch::mmio(0xd000_0000).width(Width::W4);
+    let entries = vm.router().entries();
+    let saved = {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one valid struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        lim.rlim_cur
+    };
+    set_fd_limit(lowest_free_fd());
+    let results: Vec<(&str, Result<(), Error>)> = vec![
+        (
+            "kernel ioeventfd",
+            IoEvent::register(vm.vm(), sized, &n).map(drop),
+        ),
+        ("userspace ioeventfd", user.register(sized, &n).map(drop)),
+        ("irqfd", IrqFd::new(vm.router(), gsi, &n).map(drop)),
+        (
+            "level irqfd",
+            LevelIrqFd::new(vm.router(), 10, &n, &n).map(drop),
+        ),
+        ("MSI-X vector unmask", vectors.set_masked(0, false)),
+        ("notifier", Notifier::new(Mode::Counter).map(drop)),
+    ];
+    set_fd_limit(saved);
+    // Each either needs no new descriptor (and succeeds) or is refused with FdExhausted.
+    for (what, r) in &results {
+        println!("fd exhaustion: {what}: {r:?}");
+        assert!(
+            matches!(r, Ok(()) | Err(Error::FdExhausted { .. })),
+            "{what}: {r:?}"
+        );
+    }
+    let refused = results.iter().filter(|(_, r)| r.is_err()).count();
+    assert!(refused >= 1);
+    // Nothing half-made: every one of them succeeds now.
+    drop(IoEvent::register(vm.vm(), sized, &n).unwrap());
+    drop(user.register(sized, &n).unwrap());
+    drop(IrqFd::new(vm.router(), gsi, &n).unwrap());
+    drop(LevelIrqFd::new(vm.router(), 10, &n, &n).unwrap());
+    vectors.set_masked(0, false).unwrap();
+    assert_eq!(vm.router().irqfds(gsi), 0);
+    assert_eq!(vm.router().irqfds(10), 0);
+    assert!(vm.router().entries() >= entries);
+    println!(
+        "fd exhaustion child: {refused} of {} calls refused with FdExhausted, then all made",
+        results.len()
+    );
+}
+
+#[test]
+fn fd_exhaustion_leaves_no_half_made_registration() {
+    if std::env::var_os(FD_CHILD).is_some() {
+        fd_exhaustion_child();
+        return;
+    }
+    if !kvm_or_skip("fd_exhaustion_leaves_no_half_made_registration") {
+        return;
+    }
+    // In a child process, so the limit is lowered for nothing else.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fd_exhaustion_leaves_no_half_made_registration",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(FD_CHILD, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fd exhaustion child:"), "{stdout}");
+    for line in stdout
+        .lines()
+        .filter_map(|l| l.find("fd exhaustion").map(|i| &l[i..]))
+    {
+        eprintln!("{line}");
+    }
+}
