@@ -25,6 +25,7 @@ use std::sync::{Arc, OnceLock};
 use crate::dispatch::ExitDispatcher;
 use crate::error::{Capability, Error, Result};
 use crate::inject::Injector;
+use crate::ioevent::IoEventAddress;
 use crate::ioevent::{IoEvent, Width, WriteMatch};
 use crate::irq::{IrqFd, LevelIrqFd};
 use crate::notifier::Notifier;
@@ -376,8 +377,19 @@ pub(crate) fn assign_ioevent(vm: &VmFd, fd: &Notifier, req: &IoEventRequest) -> 
     ioeventfd(vm, fd, req, false)
 }
 
-pub(crate) fn deassign_ioevent(vm: &VmFd, fd: &Notifier, req: &IoEventRequest) -> io::Result<()> {
-    ioeventfd(vm, fd, req, true)
+/// Deassigns an ioeventfd. KVM answers ENOENT when no registration has exactly this eventfd,
+/// address, length and datamatch: that is [`Error::IoEventNotRegistered`]. (Guards cannot get
+/// there: each deassigns exactly what it assigned, once.)
+pub(crate) fn deassign_ioevent(vm: &VmFd, fd: &Notifier, req: &IoEventRequest) -> Result<()> {
+    let addr = if req.pio {
+        IoEventAddress::Pio(req.addr)
+    } else {
+        IoEventAddress::Mmio(req.addr)
+    };
+    ioeventfd(vm, fd, req, true).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => Error::IoEventNotRegistered { addr },
+        _ => Error::IoEvent { addr, source },
+    })
 }
 
 pub(crate) fn check(vm: &VmFd, cap: Capability) -> bool {
@@ -424,4 +436,47 @@ pub(crate) fn deassign_irqfd(vm: &VmFd, fd: &Notifier, gsi: u32) -> io::Result<(
 pub(crate) fn set_gsi_routing(vm: &VmFd, table: &KvmIrqRouting) -> io::Result<()> {
     vm.set_gsi_routing(table)
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::notifier::Mode;
+    use crate::testkit::{kvm_or_skip, TinyVm};
+
+    /// The removal guards cannot make: KVM answers ENOENT for an ioeventfd it does not have, and
+    /// the seam maps it. An irqfd deassign, by contrast, returns 0 even when nothing matched,
+    /// which is why the router keeps its own count of bound irqfds.
+    #[test]
+    fn removing_what_is_not_registered() {
+        if !kvm_or_skip("removing_what_is_not_registered") {
+            return;
+        }
+        let vm = TinyVm::new().unwrap();
+        let n = Notifier::new(Mode::Counter).unwrap();
+        let req = IoEventRequest {
+            addr: 0xd000_0000,
+            len: 4,
+            datamatch: None,
+            pio: false,
+        };
+        let e = deassign_ioevent(vm.vm(), &n, &req).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::IoEventNotRegistered {
+                    addr: IoEventAddress::Mmio(0xd000_0000)
+                }
+            ),
+            "{e:?}"
+        );
+        // Registered, then removed twice: the second removal is the same error.
+        assign_ioevent(vm.vm(), &n, &req).unwrap();
+        deassign_ioevent(vm.vm(), &n, &req).unwrap();
+        assert!(matches!(
+            deassign_ioevent(vm.vm(), &n, &req),
+            Err(Error::IoEventNotRegistered { .. })
+        ));
+        assert!(deassign_irqfd(vm.vm(), &n, 4).is_ok());
+    }
 }

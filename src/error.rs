@@ -135,6 +135,13 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Unregistering an ioeventfd KVM does not have (ENOENT): no registration with exactly this
+    /// eventfd, address, width and datamatch.
+    #[error("{addr}: no such ioeventfd registration to remove (ENOENT)")]
+    IoEventNotRegistered {
+        /// The address of the removal.
+        addr: IoEventAddress,
+    },
     /// The VM lacks a capability the operation needs.
     #[error("KVM lacks {0}")]
     MissingCapability(Capability),
