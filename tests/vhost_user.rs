@@ -361,3 +361,65 @@ fn connecting_to_no_backend_is_a_typed_error() {
     assert!(matches!(e, Error::VhostUser { op: "connect", .. }), "{e:?}");
     eprintln!("{e}");
 }
+
+/// Hand-off cycles against one running backend: connect, share memory, hand over a queue's kick
+/// (a userspace registration here; a kernel one costs a grace period to remove) and call, drop.
+/// Descriptors and routing entries come back to where they were. `VM_NOTIFY_VHOST_CYCLES` sets
+/// the count.
+#[test]
+fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
+    let _serial = serial();
+    if !kvm_or_skip("hand_off_cycles_leave_no_descriptor_or_registration_behind") {
+        return;
+    }
+    use vm_notify::{Backend, BackendKind};
+    let cycles: u32 = std::env::var("VM_NOTIFY_VHOST_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    vhost_backend::binary();
+    let vm = TinyVm::with_shared_memory().unwrap();
+    let queue = SplitQueue::new(0, 16, &LENGTHS).unwrap();
+    queue.lay_out(&vm).unwrap();
+    let backend = vhost_backend::Backend::start("cycles");
+    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let kick = Notifier::new(Mode::Counter).unwrap();
+    let call = Notifier::new(Mode::Counter).unwrap();
+    let entries = vm.router().entries();
+    let at = WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
+        .width(Width::W4)
+        .datamatch(0);
+    let before = open_fds();
+    let start = Instant::now();
+    let mut retries = 0u64;
+    for _ in 0..cycles {
+        // The backend listens again after each disconnect; connect when it does.
+        let mut frontend = loop {
+            match VhostUserFrontend::connect(&backend.socket, 1, vm.memory(), FEATURES) {
+                Ok(f) => break f,
+                Err(Error::VhostUser { op: "connect", .. }) => {
+                    retries += 1;
+                    assert!(
+                        start.elapsed() < Duration::from_secs(600),
+                        "the backend stopped listening"
+                    );
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let reg = user.register(at, &kick).unwrap();
+        let irq = IrqFd::new(vm.router(), IRQ.into(), &call).unwrap();
+        frontend
+            .start_queue(queue.vring(0), reg, CallTarget::Irq(irq))
+            .unwrap();
+        drop(frontend);
+    }
+    let each = start.elapsed() / cycles;
+    let after = open_fds();
+    eprintln!("{cycles} vhost-user hand-off cycles, {each:?} each ({retries} connect retries); open fds {before} -> {after}");
+    assert_eq!(before, after, "descriptors leaked");
+    assert_eq!(vm.router().irqfds(IRQ.into()), 0);
+    assert_eq!(vm.router().entries(), entries);
+    assert!(user.dispatcher().is_empty());
+}
