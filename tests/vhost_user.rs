@@ -393,11 +393,13 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     let start = Instant::now();
     let mut retries = 0u64;
     for _ in 0..cycles {
-        // The backend listens again after each disconnect; connect when it does.
+        // The backend listens again after each disconnect; connect when it does. Until then a
+        // connection is refused, or (when it lands on the old listener as it closes) accepted
+        // and then reset during the handshake: both are retried.
         let mut frontend = loop {
             match VhostUserFrontend::connect(&backend.socket, 1, vm.memory(), FEATURES) {
                 Ok(f) => break f,
-                Err(Error::VhostUser { op: "connect", .. }) => {
+                Err(Error::VhostUser { .. }) => {
                     retries += 1;
                     assert!(
                         start.elapsed() < Duration::from_secs(600),
