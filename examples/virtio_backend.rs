@@ -15,12 +15,11 @@ mod virtio_rng;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use virtio_rng::RngDevice;
 use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
-use vm_notify::{Backend, BackendKind, EventLoop, MmioNotify, INT_VRING, MMIO_QUEUE_NOTIFY};
+use vm_notify::{Backend, BackendKind, MmioNotify, INT_VRING, MMIO_QUEUE_NOTIFY};
 
 const BASE: u64 = 0xd000_0000;
 const IRQ: u8 = 5;
@@ -51,18 +50,13 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     p.exit()?;
 
     // The device.
-    let events = Arc::new(EventLoop::new()?);
-    let stop = events.stop_handle();
-    let device = {
-        let queues = [(notify.queue(0).ok_or("no queue 0")?, queue.clone())];
-        let device = RngDevice::new(
-            vm.memory().clone(),
-            &queues,
-            Some(notify.interrupt().clone()),
-        );
-        let events = events.clone();
-        thread::spawn(move || device.run(&events))
-    };
+    let queues = [(notify.queue(0).ok_or("no queue 0")?, queue.clone())];
+    let (stop, device) = RngDevice::new(
+        vm.memory().clone(),
+        &queues,
+        Some(notify.interrupt().clone()),
+    )
+    .spawn();
 
     // The VMM's exit handler: the interrupt registers; queue notifications on the userspace path.
     let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());

@@ -8,15 +8,14 @@
 mod common;
 
 use std::sync::{mpsc, Arc};
-use std::thread;
 use std::time::Duration;
 
 use common::virtio_rng::{RngDevice, RngStats};
 use iced_x86::code_asm::*;
 use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 use vm_notify::{
-    Backend, BackendKind, EventLoop, MmioNotify, MsiMessage, MsixVectors, Notifier, PciNotify,
-    INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
+    Backend, BackendKind, MmioNotify, MsiMessage, MsixVectors, Notifier, PciNotify, INT_CONFIG,
+    INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -75,17 +74,12 @@ fn rng(kind: BackendKind, queues: u16, rounds: u64) -> Outcome {
     .unwrap();
     p.exit().unwrap();
 
-    let events = Arc::new(EventLoop::new().unwrap());
-    let stop = events.stop_handle();
-    let device = {
-        let device = RngDevice::new(
-            vm.memory().clone(),
-            &layouts,
-            Some(notify.interrupt().clone()),
-        );
-        let events = events.clone();
-        thread::spawn(move || device.run(&events))
-    };
+    let (stop, device) = RngDevice::new(
+        vm.memory().clone(),
+        &layouts,
+        Some(notify.interrupt().clone()),
+    )
+    .spawn();
     let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
@@ -212,13 +206,8 @@ fn ack_rules(kind: BackendKind) {
     p.signal_host(2).unwrap(); // the host looks at the line
     p.exit().unwrap();
 
-    let events = Arc::new(EventLoop::new().unwrap());
-    let stop = events.stop_handle();
-    let device = {
-        let device = RngDevice::new(vm.memory().clone(), &[], Some(notify.interrupt().clone()));
-        let events = events.clone();
-        thread::spawn(move || device.run(&events))
-    };
+    let (stop, device) =
+        RngDevice::new(vm.memory().clone(), &[], Some(notify.interrupt().clone())).spawn();
     let (tx, rx) = mpsc::channel();
     let (vmm, raw) = (notify.clone(), vm.vm().clone());
     vm.start(p, move |e: &GuestExit, data: &mut [u8]| match *e {

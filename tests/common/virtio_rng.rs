@@ -5,11 +5,12 @@
 use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vm_notify::testkit::SplitQueue;
-use vm_notify::{EventLoop, MmioInterrupt, VirtQueueNotify};
+use vm_notify::{EventLoop, MmioInterrupt, StopHandle, VirtQueueNotify};
 
 /// What the device did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -80,8 +81,16 @@ impl RngDevice {
         }
     }
 
+    /// Serves on a thread of its own until the returned handle stops it; joining the thread gives
+    /// what it did.
+    pub fn spawn(self) -> (StopHandle, JoinHandle<RngStats>) {
+        let events = EventLoop::new().unwrap();
+        let stop = events.stop_handle();
+        (stop, thread::spawn(move || self.run(&events)))
+    }
+
     /// Serves until `events` is stopped; returns what it did.
-    pub fn run(mut self, events: &EventLoop) -> RngStats {
+    fn run(mut self, events: &EventLoop) -> RngStats {
         for (i, (notify, _)) in self.queues.iter().enumerate() {
             events.add(i as u64, notify.kick()).unwrap();
         }
