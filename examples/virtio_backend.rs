@@ -75,6 +75,7 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     let completed = queue.used_idx(&vm)?;
     let submitted = queue.submitted(&vm)?;
     let guest_irqs = vm.irq_count(VECTOR)?;
+    let zero_reads = vm.data(ZERO_SLOT)?;
     let untaken = u64::from(notify.interrupt().status() & INT_VRING);
     let distinct = queue.distinct_words(&vm)?;
     let elapsed = report.elapsed.as_secs_f64();
@@ -104,8 +105,11 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
         stats.signals, stats.new_interrupts
     );
     println!(
-        "  interrupts taken by the guest:   {guest_irqs} ({} with nothing to report; {untaken} due at exit, not waited for)",
-        vm.data(ZERO_SLOT)?
+        "  resamples:                       {} ({} re-asserted the line)",
+        stats.resamples, stats.reasserts
+    );
+    println!(
+        "  interrupts taken by the guest:   {guest_irqs} ({zero_reads} with nothing to report; {untaken} due at exit, not waited for)"
     );
     println!(
         "  exits to userspace:              {} (InterruptStatus reads and InterruptACK writes)",
@@ -123,8 +127,9 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
         && u64::from(completed) == requests % 65536
         && queue.mismatches(&vm)? == 0
         && stats.requests == [requests]
-        && guest_irqs + untaken == stats.new_interrupts
-        && vm.data(ZERO_SLOT)? == 0
+        // An interrupt with nothing to report needs a late re-assertion (docs/ARCHITECTURE.md).
+        && zero_reads <= stats.reasserts + untaken
+        && guest_irqs.checked_sub(zero_reads) == stats.new_interrupts.checked_sub(untaken)
         && distinct > 100)
 }
 

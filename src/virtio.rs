@@ -169,12 +169,21 @@ impl fmt::Debug for MmioInterrupt {
 }
 
 impl MmioInterrupt {
-    /// Sets `bits` in `InterruptStatus` and asserts the line; returns whether a bit was newly set.
+    /// Sets `bits` in `InterruptStatus`, asserting the line if no bit was set before; returns
+    /// whether a bit was newly set.
+    ///
+    /// While any bit is set the line is already asserted, an assertion is on its way, or a
+    /// resample is (and `on_resample` re-asserts): another trigger would add nothing the guest
+    /// needs, and on the kernel path, where KVM raises the line from a work queue after the
+    /// write, it could land after the guest acknowledged everything — an interrupt with status 0.
     fn raise(&self, bits: u32) -> Result<bool> {
         let mut status = lock(&self.status);
         let new = *status & bits != bits;
+        let was_clear = *status == 0;
         *status |= bits;
-        self.line.trigger()?;
+        if was_clear {
+            self.line.trigger()?;
+        }
         Ok(new)
     }
 
