@@ -146,15 +146,20 @@ fn check(kind: BackendKind, queues: u16, rounds: u64, o: &Outcome) {
     assert_eq!(o.exits as u64, 2 * o.guest_irqs + kicks);
 }
 
+/// `rng` and `check` on the kernel path, then on the userspace path.
+fn rng_on_both_paths(queues: u16, rounds: u64) {
+    for kind in [BackendKind::Kernel, BackendKind::Userspace] {
+        let o = rng(kind, queues, rounds);
+        check(kind, queues, rounds, &o);
+    }
+}
+
 #[test]
 fn virtio_mmio_rng_serves_1000_requests_on_one_queue() {
     if !kvm_or_skip("virtio_mmio_rng_serves_1000_requests_on_one_queue") {
         return;
     }
-    for kind in [BackendKind::Kernel, BackendKind::Userspace] {
-        let o = rng(kind, 1, 1000);
-        check(kind, 1, 1000, &o);
-    }
+    rng_on_both_paths(1, 1000);
 }
 
 #[test]
@@ -162,10 +167,7 @@ fn virtio_mmio_rng_serves_two_queues_with_interleaved_kicks() {
     if !kvm_or_skip("virtio_mmio_rng_serves_two_queues_with_interleaved_kicks") {
         return;
     }
-    for kind in [BackendKind::Kernel, BackendKind::Userspace] {
-        let o = rng(kind, 2, 500);
-        check(kind, 2, 500, &o);
-    }
+    rng_on_both_paths(2, 500);
 }
 
 /// InterruptStatus/ACK: with both bits set, the guest acknowledges only INT_VRING: the line stays
