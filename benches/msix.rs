@@ -15,8 +15,10 @@
 
 use std::time::{Duration, Instant};
 
-use vm_notify::testkit::TinyVm;
-use vm_notify::{GsiRouter, IrqFd, Mode, MsiMessage, MsixVectors, Notifier};
+use vm_notify::kvm::{GsiRouter, MsiMessage};
+use vm_notify::msix::MsixVectors;
+use vm_notify::{IrqFd, Mode, Notifier};
+use vm_notify_testkit::TinyVm;
 
 const VECTORS: usize = 1024;
 const ROUNDS: usize = 7;
@@ -107,7 +109,7 @@ fn irqfds_alone(router: &GsiRouter) -> Duration {
     let irqfds: Vec<_> = gsis
         .iter()
         .zip(&notifiers)
-        .map(|(&gsi, n)| IrqFd::new(router, gsi, n).unwrap())
+        .map(|(&gsi, n)| IrqFd::with_notifier(router, gsi, n).unwrap())
         .collect();
     let t = start.elapsed();
     drop(irqfds);
@@ -159,7 +161,7 @@ fn main() {
         println!("msix bench: run with `cargo bench --bench msix`");
         return;
     }
-    if !vm_notify::testkit::kvm_or_skip("msix bench") {
+    if !vm_notify_testkit::kvm_or_skip("msix bench") {
         return;
     }
     let vm = TinyVm::new().unwrap();

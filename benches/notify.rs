@@ -37,10 +37,10 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit, VcpuFd};
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    AdaptivePoll, EventLoop, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch,
-};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::wait::{AdaptivePoll, EventLoop};
+use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 use vmm_sys_util::eventfd::EventFd;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -449,7 +449,7 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
     let mut vm = TinyVm::new().unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let irq = IrqFd::new(vm.router(), gsi).unwrap();
     let guest = ping_pong_guest(round_trips);
     if wait == DeviceWait::Exit {
         let mut gaps = Vec::with_capacity(round_trips as usize);
@@ -555,7 +555,7 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
 fn interrupt_throughput(interrupts: u64) -> (f64, u64, u64) {
     let mut vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let irq = IrqFd::new(vm.router(), gsi).unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(VECTOR, Eoi::Lapic);
@@ -756,9 +756,7 @@ fn main() {
         println!("notify bench: run with `cargo bench --bench notify [-- --quick]`");
         return;
     }
-    if !kvm_or_skip("notify bench") {
-        return;
-    }
+    kvm_test!();
     let quick = args.iter().any(|a| a == "--quick");
     let plot_path = args
         .iter()

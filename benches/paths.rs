@@ -14,10 +14,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, ExitDispatcher, Mode, MsiMessage, Notifier, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, ExitDispatcher, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const ROUNDS: usize = 7;
 const LOOKUPS: u32 = 200_000;
@@ -41,7 +41,7 @@ fn dispatch(d: &ExitDispatcher, addr: u64) -> Duration {
 }
 
 /// Microseconds per kick → interrupt round trip on `kind`'s path.
-fn ping_pong(kind: BackendKind) -> Duration {
+fn ping_pong(kind: Policy) -> Duration {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     let kicks = Notifier::new(Mode::Counter).unwrap();
@@ -88,7 +88,7 @@ fn main() {
     println!("|---|---|");
     for n in [1u64, 100, 1000] {
         let backend_vm = TinyVm::new().unwrap();
-        let backend = Backend::new(backend_vm.vm().clone(), BackendKind::Userspace);
+        let backend = Backend::new(backend_vm.vm().clone(), Policy::Userspace);
         let notifiers: Vec<_> = (0..n)
             .map(|_| Notifier::new(Mode::Counter).unwrap())
             .collect();
@@ -119,13 +119,11 @@ fn main() {
         );
         drop(regs);
     }
-    if !kvm_or_skip("paths bench") {
-        return;
-    }
+    kvm_test!();
     let (mut kernel, mut user) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        kernel.push(ping_pong(BackendKind::Kernel));
-        user.push(ping_pong(BackendKind::Userspace));
+        kernel.push(ping_pong(Policy::Kernel));
+        user.push(ping_pong(Policy::Userspace));
     }
     let (k, u) = (median(kernel), median(user));
     println!(

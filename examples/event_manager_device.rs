@@ -17,10 +17,11 @@ use std::thread;
 use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
-use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, IrqFd, Mode, MsiMessage, Notifier, NotifierSubscriber, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::wait::NotifierSubscriber;
+use vm_notify::{IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
 
 const QUEUE_NOTIFY: u64 = 0xd000_0050;
 const QUEUES: u32 = 4;
@@ -39,12 +40,12 @@ struct Figures {
     wall: Duration,
 }
 
-fn run(kind: BackendKind, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
+fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let backend = Backend::new(vm.vm().clone(), kind);
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
     let irq: IrqFd = backend.irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
-    let irq_path = format!("{:?}", irq.path());
+    let irq_path = format!("{:?}", irq.placement());
 
     // The device: one subscriber watching every queue; its callback is all the device code.
     let per_queue: Arc<Vec<AtomicU64>> = Arc::new((0..QUEUES).map(|_| AtomicU64::new(0)).collect());
@@ -67,7 +68,7 @@ fn run(kind: BackendKind, rounds: u64) -> Result<Figures, Box<dyn std::error::Er
         registrations.push(backend.register(notify, &kicks)?);
         subscriber.watch(q, &kicks)?;
     }
-    let queue_path = format!("{:?}", registrations[0].path());
+    let queue_path = format!("{:?}", registrations[0].placement());
 
     let stop = Arc::new(AtomicBool::new(false));
     let device = {
@@ -129,7 +130,7 @@ fn main() -> ExitCode {
     let mut agree = true;
     let mut totals = (0, 0, 0, 0);
     println!("vm-notify device in an event-manager loop: {QUEUES} queues, {rounds} rounds each");
-    for kind in [BackendKind::Kernel, BackendKind::Userspace] {
+    for kind in [Policy::Kernel, Policy::Userspace] {
         let f = match run(kind, rounds) {
             Ok(f) => f,
             Err(e) => {

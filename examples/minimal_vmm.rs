@@ -18,8 +18,10 @@ use std::thread;
 use std::time::Duration;
 
 use iced_x86::code_asm::{dword_ptr, eax, rdi};
-use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{EventLoop, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::wait::EventLoop;
+use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
 
 /// The device's registers: a virtio-mmio style window; QueueNotify at +0x50.
 const DEVICE_BASE: u64 = 0xd000_0000;
@@ -45,7 +47,7 @@ struct Figures {
 
 /// The guest: enable the LAPIC, then `rounds` times count a kick, write the queue index to
 /// QueueNotify and wait for the device's interrupt.
-fn guest_program(rounds: u64) -> Result<GuestProgram, vm_notify::testkit::Error> {
+fn guest_program(rounds: u64) -> Result<GuestProgram, vm_notify_testkit::Error> {
     let mut p = GuestProgram::new()?;
     p.enable_lapic()?;
     p.on_interrupt(VECTOR, Eoi::Lapic);
@@ -68,7 +70,7 @@ fn run_with_notifiers(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>
         &kicks,
     )?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
+    let irq = IrqFd::new(vm.router(), gsi)?;
 
     // The device thread waits on its queue notifiers with the event loop; each wake-up gives
     // the kicks since the last one. The device processes its queue and signals used buffers
@@ -111,7 +113,7 @@ fn run_with_notifiers(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>
 fn run_with_exits(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
+    let irq = IrqFd::new(vm.router(), gsi)?;
     let run = vm.start(
         guest_program(rounds)?,
         move |e: &GuestExit, _: &mut [u8]| {

@@ -18,9 +18,10 @@ mod vhost_backend;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
-use vm_notify::vhost::{CallTarget, VhostUserFrontend};
-use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch, MMIO_QUEUE_NOTIFY};
+use vm_notify::vhost_user::VhostUserFrontend;
+use vm_notify::virtio::MMIO_QUEUE_NOTIFY;
+use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const BASE: u64 = 0xd000_0000;
 const IRQ: u8 = 6;
@@ -42,8 +43,8 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
             .datamatch(0),
         &Notifier::new(Mode::Counter)?,
     )?;
-    let call = IrqFd::new(vm.router(), IRQ.into(), &Notifier::new(Mode::Counter)?)?;
-    frontend.start_queue(queue.vring(0), kick, CallTarget::Irq(call))?;
+    let call = IrqFd::new(vm.router(), IRQ.into())?;
+    frontend.start_queue(queue.vring(0), kick, call)?;
 
     let mut p = GuestProgram::new()?;
     p.init_pic(0x20, !((1u16 << IRQ) | (1 << 2)), 0)?;

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_rng::RngDevice;
-use vm_notify::testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
-use vm_notify::{Backend, BackendKind, MmioNotify, Path, INT_VRING, MMIO_QUEUE_NOTIFY};
+use vm_notify::fallback::{Placement, Policy};
+use vm_notify::virtio::{MmioDevice, INT_VRING, MMIO_QUEUE_NOTIFY};
+use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const BASE: u64 = 0xd000_0000;
 const IRQ: u8 = 5;
@@ -31,8 +32,13 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto);
-    let notify = Arc::new(MmioNotify::new(&backend, vm.router(), BASE, 1, IRQ.into())?);
+    let device = MmioDevice {
+        base: BASE,
+        queues: 1,
+        gsi: IRQ.into(),
+    };
+    let root = vm.notify().with_policy(Policy::Auto);
+    let notify = Arc::new(root.virtio_mmio(&device)?);
     let queue = SplitQueue::new(0, 16, &LENGTHS)?;
     queue.lay_out(&vm)?;
 
@@ -59,7 +65,7 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     .spawn();
 
     // The VMM's exit handler: the interrupt registers; queue notifications on the userspace path.
-    let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());
+    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
             // Other reads read as 0 (the run loop zeroes `data`); other writes are dropped.
@@ -81,11 +87,11 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     let elapsed = report.elapsed.as_secs_f64();
     println!("vm-notify virtio-rng on virtio-mmio at {BASE:#x}, PIC IRQ {IRQ} (level, resample)");
     let queue_path = notify
-        .queue_path(0)
+        .queue_placement(0)
         .map_or_else(|| "none".to_string(), |p| format!("{p:?}"));
     println!(
         "  paths: queue notify {queue_path}, interrupt {:?}",
-        notify.interrupt().line().path()
+        notify.line_placement().unwrap()
     );
     println!("  requests submitted by the guest: {submitted}, used: {completed}");
     println!(
@@ -113,7 +119,7 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
         u8::from(untaken)
     );
     // A kernel irqfd's assertions can land late (see `check_interrupts`).
-    let late = *notify.interrupt().line().path() == Path::Kernel;
+    let late = *notify.line_placement().unwrap() == Placement::Kernel;
     let interrupts = stats.check_interrupts(guest_irqs, zero_reads, untaken, late);
     if let Err(e) = &interrupts {
         println!("  interrupt accounting:            WRONG: {e}");

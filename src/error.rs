@@ -5,7 +5,7 @@
 
 use std::io;
 
-use crate::ioevent::IoEventAddress;
+use crate::bus::IoEventAddress;
 
 /// Result type of every fallible operation in this crate.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -25,6 +25,18 @@ pub enum Capability {
     IrqRouting,
     /// An in-kernel irqchip (`KVM_CREATE_IRQCHIP`) on this VM.
     Irqchip,
+}
+
+impl Capability {
+    /// Every capability, in declaration order (so `cap as usize` indexes it).
+    pub(crate) const ALL: [Capability; 6] = [
+        Capability::IoEventFd,
+        Capability::IoEventFdAnyLength,
+        Capability::IrqFd,
+        Capability::IrqFdResample,
+        Capability::IrqRouting,
+        Capability::Irqchip,
+    ];
 }
 
 impl std::fmt::Display for Capability {
@@ -237,7 +249,7 @@ pub enum Error {
         /// The size of the table or PBA.
         size: u64,
     },
-    /// An epoll call of an [`EventLoop`](crate::EventLoop) failed.
+    /// An epoll call of an [`EventLoop`](crate::wait::EventLoop) failed.
     #[error("event loop: epoll {op} failed: {source}")]
     EventLoop {
         /// The operation: "create", "add", "delete", "wait", or "spawn the injector thread".
@@ -305,6 +317,18 @@ impl Error {
                 source,
             },
             _ => Error::Notifier { op, source },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_listed_in_declaration_order() {
+        for (i, cap) in Capability::ALL.into_iter().enumerate() {
+            assert_eq!(cap as usize, i, "{cap}");
         }
     }
 }

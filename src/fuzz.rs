@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
-use crate::dispatch::{ExitDispatcher, Key};
 use crate::error::Error;
-use crate::ioevent::{Width, WriteMatch};
+use crate::fallback::{ExitDispatcher, Key};
+use crate::kvm::{Width, WriteMatch};
 use crate::notifier::{Attempt, Mode, Notifier};
 
 /// A registration as the model keeps it.

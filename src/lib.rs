@@ -12,26 +12,30 @@
 //! EOI (level only)   ──►  resample counter += 1           ──►  device re-asserts if still due
 //! ```
 //!
-//! * [`IoEvent`]: guest writes matching a [`WriteMatch`] (address, [`Width`], datamatch) add 1 to
-//!   a notifier inside the kernel. Dropping it unregisters.
-//! * [`IrqFd`] / [`LevelIrqFd`]: a device triggers a notifier and KVM injects a GSI; the level
-//!   kind has a resample notifier signalled at the guest's EOI.
-//! * [`GsiRouter`]: the VM's routing table (default irqchip routes kept, MSI routes allocated,
-//!   changes committed in one ioctl); irqfds on unrouted GSIs are refused.
-//! * [`MsixVectors`]: MSI-X vectors raised by index, with mask and pending bits that lose and
-//!   double nothing, the table and PBA for a VMM to emulate, batched routing, save/restore.
-//! * [`Backend`]: the same registrations in the kernel or in userspace ([`ExitDispatcher`] for
-//!   guest writes that exit, an injector thread for edge, MSI and level interrupts), chosen per
-//!   registration.
-//! * [`EventLoop`]: a device thread waits on many notifiers; `NotifierSubscriber` (feature
-//!   `event-manager`) does it inside an `event-manager` loop. [`AdaptivePoll`] (opt-in) polls a
-//!   busy notifier for a self-tuning time before blocking.
-//! * `testkit` (cargo feature `testkit`): a tiny x86-64 guest on `/dev/kvm`, for proving all of
-//!   the above end to end.
+//! The crate is layered, each layer using only those below it (`docs/ARCHITECTURE.md` has the
+//! table, and CI checks it):
+//!
+//! * the ground: [`Notifier`] (eventfd semantics, over vmm-sys-util's `EventFd`) and [`Error`];
+//! * [`wait`]: [`EventLoop`](wait::EventLoop), [`AdaptivePoll`](wait::AdaptivePoll) and the
+//!   event-manager adapter, what device threads block or poll on;
+//! * [`kvm`]: the registrations the kernel holds — kernel ioeventfds ([`WriteMatch`],
+//!   [`IoEventFd`](kvm::IoEventFd)), the GSI routing table ([`GsiRouter`](kvm::GsiRouter)) and the
+//!   irqfd bindings;
+//! * [`msix`]: a function's MSI-X vectors with mask and pending bits that lose and double nothing,
+//!   and the table and PBA for a VMM to emulate;
+//! * [`fallback`]: the placement policy ([`Backend`](fallback::Backend)): the same registrations
+//!   in the kernel or in userspace (an exit dispatcher, an injector thread), chosen per
+//!   registration, behind [`IoEvent`], [`IrqFd`] and [`LevelIrqFd`];
+//! * [`device`]: what devices see — [`GuestInterrupt`] and [`QueueKicks`], implemented by every
+//!   delivery kind, with [`RecordingInterrupt`](device::RecordingInterrupt) for tests without KVM;
+//! * [`virtio`] (virtio-mmio and virtio-pci) and `vhost_user` (cargo feature `vhost-user`): the
+//!   transports, built on the traits;
+//! * [`Vm`]: the root a VMM makes every registration from.
 //!
 //! Every registration is a value: creating it registers, dropping it unregisters, and it holds an
 //! `Arc` of the VM so the VM outlives it. Every error is an [`Error`] variant naming the address
-//! or GSI at fault and the errno KVM returned.
+//! or GSI at fault and the errno KVM returned. The tiny-guest test kit that proves all of this end
+//! to end is its own crate, `vm-notify-testkit`.
 //!
 //! ## Example
 //!
@@ -39,28 +43,23 @@
 //! register; the device answers with an MSI.
 //!
 //! ```
-//! # if !vm_notify::testkit::kvm_or_skip("crate example") { return Ok(()); }
+//! # if !vm_notify_testkit::kvm_or_skip("crate example") { return Ok(()); }
 //! use std::sync::Arc;
-//! use vm_notify::{
-//!     Attempt, GsiRouter, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch,
-//! };
+//! use vm_notify::fallback::Policy;
+//! use vm_notify::kvm::MsiMessage;
+//! use vm_notify::{Attempt, Mode, Notifier, Vm, Width, WriteMatch};
 //!
 //! let kvm = kvm_ioctls::Kvm::new()?;
-//! let vm = Arc::new(kvm.create_vm()?);
-//! vm.create_irq_chip()?;
+//! let fd = Arc::new(kvm.create_vm()?);
+//! fd.create_irq_chip()?;
+//! let vm = Vm::new(fd, Policy::Kernel)?;
 //!
 //! // guest -> device
 //! let kicks = Notifier::new(Mode::Counter)?;
-//! let _notify = IoEvent::register(
-//!     &vm,
-//!     WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0),
-//!     &kicks,
-//! )?;
+//! let _notify = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0), &kicks)?;
 //!
 //! // device -> guest
-//! let router = GsiRouter::new(vm.clone())?;
-//! let gsi = router.route_msi(MsiMessage::x86(0, 0x40))?;
-//! let irq = IrqFd::new(&router, gsi, &Notifier::new(Mode::Counter)?)?;
+//! let irq = vm.irqfd(vm.route_msi(MsiMessage::x86(0, 0x40))?)?;
 //!
 //! // The device thread (here no guest runs, so nothing has kicked yet):
 //! match kicks.try_read()? {
@@ -77,55 +76,34 @@
     clippy::undocumented_unsafe_blocks
 )]
 
-mod backend;
-mod dispatch;
+mod bus;
 mod error;
-mod event_loop;
-mod inject;
-mod ioevent;
-mod irq;
-mod msi;
 mod notifier;
-mod poll;
-mod routing;
-mod virtio;
+mod sys;
+mod vm;
+
+pub mod device;
+pub mod fallback;
+pub mod kvm;
+pub mod msix;
+pub mod virtio;
+pub mod wait;
+
+#[cfg(feature = "vhost-user")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vhost-user")))]
+pub mod vhost_user;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
-#[cfg(feature = "event-manager")]
-mod subscriber;
-#[cfg(feature = "testkit")]
-#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
-pub mod testkit;
-#[cfg(feature = "vhost-user")]
-#[cfg_attr(docsrs, doc(cfg(feature = "vhost-user")))]
-pub mod vhost;
 
-#[cfg(feature = "event-manager")]
-#[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]
-pub use subscriber::NotifierSubscriber;
-
-pub use backend::{Backend, BackendKind, Fallback, Path};
-pub use dispatch::ExitDispatcher;
+pub use bus::Width;
+pub use device::{GuestInterrupt, QueueKicks};
 pub use error::{Capability, Error, Result};
-pub use event_loop::{EventLoop, StopHandle, Wake};
-pub use ioevent::{IoEvent, IoEventAddress, Width, WriteMatch};
-pub use irq::{IrqFd, LevelIrqFd};
-pub use msi::{
-    MsixState, MsixStats, MsixVectors, VectorState, MSIX_ENABLE, MSIX_ENTRY_SIZE,
-    MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_VECTOR_MASKED,
-};
+pub use fallback::{IoEvent, IrqFd, LevelIrqFd};
+pub use kvm::WriteMatch;
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
-pub use poll::{AdaptivePoll, PollStats};
-pub use routing::{
-    Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
-    ROUTE_TABLE_LIMIT,
-};
-pub use virtio::{
-    MmioInterrupt, MmioNotify, PciNotify, VirtQueueNotify, INT_CONFIG, INT_VRING,
-    MMIO_INTERRUPT_ACK, MMIO_INTERRUPT_STATUS, MMIO_QUEUE_NOTIFY, NO_VECTOR,
-};
+pub use vm::Vm;
 
 /// The README's code, compiled as a doctest.
 #[cfg(doctest)]
@@ -145,8 +123,12 @@ mod tests {
         send_sync::<IoEvent>();
         send_sync::<IrqFd>();
         send_sync::<LevelIrqFd>();
-        send_sync::<GsiRouter>();
-        send_sync::<AdaptivePoll>();
+        send_sync::<kvm::GsiRouter>();
+        send_sync::<wait::AdaptivePoll>();
+        send_sync::<msix::MsixVectors>();
+        send_sync::<virtio::VirtQueueNotify>();
+        send_sync::<fallback::Backend>();
+        send_sync::<Vm>();
         send_sync::<Error>();
     }
 }

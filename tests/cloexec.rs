@@ -4,11 +4,12 @@
 
 use std::process::Command;
 
-use vm_notify::testkit::{kvm_or_skip, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, EventLoop, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, MsixVectors,
-    Notifier, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::msix::MsixVectors;
+use vm_notify::wait::EventLoop;
+use vm_notify::{IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, WriteMatch};
+use vm_notify_testkit::{kvm_test, TinyVm};
 
 /// Descriptors open without close-on-exec: the ones this process was started with that children
 /// inherit on purpose (cargo's jobserver pipe, say).
@@ -32,20 +33,18 @@ fn own_fds() -> Vec<u32> {
 
 #[test]
 fn no_descriptor_survives_exec() {
-    if !kvm_or_skip("no_descriptor_survives_exec") {
-        return;
-    }
+    kvm_test!();
     let before = own_fds();
     let inherited = inheritable(&before);
     let vm = TinyVm::with_shared_memory().unwrap();
     let n = || Notifier::new(Mode::Counter).unwrap();
     let kick = n();
     let _kernel = IoEvent::register(vm.vm(), WriteMatch::mmio(0xd000_0050), &kick).unwrap();
-    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
     let _user = user.register(WriteMatch::mmio(0xd000_0060), &n()).unwrap();
-    let _edge = IrqFd::new(vm.router(), 4, &n()).unwrap();
+    let _edge = IrqFd::with_notifier(vm.router(), 4, &n()).unwrap();
     let _injected = user.irqfd(vm.router(), 3, &n()).unwrap();
-    let _level = LevelIrqFd::new(vm.router(), 5, &n(), &n()).unwrap();
+    let _level = LevelIrqFd::with_notifiers(vm.router(), 5, &n(), &n()).unwrap();
     let vectors = MsixVectors::new(vm.router(), 4).unwrap();
     vectors.set_message(0, MsiMessage::x86(0, 0x40)).unwrap();
     vectors.set_masked(0, false).unwrap();

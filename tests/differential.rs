@@ -8,8 +8,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_notify::testkit::{kvm_or_skip, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{Backend, BackendKind, IoEventAddress, Mode, Notifier, Width, WriteMatch};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::IoEventAddress;
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, GuestExit, GuestProgram, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -135,7 +137,7 @@ struct Observed {
     untaken: Vec<GuestExit>,
 }
 
-fn run(case: &Case, kind: BackendKind) -> Observed {
+fn run(case: &Case, kind: Policy) -> Observed {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     let notifiers: Vec<Notifier> = case
@@ -175,9 +177,7 @@ fn run(case: &Case, kind: BackendKind) -> Observed {
 
 #[test]
 fn kernel_and_userspace_paths_agree_on_random_cases() {
-    if !kvm_or_skip("kernel_and_userspace_paths_agree_on_random_cases") {
-        return;
-    }
+    kvm_test!();
     let cases: u64 = std::env::var("VM_NOTIFY_DIFF_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -187,7 +187,7 @@ fn kernel_and_userspace_paths_agree_on_random_cases() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_0000);
     let scratch_vm = TinyVm::new().unwrap();
-    let scratch = Backend::new(scratch_vm.vm().clone(), BackendKind::Userspace);
+    let scratch = Backend::new(scratch_vm.vm().clone(), Policy::Userspace);
     let (mut registrations, mut writes, mut untaken, mut quirky) = (0usize, 0usize, 0usize, 0);
     for i in 0..cases {
         let seed = first_seed + i;
@@ -195,8 +195,8 @@ fn kernel_and_userspace_paths_agree_on_random_cases() {
         let replay = format!(
             "seed {seed} (replay with VM_NOTIFY_DIFF_SEED={seed} VM_NOTIFY_DIFF_CASES=1): {case:?}"
         );
-        let user = run(&case, BackendKind::Userspace);
-        let auto = run(&case, BackendKind::Auto);
+        let user = run(&case, Policy::Userspace);
+        let auto = run(&case, Policy::Auto);
         assert_eq!(
             auto, user,
             "automatic and userspace paths disagree for {replay}"
@@ -209,7 +209,7 @@ fn kernel_and_userspace_paths_agree_on_random_cases() {
         if quirk {
             quirky += 1;
         } else {
-            let kernel = run(&case, BackendKind::Kernel);
+            let kernel = run(&case, Policy::Kernel);
             assert_eq!(
                 kernel, user,
                 "kernel and userspace paths disagree for {replay}"

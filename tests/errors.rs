@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use vm_notify::testkit::{kvm_or_skip, TinyVm};
-use vm_notify::{
-    Capability, Error, GsiRouter, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, Notifier, Width,
-    WriteMatch, GSI_LIMIT, ROUTE_TABLE_LIMIT,
-};
+use vm_notify::kvm::{GsiRouter, MsiMessage, GSI_LIMIT, ROUTE_TABLE_LIMIT};
+use vm_notify::{Capability, Error, IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, TinyVm};
 
 fn notifier() -> Notifier {
     Notifier::new(Mode::Counter).unwrap()
@@ -15,9 +13,7 @@ fn notifier() -> Notifier {
 
 #[test]
 fn invalid_matches_are_refused_before_kvm() {
-    if !kvm_or_skip("invalid_matches_are_refused_before_kvm") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let n = notifier();
     let cases = [
@@ -55,9 +51,7 @@ fn invalid_matches_are_refused_before_kvm() {
 
 #[test]
 fn router_without_irqchip_is_refused() {
-    if !kvm_or_skip("router_without_irqchip_is_refused") {
-        return;
-    }
+    kvm_test!();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
     let e = GsiRouter::new(vm).unwrap_err();
@@ -70,17 +64,15 @@ fn router_without_irqchip_is_refused() {
 
 #[test]
 fn unknown_and_out_of_range_gsis_are_refused() {
-    if !kvm_or_skip("unknown_and_out_of_range_gsis_are_refused") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let n = notifier();
     // KVM would take GSI 100 silently and drop its interrupts.
-    let e = IrqFd::new(router, 100, &n).unwrap_err();
+    let e = IrqFd::with_notifier(router, 100, &n).unwrap_err();
     assert!(matches!(e, Error::UnroutedGsi { gsi: 100 }), "{e:?}");
     assert!(e.to_string().contains("GSI 100"), "{e}");
-    let e = IrqFd::new(router, 5000, &n).unwrap_err();
+    let e = IrqFd::with_notifier(router, 5000, &n).unwrap_err();
     assert!(
         matches!(
             e,
@@ -98,11 +90,11 @@ fn unknown_and_out_of_range_gsis_are_refused() {
         tx.add_msi(MsiMessage::x86(0, 0x40)).unwrap()
     };
     assert!(matches!(
-        IrqFd::new(router, gsi, &n),
+        IrqFd::with_notifier(router, gsi, &n),
         Err(Error::UnroutedGsi { .. })
     ));
     assert_eq!(router.route_msi(MsiMessage::x86(0, 0x40)).unwrap(), gsi);
-    let irq = IrqFd::new(router, gsi, &n).unwrap();
+    let irq = IrqFd::with_notifier(router, gsi, &n).unwrap();
     assert_eq!(router.irqfds(gsi), 1);
     drop(irq);
     assert_eq!(router.irqfds(gsi), 0);
@@ -110,32 +102,28 @@ fn unknown_and_out_of_range_gsis_are_refused() {
 
 #[test]
 fn a_notifier_injects_one_gsi_only() {
-    if !kvm_or_skip("a_notifier_injects_one_gsi_only") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let n = notifier();
-    let _first = IrqFd::new(vm.router(), 4, &n).unwrap();
-    let e = IrqFd::new(vm.router(), 5, &n).unwrap_err();
+    let _first = IrqFd::with_notifier(vm.router(), 4, &n).unwrap();
+    let e = IrqFd::with_notifier(vm.router(), 5, &n).unwrap_err();
     assert!(matches!(e, Error::IrqFdBusy { gsi: 5 }), "{e:?}");
     assert_eq!(
         vm.router().irqfds(5),
         0,
         "the refused binding is not counted"
     );
-    let e = LevelIrqFd::new(vm.router(), 6, &n, &notifier()).unwrap_err();
+    let e = LevelIrqFd::with_notifiers(vm.router(), 6, &n, &notifier()).unwrap_err();
     assert!(matches!(e, Error::IrqFdBusy { gsi: 6 }), "{e:?}");
 }
 
 #[test]
 fn routes_with_irqfds_cannot_be_removed() {
-    if !kvm_or_skip("routes_with_irqfds_cannot_be_removed") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let gsi = router.route_msi(MsiMessage::x86(0, 0x40)).unwrap();
-    let irq = IrqFd::new(router, gsi, &notifier()).unwrap();
+    let irq = IrqFd::with_notifier(router, gsi, &notifier()).unwrap();
     let e = router.remove(gsi).unwrap_err();
     assert!(
         matches!(e, Error::GsiBusy { gsi: g, irqfds: 1 } if g == gsi),
@@ -154,9 +142,7 @@ fn routes_with_irqfds_cannot_be_removed() {
 
 #[test]
 fn full_route_table_is_a_typed_error_before_the_ioctl() {
-    if !kvm_or_skip("full_route_table_is_a_typed_error_before_the_ioctl") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let defaults = router.entries();
@@ -179,14 +165,12 @@ fn full_route_table_is_a_typed_error_before_the_ioctl() {
     tx.commit().unwrap();
     assert_eq!(router.entries(), ROUTE_TABLE_LIMIT);
     // The irqchip's defaults survived the commit: an irqfd on a legacy line still binds.
-    let _legacy = IrqFd::new(router, 4, &notifier()).unwrap();
+    let _legacy = IrqFd::with_notifier(router, 4, &notifier()).unwrap();
 }
 
 #[test]
 fn gsi_exhaustion_is_a_typed_error() {
-    if !kvm_or_skip("gsi_exhaustion_is_a_typed_error") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     // Without the 40 default entries the table has room for more routes than there are GSIs.
@@ -214,12 +198,10 @@ fn gsi_exhaustion_is_a_typed_error() {
 /// `Kernel` backend names the missing capability, and nothing is registered.
 #[test]
 fn missing_capabilities_are_typed_at_the_backend_seam() {
-    if !kvm_or_skip("missing_capabilities_are_typed_at_the_backend_seam") {
-        return;
-    }
-    use vm_notify::{Backend, BackendKind};
+    kvm_test!();
+    use vm_notify::fallback::{Backend, Policy};
     let vm = TinyVm::new().unwrap();
-    let kernel = |cap| Backend::new(vm.vm().clone(), BackendKind::Kernel).disable(cap);
+    let kernel = |cap| Backend::new(vm.vm().clone(), Policy::Kernel).disable(cap);
     let n = notifier();
     let sized = WriteMatch::mmio(0xd000_0000).width(Width::W4);
     let any = WriteMatch::mmio(0xd000_0000);
@@ -255,9 +237,7 @@ fn missing_capabilities_are_typed_at_the_backend_seam() {
 
 #[test]
 fn set_msi_on_an_irqchip_route_is_refused() {
-    if !kvm_or_skip("set_msi_on_an_irqchip_route_is_refused") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let before = vm.router().routes(4);
     let e = vm
@@ -270,11 +250,9 @@ fn set_msi_on_an_irqchip_route_is_refused() {
 
 #[test]
 fn a_vector_past_the_table_is_refused() {
-    if !kvm_or_skip("a_vector_past_the_table_is_refused") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
-    let v = vm_notify::MsixVectors::new(vm.router(), 2).unwrap();
+    let v = vm_notify::msix::MsixVectors::new(vm.router(), 2).unwrap();
     for r in [
         v.raise(2),
         v.set_masked(7, false),
@@ -320,10 +298,11 @@ fn set_fd_limit(soft: u64) {
 /// kind fails with `FdExhausted`, and once descriptors are back the same registrations succeed —
 /// nothing half-made was left in the kernel or the router.
 fn fd_exhaustion_child() {
-    use vm_notify::{Backend, BackendKind, MsixVectors};
+    use vm_notify::fallback::{Backend, Policy};
+    use vm_notify::msix::MsixVectors;
     let vm = TinyVm::new().unwrap();
     let n = notifier();
-    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     let vectors = MsixVectors::new(vm.router(), 1).unwrap();
     vectors.set_message(0, MsiMessage::x86(0, 0x41)).unwrap();
@@ -345,10 +324,13 @@ fn fd_exhaustion_child() {
             IoEvent::register(vm.vm(), sized, &n).map(drop),
         ),
         ("userspace ioeventfd", user.register(sized, &n).map(drop)),
-        ("irqfd", IrqFd::new(vm.router(), gsi, &n).map(drop)),
+        (
+            "irqfd",
+            IrqFd::with_notifier(vm.router(), gsi, &n).map(drop),
+        ),
         (
             "level irqfd",
-            LevelIrqFd::new(vm.router(), 10, &n, &n).map(drop),
+            LevelIrqFd::with_notifiers(vm.router(), 10, &n, &n).map(drop),
         ),
         ("MSI-X vector unmask", vectors.set_masked(0, false)),
         ("notifier", Notifier::new(Mode::Counter).map(drop)),
@@ -367,8 +349,8 @@ fn fd_exhaustion_child() {
     // Nothing half-made: every one of them succeeds now.
     drop(IoEvent::register(vm.vm(), sized, &n).unwrap());
     drop(user.register(sized, &n).unwrap());
-    drop(IrqFd::new(vm.router(), gsi, &n).unwrap());
-    drop(LevelIrqFd::new(vm.router(), 10, &n, &n).unwrap());
+    drop(IrqFd::with_notifier(vm.router(), gsi, &n).unwrap());
+    drop(LevelIrqFd::with_notifiers(vm.router(), 10, &n, &n).unwrap());
     vectors.set_masked(0, false).unwrap();
     assert_eq!(vm.router().irqfds(gsi), 0);
     assert_eq!(vm.router().irqfds(10), 0);
@@ -385,9 +367,7 @@ fn fd_exhaustion_leaves_no_half_made_registration() {
         fd_exhaustion_child();
         return;
     }
-    if !kvm_or_skip("fd_exhaustion_leaves_no_half_made_registration") {
-        return;
-    }
+    kvm_test!();
     // In a child process, so the limit is lowered for nothing else.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_notify::testkit::{kvm_or_skip, GuestProgram, TinyVm};
-use vm_notify::{EventLoop, IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify::wait::EventLoop;
+use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, GuestProgram, TinyVm};
 
 const QUEUES: u64 = 64;
 const ROUNDS: u64 = 20;
@@ -21,9 +22,7 @@ fn kicks(q: u64) -> u64 {
 
 #[test]
 fn event_loop_counts_64_queues_and_stops_promptly() {
-    if !kvm_or_skip("event_loop_counts_64_queues_and_stops_promptly") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let events = Arc::new(EventLoop::new().unwrap());
     let mut regs = Vec::new();

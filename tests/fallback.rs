@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, Capability, Fallback, IoEvent, Mode, MsiMessage, Notifier, Path, Width,
-    WriteMatch,
-};
+use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::{Capability, IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const NOTIFY: u64 = 0xd000_0050;
@@ -32,20 +31,18 @@ fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> usize {
 
 #[test]
 fn missing_ioeventfd_capability_falls_back_and_counts() {
-    if !kvm_or_skip("missing_ioeventfd_capability_falls_back_and_counts") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto).disable(Capability::IoEventFd);
+    let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IoEventFd);
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
         .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
     assert_eq!(
-        reg.path(),
-        &Path::Userspace(Fallback::Disabled(Capability::IoEventFd))
+        reg.placement(),
+        &Placement::Userspace(Fallback::Disabled(Capability::IoEventFd))
     );
-    eprintln!("registration path: {}", reg.path());
+    eprintln!("registration path: {}", reg.placement());
     let mut p = GuestProgram::new().unwrap();
     p.repeat(500, |p| p.mmio_write(NOTIFY, 0, 4)).unwrap();
     p.exit().unwrap();
@@ -58,9 +55,7 @@ fn missing_ioeventfd_capability_falls_back_and_counts() {
 /// take; the refusal is the recorded reason.
 #[test]
 fn kernel_refusal_falls_back_with_the_reason() {
-    if !kvm_or_skip("kernel_refusal_falls_back_with_the_reason") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let outside = Notifier::new(Mode::Counter).unwrap();
     let _outside = IoEvent::register(
@@ -69,18 +64,18 @@ fn kernel_refusal_falls_back_with_the_reason() {
         &outside,
     )
     .unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto);
+    let backend = Backend::new(vm.vm().clone(), Policy::Auto);
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
         .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
-    match reg.path() {
-        Path::Userspace(Fallback::KernelRefused(why)) => {
+    match reg.placement() {
+        Placement::Userspace(Fallback::KernelRefused(why)) => {
             assert!(why.contains("EEXIST"), "{why}")
         }
         other => panic!("expected a kernel refusal, got {other:?}"),
     }
-    eprintln!("registration path: {}", reg.path());
+    eprintln!("registration path: {}", reg.placement());
     // Values 1 go to the kernel's registration; 2 and 3 exit and reach the fallback.
     let mut p = GuestProgram::new().unwrap();
     p.repeat(100, |p| {
@@ -98,19 +93,17 @@ fn kernel_refusal_falls_back_with_the_reason() {
 
 #[test]
 fn missing_irqfd_capability_falls_back_to_the_injector() {
-    if !kvm_or_skip("missing_irqfd_capability_falls_back_to_the_injector") {
-        return;
-    }
+    kvm_test!();
     const ROUNDS: u64 = 1000;
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto).disable(Capability::IrqFd);
+    let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFd);
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x45)).unwrap();
     let irq = backend
         .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
         .unwrap();
     assert_eq!(
-        irq.path(),
-        &Path::Userspace(Fallback::Disabled(Capability::IrqFd))
+        irq.placement(),
+        &Placement::Userspace(Fallback::Disabled(Capability::IrqFd))
     );
     // The guest kicks through a kernel ioeventfd; the device answers through the injector.
     let kicks = Notifier::new(Mode::Counter).unwrap();

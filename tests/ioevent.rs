@@ -5,18 +5,17 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use vm_notify::testkit::{kvm_or_skip, layout, GuestExit, GuestProgram, RunReport, TinyVm};
-use vm_notify::{
-    Attempt, Backend, BackendKind, Error, IoEvent, IoEventAddress, Mode, Notifier, Path, Width,
-    WriteMatch,
-};
+use vm_notify::fallback::{Backend, Placement, Policy};
+use vm_notify::kvm::IoEventAddress;
+use vm_notify::{Attempt, Error, IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, layout, GuestExit, GuestProgram, RunReport, TinyVm};
 
 const N: u64 = 100_000;
 const TIMEOUT: Duration = Duration::from_secs(120);
 const MMIO: u64 = 0xd000_0000;
 const PORT: u16 = 0x510;
 /// Every test here runs once per path: the device code and the counts must not change.
-const KINDS: [BackendKind; 2] = [BackendKind::Kernel, BackendKind::Userspace];
+const KINDS: [Policy; 2] = [Policy::Kernel, Policy::Userspace];
 
 /// One guest write of `width` to `addr` carrying `value` (any-width writes are 8 bytes on MMIO,
 /// 4 on ports). Clobbers rax, rdx.
@@ -30,7 +29,7 @@ fn emit_write(p: &mut GuestProgram, addr: IoEventAddress, width: Width, value: u
 }
 
 /// A VM and a backend of `kind` on it.
-fn setup(kind: BackendKind) -> (TinyVm, Backend) {
+fn setup(kind: Policy) -> (TinyVm, Backend) {
     let vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     (vm, backend)
@@ -67,21 +66,19 @@ fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> (RunReport, Vec<G
 
 /// Checks where the registrations of `kind` live and what reached userspace: nothing for the
 /// kernel path, exactly the `taken` writes plus the unhandled ones for the userspace path.
-fn assert_paths(
-    kind: BackendKind,
-    regs: &[&IoEvent],
-    report: &RunReport,
-    unhandled: usize,
-    taken: u64,
-) {
+fn assert_paths(kind: Policy, regs: &[&IoEvent], report: &RunReport, unhandled: usize, taken: u64) {
     for r in regs {
         match kind {
-            BackendKind::Kernel => assert_eq!(r.path(), &Path::Kernel),
-            _ => assert!(matches!(r.path(), Path::Userspace(_)), "{:?}", r.path()),
+            Policy::Kernel => assert_eq!(r.placement(), &Placement::Kernel),
+            _ => assert!(
+                matches!(r.placement(), Placement::Userspace(_)),
+                "{:?}",
+                r.placement()
+            ),
         }
     }
     let expected = match kind {
-        BackendKind::Kernel => unhandled,
+        Policy::Kernel => unhandled,
         _ => unhandled + taken as usize,
     };
     assert_eq!(report.exits.len(), expected, "{kind:?}: {report}");
@@ -89,12 +86,7 @@ fn assert_paths(
 
 /// The guest writes `N` times to `addr` while a device thread reads the notifier; returns
 /// (guest's own count, device's total, number of reads).
-fn write_loop(
-    kind: BackendKind,
-    addr: IoEventAddress,
-    width: Width,
-    mode: Mode,
-) -> (u64, u64, u64) {
+fn write_loop(kind: Policy, addr: IoEventAddress, width: Width, mode: Mode) -> (u64, u64, u64) {
     let (mut vm, backend) = setup(kind);
     let kicks = Notifier::new(mode).unwrap();
     let reg = backend
@@ -143,9 +135,7 @@ fn write_loop(
 
 #[test]
 fn mmio_counter_mode_counts_every_write() {
-    if !kvm_or_skip("mmio_counter_mode_counts_every_write") {
-        return;
-    }
+    kvm_test!();
     for kind in KINDS {
         let (guest, device, reads) =
             write_loop(kind, IoEventAddress::Mmio(MMIO), Width::W4, Mode::Counter);
@@ -157,9 +147,7 @@ fn mmio_counter_mode_counts_every_write() {
 
 #[test]
 fn mmio_semaphore_mode_reads_ones() {
-    if !kvm_or_skip("mmio_semaphore_mode_reads_ones") {
-        return;
-    }
+    kvm_test!();
     for kind in KINDS {
         let (guest, device, reads) = write_loop(
             kind,
@@ -175,9 +163,7 @@ fn mmio_semaphore_mode_reads_ones() {
 
 #[test]
 fn pio_counter_mode_counts_every_write() {
-    if !kvm_or_skip("pio_counter_mode_counts_every_write") {
-        return;
-    }
+    kvm_test!();
     for kind in KINDS {
         let (guest, device, _) = write_loop(
             kind,
@@ -192,9 +178,7 @@ fn pio_counter_mode_counts_every_write() {
 
 #[test]
 fn pio_semaphore_mode_reads_ones() {
-    if !kvm_or_skip("pio_semaphore_mode_reads_ones") {
-        return;
-    }
+    kvm_test!();
     for kind in KINDS {
         let (guest, device, reads) = write_loop(
             kind,
@@ -211,9 +195,7 @@ fn pio_semaphore_mode_reads_ones() {
 /// virtio-mmio QueueNotify: four registrations on one register, datamatch = queue 0..3.
 #[test]
 fn datamatch_routes_each_value_to_its_notifier() {
-    if !kvm_or_skip("datamatch_routes_each_value_to_its_notifier") {
-        return;
-    }
+    kvm_test!();
     const NOTIFY: u64 = MMIO + 0x50;
     const ROUNDS: u64 = 1000;
     // Per round: queue 0 once, 1 twice, 2 three times, 3 four times, and 4 (unregistered) once.
@@ -278,9 +260,7 @@ fn datamatch_routes_each_value_to_its_notifier() {
 /// 1-, 2-, 4- and 8-byte writes each hit only the registration of their width.
 #[test]
 fn width_selects_the_registration() {
-    if !kvm_or_skip("width_selects_the_registration") {
-        return;
-    }
+    kvm_test!();
     const SIZED: u64 = MMIO + 0x1000; // one registration per width, no datamatch
     const ANY: u64 = MMIO + 0x2000; // one any-width registration
     const ONLY4: u64 = MMIO + 0x3000; // only a 4-byte registration
@@ -396,9 +376,7 @@ fn width_selects_the_registration() {
 /// After the guard drops, the same guest write is no longer taken; registering again works.
 #[test]
 fn dropping_the_guard_unregisters() {
-    if !kvm_or_skip("dropping_the_guard_unregisters") {
-        return;
-    }
+    kvm_test!();
     const ADDR: u64 = MMIO + 0x4000;
     const M: u64 = 500;
     for kind in KINDS {
@@ -475,9 +453,7 @@ fn dropping_the_guard_unregisters() {
 /// An overlapping registration is refused by KVM's own rule, with a typed error, on both paths.
 #[test]
 fn overlap_is_a_typed_error() {
-    if !kvm_or_skip("overlap_is_a_typed_error") {
-        return;
-    }
+    kvm_test!();
     for kind in KINDS {
         let (_vm, backend) = setup(kind);
         let a = Notifier::new(Mode::Counter).unwrap();

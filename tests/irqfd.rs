@@ -5,16 +5,16 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Attempt, Backend, BackendKind, Gsi, IrqFd, Mode, MsiMessage, Notifier, Path, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Placement, Policy};
+use vm_notify::kvm::{Gsi, MsiMessage};
+use vm_notify::{Attempt, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const ACK: u64 = 0xd000_0000;
 const KICK_SLOT: usize = 0;
 /// Every test here runs once per path.
-const KINDS: [BackendKind; 2] = [BackendKind::Kernel, BackendKind::Userspace];
+const KINDS: [Policy; 2] = [Policy::Kernel, Policy::Userspace];
 
 /// Where the device's interrupts come from, and how the guest handles them.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +38,7 @@ struct RoundTrips {
 
 /// `rounds` times: the guest kicks (ioeventfd), the device reads the kick and raises one
 /// interrupt, the guest's handler takes it, and the guest kicks again.
-fn round_trips(kind: BackendKind, line: Line, rounds: u64) -> RoundTrips {
+fn round_trips(kind: Policy, line: Line, rounds: u64) -> RoundTrips {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
@@ -55,9 +55,9 @@ fn round_trips(kind: BackendKind, line: Line, rounds: u64) -> RoundTrips {
     let irq = backend
         .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
         .unwrap();
-    let on_kernel = kind == BackendKind::Kernel;
-    assert_eq!(ack.path() == &Path::Kernel, on_kernel);
-    assert_eq!(irq.path() == &Path::Kernel, on_kernel);
+    let on_kernel = kind == Policy::Kernel;
+    assert_eq!(ack.placement() == &Placement::Kernel, on_kernel);
+    assert_eq!(irq.placement() == &Placement::Kernel, on_kernel);
 
     let mut p = GuestProgram::new().unwrap();
     match line {
@@ -122,12 +122,12 @@ fn round_trips(kind: BackendKind, line: Line, rounds: u64) -> RoundTrips {
     result
 }
 
-fn assert_all_equal(kind: BackendKind, r: &RoundTrips, n: u64) {
+fn assert_all_equal(kind: Policy, r: &RoundTrips, n: u64) {
     assert_eq!(r.guest_kicks, n, "guest kicks");
     assert_eq!(r.device_kicks, n, "device kicks");
     assert_eq!(r.raised, n, "interrupts raised");
     assert_eq!(r.guest_irqs, n, "interrupts the guest's handler counted");
-    let exits = if kind == BackendKind::Kernel {
+    let exits = if kind == Policy::Kernel {
         0
     } else {
         n as usize
@@ -140,9 +140,7 @@ fn assert_all_equal(kind: BackendKind, r: &RoundTrips, n: u64) {
 
 #[test]
 fn edge_irqfd_on_a_pic_line() {
-    if !kvm_or_skip("edge_irqfd_on_a_pic_line") {
-        return;
-    }
+    kvm_test!();
     let k = 5000;
     for kind in KINDS {
         assert_all_equal(kind, &round_trips(kind, Line::Pic { irq: 4 }, k), k);
@@ -151,9 +149,7 @@ fn edge_irqfd_on_a_pic_line() {
 
 #[test]
 fn edge_irqfd_on_an_msi_route() {
-    if !kvm_or_skip("edge_irqfd_on_an_msi_route") {
-        return;
-    }
+    kvm_test!();
     let k = 5000;
     for kind in KINDS {
         assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x41 }, k), k);
@@ -162,9 +158,7 @@ fn edge_irqfd_on_an_msi_route() {
 
 #[test]
 fn ping_pong_kick_and_interrupt() {
-    if !kvm_or_skip("ping_pong_kick_and_interrupt") {
-        return;
-    }
+    kvm_test!();
     let n = 20_000;
     for kind in KINDS {
         assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x40 }, n), n);
@@ -176,12 +170,10 @@ fn ping_pong_kick_and_interrupt() {
 /// interrupt window twice and counts exactly one delivery.
 #[test]
 fn edge_triggers_coalesce_while_the_guest_is_busy() {
-    if !kvm_or_skip("edge_triggers_coalesce_while_the_guest_is_busy") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x42)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let irq = IrqFd::new(vm.router(), gsi).unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x42, Eoi::Lapic);
@@ -197,7 +189,7 @@ fn edge_triggers_coalesce_while_the_guest_is_busy() {
     p.asm().cli().unwrap();
     p.exit().unwrap();
     let run = vm
-        .start(p, move |_: &vm_notify::testkit::GuestExit, _: &mut [u8]| {
+        .start(p, move |_: &vm_notify_testkit::GuestExit, _: &mut [u8]| {
             for _ in 0..5 {
                 irq.trigger().unwrap();
             }

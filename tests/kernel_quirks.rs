@@ -6,15 +6,16 @@
 //! at their address, and the lookup stops before it. Other orders work. The userspace dispatcher
 //! takes the write in every order, as KVM's documented matching says.
 //!
-//! `BackendKind::Auto` keeps the pattern out of the kernel (the registration that would complete
+//! `Policy::Auto` keeps the pattern out of the kernel (the registration that would complete
 //! it goes to userspace, `Fallback::KernelWouldMiss`), so it takes the write in every order too.
 //! This test asserts both and reports the bare kernel's behaviour, so a kernel that fixes the
 //! lookup shows here.
 
 use std::time::Duration;
 
-use vm_notify::testkit::{kvm_or_skip, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{Backend, BackendKind, Mode, Notifier, Width, WriteMatch};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, GuestExit, GuestProgram, TinyVm};
 
 const ORDERS: [[usize; 3]; 6] = [
     [0, 1, 2],
@@ -27,7 +28,7 @@ const ORDERS: [[usize; 3]; 6] = [
 
 /// Registers the three matches in `order` on a backend of `kind`, writes one byte at A, and
 /// returns how many times the any-width registration was signalled.
-fn any_width_count(kind: BackendKind, pio: bool, order: [usize; 3]) -> u64 {
+fn any_width_count(kind: Policy, pio: bool, order: [usize; 3]) -> u64 {
     let a: u64 = if pio { 0x604 } else { 0xd000_0004 };
     let at = |x| {
         if pio {
@@ -71,23 +72,21 @@ fn any_width_count(kind: BackendKind, pio: bool, order: [usize; 3]) -> u64 {
 
 #[test]
 fn any_width_registration_next_to_sized_ones() {
-    if !kvm_or_skip("any_width_registration_next_to_sized_ones") {
-        return;
-    }
+    kvm_test!();
     let mut lost = Vec::new();
     for pio in [true, false] {
         for order in ORDERS {
             assert_eq!(
-                any_width_count(BackendKind::Userspace, pio, order),
+                any_width_count(Policy::Userspace, pio, order),
                 1,
                 "the dispatcher takes the write (pio {pio}, order {order:?})"
             );
             assert_eq!(
-                any_width_count(BackendKind::Auto, pio, order),
+                any_width_count(Policy::Auto, pio, order),
                 1,
                 "the automatic backend keeps the pattern out of the kernel (pio {pio}, order {order:?})"
             );
-            if any_width_count(BackendKind::Kernel, pio, order) == 0 {
+            if any_width_count(Policy::Kernel, pio, order) == 0 {
                 lost.push((if pio { "PIO" } else { "MMIO" }, order));
             }
         }

@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use vm_notify::testkit::{kvm_or_skip, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, Error, IoEvent, IrqFd, LevelIrqFd, Mode, MsiMessage, MsixVectors,
-    Notifier, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::msix::MsixVectors;
+use vm_notify::{Error, IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, GuestProgram, TinyVm};
 
 /// Kernel ioeventfd cycles: each unregistration waits for an SRCU grace period (about 8 ms).
 const CYCLES: usize = 1000;
@@ -33,9 +33,7 @@ fn open_fds() -> usize {
 
 #[test]
 fn register_drop_cycles_leave_no_fd_or_registration_behind() {
-    if !kvm_or_skip("register_drop_cycles_leave_no_fd_or_registration_behind") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let write = WriteMatch::mmio(ADDR).width(Width::W4);
@@ -43,7 +41,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     let irq_notifier = Notifier::new(Mode::Counter).unwrap();
     let before = open_fds();
 
-    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
     let resample = Notifier::new(Mode::Counter).unwrap();
     let entries = vm.router().entries();
     let mut report = Vec::new();
@@ -63,7 +61,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         "kernel irqfd (MSI route)",
         MANY,
         cycles(MANY, || {
-            drop(IrqFd::new(vm.router(), gsi, &irq_notifier).unwrap())
+            drop(IrqFd::with_notifier(vm.router(), gsi, &irq_notifier).unwrap())
         }),
     ));
     report.push((
@@ -77,7 +75,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         "kernel level irqfd with resample (IOAPIC pin 10)",
         MANY,
         cycles(MANY, || {
-            drop(LevelIrqFd::new(vm.router(), 10, &irq_notifier, &resample).unwrap())
+            drop(LevelIrqFd::with_notifiers(vm.router(), 10, &irq_notifier, &resample).unwrap())
         }),
     ));
     report.push((
@@ -110,7 +108,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
             Err(Error::IoEventExists { .. })
         ));
         assert!(matches!(
-            IrqFd::new(vm.router(), 3000, &irq_notifier),
+            IrqFd::with_notifier(vm.router(), 3000, &irq_notifier),
             Err(Error::UnroutedGsi { gsi: 3000 })
         ));
     }

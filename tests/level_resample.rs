@@ -22,11 +22,11 @@ use std::thread;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Attempt, Backend, BackendKind, Capability, Error, EventLoop, Fallback, IrqChip, LevelIrqFd,
-    Mode, MsiMessage, Notifier, Path, Route,
-};
+use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
+use vm_notify::kvm::{IrqChip, MsiMessage, Route};
+use vm_notify::wait::EventLoop;
+use vm_notify::{Attempt, Capability, Error, LevelIrqFd, Mode, Notifier};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 
 /// A port the handler writes first, when a test asks for it: an exit at the handler's start.
 const PROBE_PORT: u16 = 0x80;
@@ -259,7 +259,7 @@ fn run(vm: &mut TinyVm, backend: &Backend, line: Line, style: Style) -> (Counts,
     };
     eprintln!(
         "{:?} {line:?}: {counts:?}, {} exits in {:?}",
-        device.line.path(),
+        device.line.placement(),
         report.exits.len(),
         report.elapsed
     );
@@ -285,11 +285,11 @@ fn expected(kernel: bool, style: Style) -> Counts {
     }
 }
 
-fn level_test(kind: BackendKind, line: Line, style: Style) {
+fn level_test(kind: Policy, line: Line, style: Style) {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     let (counts, _) = run(&mut vm, &backend, line, style);
-    assert_eq!(counts, expected(kind == BackendKind::Kernel, style));
+    assert_eq!(counts, expected(kind == Policy::Kernel, style));
 }
 
 const PIC_LINE: Line = Line::Pic { irq: 5 };
@@ -300,58 +300,50 @@ const IOAPIC_LINE: Line = Line::Ioapic {
 
 #[test]
 fn level_irqfd_on_a_pic_line_resamples_at_eoi() {
-    if !kvm_or_skip("level_irqfd_on_a_pic_line_resamples_at_eoi") {
-        return;
-    }
-    level_test(BackendKind::Kernel, PIC_LINE, Style::Level);
+    kvm_test!();
+    level_test(Policy::Kernel, PIC_LINE, Style::Level);
 }
 
 #[test]
 fn injected_level_line_on_a_pic_line_is_held_until_deasserted() {
-    if !kvm_or_skip("injected_level_line_on_a_pic_line_is_held_until_deasserted") {
-        return;
-    }
-    level_test(BackendKind::Userspace, PIC_LINE, Style::Level);
+    kvm_test!();
+    level_test(Policy::Userspace, PIC_LINE, Style::Level);
 }
 
 /// Where the kernel lacks `KVM_CAP_IRQFD_RESAMPLE`, `Auto` takes the injector path, says why,
 /// and the guest sees the same counts; where it has it, `Auto` takes the kernel path.
 #[test]
 fn auto_level_line_falls_back_without_resample() {
-    if !kvm_or_skip("auto_level_line_falls_back_without_resample") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let auto = Backend::new(vm.vm().clone(), BackendKind::Auto).disable(Capability::IrqFdResample);
+    let auto = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFdResample);
     let n = Notifier::new(Mode::Counter).unwrap();
     let probe = auto.level_irqfd(vm.router(), 5, &n, &n).unwrap();
     assert_eq!(
-        probe.path(),
-        &Path::Userspace(Fallback::Disabled(Capability::IrqFdResample))
+        probe.placement(),
+        &Placement::Userspace(Fallback::Disabled(Capability::IrqFdResample))
     );
     drop(probe);
     let (counts, _) = run(&mut vm, &auto, PIC_LINE, Style::Level);
     assert_eq!(counts, expected(false, Style::Level));
 
     let vm = TinyVm::new().unwrap();
-    let auto = Backend::new(vm.vm().clone(), BackendKind::Auto);
+    let auto = Backend::new(vm.vm().clone(), Policy::Auto);
     let level = auto.level_irqfd(vm.router(), 10, &n, &n).unwrap();
-    assert_eq!(level.path(), &Path::Kernel);
+    assert_eq!(level.placement(), &Placement::Kernel);
     assert!(!level.deassert().unwrap());
 }
 
 #[test]
 fn level_irqfd_on_an_ioapic_pin_resamples_at_lapic_eoi() {
-    if !kvm_or_skip("level_irqfd_on_an_ioapic_pin_resamples_at_lapic_eoi") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     assert!(vm.router().routes(10).contains(&Route::Irqchip {
         chip: IrqChip::Ioapic,
         pin: 10
     }));
     drop(vm);
-    level_test(BackendKind::Kernel, IOAPIC_LINE, Style::Cautious);
+    level_test(Policy::Kernel, IOAPIC_LINE, Style::Cautious);
 }
 
 /// A host fact the IOAPIC tests work around, kept as a reproducer: KVM's documented behaviour is
@@ -361,11 +353,9 @@ fn level_irqfd_on_an_ioapic_pin_resamples_at_lapic_eoi() {
 /// host that resamples at the EOI shows `resampled_at_handler_start=0` here.
 #[test]
 fn ioapic_level_eoi_precedes_the_handler_on_this_host() {
-    if !kvm_or_skip("ioapic_level_eoi_precedes_the_handler_on_this_host") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Kernel);
+    let backend = Backend::new(vm.vm().clone(), Policy::Kernel);
     let (counts, early) = run(&mut vm, &backend, IOAPIC_LINE, Style::CautiousProbed);
     eprintln!(
         "IOAPIC level line, kernel path: resampled_at_handler_start={early} of {}",
@@ -380,7 +370,7 @@ fn ioapic_level_eoi_precedes_the_handler_on_this_host() {
 /// acknowledged: two interrupts per round. On the injector path the first `deassert` must not
 /// lower the line the second device still holds; on the kernel path the shared resampler
 /// signals both devices and the second re-asserts. Same device code on both.
-fn shared_line(kind: BackendKind) {
+fn shared_line(kind: Policy) {
     const SHARED_ROUNDS: u64 = 500;
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
@@ -464,28 +454,24 @@ fn shared_line(kind: BackendKind) {
 
 #[test]
 fn shared_level_line_stays_asserted_until_every_device_is_acknowledged() {
-    if !kvm_or_skip("shared_level_line_stays_asserted_until_every_device_is_acknowledged") {
-        return;
-    }
-    shared_line(BackendKind::Kernel);
-    shared_line(BackendKind::Userspace);
+    kvm_test!();
+    shared_line(Policy::Kernel);
+    shared_line(Policy::Userspace);
 }
 
 #[test]
 fn resample_on_an_msi_route_is_refused_on_both_paths() {
-    if !kvm_or_skip("resample_on_an_msi_route_is_refused_on_both_paths") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     let n = Notifier::new(Mode::Counter).unwrap();
-    let e = LevelIrqFd::new(vm.router(), gsi, &n, &n.try_clone().unwrap()).unwrap_err();
+    let e = LevelIrqFd::with_notifiers(vm.router(), gsi, &n, &n.try_clone().unwrap()).unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),
         "{e:?}"
     );
     assert_eq!(vm.router().irqfds(gsi), 0);
-    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
     let e = user.level_irqfd(vm.router(), gsi, &n, &n).unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{qword_ptr, rax};
 use vm_memory::{Bytes, GuestAddress};
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
-use vm_notify::{Error, MsiMessage, MsixState, MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::msix::{MsixState, MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use vm_notify::Error;
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BAR: u64 = 0xe000_0000;
@@ -71,9 +73,7 @@ fn raise_in_lockstep(
 
 #[test]
 fn sixty_four_vectors_each_count_exactly() {
-    if !kvm_or_skip("sixty_four_vectors_each_count_exactly") {
-        return;
-    }
+    kvm_test!();
     const N: usize = 64;
     let mut vm = TinyVm::new().unwrap();
     let msix = MsixVectors::new(vm.router(), N).unwrap();
@@ -121,9 +121,7 @@ fn sixty_four_vectors_each_count_exactly() {
 
 #[test]
 fn reprogramming_while_interrupts_flow_loses_nothing() {
-    if !kvm_or_skip("reprogramming_while_interrupts_flow_loses_nothing") {
-        return;
-    }
+    kvm_test!();
     const PHASES: u64 = 40;
     const PER_PHASE: u64 = 50;
     const A: u8 = 0x50;
@@ -173,9 +171,7 @@ fn reprogramming_while_interrupts_flow_loses_nothing() {
 /// everything and sees exactly the two pending interrupts.
 #[test]
 fn saved_pending_interrupts_are_delivered_after_restore() {
-    if !kvm_or_skip("saved_pending_interrupts_are_delivered_after_restore") {
-        return;
-    }
+    kvm_test!();
     const N: usize = 8;
     const RESTORED_SLOT: usize = 0;
     const PENDING: [usize; 2] = [2, 5];
@@ -284,9 +280,7 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
 
 #[test]
 fn table_and_pba_follow_the_pci_rules() {
-    if !kvm_or_skip("table_and_pba_follow_the_pci_rules") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let msix = MsixVectors::new(vm.router(), 70).unwrap();
     assert_eq!(msix.table_len(), 70 * 16);
@@ -394,9 +388,7 @@ fn table_and_pba_follow_the_pci_rules() {
 
 #[test]
 fn dropping_the_vectors_releases_irqfds_and_routes() {
-    if !kvm_or_skip("dropping_the_vectors_releases_irqfds_and_routes") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let before = router.entries();
@@ -418,9 +410,7 @@ fn dropping_the_vectors_releases_irqfds_and_routes() {
 /// interrupt, however many raises the mask held back, and the pending bit is then clear.
 #[test]
 fn unmask_delivers_exactly_one_pending_interrupt() {
-    if !kvm_or_skip("unmask_delivers_exactly_one_pending_interrupt") {
-        return;
-    }
+    kvm_test!();
     const CYCLES: u64 = 200;
     const DRAIN: u8 = 0x30;
     const PBA_SLOT: usize = 0; // PBA bits seen set before each unmask, summed

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
-use vm_notify::{MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use vm_notify::msix::{MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const CYCLES: u64 = 3000;
@@ -249,16 +249,12 @@ fn storm(mask: Mask) {
 
 #[test]
 fn vector_mask_storm_loses_nothing_and_invents_nothing() {
-    if !kvm_or_skip("vector_mask_storm_loses_nothing_and_invents_nothing") {
-        return;
-    }
+    kvm_test!();
     storm(Mask::Vector);
 }
 
 #[test]
 fn function_mask_storm_loses_nothing_and_invents_nothing() {
-    if !kvm_or_skip("function_mask_storm_loses_nothing_and_invents_nothing") {
-        return;
-    }
+    kvm_test!();
     storm(Mask::Function);
 }

@@ -5,11 +5,10 @@
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use vm_notify::testkit::{kvm_or_skip, TinyVm};
-use vm_notify::{
-    Error, IoEvent, IoEventAddress, IrqFd, Mode, MsiMessage, MsixVectors, Notifier, Width,
-    WriteMatch, GSI_LIMIT,
-};
+use vm_notify::kvm::{IoEventAddress, MsiMessage, GSI_LIMIT};
+use vm_notify::msix::MsixVectors;
+use vm_notify::{Error, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_or_skip, TinyVm};
 
 const CASES: u32 = 512;
 
@@ -119,7 +118,7 @@ proptest! {
     fn irqfds_on_any_gsi_are_ok_or_typed(gsi in prop_oneof![0u32..64, any::<u32>()]) {
         let Some(vm) = vm() else { return Ok(()) };
         let n = Notifier::new(Mode::Counter).unwrap();
-        match IrqFd::new(vm.router(), gsi, &n) {
+        match IrqFd::with_notifier(vm.router(), gsi, &n) {
             Ok(irq) => prop_assert!(gsi < GSI_LIMIT && !vm.router().routes(gsi).is_empty(), "{:?}", irq),
             Err(Error::GsiOutOfRange { .. }) => prop_assert!(gsi >= GSI_LIMIT),
             Err(Error::UnroutedGsi { .. }) => prop_assert!(vm.router().routes(gsi).is_empty()),

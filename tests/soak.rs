@@ -12,10 +12,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestProgram, TinyVm};
 
 const QUEUES: u64 = 4;
 const NOTIFY: u64 = 0xd000_0050;
@@ -26,9 +26,7 @@ const TARGET: usize = 8;
 #[test]
 #[ignore = "a minute of soak; .ci/run runs it"]
 fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
-    if !kvm_or_skip("a_million_kicks_and_interrupts_are_conserved_under_registration_churn") {
-        return;
-    }
+    kvm_test!();
     let rounds: u64 = std::env::var("VM_NOTIFY_SOAK_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -46,7 +44,7 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
             .router()
             .route_msi(MsiMessage::x86(0, VECTORS[q as usize]))
             .unwrap();
-        let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+        let irq = IrqFd::new(vm.router(), gsi).unwrap();
         devices.push(thread::spawn(move || {
             let (mut read, mut raised) = (0u64, 0u64);
             while read < rounds {
@@ -66,9 +64,9 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
             let (stop, churned) = (stop.clone(), churned.clone());
             let vm = vm.vm().clone();
             let kind = if t % 2 == 0 {
-                BackendKind::Kernel
+                Policy::Kernel
             } else {
-                BackendKind::Userspace
+                Policy::Userspace
             };
             thread::spawn(move || {
                 let backend = Backend::new(vm, kind);
@@ -80,7 +78,7 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
                     drop(backend.register(at, &n).unwrap());
                     churned.fetch_add(1, Ordering::Relaxed);
                     i += 1;
-                    if kind == BackendKind::Userspace {
+                    if kind == Policy::Userspace {
                         // A userspace cycle takes a microsecond; unthrottled, two such threads
                         // would take both CPUs from the guest and the devices.
                         thread::sleep(Duration::from_micros(200));

@@ -12,15 +12,16 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, EventLoop, IrqFd, Mode, MsiMessage, Notifier, Wake, Width, WriteMatch,
-};
+use vm_notify::fallback::{Backend, Policy};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::wait::{EventLoop, Wake};
+use vm_notify::{IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const ADDR: u64 = 0xd000_0050;
 const WRITES: u64 = 20_000;
 
-fn drop_while_writing(kind: BackendKind) {
+fn drop_while_writing(kind: Policy) {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
     let kicks = Notifier::new(Mode::Counter).unwrap();
@@ -65,20 +66,16 @@ fn drop_while_writing(kind: BackendKind) {
 
 #[test]
 fn dropping_a_registration_mid_run_loses_no_write() {
-    if !kvm_or_skip("dropping_a_registration_mid_run_loses_no_write") {
-        return;
-    }
-    drop_while_writing(BackendKind::Kernel);
-    drop_while_writing(BackendKind::Userspace);
+    kvm_test!();
+    drop_while_writing(Policy::Kernel);
+    drop_while_writing(Policy::Userspace);
 }
 
 #[test]
 fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
-    if !kvm_or_skip("tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes") {
-        return;
-    }
+    kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Auto);
+    let backend = Backend::new(vm.vm().clone(), Policy::Auto);
     let mut regs = Vec::new();
     let mut irqs = Vec::new();
     let mut stops = Vec::new();

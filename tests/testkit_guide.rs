@@ -2,26 +2,23 @@
 
 use iced_x86::code_asm::*;
 use std::time::Duration;
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestProgram, TinyVm};
-use vm_notify::{IoEvent, IrqFd, Mode, MsiMessage, Notifier, Width, WriteMatch};
+use vm_notify::kvm::MsiMessage;
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, Eoi, GuestProgram, TinyVm};
 
 #[test]
 fn my_device_answers_every_kick() {
-    if !kvm_or_skip("my_device_answers_every_kick") {
-        return; // loud SKIPPING line; a failure when VM_NOTIFY_REQUIRE_KVM=1
-    }
+    kvm_test!(); // a loud SKIPPING line without KVM; a failure when VM_NOTIFY_REQUIRE_KVM=1
     let mut vm = TinyVm::new().unwrap();
 
     // Wire the device: QueueNotify in, MSI vector 0x40 out.
+    let notify = vm.notify(); // the VM's vm_notify::Vm root
     let kicks = Notifier::new(Mode::Counter).unwrap();
-    let _notify = IoEvent::register(
-        vm.vm(),
-        WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0),
-        &kicks,
-    )
-    .unwrap();
-    let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap()).unwrap();
+    let at = WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0);
+    let _queue = notify.ioevent(at, &kicks).unwrap();
+    let irq = notify
+        .irqfd(notify.route_msi(MsiMessage::x86(0, 0x40)).unwrap())
+        .unwrap();
 
     // The guest: 100 times, count a kick in data slot 0, kick, wait for the interrupt.
     let mut p = GuestProgram::new().unwrap();

@@ -8,9 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::vhost_backend;
-use vm_notify::testkit::{kvm_or_skip, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
-use vm_notify::vhost::{CallTarget, VhostUserFrontend};
-use vm_notify::{Error, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch, MMIO_QUEUE_NOTIFY};
+use vm_notify::vhost_user::VhostUserFrontend;
+use vm_notify::virtio::MMIO_QUEUE_NOTIFY;
+use vm_notify::{Error, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BASE: u64 = 0xd000_0000;
@@ -54,15 +55,8 @@ fn setup(name: &str) -> Setup {
         &Notifier::new(Mode::Counter).unwrap(),
     )
     .unwrap();
-    let call = IrqFd::new(
-        vm.router(),
-        IRQ.into(),
-        &Notifier::new(Mode::Counter).unwrap(),
-    )
-    .unwrap();
-    frontend
-        .start_queue(queue.vring(0), kick, CallTarget::Irq(call))
-        .unwrap();
+    let call = IrqFd::new(vm.router(), IRQ.into()).unwrap();
+    frontend.start_queue(queue.vring(0), kick, call).unwrap();
     Setup {
         vm,
         queue,
@@ -94,9 +88,7 @@ fn open_fds() -> usize {
 fn a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path() {
     // Before the KVM probe too: it opens descriptors.
     let _serial = serial();
-    if !kvm_or_skip("a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path") {
-        return;
-    }
+    kvm_test!();
     const N: u64 = 1000;
     let Setup {
         mut vm,
@@ -136,9 +128,7 @@ fn a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path() {
 fn a_killed_backend_is_reported_and_leaves_nothing_behind() {
     // Before the KVM probe too: it opens descriptors.
     let _serial = serial();
-    if !kvm_or_skip("a_killed_backend_is_reported_and_leaves_nothing_behind") {
-        return;
-    }
+    kvm_test!();
     // Install the backend before counting descriptors.
     vhost_backend::binary();
     let fds_before = open_fds();
@@ -197,11 +187,9 @@ fn a_killed_backend_is_reported_and_leaves_nothing_behind() {
 fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     // Before the KVM probe too: it opens descriptors.
     let _serial = serial();
-    if !kvm_or_skip("msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd") {
-        return;
-    }
-    use vm_notify::testkit::{layout, MsixBar};
-    use vm_notify::{MsixVectors, MSIX_ENABLE};
+    kvm_test!();
+    use vm_notify::msix::{MsixVectors, MSIX_ENABLE};
+    use vm_notify_testkit::{layout, MsixBar};
     const NOTIFY: u64 = 0xd100_0000;
     const BAR: u64 = 0xe000_0000;
     const VECTORS: [u8; 2] = [0x45, 0x46];
@@ -223,14 +211,7 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     )
     .unwrap();
     frontend
-        .start_queue(
-            queue.vring(0),
-            kick,
-            CallTarget::Msix {
-                vectors: vectors.clone(),
-                index: 0,
-            },
-        )
+        .start_queue(queue.vring(0), kick, vectors.handle(0).unwrap())
         .unwrap();
 
     let mut p = GuestProgram::new().unwrap();
@@ -312,15 +293,7 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     eprintln!("retarget signal after {:?}", t0.elapsed());
     let pending_seen_by_guest = vm.data(PBA_SLOT).unwrap();
     let first = vm.irq_count(VECTORS[0]).unwrap();
-    frontend
-        .set_call(
-            0,
-            CallTarget::Msix {
-                vectors: vectors.clone(),
-                index: 1,
-            },
-        )
-        .unwrap();
+    frontend.set_call(0, vectors.handle(1).unwrap()).unwrap();
     done.send(()).unwrap();
     let report = running.wait(TIMEOUT).done().unwrap();
     eprintln!("run done after {:?}", t0.elapsed());
@@ -351,9 +324,7 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
 #[test]
 fn connecting_to_no_backend_is_a_typed_error() {
     let _serial = serial();
-    if !kvm_or_skip("connecting_to_no_backend_is_a_typed_error") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::with_shared_memory().unwrap();
     let missing =
         std::env::temp_dir().join(format!("vm-notify-{}-nobody.sock", std::process::id()));
@@ -369,10 +340,8 @@ fn connecting_to_no_backend_is_a_typed_error() {
 #[test]
 fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     let _serial = serial();
-    if !kvm_or_skip("hand_off_cycles_leave_no_descriptor_or_registration_behind") {
-        return;
-    }
-    use vm_notify::{Backend, BackendKind};
+    kvm_test!();
+    use vm_notify::fallback::{Backend, Policy};
     let cycles: u32 = std::env::var("VM_NOTIFY_VHOST_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -382,7 +351,7 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     let queue = SplitQueue::new(0, 16, &LENGTHS).unwrap();
     queue.lay_out(&vm).unwrap();
     let backend = vhost_backend::Backend::start("cycles");
-    let user = Backend::new(vm.vm().clone(), BackendKind::Userspace);
+    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
     let kick = Notifier::new(Mode::Counter).unwrap();
     let call = Notifier::new(Mode::Counter).unwrap();
     let entries = vm.router().entries();
@@ -411,10 +380,8 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
             }
         };
         let reg = user.register(at, &kick).unwrap();
-        let irq = IrqFd::new(vm.router(), IRQ.into(), &call).unwrap();
-        frontend
-            .start_queue(queue.vring(0), reg, CallTarget::Irq(irq))
-            .unwrap();
+        let irq = IrqFd::with_notifier(vm.router(), IRQ.into(), &call).unwrap();
+        frontend.start_queue(queue.vring(0), reg, irq).unwrap();
         drop(frontend);
     }
     let each = start.elapsed() / cycles;

@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use common::virtio_rng::{RngDevice, RngStats};
 use iced_x86::code_asm::*;
-use vm_notify::testkit::{kvm_or_skip, layout, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
-use vm_notify::{
-    Backend, BackendKind, MmioNotify, MsiMessage, MsixVectors, Notifier, PciNotify, INT_CONFIG,
-    INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
+use vm_notify::fallback::Policy;
+use vm_notify::kvm::MsiMessage;
+use vm_notify::virtio::{
+    MmioDevice, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
 };
+use vm_notify::{Notifier, Vm};
+use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The device's virtio-mmio window.
@@ -40,13 +42,24 @@ struct Outcome {
     status_at_exit: u32,
 }
 
+/// The rng device's notification half on `vm`, with `queues` queues, placed by `kind`; with the
+/// root that placed it (its dispatcher takes the userspace path's kicks).
+fn mmio_device(vm: &TinyVm, kind: Policy, queues: u16) -> (Vm, Arc<MmioNotify>) {
+    let device = MmioDevice {
+        base: BASE,
+        queues,
+        gsi: IRQ.into(),
+    };
+    let root = vm.notify().with_policy(kind);
+    let notify = Arc::new(root.virtio_mmio(&device).unwrap());
+    (root, notify)
+}
+
 /// Runs `rounds` rounds on `queues` queues (each round submits and kicks one request per queue,
 /// then waits for all of them) against the rng device on `kind`'s path.
-fn rng(kind: BackendKind, queues: u16, rounds: u64) -> Outcome {
+fn rng(kind: Policy, queues: u16, rounds: u64) -> Outcome {
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
-    let notify =
-        Arc::new(MmioNotify::new(&backend, vm.router(), BASE, queues, IRQ.into()).unwrap());
+    let (root, notify) = mmio_device(&vm, kind, queues);
     let layouts: Vec<_> = (0..queues)
         .map(|i| {
             let q = SplitQueue::new(i, 16, &LENGTHS).unwrap();
@@ -80,7 +93,7 @@ fn rng(kind: BackendKind, queues: u16, rounds: u64) -> Outcome {
         Some(notify.interrupt().clone()),
     )
     .spawn();
-    let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());
+    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
             // The interrupt registers, or (userspace path) a queue notification.
@@ -119,7 +132,7 @@ fn rng(kind: BackendKind, queues: u16, rounds: u64) -> Outcome {
 
 /// The accounting both tests check: every byte; the interrupts (`RngStats::check_interrupts`);
 /// two exits per interrupt (the status read and the ACK), plus the kicks on the userspace path.
-fn check(kind: BackendKind, queues: u16, rounds: u64, o: &Outcome) {
+fn check(kind: Policy, queues: u16, rounds: u64, o: &Outcome) {
     // Request r of a queue uses descriptor r % 16, of LENGTHS[r % 4] bytes.
     let per_queue: u64 = (0..rounds)
         .map(|r| u64::from(LENGTHS[(r % 4) as usize]))
@@ -131,14 +144,14 @@ fn check(kind: BackendKind, queues: u16, rounds: u64, o: &Outcome) {
     );
     assert_eq!(o.stats.bytes, bytes);
     let untaken = o.status_at_exit & INT_VRING != 0;
-    let late = kind == BackendKind::Kernel;
+    let late = kind == Policy::Kernel;
     if let Err(e) = o
         .stats
         .check_interrupts(o.guest_irqs, o.zero_reads, untaken, late)
     {
         panic!("{kind:?}: {e}");
     }
-    let kicks = if kind == BackendKind::Kernel {
+    let kicks = if kind == Policy::Kernel {
         0
     } else {
         rounds * u64::from(queues)
@@ -148,7 +161,7 @@ fn check(kind: BackendKind, queues: u16, rounds: u64, o: &Outcome) {
 
 /// `rng` and `check` on the kernel path, then on the userspace path.
 fn rng_on_both_paths(queues: u16, rounds: u64) {
-    for kind in [BackendKind::Kernel, BackendKind::Userspace] {
+    for kind in [Policy::Kernel, Policy::Userspace] {
         let o = rng(kind, queues, rounds);
         check(kind, queues, rounds, &o);
     }
@@ -156,17 +169,13 @@ fn rng_on_both_paths(queues: u16, rounds: u64) {
 
 #[test]
 fn virtio_mmio_rng_serves_1000_requests_on_one_queue() {
-    if !kvm_or_skip("virtio_mmio_rng_serves_1000_requests_on_one_queue") {
-        return;
-    }
+    kvm_test!();
     rng_on_both_paths(1, 1000);
 }
 
 #[test]
 fn virtio_mmio_rng_serves_two_queues_with_interleaved_kicks() {
-    if !kvm_or_skip("virtio_mmio_rng_serves_two_queues_with_interleaved_kicks") {
-        return;
-    }
+    kvm_test!();
     rng_on_both_paths(2, 500);
 }
 
@@ -174,25 +183,24 @@ fn virtio_mmio_rng_serves_two_queues_with_interleaved_kicks() {
 /// asserted (INT_CONFIG is still set) and the guest takes another interrupt. It then acknowledges
 /// everything, and the line drops: when the guest next reports, InterruptStatus is 0 and the
 /// PIC's request bit for the pin is clear. The guest's handler records the status it read.
-fn ack_rules(kind: BackendKind) {
+fn ack_rules(kind: Policy) {
     const MASK: usize = 2;
     const STATUS_LOG: usize = 3;
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
-    let notify = Arc::new(MmioNotify::new(&backend, vm.router(), BASE, 1, IRQ.into()).unwrap());
+    let (_, notify) = mmio_device(&vm, kind, 1);
 
     let mut p = GuestProgram::new().unwrap();
     p.init_pic(0x20, !((1u16 << IRQ) | (1 << 2)), 1 << IRQ)
         .unwrap();
     p.on_interrupt_with(VECTOR, Eoi::PicMaster, |a| {
-        a.mov(rdx, BASE + vm_notify::MMIO_INTERRUPT_STATUS)?;
+        a.mov(rdx, BASE + vm_notify::virtio::MMIO_INTERRUPT_STATUS)?;
         a.mov(eax, dword_ptr(rdx))?;
         // Log the status at slot STATUS_LOG + (this interrupt's number, from 1).
         a.mov(rcx, qword_ptr(layout::IRQ_COUNTS + 8 * u64::from(VECTOR)))?;
         a.mov(rdx, layout::data_slot(STATUS_LOG))?;
         a.mov(qword_ptr(rdx + rcx * 8), rax)?;
         a.and(eax, dword_ptr(layout::data_slot(MASK)))?;
-        a.mov(rdx, BASE + vm_notify::MMIO_INTERRUPT_ACK)?;
+        a.mov(rdx, BASE + vm_notify::virtio::MMIO_INTERRUPT_ACK)?;
         a.mov(dword_ptr(rdx), eax)?;
         Ok(())
     });
@@ -262,30 +270,33 @@ fn ack_rules(kind: BackendKind) {
 
 #[test]
 fn virtio_mmio_ack_keeps_the_line_asserted_until_every_bit_is_acknowledged() {
-    if !kvm_or_skip("virtio_mmio_ack_keeps_the_line_asserted_until_every_bit_is_acknowledged") {
-        return;
-    }
-    ack_rules(BackendKind::Kernel);
-    ack_rules(BackendKind::Userspace);
+    kvm_test!();
+    ack_rules(Policy::Kernel);
+    ack_rules(Policy::Userspace);
 }
 
 /// virtio-pci: notify_off_multiplier 4 and two queues at offsets 0 and 1. Each queue's 2-byte
 /// notify writes reach only its notifier (a write of the wrong queue index at an address reaches
 /// none); queue 0 on vector 0 raises it, queue 1 with NO_VECTOR raises nothing.
-fn pci_addressing(kind: BackendKind) {
+fn pci_addressing(kind: Policy) {
     const NOTIFY_BASE: u64 = 0xd100_0000;
     const KICKS: [u64; 2] = [30, 20];
     const WRONG: u64 = 10;
     const VECTORS: [u8; 2] = [0x45, 0x46];
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
-    let vectors = Arc::new(MsixVectors::new(vm.router(), 2).unwrap());
+    let root = vm.notify().with_policy(kind);
+    let vectors = root.msix(2).unwrap();
     for (i, v) in VECTORS.iter().enumerate() {
         vectors.set_message(i, MsiMessage::x86(0, *v)).unwrap();
         vectors.set_masked(i, false).unwrap();
     }
     vectors.set_enabled(true).unwrap();
-    let notify = Arc::new(PciNotify::new(&backend, NOTIFY_BASE, 4, &[0, 1], vectors).unwrap());
+    let layout = PciLayout {
+        notify_base: NOTIFY_BASE,
+        notify_off_multiplier: 4,
+        queue_notify_off: vec![0, 1],
+    };
+    let notify = Arc::new(root.virtio_pci(&layout, &vectors).unwrap());
     assert_eq!(notify.notify_address(0), Some(NOTIFY_BASE));
     assert_eq!(notify.notify_address(1), Some(NOTIFY_BASE + 4));
     assert_eq!(notify.set_queue_vector(0, 0), Some(0));
@@ -312,7 +323,7 @@ fn pci_addressing(kind: BackendKind) {
     p.drain_interrupts(0x30).unwrap();
     p.exit().unwrap();
 
-    let (vmm, dispatcher) = (notify.clone(), backend.dispatcher().clone());
+    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
     let (tx, rx) = mpsc::channel();
     let report = vm
         .start(p, move |e: &GuestExit, _: &mut [u8]| match e {
@@ -338,7 +349,7 @@ fn pci_addressing(kind: BackendKind) {
     let kicks: Vec<u64> = (0..2)
         .map(|q| {
             let queue = notify.queue(q).unwrap();
-            let n: &Notifier = queue.kick();
+            let n: &Notifier = queue.kicks();
             n.try_read().unwrap().done().unwrap_or(0)
         })
         .collect();
@@ -364,30 +375,35 @@ fn pci_addressing(kind: BackendKind) {
 
 #[test]
 fn virtio_pci_notify_addresses_and_vectors() {
-    if !kvm_or_skip("virtio_pci_notify_addresses_and_vectors") {
-        return;
-    }
-    pci_addressing(BackendKind::Kernel);
-    pci_addressing(BackendKind::Userspace);
+    kvm_test!();
+    pci_addressing(Policy::Kernel);
+    pci_addressing(Policy::Userspace);
 }
 
 /// More queues than virtio has, and a notify address past the end of the address space, are
 /// typed errors; nothing stays registered.
 #[test]
 fn pci_notify_refuses_bad_layouts() {
-    if !kvm_or_skip("pci_notify_refuses_bad_layouts") {
-        return;
-    }
+    kvm_test!();
     let vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), BackendKind::Kernel);
-    let vectors = Arc::new(MsixVectors::new(vm.router(), 1).unwrap());
-    let offsets = vec![0u16; 65536];
-    let e = PciNotify::new(&backend, 0xd100_0000, 0, &offsets, vectors.clone()).unwrap_err();
+    let root = vm.notify();
+    let vectors = root.msix(1).unwrap();
+    let many = PciLayout {
+        notify_base: 0xd100_0000,
+        notify_off_multiplier: 0,
+        queue_notify_off: vec![0u16; 65536],
+    };
+    let e = root.virtio_pci(&many, &vectors).unwrap_err();
     assert!(
         matches!(e, vm_notify::Error::VirtioQueueCount { count: 65536 }),
         "{e:?}"
     );
-    let e = PciNotify::new(&backend, u64::MAX - 8, 4, &[0, 4], vectors.clone()).unwrap_err();
+    let wrapping = PciLayout {
+        notify_base: u64::MAX - 8,
+        notify_off_multiplier: 4,
+        queue_notify_off: vec![0, 4],
+    };
+    let e = root.virtio_pci(&wrapping, &vectors).unwrap_err();
     assert!(matches!(e, vm_notify::Error::AddressWraps { .. }), "{e:?}");
     // Queue 0 (at u64::MAX - 8) was registered before queue 1 failed; it is gone again: the
     // same address registers anew.

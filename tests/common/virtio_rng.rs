@@ -9,8 +9,9 @@ use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vm_notify::testkit::SplitQueue;
-use vm_notify::{EventLoop, MmioInterrupt, StopHandle, VirtQueueNotify};
+use vm_notify::virtio::{MmioInterrupt, VirtQueueNotify};
+use vm_notify::wait::{EventLoop, StopHandle};
+use vm_notify_testkit::SplitQueue;
 
 /// What the device did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -142,10 +143,10 @@ impl RngDevice {
     /// Serves until `events` is stopped; returns what it did.
     fn run(mut self, events: &EventLoop) -> RngStats {
         for (i, (notify, _)) in self.queues.iter().enumerate() {
-            events.add(i as u64, notify.kick()).unwrap();
+            events.add(i as u64, notify.kicks()).unwrap();
         }
         if let Some(irq) = &self.irq {
-            events.add(RESAMPLE, irq.resample()).unwrap();
+            events.add(RESAMPLE, irq.resample().unwrap()).unwrap();
         }
         events
             .run(|token, count| {

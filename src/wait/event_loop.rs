@@ -8,7 +8,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use vm_notify::{EventLoop, Mode, Notifier, Wake};
+//! use vm_notify::wait::{EventLoop, Wake};
+//! use vm_notify::{Mode, Notifier};
 //!
 //! let queue0 = Notifier::new(Mode::Counter)?;
 //! let queue1 = Notifier::new(Mode::Counter)?;

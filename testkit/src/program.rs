@@ -50,7 +50,7 @@ struct Handler {
 ///
 /// ```
 /// use iced_x86::code_asm::*;
-/// use vm_notify::testkit::{layout, Eoi, GuestProgram};
+/// use vm_notify_testkit::{layout, Eoi, GuestProgram};
 ///
 /// let mut p = GuestProgram::new()?;
 /// p.init_pic(0x20, 0b1111_1111_1110_1011, 0)?; // IRQ 2 (cascade) and 4 unmasked
@@ -63,7 +63,7 @@ struct Handler {
 /// p.exit()?;
 /// let code = p.assemble()?;
 /// assert!(code.handler(0x24).is_some());
-/// # Ok::<(), vm_notify::testkit::Error>(())
+/// # Ok::<(), vm_notify_testkit::Error>(())
 /// ```
 pub struct GuestProgram {
     asm: CodeAssembler,
@@ -288,13 +288,13 @@ impl GuestProgram {
     /// [`Error::Assemble`], or [`Error::Width`] for a width the bus has not.
     pub fn write_to(
         &mut self,
-        addr: crate::IoEventAddress,
+        addr: vm_notify::kvm::IoEventAddress,
         value: u64,
         width: usize,
     ) -> Result<()> {
         match addr {
-            crate::IoEventAddress::Mmio(a) => self.mmio_write(a, value, width),
-            crate::IoEventAddress::Pio(p) => self.pio_write(p as u16, value as u32, width),
+            vm_notify::kvm::IoEventAddress::Mmio(a) => self.mmio_write(a, value, width),
+            vm_notify::kvm::IoEventAddress::Pio(p) => self.pio_write(p as u16, value as u32, width),
         }
     }
 

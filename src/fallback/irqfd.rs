@@ -1,107 +1,22 @@
-//! [`IrqFd`] and [`LevelIrqFd`]: a device adds to a [`Notifier`] and KVM injects a GSI.
+//! [`IrqFd`] and [`LevelIrqFd`]: a device adds to a [`Notifier`] and the guest is interrupted —
+//! by KVM (a kernel irqfd) or by the injector thread (`KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`).
 //!
 //! An edge irqfd injects its GSI once per write (writes made before the injection coalesce). A
 //! level irqfd asserts an irqchip pin and keeps it asserted; when the guest EOIs the pin KVM
 //! de-asserts it and adds 1 to the resample notifier. The device then checks its own condition
 //! (for example its interrupt status register) and asserts again if an interrupt is still due.
 //!
-//! Both go through the VM's [`GsiRouter`], which refuses a GSI that has no route: KVM itself would
-//! accept it and then drop every interrupt.
+//! Both paths bind through the VM's [`GsiRouter`], which refuses a GSI that has no route: KVM
+//! itself would accept it and then drop every interrupt.
 
 use std::fmt;
 
-use crate::backend as sys;
-use crate::backend::{Fallback, Path};
-use crate::error::{Capability, Error, Result};
-use crate::inject::Injector;
-use crate::notifier::Notifier;
-use crate::routing::{Gsi, GsiRouter, Route, GSI_LIMIT};
-
-/// One `KVM_IRQFD` assignment. It has no `Drop` of its own: its owners ([`IrqFd`],
-/// [`LevelIrqFd`], the MSI-X vectors) call [`release`](Self::release) or
-/// [`detach`](Self::detach) exactly once.
-pub(crate) struct Binding {
-    router: GsiRouter,
-    gsi: Gsi,
-    trigger: Notifier,
-}
-
-impl Binding {
-    fn new(
-        router: &GsiRouter,
-        gsi: Gsi,
-        trigger: &Notifier,
-        resample: Option<&Notifier>,
-    ) -> Result<Binding> {
-        Binding::assign(router, gsi, trigger.try_clone()?, resample).map_err(|(e, _)| e)
-    }
-
-    /// Assigns `trigger` to inject `gsi`, taking ownership of it; on failure the notifier comes
-    /// back with the error.
-    pub(crate) fn assign(
-        router: &GsiRouter,
-        gsi: Gsi,
-        trigger: Notifier,
-        resample: Option<&Notifier>,
-    ) -> std::result::Result<Binding, (Error, Notifier)> {
-        let resample_cap = resample.map(|_| Capability::IrqFdResample);
-        for cap in std::iter::once(Capability::IrqFd).chain(resample_cap) {
-            if !router.has(cap) {
-                return Err((Error::MissingCapability(cap), trigger));
-            }
-        }
-        let bound = router.bind(gsi, |vm, routes| {
-            if resample.is_some() && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
-                return Err(Error::ResampleNeedsIrqchip { gsi });
-            }
-            sys::assign_irqfd(vm, &trigger, resample, gsi).map_err(|source| {
-                match source.raw_os_error() {
-                    Some(libc::EBUSY) => Error::IrqFdBusy { gsi },
-                    _ => Error::IrqFd { gsi, source },
-                }
-            })
-        });
-        match bound {
-            Ok(()) => Ok(Binding {
-                router: router.clone(),
-                gsi,
-                trigger,
-            }),
-            Err(e) => Err((e, trigger)),
-        }
-    }
-
-    /// The notifier that injects the GSI.
-    pub(crate) fn trigger(&self) -> &Notifier {
-        &self.trigger
-    }
-
-    /// Deassigns the irqfd and gives back its notifier. Once this returns, writes to the
-    /// notifier stay in its counter.
-    pub(crate) fn detach(self) -> Notifier {
-        self.release();
-        self.trigger
-    }
-
-    /// Deassigns the irqfd. KVM deassigns by (eventfd, GSI) and returns 0 even when nothing
-    /// matched, so there is no error worth reporting; the router's count is what the library
-    /// relies on.
-    fn release(&self) {
-        let (gsi, trigger) = (self.gsi, &self.trigger);
-        self.router.unbind(gsi, |vm| {
-            let _ = sys::deassign_irqfd(vm, trigger, gsi);
-        });
-    }
-}
-
-impl fmt::Debug for Binding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Binding")
-            .field("gsi", &self.gsi)
-            .field("trigger", &self.trigger)
-            .finish()
-    }
-}
+use crate::error::Result;
+use crate::fallback::inject::Injector;
+use crate::fallback::placement::{Fallback, Placement};
+use crate::kvm::irqfd::Binding;
+use crate::kvm::{Gsi, GsiRouter};
+use crate::notifier::{Mode, Notifier};
 
 /// How an irqfd's trigger reaches KVM.
 enum Delivery {
@@ -110,6 +25,7 @@ enum Delivery {
     /// Read by the injector thread, which calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`.
     Injected {
         injector: Injector,
+        router: GsiRouter,
         token: u64,
         trigger: Notifier,
         gsi: Gsi,
@@ -117,8 +33,20 @@ enum Delivery {
 }
 
 impl Delivery {
-    /// Registers `trigger` with `injector` for `gsi` after the checks `KVM_IRQFD` would make;
-    /// with `resample`, as a level line.
+    /// A kernel irqfd: `trigger` (a descriptor of it) assigned with `KVM_IRQFD`.
+    fn kernel(
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: Option<&Notifier>,
+    ) -> Result<Delivery> {
+        Binding::assign(router, gsi, trigger.try_clone()?, resample)
+            .map(Delivery::Kernel)
+            .map_err(|(e, _)| e)
+    }
+
+    /// Registers `trigger` with `injector` for `gsi`, bound through the router like a kernel
+    /// irqfd (the same GSI checks, the same count); with `resample`, as a level line.
     fn injected(
         injector: &Injector,
         router: &GsiRouter,
@@ -126,23 +54,20 @@ impl Delivery {
         trigger: &Notifier,
         resample: Option<&Notifier>,
     ) -> Result<Delivery> {
-        if gsi >= GSI_LIMIT {
-            return Err(Error::GsiOutOfRange {
-                gsi,
-                limit: GSI_LIMIT,
-            });
-        }
-        let routes = router.routes(gsi);
-        if routes.is_empty() {
-            return Err(Error::UnroutedGsi { gsi });
-        }
-        if resample.is_some() && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
-            return Err(Error::ResampleNeedsIrqchip { gsi });
-        }
         let trigger = trigger.try_clone()?;
-        let token = injector.add(gsi, &trigger, resample)?;
+        // Counted on the router first, then added to the injector outside the router's lock:
+        // the injector thread takes its own lock and then the router's, never the other way.
+        router.bind(gsi, resample.is_some(), |_| Ok(()))?;
+        let token = match injector.add(gsi, &trigger, resample) {
+            Ok(token) => token,
+            Err(e) => {
+                router.unbind(gsi, |_| {});
+                return Err(e);
+            }
+        };
         Ok(Delivery::Injected {
             injector: injector.clone(),
+            router: router.clone(),
             token,
             trigger,
             gsi,
@@ -158,17 +83,28 @@ impl Delivery {
 
     fn gsi(&self) -> Gsi {
         match self {
-            Delivery::Kernel(b) => b.gsi,
+            Delivery::Kernel(b) => b.gsi(),
             Delivery::Injected { gsi, .. } => *gsi,
         }
     }
+}
 
-    fn release(&self) {
+/// Deassigns the irqfd (or stops the injector serving it): dropping an [`IrqFd`] or a
+/// [`LevelIrqFd`] does this first, before their notifiers close.
+impl Drop for Delivery {
+    fn drop(&mut self) {
         match self {
             Delivery::Kernel(b) => b.release(),
             Delivery::Injected {
-                injector, token, ..
-            } => injector.remove(*token),
+                injector,
+                router,
+                token,
+                gsi,
+                ..
+            } => {
+                injector.remove(*token);
+                router.unbind(*gsi, |_| {});
+            }
         }
     }
 }
@@ -189,20 +125,21 @@ impl fmt::Debug for Delivery {
 /// An edge-triggered irqfd: each [`trigger`](Self::trigger) injects the GSI.
 /// Dropping it deassigns the irqfd.
 ///
-/// Made by [`IrqFd::new`] it is a kernel irqfd; a [`Backend`](crate::Backend) can make one that
-/// an injector thread serves instead ([`path`](Self::path) says which). The device's side is the
-/// same.
+/// Made by [`IrqFd::new`] it is a kernel irqfd; a [`Backend`](super::Backend) can make one that
+/// an injector thread serves instead ([`placement`](Self::placement) says which). The device's
+/// side is the same.
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
-/// use vm_notify::{GsiRouter, IrqFd, Mode, Notifier};
+/// use vm_notify::kvm::GsiRouter;
+/// use vm_notify::IrqFd;
 /// # let kvm = kvm_ioctls::Kvm::new()?;
 /// # let vm = Arc::new(kvm.create_vm()?);
 /// # vm.create_irq_chip()?;
 /// let router = GsiRouter::new(vm.clone())?;
 /// // GSI 4: the default route to PIC pin 4 and IOAPIC pin 4 (a serial port's line).
-/// let irq = IrqFd::new(&router, 4, &Notifier::new(Mode::Counter)?)?;
+/// let irq = IrqFd::new(&router, 4)?;
 /// irq.trigger()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -210,30 +147,35 @@ impl fmt::Debug for Delivery {
 #[must_use = "dropping an IrqFd deassigns it at once"]
 pub struct IrqFd {
     delivery: Delivery,
-    path: Path,
-}
-
-impl Drop for IrqFd {
-    fn drop(&mut self) {
-        self.delivery.release();
-    }
+    placement: Placement,
 }
 
 impl IrqFd {
-    /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps its own descriptor
-    /// of the notifier.
-    ///
-    /// A count already in the notifier is injected at once.
+    /// A kernel irqfd injecting `gsi`, with a notifier of its own
+    /// ([`notifier`](Self::notifier) gives it to whoever triggers).
     ///
     /// # Errors
     ///
-    /// [`Error::GsiOutOfRange`], [`Error::UnroutedGsi`] when `gsi` has no committed route,
-    /// [`Error::MissingCapability`] without `KVM_CAP_IRQFD`, [`Error::IrqFdBusy`] when the
-    /// notifier is already an irqfd, [`Error::FdExhausted`], or [`Error::IrqFd`].
-    pub fn new(router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+    /// Those of [`with_notifier`](Self::with_notifier).
+    pub fn new(router: &GsiRouter, gsi: Gsi) -> Result<IrqFd> {
+        IrqFd::with_notifier(router, gsi, &Notifier::new(Mode::Counter)?)
+    }
+
+    /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps its own descriptor
+    /// of the notifier. A count already in the notifier is injected at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GsiOutOfRange`](crate::Error::GsiOutOfRange),
+    /// [`Error::UnroutedGsi`](crate::Error::UnroutedGsi) when `gsi` has no committed route,
+    /// [`Error::MissingCapability`](crate::Error::MissingCapability) without `KVM_CAP_IRQFD`,
+    /// [`Error::IrqFdBusy`](crate::Error::IrqFdBusy) when the notifier is already an irqfd,
+    /// [`Error::FdExhausted`](crate::Error::FdExhausted), or
+    /// [`Error::IrqFd`](crate::Error::IrqFd).
+    pub fn with_notifier(router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
         Ok(IrqFd {
-            delivery: Delivery::Kernel(Binding::new(router, gsi, notifier, None)?),
-            path: Path::Kernel,
+            delivery: Delivery::kernel(router, gsi, notifier, None)?,
+            placement: Placement::Kernel,
         })
     }
 
@@ -246,7 +188,7 @@ impl IrqFd {
     ) -> Result<IrqFd> {
         Ok(IrqFd {
             delivery: Delivery::injected(injector, router, gsi, notifier, None)?,
-            path: Path::Userspace(why),
+            placement: Placement::Userspace(why),
         })
     }
 
@@ -254,7 +196,7 @@ impl IrqFd {
     ///
     /// # Errors
     ///
-    /// [`Error::Notifier`] if the eventfd write fails.
+    /// [`Error::Notifier`](crate::Error::Notifier) if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
         self.delivery.trigger().notify()
     }
@@ -270,8 +212,8 @@ impl IrqFd {
     }
 
     /// Whether KVM injects (an irqfd) or the injector thread does, and why.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 }
 
@@ -287,11 +229,12 @@ impl IrqFd {
 ///
 /// Made by [`LevelIrqFd::new`] it is a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`: the pin stays
 /// asserted until the guest EOIs it, then KVM lowers it and adds 1 to `resample`, and `deassert`
-/// has nothing to do. A [`Backend`](crate::Backend) can make one that its injector thread serves
-/// instead ([`path`](Self::path) says which): the injector raises the pin with `KVM_IRQ_LINE` and
-/// holds it high — the irqchip re-delivers at each EOI while it is — until `deassert` lowers it and
-/// adds 1 to `resample`. There userspace sees no EOI, so `deassert` is what lowers the line; called
-/// on the vCPU thread before the guest's EOI, it leaves no extra delivery.
+/// has nothing to do. A [`Backend`](super::Backend) can make one that its injector thread serves
+/// instead ([`placement`](Self::placement) says which): the injector raises the pin with
+/// `KVM_IRQ_LINE` and holds it high — the irqchip re-delivers at each EOI while it is — until
+/// `deassert` lowers it and adds 1 to `resample`. There userspace sees no EOI, so `deassert` is
+/// what lowers the line; called on the vCPU thread before the guest's EOI, it leaves no extra
+/// delivery.
 ///
 /// The GSI must be routed to an irqchip pin (PIC or IOAPIC), programmed level-triggered by the
 /// guest.
@@ -300,24 +243,34 @@ impl IrqFd {
 pub struct LevelIrqFd {
     delivery: Delivery,
     resample: Notifier,
-    path: Path,
-}
-
-impl Drop for LevelIrqFd {
-    fn drop(&mut self) {
-        self.delivery.release();
-    }
+    placement: Placement,
 }
 
 impl LevelIrqFd {
+    /// A kernel level irqfd asserting `gsi`, with trigger and resample notifiers of its own.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`with_notifiers`](Self::with_notifiers).
+    pub fn new(router: &GsiRouter, gsi: Gsi) -> Result<LevelIrqFd> {
+        LevelIrqFd::with_notifiers(
+            router,
+            gsi,
+            &Notifier::new(Mode::Counter)?,
+            &Notifier::new(Mode::Counter)?,
+        )
+    }
+
     /// Binds `trigger` to assert `gsi` and `resample` to be signalled at its EOI, with
     /// `KVM_IRQFD`.
     ///
     /// # Errors
     ///
-    /// Those of [`IrqFd::new`], plus [`Error::ResampleNeedsIrqchip`] when `gsi` is routed as an
-    /// MSI and [`Error::MissingCapability`] without `KVM_CAP_IRQFD_RESAMPLE`.
-    pub fn new(
+    /// Those of [`IrqFd::with_notifier`], plus
+    /// [`Error::ResampleNeedsIrqchip`](crate::Error::ResampleNeedsIrqchip) when `gsi` is routed
+    /// as an MSI and [`Error::MissingCapability`](crate::Error::MissingCapability) without
+    /// `KVM_CAP_IRQFD_RESAMPLE`.
+    pub fn with_notifiers(
         router: &GsiRouter,
         gsi: Gsi,
         trigger: &Notifier,
@@ -325,9 +278,9 @@ impl LevelIrqFd {
     ) -> Result<LevelIrqFd> {
         let resample = resample.try_clone()?;
         Ok(LevelIrqFd {
-            delivery: Delivery::Kernel(Binding::new(router, gsi, trigger, Some(&resample))?),
+            delivery: Delivery::kernel(router, gsi, trigger, Some(&resample))?,
             resample,
-            path: Path::Kernel,
+            placement: Placement::Kernel,
         })
     }
 
@@ -343,7 +296,7 @@ impl LevelIrqFd {
         Ok(LevelIrqFd {
             delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample))?,
             resample,
-            path: Path::Userspace(why),
+            placement: Placement::Userspace(why),
         })
     }
 
@@ -351,7 +304,7 @@ impl LevelIrqFd {
     ///
     /// # Errors
     ///
-    /// [`Error::Notifier`] if the eventfd write fails.
+    /// [`Error::Notifier`](crate::Error::Notifier) if the eventfd write fails.
     pub fn trigger(&self) -> Result<()> {
         self.delivery.trigger().notify()
     }
@@ -363,8 +316,8 @@ impl LevelIrqFd {
     ///
     /// # Errors
     ///
-    /// [`Error::Notifier`] if the trigger read or the resample write fails, [`Error::IrqLine`] if
-    /// `KVM_IRQ_LINE` does.
+    /// [`Error::Notifier`](crate::Error::Notifier) if the trigger read or the resample write
+    /// fails, [`Error::IrqLine`](crate::Error::IrqLine) if `KVM_IRQ_LINE` does.
     pub fn deassert(&self) -> Result<bool> {
         match &self.delivery {
             Delivery::Kernel(_) => Ok(false),
@@ -391,7 +344,7 @@ impl LevelIrqFd {
     }
 
     /// Whether KVM asserts the line (an irqfd) or the injector thread does, and why.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 }

@@ -1,62 +1,14 @@
-//! [`MsixVectors`]: a device's MSI-X vectors, with the PCI table and PBA semantics, delivered
-//! through irqfds on MSI routes.
-//!
-//! The device raises a vector by index and never sees a GSI. Each vector has a message
-//! (address/data), a mask bit and a pending bit; the function has an enable bit and a function
-//! mask. A vector *delivers* when MSI-X is enabled, the function is unmasked and the vector is
-//! unmasked: then its irqfd is assigned on an MSI route carrying its message.
-//!
-//! # Masking without loss
-//!
-//! Masking a vector (or the function) **detaches** its irqfd: the irqfd is deassigned and the
-//! eventfd is kept. Every state change of a vector — raise, mask, unmask, message change — runs
-//! under that vector's lock, so they happen in one order:
-//!
-//! * **raise** while delivering writes the eventfd; KVM injects at once (the write's wakeup runs
-//!   the injection before the write returns, or queues work that deassignment flushes). While not
-//!   delivering, raise sets the pending bit instead.
-//! * **mask** deassigns the irqfd. When `KVM_IRQFD` returns, everything written before is
-//!   injected and nothing written after can be. The counter is then read, and anything in it
-//!   (written by a holder of [`MsixVectors::notifier`], such as a vhost-user backend) becomes the
-//!   pending bit.
-//! * **unmask** first drains the counter into the pending bit, then assigns the irqfd on an
-//!   empty counter (so KVM's assign-time injection, which does not consume the counter, never
-//!   fires), then — if the pending bit was set — clears it and writes the eventfd once: exactly one
-//!   interrupt, injected by the same path as any raise.
-//!
-//! Hence no interrupt reaches the guest from a masked vector after the mask returns, no raise is
-//! lost (it is injected, or pending and injected at unmask), and none is doubled (the pending bit
-//! is consumed under the same lock that set it). An external writer that writes the eventfd
-//! without the lock gets the same guarantees except in one window: a write landing between the
-//! drain and the assignment in an unmask is injected by KVM's assign-time poll as well as counted
-//! in the counter, so its next delivery may come one event early.
-//!
-//! # Guest-visible table
-//!
-//! [`MsixVectors::table_read`], [`table_write`](MsixVectors::table_write),
-//! [`pba_read`](MsixVectors::pba_read) and
-//! [`write_message_control`](MsixVectors::write_message_control) emulate the MSI-X table, the PBA
-//! and the capability's message control for a VMM that traps them.
+//! [`MsixVectors`]: the vector state machine (see the module docs of [`msix`](crate::msix)).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::irq::Binding;
+use crate::kvm::irqfd::Binding;
+use crate::kvm::{Gsi, GsiRouter, MsiMessage};
+use crate::msix::table::{self, Entry, MSIX_MAX_VECTORS};
 use crate::notifier::{Attempt, Mode, Notifier};
-use crate::routing::{Gsi, GsiRouter, MsiMessage};
-
-/// The most vectors an MSI-X capability can have (table size field of 11 bits).
-pub const MSIX_MAX_VECTORS: usize = 2048;
-/// Bytes per MSI-X table entry.
-pub const MSIX_ENTRY_SIZE: u64 = 16;
-/// Message control: MSI-X enable.
-pub const MSIX_ENABLE: u16 = 1 << 15;
-/// Message control: function mask.
-pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
-/// Vector control: mask bit.
-pub const MSIX_VECTOR_MASKED: u32 = 1;
 
 /// One vector's state, as saved and restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -313,9 +265,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// the table, both on clones of one set.
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
-/// use vm_notify::{GsiRouter, MsiMessage, MsixVectors};
+/// use vm_notify::kvm::{GsiRouter, MsiMessage};
+/// use vm_notify::msix::MsixVectors;
 /// # let kvm = kvm_ioctls::Kvm::new()?;
 /// # let vm = Arc::new(kvm.create_vm()?);
 /// # vm.create_irq_chip()?;
@@ -571,14 +524,7 @@ impl MsixVectors {
     /// table size − 1 (bits 0–10).
     pub fn message_control(&self) -> u16 {
         let f = self.inner.function();
-        let mut v = (self.len() - 1) as u16;
-        if f.enabled {
-            v |= MSIX_ENABLE;
-        }
-        if f.masked {
-            v |= MSIX_FUNCTION_MASK;
-        }
-        v
+        table::message_control(self.len(), f.enabled, f.masked)
     }
 
     /// A guest write of the message control register: applies bits 15 and 14; the table size is
@@ -588,29 +534,18 @@ impl MsixVectors {
     ///
     /// Those of [`set_enabled`](Self::set_enabled).
     pub fn write_message_control(&self, value: u16) -> Result<()> {
-        self.inner
-            .set_function(value & MSIX_ENABLE != 0, value & MSIX_FUNCTION_MASK != 0)
+        let (enabled, masked) = table::decode_message_control(value);
+        self.inner.set_function(enabled, masked)
     }
 
     /// The size of the MSI-X table in bytes.
     pub fn table_len(&self) -> u64 {
-        self.len() as u64 * MSIX_ENTRY_SIZE
+        table::table_len(self.len())
     }
 
     /// The size of the PBA in bytes (whole QWORDs).
     pub fn pba_len(&self) -> u64 {
-        (self.len() as u64).div_ceil(64) * 8
-    }
-
-    fn check_access(&self, offset: u64, len: usize, size: u64) -> Result<()> {
-        let fits = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= size);
-        if (len == 4 || len == 8) && offset % len as u64 == 0 && fits {
-            Ok(())
-        } else {
-            Err(Error::MsixAccess { offset, len, size })
-        }
+        table::pba_len(self.len())
     }
 
     /// A guest read of the MSI-X table at `offset` into `data` (4 or 8 bytes, naturally
@@ -621,52 +556,42 @@ impl MsixVectors {
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table; `data`
     /// is then left as it was.
     pub fn table_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
-        self.check_access(offset, data.len(), self.table_len())?;
-        let index = (offset / MSIX_ENTRY_SIZE) as usize;
-        let s = self.inner.vector(index)?.state;
-        let words = [
-            s.message.address as u32 & !0x3,
-            (s.message.address >> 32) as u32,
-            s.message.data,
-            if s.masked { MSIX_VECTOR_MASKED } else { 0 },
-        ];
-        let first = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
-        for (i, chunk) in data.chunks_mut(4).enumerate() {
-            chunk.copy_from_slice(&words[first + i].to_le_bytes());
-        }
+        table::check_access(offset, data.len(), self.table_len())?;
+        let s = self.inner.vector(table::entry_index(offset))?.state;
+        let entry = Entry {
+            message: s.message,
+            masked: s.masked,
+        };
+        table::read_entry(&entry, offset, data);
         Ok(())
     }
 
     /// A guest write of the MSI-X table at `offset` (4 or 8 bytes, naturally aligned). Writes
-    /// to reserved bits (address bits 0–1, vector control bits 1–31) are dropped. Message changes
-    /// take effect as [`set_message`](Self::set_message), mask changes as
-    /// [`set_masked`](Self::set_masked).
+    /// to reserved bits (address bits 0–1, vector control bits 1–31) are dropped. The message and
+    /// mask change together, under the vector's lock, with at most one routing commit: an
+    /// 8-byte write of data and vector control is one change, as the device sees it.
     ///
     /// # Errors
     ///
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table (nothing
     /// is written then), and the errors of applying the change.
     pub fn table_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_access(offset, data.len(), self.table_len())?;
-        let index = (offset / MSIX_ENTRY_SIZE) as usize;
-        let first = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
-        let (mut message, mut masked) = {
-            let s = self.inner.vector(index)?.state;
-            (s.message, s.masked)
+        table::check_access(offset, data.len(), self.table_len())?;
+        let mut v = self.inner.vector(table::entry_index(offset))?;
+        let before = Entry {
+            message: v.state.message,
+            masked: v.state.masked,
         };
-        for (i, chunk) in data.chunks(4).enumerate() {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(chunk);
-            let w = u32::from_le_bytes(b);
-            match first + i {
-                0 => message.address = (message.address & !0xffff_ffff) | u64::from(w & !0x3),
-                1 => message.address = (message.address & 0xffff_ffff) | (u64::from(w) << 32),
-                2 => message.data = w,
-                _ => masked = w & MSIX_VECTOR_MASKED != 0,
-            }
+        let after = table::write_entry(before, offset, data);
+        if after == before {
+            return Ok(());
         }
-        self.set_message(index, message)?;
-        self.set_masked(index, masked)
+        v.state.message = after.message;
+        v.state.masked = after.masked;
+        if !v.delivers() {
+            v.detach()?;
+        }
+        self.inner.sync(std::slice::from_mut(&mut v))
     }
 
     /// A guest read of the PBA at `offset` into `data` (4 or 8 bytes, naturally aligned): bit
@@ -676,17 +601,8 @@ impl MsixVectors {
     ///
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the PBA.
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
-        self.check_access(offset, data.len(), self.pba_len())?;
-        let first = (offset * 8) as usize;
-        let mut bits = 0u64;
-        for bit in 0..data.len() * 8 {
-            let index = first + bit;
-            if index < self.len() && self.is_pending(index)? {
-                bits |= 1 << bit;
-            }
-        }
-        data.copy_from_slice(&bits.to_le_bytes()[..data.len()]);
-        Ok(())
+        table::check_access(offset, data.len(), self.pba_len())?;
+        table::read_pba(self.len(), offset, data, |i| self.is_pending(i))
     }
 
     /// A guest write of the PBA: read-only to software, so nothing changes.
@@ -695,7 +611,26 @@ impl MsixVectors {
     ///
     /// [`Error::MsixAccess`] for a malformed access.
     pub fn pba_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_access(offset, data.len(), self.pba_len())
+        table::check_access(offset, data.len(), self.pba_len())
+    }
+
+    /// A handle on vector `index`, for a device that raises one vector (it implements
+    /// [`GuestInterrupt`](crate::GuestInterrupt)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MsixVectorIndex`].
+    pub fn handle(&self, index: usize) -> Result<MsixVector> {
+        if index >= self.len() {
+            return Err(Error::MsixVectorIndex {
+                index,
+                count: self.len(),
+            });
+        }
+        Ok(MsixVector {
+            vectors: self.clone(),
+            index,
+        })
     }
 
     /// The whole state, for snapshot or migration. Events sitting in the counter of a detached
@@ -729,5 +664,42 @@ impl MsixVectors {
             raised_while_masked: c.raised_while_masked.load(Ordering::Relaxed),
             pending_at_unmask: c.pending_at_unmask.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// One vector of a function's [`MsixVectors`]: what a device holds to raise it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MsixVector {
+    vectors: MsixVectors,
+    index: usize,
+}
+
+impl MsixVector {
+    /// The vector's index in the table.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The function's vectors.
+    pub fn vectors(&self) -> &MsixVectors {
+        &self.vectors
+    }
+
+    /// Raises the vector (see [`MsixVectors::raise`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MsixVectors::raise`].
+    pub fn raise(&self) -> Result<()> {
+        self.vectors.raise(self.index)
+    }
+
+    /// A descriptor of the vector's eventfd (see [`MsixVectors::notifier`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MsixVectors::notifier`].
+    pub fn notifier(&self) -> Result<Notifier> {
+        self.vectors.notifier(self.index)
     }
 }

@@ -7,13 +7,17 @@
 //! seeded with those defaults, and sends all of it on every commit.
 //!
 //! Each `KVM_SET_GSI_ROUTING` waits for an SRCU grace period in the kernel, so many changes should
-//! share one call: a [`Transaction`] collects them and commits once.
+//! share one call: a [`Transaction`] collects them and commits once. A transaction holds no lock
+//! between calls: each change is checked against the committed table when it is made, the GSIs it
+//! allocates are reserved so no other transaction takes them, and the commit applies the changes
+//! to the table as it is then. The router can therefore be used freely, on any thread, while a
+//! transaction is open.
 //!
 //! The router also knows which GSIs have irqfds bound, so it refuses an irqfd on a GSI with no
 //! route (KVM would accept it and drop every interrupt) and refuses to remove a route that still
 //! has an irqfd (the irqfd must be deassigned first).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,8 +27,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::backend as sys;
 use crate::error::{Capability, Error, Result};
+use crate::sys::{self, Capabilities};
 
 /// A global system interrupt number: what an irqfd injects.
 pub type Gsi = u32;
@@ -142,6 +146,8 @@ struct Table {
     routes: BTreeMap<Gsi, Vec<Route>>,
     /// irqfds bound per GSI.
     irqfds: HashMap<Gsi, usize>,
+    /// GSIs allocated by open transactions, not yet committed.
+    reserved: BTreeSet<Gsi>,
 }
 
 fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
@@ -151,22 +157,21 @@ fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
 struct Shared {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
-    /// `KVM_CAP_IRQFD` and `KVM_CAP_IRQFD_RESAMPLE`, asked once: every irqfd needs the answer.
-    irqfd: bool,
-    irqfd_resample: bool,
+    caps: Capabilities,
 }
 
 /// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
 ///
-/// Create it once per VM, after `KVM_CREATE_IRQCHIP`, and make every routing change through it:
-/// one change at a time with [`route_msi`](Self::route_msi), [`set_msi`](Self::set_msi) and
-/// [`remove`](Self::remove), or many in one `KVM_SET_GSI_ROUTING` with a
-/// [`transaction`](Self::transaction).
+/// Create it once per VM, after `KVM_CREATE_IRQCHIP` ([`Vm`](crate::Vm) does), and make every
+/// routing change through it: one change at a time with [`route_msi`](Self::route_msi),
+/// [`set_msi`](Self::set_msi) and [`remove`](Self::remove), or many in one
+/// `KVM_SET_GSI_ROUTING` with a [`transaction`](Self::transaction).
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
-/// use vm_notify::{GsiRouter, IrqFd, Mode, MsiMessage, Notifier};
+/// use vm_notify::kvm::{GsiRouter, MsiMessage};
+/// use vm_notify::IrqFd;
 ///
 /// let kvm = kvm_ioctls::Kvm::new()?;
 /// let vm = Arc::new(kvm.create_vm()?);
@@ -174,7 +179,7 @@ struct Shared {
 /// let router = GsiRouter::new(vm.clone())?;
 /// // One KVM_SET_GSI_ROUTING, the irqchip's default routes included.
 /// let gsi = router.route_msi(MsiMessage::x86(0, 0x40))?;
-/// let irq = IrqFd::new(&router, gsi, &Notifier::new(Mode::Counter)?)?;
+/// let irq = IrqFd::new(&router, gsi)?;
 /// irq.trigger()?; // the guest's vector 0x40 handler runs
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -202,23 +207,17 @@ impl GsiRouter {
     /// [`Error::MissingCapability`] when the VM has no in-kernel irqchip or KVM lacks
     /// `KVM_CAP_IRQ_ROUTING`.
     pub fn new(vm: Arc<VmFd>) -> Result<Self> {
-        for cap in [Capability::IrqRouting, Capability::Irqchip] {
-            if !sys::check(&vm, cap) {
-                return Err(Error::MissingCapability(cap));
-            }
-        }
+        let caps = Capabilities::probe(&vm);
+        caps.require([Capability::IrqRouting, Capability::Irqchip])?;
         let table = Table {
             routes: default_routes(),
-            irqfds: HashMap::new(),
+            ..Table::default()
         };
-        let irqfd = sys::check(&vm, Capability::IrqFd);
-        let irqfd_resample = sys::check(&vm, Capability::IrqFdResample);
         Ok(GsiRouter {
             shared: Arc::new(Shared {
                 vm,
                 table: Mutex::new(table),
-                irqfd,
-                irqfd_resample,
+                caps,
             }),
         })
     }
@@ -235,18 +234,12 @@ impl GsiRouter {
     }
 
     /// Starts a batch of route changes, sent together by [`Transaction::commit`] in one
-    /// `KVM_SET_GSI_ROUTING`. The router is locked until the transaction commits or drops, so
-    /// bind irqfds after committing.
+    /// `KVM_SET_GSI_ROUTING`. The transaction holds no lock: the router (and irqfds on it) can
+    /// be used while it is open, on this thread or another.
     pub fn transaction(&self) -> Transaction<'_> {
-        let table = self.lock();
-        let pending = table.routes.clone();
-        let entries = count_entries(&pending);
         Transaction {
-            vm: &self.shared.vm,
-            table,
-            pending,
-            entries,
-            next_free: IRQCHIP_GSIS,
+            router: self,
+            changes: BTreeMap::new(),
         }
     }
 
@@ -295,26 +288,24 @@ impl GsiRouter {
         count_entries(&self.lock().routes)
     }
 
-    /// The number of irqfds bound to `gsi` through this router.
+    /// The number of irqfds (kernel or injected) bound to `gsi` through this router.
     pub fn irqfds(&self, gsi: Gsi) -> usize {
         self.lock().irqfds.get(&gsi).copied().unwrap_or(0)
     }
 
-    /// Whether KVM offers `cap` (asked once, when the router was created, for the irqfd ones).
-    pub(crate) fn has(&self, cap: Capability) -> bool {
-        match cap {
-            Capability::IrqFd => self.shared.irqfd,
-            Capability::IrqFdResample => self.shared.irqfd_resample,
-            other => sys::check(&self.shared.vm, other),
-        }
+    /// What KVM offers on this VM, asked once when the router was created.
+    pub(crate) fn capabilities(&self) -> &Capabilities {
+        &self.shared.caps
     }
 
-    /// Runs `assign` with the table locked if `gsi` has a committed route and records one more
-    /// irqfd on it; the routes are passed so the caller can check their kind.
+    /// Runs `assign` with the table locked if `gsi` has a committed route (an irqchip route when
+    /// `level`), and records one more irqfd on it. The one place an irqfd's GSI is checked,
+    /// whichever path then serves it.
     pub(crate) fn bind<T>(
         &self,
         gsi: Gsi,
-        assign: impl FnOnce(&VmFd, &[Route]) -> Result<T>,
+        level: bool,
+        assign: impl FnOnce(&VmFd) -> Result<T>,
     ) -> Result<T> {
         if gsi >= GSI_LIMIT {
             return Err(Error::GsiOutOfRange {
@@ -328,7 +319,10 @@ impl GsiRouter {
             .get(&gsi)
             .filter(|r| !r.is_empty())
             .ok_or(Error::UnroutedGsi { gsi })?;
-        let value = assign(&self.shared.vm, routes)?;
+        if level && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
+            return Err(Error::ResampleNeedsIrqchip { gsi });
+        }
+        let value = assign(&self.shared.vm)?;
         *t.irqfds.entry(gsi).or_insert(0) += 1;
         Ok(value)
     }
@@ -346,20 +340,43 @@ impl GsiRouter {
     }
 }
 
+/// One change a transaction will make to a GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A GSI this transaction allocated (reserved in the table) and routes to the message.
+    Add(MsiMessage),
+    /// A new message for a committed MSI route.
+    Set(MsiMessage),
+    /// Every route of a committed GSI removed.
+    Remove,
+}
+
+impl Change {
+    /// The entries `gsi` holds with this change applied to `table`, minus those it held before.
+    fn delta(self, table: &Table, gsi: Gsi) -> isize {
+        let before = table.routes.get(&gsi).map_or(0, Vec::len) as isize;
+        match self {
+            Change::Add(_) | Change::Set(_) => 1 - before,
+            Change::Remove => -before,
+        }
+    }
+}
+
 /// A batch of route changes committed in one `KVM_SET_GSI_ROUTING`.
 ///
 /// KVM replaces the whole table on each call and waits for an SRCU grace period, so 1024 changes
-/// in one transaction cost one call instead of 1024. Limits are checked as changes are made, before
-/// the ioctl. Dropping a transaction without committing discards its changes.
+/// in one transaction cost one call instead of 1024. Limits are checked as changes are made, and
+/// again at the commit against the table as it is then. Dropping a transaction without committing
+/// discards its changes and frees the GSIs it allocated.
 ///
 /// The order that is safe for the kernel is enforced: a route with irqfds bound cannot be removed
 /// ([`Error::GsiBusy`]: deassign first), and an irqfd can only bind to a committed route (assign
 /// after the commit).
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
-/// use vm_notify::{GsiRouter, MsiMessage};
+/// use vm_notify::kvm::{GsiRouter, MsiMessage};
 /// # let kvm = kvm_ioctls::Kvm::new()?;
 /// # let vm = Arc::new(kvm.create_vm()?);
 /// # vm.create_irq_chip()?;
@@ -368,48 +385,70 @@ impl GsiRouter {
 /// let gsis = (0..64)
 ///     .map(|v| tx.add_msi(MsiMessage::x86(0, 0x40 + v)))
 ///     .collect::<Result<Vec<_>, _>>()?;
+/// // The router stays usable while the transaction is open.
+/// assert!(router.routes(gsis[0]).is_empty());
 /// tx.commit()?; // one ioctl for 64 routes
 /// assert_eq!(router.routes(gsis[63]).len(), 1);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[must_use = "a transaction does nothing until it is committed"]
 pub struct Transaction<'a> {
-    vm: &'a VmFd,
-    table: MutexGuard<'a, Table>,
-    pending: BTreeMap<Gsi, Vec<Route>>,
-    entries: usize,
-    next_free: Gsi,
+    router: &'a GsiRouter,
+    changes: BTreeMap<Gsi, Change>,
 }
 
 impl fmt::Debug for Transaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transaction")
-            .field("entries", &self.entries)
+            .field("changes", &self.changes.len())
             .finish()
     }
 }
 
 impl Transaction<'_> {
+    /// The entries `table` would hold with these changes.
+    fn entries_in(&self, table: &Table) -> usize {
+        let delta: isize = self.changes.iter().map(|(&g, c)| c.delta(table, g)).sum();
+        (count_entries(&table.routes) as isize + delta).max(0) as usize
+    }
+
+    /// The routes `gsi` has with these changes applied to `table`.
+    fn effective<'t>(&'t self, table: &'t Table, gsi: Gsi) -> Option<MsiOrOther> {
+        match self.changes.get(&gsi) {
+            Some(Change::Add(_) | Change::Set(_)) => Some(MsiOrOther::Msi),
+            Some(Change::Remove) => None,
+            None => match table.routes.get(&gsi).map(Vec::as_slice) {
+                None | Some([]) => None,
+                Some([Route::Msi(_)]) => Some(MsiOrOther::Msi),
+                Some(_) => Some(MsiOrOther::Other),
+            },
+        }
+    }
+
     /// Allocates the lowest free GSI above the irqchip pins and routes it to `msg`.
     ///
     /// # Errors
     ///
-    /// [`Error::RouteTableFull`] when the table holds [`ROUTE_TABLE_LIMIT`] entries,
-    /// [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
+    /// [`Error::RouteTableFull`] when the table would hold more than [`ROUTE_TABLE_LIMIT`]
+    /// entries, [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
     pub fn add_msi(&mut self, msg: MsiMessage) -> Result<Gsi> {
-        let entries = self.entries + 1;
+        let mut table = self.router.lock();
+        let entries = self.entries_in(&table) + 1;
         if entries > ROUTE_TABLE_LIMIT {
             return Err(Error::RouteTableFull {
                 entries,
                 limit: ROUTE_TABLE_LIMIT,
             });
         }
-        let gsi = (self.next_free..GSI_LIMIT)
-            .find(|g| !self.pending.contains_key(g))
+        let gsi = (IRQCHIP_GSIS..GSI_LIMIT)
+            .find(|g| {
+                !table.routes.contains_key(g)
+                    && !table.reserved.contains(g)
+                    && !self.changes.contains_key(g)
+            })
             .ok_or(Error::GsiExhausted { limit: GSI_LIMIT })?;
-        self.pending.insert(gsi, vec![Route::Msi(msg)]);
-        self.entries = entries;
-        self.next_free = gsi + 1;
+        table.reserved.insert(gsi);
+        self.changes.insert(gsi, Change::Add(msg));
         Ok(gsi)
     }
 
@@ -419,13 +458,17 @@ impl Transaction<'_> {
     ///
     /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route.
     pub fn set_msi(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<()> {
-        match self.pending.get_mut(&gsi).map(Vec::as_mut_slice) {
-            Some([route @ Route::Msi(_)]) => {
-                *route = Route::Msi(msg);
-                Ok(())
-            }
-            _ => Err(Error::NotMsiRoute { gsi }),
+        let table = self.router.lock();
+        if self.effective(&table, gsi) != Some(MsiOrOther::Msi) {
+            return Err(Error::NotMsiRoute { gsi });
         }
+        drop(table);
+        let change = match self.changes.get(&gsi) {
+            Some(Change::Add(_)) => Change::Add(msg),
+            _ => Change::Set(msg),
+        };
+        self.changes.insert(gsi, change);
+        Ok(())
     }
 
     /// Removes every route of `gsi`.
@@ -435,44 +478,104 @@ impl Transaction<'_> {
     /// [`Error::GsiBusy`] while irqfds are bound to `gsi` (drop them first);
     /// [`Error::UnroutedGsi`] when it has no route.
     pub fn remove(&mut self, gsi: Gsi) -> Result<()> {
-        if let Some(&irqfds) = self.table.irqfds.get(&gsi) {
+        let mut table = self.router.lock();
+        if let Some(&irqfds) = table.irqfds.get(&gsi) {
             return Err(Error::GsiBusy { gsi, irqfds });
         }
-        let routes = self
-            .pending
-            .remove(&gsi)
-            .ok_or(Error::UnroutedGsi { gsi })?;
-        self.entries -= routes.len();
-        self.next_free = self.next_free.min(gsi.max(IRQCHIP_GSIS));
+        if self.effective(&table, gsi).is_none() {
+            return Err(Error::UnroutedGsi { gsi });
+        }
+        if let Some(Change::Add(_)) = self.changes.get(&gsi) {
+            // Allocated by this transaction: it never reaches the kernel.
+            self.changes.remove(&gsi);
+            table.reserved.remove(&gsi);
+        } else {
+            self.changes.insert(gsi, Change::Remove);
+        }
         Ok(())
     }
 
-    /// The number of entries the table will hold when committed.
+    /// The number of entries the table will hold when committed (as it is now).
     pub fn entries(&self) -> usize {
-        self.entries
+        self.entries_in(&self.router.lock())
     }
 
-    /// Sends the whole table to KVM in one `KVM_SET_GSI_ROUTING`.
+    /// Applies the changes to the table as it is now and sends the whole table to KVM in one
+    /// `KVM_SET_GSI_ROUTING`.
     ///
     /// # Errors
     ///
-    /// [`Error::SetRouting`] with the errno; the committed table is then unchanged.
+    /// Checked again against the table as it is now: [`Error::NotMsiRoute`] for a message change
+    /// whose route another transaction removed, [`Error::GsiBusy`] for a removal whose GSI got
+    /// an irqfd meanwhile, [`Error::RouteTableFull`]. [`Error::SetRouting`] with the errno. The
+    /// committed table is unchanged by a failed commit.
     pub fn commit(mut self) -> Result<()> {
-        let entries: Vec<kvm_irq_routing_entry> = self
-            .pending
+        let router = self.router;
+        let mut table = router.lock();
+        let mut routes = table.routes.clone();
+        for (&gsi, &change) in &self.changes {
+            match change {
+                Change::Add(msg) => {
+                    routes.insert(gsi, vec![Route::Msi(msg)]);
+                }
+                Change::Set(msg) => match routes.get_mut(&gsi).map(Vec::as_mut_slice) {
+                    Some([route @ Route::Msi(_)]) => *route = Route::Msi(msg),
+                    _ => return Err(Error::NotMsiRoute { gsi }),
+                },
+                Change::Remove => {
+                    if let Some(&irqfds) = table.irqfds.get(&gsi) {
+                        return Err(Error::GsiBusy { gsi, irqfds });
+                    }
+                    routes.remove(&gsi);
+                }
+            }
+        }
+        let entries: Vec<kvm_irq_routing_entry> = routes
             .iter()
             .flat_map(|(&gsi, routes)| routes.iter().map(move |r| r.entry(gsi)))
             .collect();
         let n = entries.len();
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RouteTableFull {
-            entries: n,
-            limit: ROUTE_TABLE_LIMIT,
-        })?;
-        sys::set_gsi_routing(self.vm, &table)
-            .map_err(|source| Error::SetRouting { entries: n, source })?;
-        self.table.routes = std::mem::take(&mut self.pending);
+        if n > ROUTE_TABLE_LIMIT {
+            return Err(Error::RouteTableFull {
+                entries: n,
+                limit: ROUTE_TABLE_LIMIT,
+            });
+        }
+        let kvm_table =
+            KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RouteTableFull {
+                entries: n,
+                limit: ROUTE_TABLE_LIMIT,
+            })?;
+        sys::set_gsi_routing(&router.shared.vm, &kvm_table, n)?;
+        table.routes = routes;
+        for (gsi, change) in std::mem::take(&mut self.changes) {
+            if let Change::Add(_) = change {
+                table.reserved.remove(&gsi);
+            }
+        }
         Ok(())
     }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if self.changes.is_empty() {
+            return;
+        }
+        let mut table = self.router.lock();
+        for (gsi, change) in &self.changes {
+            if let Change::Add(_) = change {
+                table.reserved.remove(gsi);
+            }
+        }
+    }
+}
+
+/// What a GSI is routed to, as far as a message change cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MsiOrOther {
+    Msi,
+    Other,
 }
 
 #[cfg(test)]

@@ -2,13 +2,14 @@
 //! `event-manager`).
 //!
 //! For VMMs built on `event_manager::EventManager`: the subscriber watches notifiers under
-//! tokens and calls back with `(token, count)` when one fires, as [`EventLoop`](crate::EventLoop)
+//! tokens and calls back with `(token, count)` when one fires, as [`EventLoop`](crate::wait::EventLoop)
 //! does on its own.
 //!
 //! ```
 //! use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 //! use std::sync::{Arc, Mutex};
-//! use vm_notify::{Mode, Notifier, NotifierSubscriber};
+//! use vm_notify::wait::NotifierSubscriber;
+//! use vm_notify::{Mode, Notifier};
 //!
 //! let queue = Notifier::new(Mode::Counter)?;
 //! let seen = Arc::new(Mutex::new(Vec::new()));

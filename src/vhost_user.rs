@@ -2,16 +2,16 @@
 //! vhost-user backend does, with no VMM thread in the notification path.
 //!
 //! The queue's kick notifier is registered as an ioeventfd on the queue-notify address and its
-//! call notifier is bound to the queue's interrupt (an [`IrqFd`], or an MSI-X vector of
-//! [`MsixVectors`]); [`VhostUserFrontend::start_queue`] hands the very same eventfds to the backend
-//! with `SET_VRING_KICK` / `SET_VRING_CALL`. A guest kick then goes from KVM straight to the
+//! call notifier is the queue's [`GuestInterrupt`]'s eventfd (an [`IrqFd`](crate::IrqFd), or an
+//! MSI-X vector's [`MsixVector`](crate::msix::MsixVector)); [`VhostUserFrontend::start_queue`]
+//! hands the very same eventfds to the backend with `SET_VRING_KICK` / `SET_VRING_CALL`. A guest kick then goes from KVM straight to the
 //! backend, and the backend's call straight into KVM as an interrupt.
 //!
 //! Ownership: the frontend owns each started queue's kick registration and its call binding;
 //! dropping the frontend unregisters both (and closes the connection).
 //!
 //! MSI-X with an external writer: the backend holds the vector's own eventfd
-//! ([`MsixVectors::notifier`]), and masking detaches the irqfd but keeps that eventfd, so a call
+//! ([`MsixVectors::notifier`](crate::msix::MsixVectors::notifier)), and masking detaches the irqfd but keeps that eventfd, so a call
 //! made while masked stays in its counter — the pending bit the guest reads in the PBA — and is
 //! delivered on unmask. When the guest moves the queue to another vector,
 //! [`VhostUserFrontend::set_call`] hands the backend the new vector's eventfd.
@@ -30,55 +30,15 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::device::{GuestInterrupt, QueueKicks};
 use crate::error::{Error, Result};
-use crate::ioevent::IoEvent;
-use crate::irq::IrqFd;
-use crate::msi::MsixVectors;
-use crate::notifier::Notifier;
-
-/// A split virtqueue's layout in guest memory, as the driver configured it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VringLayout {
-    /// The queue's index.
-    pub index: u16,
-    /// Its size (descriptors).
-    pub size: u16,
-    /// Guest-physical address of the descriptor table.
-    pub desc_table: u64,
-    /// Guest-physical address of the available ring.
-    pub avail_ring: u64,
-    /// Guest-physical address of the used ring.
-    pub used_ring: u64,
-}
-
-/// Where a queue's calls become interrupts.
-#[derive(Debug)]
-pub enum CallTarget {
-    /// An irqfd on a GSI (a legacy pin or an MSI route); the backend writes its notifier.
-    Irq(IrqFd),
-    /// MSI-X vector `index` of a function; the backend writes the vector's own eventfd.
-    Msix {
-        /// The function's vectors (a handle sharing them).
-        vectors: MsixVectors,
-        /// The vector.
-        index: usize,
-    },
-}
-
-impl CallTarget {
-    fn notifier(&self) -> Result<Notifier> {
-        match self {
-            CallTarget::Irq(irq) => irq.notifier().try_clone(),
-            CallTarget::Msix { vectors, index } => vectors.notifier(*index),
-        }
-    }
-}
+use crate::virtio::VringLayout;
 
 /// A started queue: what the frontend owns for it.
 #[derive(Debug)]
 struct Handed {
-    _kick: IoEvent,
-    call: CallTarget,
+    _kick: Box<dyn QueueKicks>,
+    _call: Box<dyn GuestInterrupt>,
 }
 
 /// The frontend side of one vhost-user connection (see the module docs).
@@ -112,7 +72,7 @@ impl VhostUserFrontend {
     /// of the device (`SET_OWNER`); negotiates the features the backend offers among `wanted`
     /// (plus `VHOST_USER_F_PROTOCOL_FEATURES` when offered, and then the `MQ` protocol feature if
     /// offered); and shares `memory`, which must be file-backed
-    /// ([`TinyVm::with_shared_memory`](crate::testkit::TinyVm::with_shared_memory) is).
+    /// (the test kit's `TinyVm::with_shared_memory` is).
     ///
     /// # Errors
     ///
@@ -174,12 +134,12 @@ impl VhostUserFrontend {
     /// # Errors
     ///
     /// [`Error::VhostUser`] naming the message that failed, or a ring address outside guest
-    /// memory; those of [`MsixVectors::notifier`].
+    /// memory; those of `call`'s [`eventfd`](GuestInterrupt::eventfd).
     pub fn start_queue(
         &mut self,
         layout: VringLayout,
-        kick: IoEvent,
-        call: CallTarget,
+        kick: impl QueueKicks + 'static,
+        call: impl GuestInterrupt + 'static,
     ) -> Result<()> {
         let host = |gpa: u64| {
             self.memory
@@ -207,16 +167,19 @@ impl VhostUserFrontend {
             .map_err(vhost_err("SET_VRING_ADDR"))?;
         f.set_vring_base(index, 0)
             .map_err(vhost_err("SET_VRING_BASE"))?;
-        f.set_vring_call(index, call.notifier()?.as_event_fd())
+        f.set_vring_call(index, call.eventfd()?.as_event_fd())
             .map_err(vhost_err("SET_VRING_CALL"))?;
-        f.set_vring_kick(index, kick.notifier().as_event_fd())
+        f.set_vring_kick(index, kick.kicks().as_event_fd())
             .map_err(vhost_err("SET_VRING_KICK"))?;
         if self.protocol.is_some() {
             f.set_vring_enable(index, true)
                 .map_err(vhost_err("SET_VRING_ENABLE"))?;
         }
-        self.queues
-            .insert(layout.index, Handed { _kick: kick, call });
+        let handed = Handed {
+            _kick: Box::new(kick),
+            _call: Box::new(call),
+        };
+        self.queues.insert(layout.index, handed);
         Ok(())
     }
 
@@ -228,7 +191,7 @@ impl VhostUserFrontend {
     /// # Errors
     ///
     /// [`Error::VhostUser`] for a queue not started or a failed `SET_VRING_CALL`.
-    pub fn set_call(&mut self, index: u16, call: CallTarget) -> Result<()> {
+    pub fn set_call(&mut self, index: u16, call: impl GuestInterrupt + 'static) -> Result<()> {
         if !self.queues.contains_key(&index) {
             return Err(Error::VhostUser {
                 op: "SET_VRING_CALL",
@@ -236,7 +199,7 @@ impl VhostUserFrontend {
             });
         }
         self.frontend
-            .set_vring_call(index.into(), call.notifier()?.as_event_fd())
+            .set_vring_call(index.into(), call.eventfd()?.as_event_fd())
             .map_err(vhost_err("SET_VRING_CALL"))?;
         // SET_VRING_CALL has no reply unless REPLY_ACK is negotiated, and a backend may call the
         // old eventfd until it has read it. A request with a reply behind it on the same
@@ -246,7 +209,7 @@ impl VhostUserFrontend {
             .get_features()
             .map_err(vhost_err("GET_FEATURES (barrier after SET_VRING_CALL)"))?;
         if let Some(q) = self.queues.get_mut(&index) {
-            q.call = call;
+            q._call = Box::new(call);
         }
         Ok(())
     }

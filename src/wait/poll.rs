@@ -39,7 +39,8 @@ pub struct PollStats {
 ///
 /// ```
 /// use std::time::Duration;
-/// use vm_notify::{AdaptivePoll, Mode, Notifier};
+/// use vm_notify::wait::AdaptivePoll;
+/// use vm_notify::{Mode, Notifier};
 ///
 /// let kicks = Notifier::new(Mode::Counter)?;
 /// let mut poll = AdaptivePoll::new(Duration::from_micros(100));
@@ -142,7 +143,7 @@ impl AdaptivePoll {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Mode;
+    use crate::notifier::Mode;
     use std::thread;
 
     #[test]

@@ -14,8 +14,8 @@
 use iced_x86::code_asm::*;
 
 use super::program::GuestProgram;
-use super::vm::TinyVm;
 use super::{Error, Result};
+use crate::machine::TinyVm;
 
 /// First guest-physical address of the queue regions (below the stack, above the data slots).
 pub const QUEUES_BASE: u64 = 0x2_0000;
@@ -104,10 +104,9 @@ impl SplitQueue {
     }
 
     /// The queue's layout as queue `index` of a device, for
-    /// [`VhostUserFrontend::start_queue`](crate::vhost::VhostUserFrontend::start_queue).
-    #[cfg(feature = "vhost-user")]
-    pub fn vring(&self, index: u16) -> crate::vhost::VringLayout {
-        crate::vhost::VringLayout {
+    /// vm-notify's `VhostUserFrontend::start_queue` (its feature `vhost-user`).
+    pub fn vring(&self, index: u16) -> vm_notify::virtio::VringLayout {
+        vm_notify::virtio::VringLayout {
             index,
             size: self.size,
             desc_table: self.desc_table(),
@@ -269,14 +268,14 @@ impl GuestProgram {
         zero_slot: usize,
     ) -> Result<()> {
         let mut nonzero = a.create_label();
-        a.mov(rdx, base + crate::virtio::MMIO_INTERRUPT_STATUS)?;
+        a.mov(rdx, base + vm_notify::virtio::MMIO_INTERRUPT_STATUS)?;
         a.mov(eax, dword_ptr(rdx))?;
         a.or(qword_ptr(super::layout::data_slot(seen_slot)), rax)?;
         a.test(eax, eax)?;
         a.jnz(nonzero)?;
         a.inc(qword_ptr(super::layout::data_slot(zero_slot)))?;
         a.set_label(&mut nonzero)?;
-        a.mov(rdx, base + crate::virtio::MMIO_INTERRUPT_ACK)?;
+        a.mov(rdx, base + vm_notify::virtio::MMIO_INTERRUPT_ACK)?;
         a.mov(dword_ptr(rdx), eax)?;
         Ok(())
     }

@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::bus::IoEventAddress;
 use crate::error::{Error, Result};
-use crate::ioevent::{IoEventAddress, WriteMatch};
+use crate::kvm::WriteMatch;
 use crate::notifier::Notifier;
 
 /// A registration's identity in the dispatcher, ordered so that one address's entries are
@@ -210,11 +211,39 @@ impl ExitDispatcher {
     }
 }
 
+/// An entry of a dispatcher, removed when this is dropped.
+pub(crate) struct Registered {
+    dispatcher: ExitDispatcher,
+    key: Key,
+}
+
+impl Registered {
+    /// Records `write` in `dispatcher` (see [`ExitDispatcher::insert`]).
+    pub(crate) fn insert(
+        dispatcher: &ExitDispatcher,
+        write: &WriteMatch,
+        notifier: Arc<Notifier>,
+        in_kernel: bool,
+    ) -> Result<Registered> {
+        let key = dispatcher.insert(write, notifier, in_kernel)?;
+        Ok(Registered {
+            dispatcher: dispatcher.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.dispatcher.remove(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::Width;
     use crate::notifier::{Attempt, Mode};
-    use crate::Width;
 
     fn counter() -> Arc<Notifier> {
         Arc::new(Notifier::new(Mode::Counter).unwrap())

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::vm::GuestExit;
-use crate::MsixVectors;
+use crate::exit::GuestExit;
+use vm_notify::msix::MsixVectors;
 
 /// Offset of the MSI-X table in the window (room for 2048 entries).
 pub const TABLE_OFFSET: u64 = 0;
@@ -54,7 +54,7 @@ impl MsixBar {
 
     /// The guest-physical address of table entry `index`.
     pub fn entry(&self, index: usize) -> u64 {
-        self.base + TABLE_OFFSET + index as u64 * crate::MSIX_ENTRY_SIZE
+        self.base + TABLE_OFFSET + index as u64 * vm_notify::msix::MSIX_ENTRY_SIZE
     }
 
     /// The guest-physical address of vector control of entry `index` (bit 0: mask).

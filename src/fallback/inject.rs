@@ -19,13 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 
 use crate::error::{Error, Result};
-use crate::event_loop::{EventLoop, StopHandle, Wake};
+use crate::kvm::{Gsi, GsiRouter, Route};
 use crate::notifier::{Attempt, Notifier};
-use crate::routing::{Gsi, GsiRouter, Route};
+use crate::sys;
+use crate::wait::{EventLoop, StopHandle, Wake};
 
 struct Line {
     gsi: Gsi,
@@ -159,13 +159,7 @@ impl Injector {
         level.resample.notify()?;
         // A line shared with another asserted level source stays high.
         if !held(&lines, gsi) {
-            self.shared
-                .vm
-                .set_irq_line(gsi, false)
-                .map_err(|e| Error::IrqLine {
-                    gsi,
-                    source: e.into(),
-                })?;
+            sys::set_irq_line(&self.shared.vm, gsi, false)?;
         }
         Ok(true)
     }
@@ -185,7 +179,7 @@ impl Injector {
         lines.remove(&token);
         if let Some((gsi, true)) = level {
             if !held(&lines, gsi) {
-                let _ = self.shared.vm.set_irq_line(gsi, false);
+                let _ = sys::set_irq_line(&self.shared.vm, gsi, false);
             }
         }
     }
@@ -229,7 +223,7 @@ impl Shared {
         }
         let gsi = line.gsi;
         if let Some(level) = line.level.as_mut() {
-            if !level.asserted && self.vm.set_irq_line(gsi, true).is_ok() {
+            if !level.asserted && sys::set_irq_line(&self.vm, gsi, true).is_ok() {
                 level.asserted = true;
             }
             return;
@@ -240,18 +234,12 @@ impl Shared {
         });
         match msi {
             Some(m) => {
-                let msg = kvm_msi {
-                    address_lo: m.address as u32,
-                    address_hi: (m.address >> 32) as u32,
-                    data: m.data,
-                    ..Default::default()
-                };
-                let _ = self.vm.signal_msi(msg);
+                let _ = sys::signal_msi(&self.vm, m.address, m.data);
             }
             None => {
-                let _ = self.vm.set_irq_line(gsi, true);
+                let _ = sys::set_irq_line(&self.vm, gsi, true);
                 if !held(lines, gsi) {
-                    let _ = self.vm.set_irq_line(gsi, false);
+                    let _ = sys::set_irq_line(&self.vm, gsi, false);
                 }
             }
         }

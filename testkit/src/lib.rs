@@ -1,27 +1,43 @@
-//! The tiny-guest test kit: boot a small x86-64 guest on `/dev/kvm` and prove notifications end
-//! to end — the counter the device reads equals the writes the guest made, and the interrupts the
-//! guest's handler counted equal what the device raised.
+//! # vm-notify-testkit
 //!
-//! * [`TinyVm`]: guest memory (vm-memory), an in-kernel irqchip, a [`GsiRouter`](crate::GsiRouter),
+//! The tiny-guest test kit of `vm-notify`: boot a small x86-64 guest on `/dev/kvm` and prove
+//! notifications end to end — the counter the device reads equals the writes the guest made, and
+//! the interrupts the guest's handler counted equal what the device raised.
+//!
+//! * [`TinyVm`]: guest memory (vm-memory), an in-kernel irqchip, a [`vm_notify::Vm`] root,
 //!   one vCPU in long mode with the CPUID KVM supports, run on its own thread.
 //! * [`GuestProgram`]: the guest's code, assembled with iced-x86, plus counting interrupt
 //!   handlers, a wait for an interrupt, PIC/LAPIC set-up and ports to talk to the host.
 //! * [`RunReport`]: how the run ended and every exit the kernel did not absorb.
-//! * [`kvm_or_skip`]: the gate every KVM test opens with.
+//! * [`kvm_test!`]: the gate every KVM test opens with (it names the test itself), over
+//!   [`kvm_or_skip`].
 //!
-//! `docs/GUEST_TESTKIT.md` walks through writing a device test with it.
+//! The kit is a crate of its own so that vm-notify's public API carries none of its
+//! dependencies (iced-x86). vm-notify's `docs/GUEST_TESTKIT.md` walks through writing a device
+//! test with it.
+#![deny(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::undocumented_unsafe_blocks
+)]
 
+mod exit;
+mod machine;
 mod msix_bar;
 mod program;
+mod report;
+mod run;
 mod virtq;
-mod vm;
 
 pub mod layout;
 
+pub use exit::{ExitHandler, GuestExit};
+pub use machine::TinyVm;
 pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN};
 pub use program::{AssembledProgram, Eoi, GuestProgram};
+pub use report::{Outcome, RunReport};
+pub use run::Running;
 pub use virtq::{SplitQueue, MAX_BUFFER, MAX_QUEUES, QUEUES_BASE, QUEUE_REGION};
-pub use vm::{ExitHandler, GuestExit, Outcome, RunReport, Running, TinyVm};
 
 /// Set to `1` to make a missing or unusable `/dev/kvm` fail the tests instead of skipping them.
 pub const REQUIRE_KVM_ENV: &str = "VM_NOTIFY_REQUIRE_KVM";
@@ -43,7 +59,7 @@ pub enum Error {
     },
     /// A notifier, registration or routing error from the library.
     #[error(transparent)]
-    Notify(#[from] crate::Error),
+    Notify(#[from] vm_notify::Error),
     /// Guest memory could not be set up, read or written.
     #[error("guest memory: {0}")]
     Memory(String),
@@ -85,7 +101,7 @@ impl Error {
 /// cannot pass by skipping.
 ///
 /// ```
-/// if !vm_notify::testkit::kvm_or_skip("doc example") {
+/// if !vm_notify_testkit::kvm_or_skip("doc example") {
 ///     return;
 /// }
 /// // ... boot a TinyVm ...
@@ -106,5 +122,54 @@ pub fn kvm_or_skip(test: &str) -> bool {
             );
             false
         }
+    }
+}
+
+/// Opens a KVM test: returns from the enclosing function (the test) when `/dev/kvm` is not
+/// usable, after a loud SKIPPING line that names the test — or fails it where
+/// `VM_NOTIFY_REQUIRE_KVM=1` (see [`kvm_or_skip`]). The test's name is taken from the function
+/// the macro stands in, so it is never retyped.
+///
+/// ```
+/// fn a_kvm_test() {
+///     vm_notify_testkit::kvm_test!();
+///     // ... boot a TinyVm ...
+/// }
+/// # a_kvm_test();
+/// ```
+///
+/// In a function that returns a `Result`, give the value to return on a skip:
+/// `kvm_test!(Ok(()))`.
+#[macro_export]
+macro_rules! kvm_test {
+    () => {
+        $crate::kvm_test!(())
+    };
+    ($skipped:expr) => {{
+        fn here() {}
+        if !$crate::kvm_or_skip($crate::test_name(::std::any::type_name_of_val(&here))) {
+            return $skipped;
+        }
+    }};
+}
+
+/// The test's path from the type name of a function defined inside it (`crate::test::here`):
+/// the crate name and the inner function's name dropped.
+#[doc(hidden)]
+pub fn test_name(inner: &str) -> &str {
+    let path = inner.strip_suffix("::here").unwrap_or(inner);
+    path.split_once("::").map_or(path, |(_, rest)| rest)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_names_drop_the_crate_and_the_marker() {
+        assert_eq!(
+            super::test_name("ioevent::mmio_writes::here"),
+            "mmio_writes"
+        );
+        assert_eq!(super::test_name("errors::a::b::here"), "a::b");
+        assert_eq!(super::test_name("lonely"), "lonely");
     }
 }

@@ -44,7 +44,7 @@ pub const CODE_SELECTOR: u16 = 0x08;
 /// Selector of the data segment.
 pub const DATA_SELECTOR: u16 = 0x10;
 
-/// A 32-bit write to this port ends the run successfully ([`Outcome::Done`](super::Outcome::Done)).
+/// A 32-bit write to this port ends the run successfully ([`Outcome::Done`](crate::Outcome::Done)).
 pub const DONE_PORT: u16 = 0xf4;
 /// A 32-bit write to this port hands its value to the host's exit handler and goes on.
 pub const HOST_PORT: u16 = 0xf0;

@@ -1,4 +1,4 @@
-//! [`IoEvent`]: guest writes to an address signal a [`Notifier`] inside the kernel.
+//! [`IoEventFd`]: guest writes to an address signal a [`Notifier`] inside the kernel.
 //!
 //! A registration names a bus and address ([`IoEventAddress`]), a write width ([`Width`]) and
 //! optionally a value the write must carry (datamatch). KVM then adds 1 to the notifier for every
@@ -14,87 +14,15 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
-use crate::backend::{self as sys, Backend, BackendKind, IoEventRequest, Path};
-use crate::dispatch::{ExitDispatcher, Key};
-use crate::error::{Error, Result};
+use crate::bus::{IoEventAddress, Width};
+use crate::error::{Capability, Error, Result};
 use crate::notifier::Notifier;
-
-/// Where a guest write lands: the MMIO bus or the port I/O bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum IoEventAddress {
-    /// A guest-physical MMIO address.
-    Mmio(u64),
-    /// An x86 I/O port (0..=0xffff; larger values are refused with a typed error).
-    Pio(u64),
-}
-
-impl IoEventAddress {
-    /// The address on its bus.
-    pub fn raw(&self) -> u64 {
-        match *self {
-            IoEventAddress::Mmio(a) | IoEventAddress::Pio(a) => a,
-        }
-    }
-}
-
-impl fmt::Display for IoEventAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IoEventAddress::Mmio(a) => write!(f, "MMIO {a:#x}"),
-            IoEventAddress::Pio(a) => write!(f, "PIO port {a:#x}"),
-        }
-    }
-}
-
-/// The width of the guest writes a registration matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Width {
-    /// Any write width (kernel length 0); cannot carry a datamatch. On Intel EPT hosts an
-    /// any-width MMIO registration takes KVM's fast MMIO path.
-    Any,
-    /// 1-byte writes.
-    W1,
-    /// 2-byte writes.
-    W2,
-    /// 4-byte writes.
-    W4,
-    /// 8-byte writes (MMIO only).
-    W8,
-}
-
-impl Width {
-    /// The kernel's length for this width: 0 for [`Width::Any`], else the byte count.
-    pub fn len(&self) -> u32 {
-        match self {
-            Width::Any => 0,
-            Width::W1 => 1,
-            Width::W2 => 2,
-            Width::W4 => 4,
-            Width::W8 => 8,
-        }
-    }
-
-    /// Whether this is [`Width::Any`] (kernel length 0).
-    pub fn is_empty(&self) -> bool {
-        *self == Width::Any
-    }
-
-    /// The width of a write of `bytes` bytes, if it is one KVM can match.
-    pub fn from_len(bytes: usize) -> Option<Width> {
-        match bytes {
-            1 => Some(Width::W1),
-            2 => Some(Width::W2),
-            4 => Some(Width::W4),
-            8 => Some(Width::W8),
-            _ => None,
-        }
-    }
-}
+use crate::sys::{self, Capabilities, IoEventRequest};
 
 /// Which guest writes a registration matches: address, width and optional datamatch.
 ///
 /// ```
-/// use vm_notify::{IoEventAddress, Width, WriteMatch};
+/// use vm_notify::kvm::{IoEventAddress, Width, WriteMatch};
 ///
 /// // virtio-mmio QueueNotify of queue 1: a 4-byte write of the value 1 at base + 0x50.
 /// let notify = WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(1);
@@ -170,6 +98,13 @@ impl WriteMatch {
         self.request().map(|_| ())
     }
 
+    /// The capabilities KVM needs to take this registration in the kernel.
+    pub fn capabilities(&self) -> impl Iterator<Item = Capability> {
+        let any_length = self.width == Width::Any;
+        std::iter::once(Capability::IoEventFd)
+            .chain(any_length.then_some(Capability::IoEventFdAnyLength))
+    }
+
     pub(crate) fn request(&self) -> Result<IoEventRequest> {
         let addr = self.addr;
         let len = self.width.len();
@@ -211,118 +146,75 @@ impl WriteMatch {
     }
 }
 
-/// A registered guest-write notification. Guest writes matching its [`WriteMatch`] add 1 to its
-/// notifier — in the kernel ([`Path::Kernel`]), or through a [`Backend`]'s dispatcher when the
-/// registration lives in userspace. Dropping it unregisters.
+/// A kernel ioeventfd: guest writes matching its [`WriteMatch`] add 1 to its notifier without the
+/// vCPU leaving the kernel. Dropping it deassigns it (`KVM_IOEVENTFD` with the exact eventfd,
+/// address, length and datamatch it was assigned with).
+///
+/// This is the kernel registration alone. [`IoEvent`](crate::IoEvent) wraps it with the
+/// userspace fallback; [`Vm::ioevent`](crate::Vm::ioevent) is where a VMM usually makes one.
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
-/// use vm_notify::{IoEvent, Mode, Notifier, Path, Width, WriteMatch};
+/// use vm_notify::kvm::{IoEventFd, Width, WriteMatch};
+/// use vm_notify::{Mode, Notifier};
 ///
 /// let kvm = kvm_ioctls::Kvm::new()?;
 /// let vm = Arc::new(kvm.create_vm()?);
 /// let kicks = Notifier::new(Mode::Counter)?;
-/// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
-/// assert_eq!(reg.path(), &Path::Kernel);
+/// let reg = IoEventFd::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
 /// drop(reg); // the same writes now exit to userspace
-/// let again = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[must_use = "dropping an IoEvent unregisters it at once"]
-pub struct IoEvent {
+#[must_use = "dropping an IoEventFd deassigns it at once"]
+pub struct IoEventFd {
+    vm: Arc<VmFd>,
     write: WriteMatch,
-    path: Path,
+    req: IoEventRequest,
     notifier: Arc<Notifier>,
-    place: Place,
 }
 
-enum Place {
-    Kernel {
-        vm: Arc<VmFd>,
-        req: IoEventRequest,
-        /// The entry that makes a backend's dispatcher see this registration's overlaps.
-        shadow: Option<(ExitDispatcher, Key)>,
-    },
-    Userspace {
-        dispatcher: ExitDispatcher,
-        key: Key,
-    },
-}
-
-impl fmt::Debug for IoEvent {
+impl fmt::Debug for IoEventFd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IoEvent")
+        f.debug_struct("IoEventFd")
             .field("write", &self.write)
-            .field("path", &self.path)
             .field("notifier", &self.notifier)
             .finish()
     }
 }
 
-impl IoEvent {
-    /// Registers `notifier` in the kernel for the guest writes `write` describes: a
-    /// [`BackendKind::Kernel`] registration.
-    ///
-    /// The registration keeps its own descriptor of the notifier; the caller keeps theirs.
+impl IoEventFd {
+    /// Assigns `notifier` in the kernel for the guest writes `write` describes. The registration
+    /// keeps its own descriptor of the notifier; the caller keeps theirs.
     ///
     /// # Errors
     ///
-    /// The validation errors of [`WriteMatch::validate`];
-    /// [`Error::MissingCapability`] without `KVM_CAP_IOEVENTFD` (or
-    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH` for [`Width::Any`]); [`Error::IoEventExists`] when an
-    /// overlapping registration exists; [`Error::IoBusFull`] when the kernel bus is full;
-    /// [`Error::FdExhausted`] when no descriptor is left; [`Error::IoEvent`] for other errnos.
-    pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
-        Backend::new(vm.clone(), BackendKind::Kernel).register(write, notifier)
+    /// The validation errors of [`WriteMatch::validate`]; [`Error::MissingCapability`] without
+    /// `KVM_CAP_IOEVENTFD` (or `KVM_CAP_IOEVENTFD_ANY_LENGTH` for [`Width::Any`]);
+    /// [`Error::IoEventExists`] when an overlapping registration exists; [`Error::IoBusFull`]
+    /// when the kernel bus is full; [`Error::FdExhausted`] when no descriptor is left;
+    /// [`Error::IoEvent`] for other errnos.
+    pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEventFd> {
+        let req = write.request()?;
+        Capabilities::probe(vm).require(write.capabilities())?;
+        IoEventFd::assign(vm, write, req, Arc::new(notifier.try_clone()?))
     }
 
-    /// `KVM_IOEVENTFD` for a validated `write`. On failure the shadow entry is removed.
+    /// `KVM_IOEVENTFD` for a validated `write` whose capabilities the caller checked.
     pub(crate) fn assign(
         vm: &Arc<VmFd>,
         write: WriteMatch,
         req: IoEventRequest,
         notifier: Arc<Notifier>,
-        shadow: Option<(ExitDispatcher, Key)>,
-    ) -> Result<IoEvent> {
-        let addr = write.addr;
-        if let Err(source) = sys::assign_ioevent(vm, &notifier, &req) {
-            if let Some((dispatcher, key)) = &shadow {
-                dispatcher.remove(key);
-            }
-            return Err(match source.raw_os_error() {
-                Some(libc::EEXIST) => Error::IoEventExists { addr },
-                Some(libc::ENOSPC) => Error::IoBusFull { addr },
-                _ => Error::IoEvent { addr, source },
-            });
-        }
-        Ok(IoEvent {
+    ) -> Result<IoEventFd> {
+        sys::assign_ioevent(vm, &notifier, &req)?;
+        Ok(IoEventFd {
+            vm: vm.clone(),
             write,
-            path: Path::Kernel,
+            req,
             notifier,
-            place: Place::Kernel {
-                vm: vm.clone(),
-                req,
-                shadow,
-            },
         })
-    }
-
-    /// A registration served by `dispatcher` under `key`.
-    pub(crate) fn dispatched(
-        write: WriteMatch,
-        notifier: Arc<Notifier>,
-        dispatcher: ExitDispatcher,
-        key: Key,
-        path: Path,
-    ) -> IoEvent {
-        IoEvent {
-            write,
-            path,
-            notifier,
-            place: Place::Userspace { dispatcher, key },
-        }
     }
 
     /// What this registration matches.
@@ -330,31 +222,23 @@ impl IoEvent {
         self.write
     }
 
-    /// Where it lives, and why in userspace if it does.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The registration's own descriptor of the notifier.
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
     }
+
+    /// The notifier, shared.
+    pub(crate) fn shared_notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
+    }
 }
 
-impl Drop for IoEvent {
+impl Drop for IoEventFd {
     fn drop(&mut self) {
-        match &self.place {
-            Place::Kernel { vm, req, shadow } => {
-                // The exact (fd, address, length, datamatch) of the assignment; with them KVM
-                // finds the registration. Nothing useful can be done with an error in drop: the
-                // kernel drops the registration anyway when the VM closes.
-                let _ = sys::deassign_ioevent(vm, &self.notifier, req);
-                if let Some((dispatcher, key)) = shadow {
-                    dispatcher.remove(key);
-                }
-            }
-            Place::Userspace { dispatcher, key } => dispatcher.remove(key),
-        }
+        // The exact (fd, address, length, datamatch) of the assignment; with them KVM finds the
+        // registration. Nothing useful can be done with an error in drop: the kernel drops the
+        // registration anyway when the VM closes.
+        let _ = sys::deassign_ioevent(&self.vm, &self.notifier, &self.req);
     }
 }
 

@@ -1,187 +1,29 @@
-//! [`TinyVm`]: one vCPU in long mode, an in-kernel irqchip, and a run loop on its own thread.
+//! [`TinyVm`]: the machine — 4 MiB of RAM, an in-kernel irqchip, one vCPU in long mode.
 
 use std::fmt;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::{Arc, Once};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vm_notify::fallback::Policy;
+use vm_notify::kvm::GsiRouter;
+use vm_notify::Vm;
 
-use super::layout::{
-    self, CODE, CODE_SELECTOR, DATA_SELECTOR, DONE_PORT, GDT, IDT, IRQ_COUNTS, MEM_SIZE, PD, PDPT,
-    PML4, STACK_TOP, UNEXPECTED_VECTOR_PORT,
+use crate::exit::{ExitHandler, GuestExit};
+use crate::layout::{
+    self, CODE, CODE_SELECTOR, DATA_SELECTOR, GDT, IDT, IRQ_COUNTS, MEM_SIZE, PD, PDPT, PML4,
+    STACK_TOP,
 };
-use super::program::{AssembledProgram, GuestProgram};
-use super::{Error, Result};
-use crate::{ExitDispatcher, GsiRouter, MmioNotify};
-
-/// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
-/// in the kernel handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuestExit {
-    /// An `out` to `port` of `len` bytes carrying `data`.
-    PioWrite {
-        /// The port.
-        port: u16,
-        /// The value written (little-endian, zero-extended).
-        data: u64,
-        /// The write's width in bytes.
-        len: u8,
-    },
-    /// An `in` from `port` of `len` bytes.
-    PioRead {
-        /// The port.
-        port: u16,
-        /// The read's width in bytes.
-        len: u8,
-    },
-    /// A write to `addr` of `len` bytes carrying `data`.
-    MmioWrite {
-        /// The guest-physical address.
-        addr: u64,
-        /// The value written (little-endian, zero-extended).
-        data: u64,
-        /// The write's width in bytes.
-        len: u8,
-    },
-    /// A read from `addr` of `len` bytes.
-    MmioRead {
-        /// The guest-physical address.
-        addr: u64,
-        /// The read's width in bytes.
-        len: u8,
-    },
-}
-
-impl GuestExit {
-    /// Hands a write exit to `dispatcher` (the userspace path of a [`Backend`](crate::Backend));
-    /// returns whether a registration took it. Reads are never taken.
-    ///
-    /// # Errors
-    ///
-    /// [`crate::Error::Notifier`] if the eventfd write fails.
-    pub fn dispatch(&self, dispatcher: &ExitDispatcher) -> crate::Result<bool> {
-        match *self {
-            GuestExit::MmioWrite { addr, data, len } => {
-                dispatcher.mmio_write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
-            }
-            GuestExit::PioWrite { port, data, len } => {
-                dispatcher.pio_write(port, &data.to_le_bytes()[..usize::from(len).min(8)])
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Serves the guest's access to a virtio-mmio device's interrupt registers: an
-    /// `InterruptStatus` read (fills `data`) or an `InterruptACK` write. Returns whether this exit
-    /// was one.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`MmioNotify::write`].
-    pub fn serve_virtio_mmio(&self, notify: &MmioNotify, data: &mut [u8]) -> crate::Result<bool> {
-        match *self {
-            GuestExit::MmioRead { addr, .. } => Ok(notify.read(addr, data)),
-            GuestExit::MmioWrite { addr, data, len } => {
-                notify.write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
-            }
-            _ => Ok(false),
-        }
-    }
-}
-
-/// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,
-/// `reply` is the buffer the guest will read (zeroed unless the handler fills it).
-pub trait ExitHandler: Send + 'static {
-    /// Handles one exit.
-    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]);
-}
-
-impl<F: FnMut(&GuestExit, &mut [u8]) + Send + 'static> ExitHandler for F {
-    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]) {
-        self(exit, reply)
-    }
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The program wrote [`DONE_PORT`](super::layout::DONE_PORT).
-    Done,
-    /// The run did not end within its timeout; the vCPU was stopped.
-    TimedOut,
-    /// The guest stopped in a way a test program should not: an unexpected interrupt vector, a
-    /// triple fault, an emulator failure. The text says which, with the guest's RIP.
-    Fault(String),
-}
-
-/// What a run did: how it ended, every exit that reached userspace, and how long it took.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// How the run ended.
-    pub outcome: Outcome,
-    /// Every exit that reached userspace, in order (the final `DONE_PORT` write excluded).
-    pub exits: Vec<GuestExit>,
-    /// Wall time from the first `KVM_RUN` to the end.
-    pub elapsed: Duration,
-}
-
-impl RunReport {
-    /// Whether the program ran to its [`exit`](GuestProgram::exit).
-    pub fn is_done(&self) -> bool {
-        self.outcome == Outcome::Done
-    }
-
-    /// The report if the program ran to its end, else [`Error::Guest`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Guest`] with the outcome.
-    pub fn done(self) -> Result<RunReport> {
-        if self.is_done() {
-            Ok(self)
-        } else {
-            Err(Error::Guest(self.to_string()))
-        }
-    }
-
-    /// The number of exits that `pred` accepts.
-    pub fn count(&self, pred: impl Fn(&GuestExit) -> bool) -> usize {
-        self.exits.iter().filter(|e| pred(e)).count()
-    }
-
-    /// The number of MMIO writes to `addr` that reached userspace.
-    pub fn mmio_writes(&self, addr: u64) -> usize {
-        self.count(|e| matches!(e, GuestExit::MmioWrite { addr: a, .. } if *a == addr))
-    }
-
-    /// The number of port writes to `port` that reached userspace.
-    pub fn pio_writes(&self, port: u16) -> usize {
-        self.count(|e| matches!(e, GuestExit::PioWrite { port: p, .. } if *p == port))
-    }
-}
-
-impl fmt::Display for RunReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "outcome {:?} after {:?}, {} exit(s) to userspace",
-            self.outcome,
-            self.elapsed,
-            self.exits.len()
-        )?;
-        if let Some(last) = self.exits.last() {
-            write!(f, ", last {last:?}")?;
-        }
-        Ok(())
-    }
-}
+use crate::program::{AssembledProgram, GuestProgram};
+use crate::report::RunReport;
+use crate::run::{install_kick_handler, run_loop, Running};
+use crate::{Error, Result};
 
 /// A tiny x86-64 VM: 4 MiB of RAM, an in-kernel irqchip (PIC, IOAPIC, LAPIC), one vCPU in long
 /// mode, and a [`GsiRouter`] for its routing table.
@@ -189,9 +31,9 @@ impl fmt::Display for RunReport {
 /// A `TinyVm` runs one program: [`start`](Self::start) moves the vCPU onto its own thread.
 ///
 /// ```
-/// # if !vm_notify::testkit::kvm_or_skip("TinyVm example") { return Ok(()); }
+/// # if !vm_notify_testkit::kvm_or_skip("TinyVm example") { return Ok(()); }
 /// use std::time::Duration;
-/// use vm_notify::testkit::{GuestProgram, TinyVm};
+/// use vm_notify_testkit::{GuestProgram, TinyVm};
 ///
 /// let mut vm = TinyVm::new()?;
 /// let mut p = GuestProgram::new()?;
@@ -200,11 +42,11 @@ impl fmt::Display for RunReport {
 /// let report = vm.run(p, Duration::from_secs(10))?.done()?;
 /// assert_eq!(vm.data(0)?, 10);
 /// assert!(report.exits.is_empty());
-/// # Ok::<(), vm_notify::testkit::Error>(())
+/// # Ok::<(), vm_notify_testkit::Error>(())
 /// ```
 pub struct TinyVm {
     vm: Arc<VmFd>,
-    router: GsiRouter,
+    notify: Vm,
     memory: GuestMemoryMmap,
     vcpu: Option<VcpuFd>,
 }
@@ -213,7 +55,7 @@ impl fmt::Debug for TinyVm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TinyVm")
             .field("memory_bytes", &MEM_SIZE)
-            .field("router", &self.router)
+            .field("notify", &self.notify)
             .field("started", &self.vcpu.is_none())
             .finish()
     }
@@ -281,7 +123,7 @@ impl TinyVm {
         // long as the VM: `TinyVm` holds it, and the vCPU thread holds a clone while it runs.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        let router = GsiRouter::new(vm.clone())?;
+        let notify = Vm::new(vm.clone(), Policy::Kernel)?;
 
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
@@ -291,7 +133,7 @@ impl TinyVm {
             .map_err(Error::kvm("KVM_SET_CPUID2"))?;
         let tiny = TinyVm {
             vm,
-            router,
+            notify,
             memory,
             vcpu: Some(vcpu),
         };
@@ -300,14 +142,19 @@ impl TinyVm {
         Ok(tiny)
     }
 
-    /// The VM descriptor, for registrations ([`IoEvent::register`](crate::IoEvent::register)).
+    /// The VM descriptor, for registrations ([`IoEvent::register`](vm_notify::IoEvent::register)).
     pub fn vm(&self) -> &Arc<VmFd> {
         &self.vm
     }
 
     /// The VM's routing table.
     pub fn router(&self) -> &GsiRouter {
-        &self.router
+        self.notify.router()
+    }
+
+    /// The VM's notifications root (kernel placement), sharing [`router`](Self::router).
+    pub fn notify(&self) -> &Vm {
+        &self.notify
     }
 
     /// Guest memory.
@@ -514,157 +361,5 @@ impl TinyVm {
         regs.rflags = 2;
         vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
         Ok(())
-    }
-}
-
-/// A program running on its vCPU thread.
-#[derive(Debug)]
-pub struct Running {
-    thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
-    rx: mpsc::Receiver<RunReport>,
-}
-
-impl Running {
-    /// Waits for the program to end, at most `timeout`; then stops the vCPU and reports
-    /// [`Outcome::TimedOut`]. The timeout only guards against a hang: pick it generously.
-    pub fn wait(self, timeout: Duration) -> RunReport {
-        if let Ok(report) = self.rx.recv_timeout(timeout) {
-            let _ = self.thread.join();
-            return report;
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
-        let report = loop {
-            let _ = self.thread.kill(kick_signal());
-            if let Ok(report) = self.rx.recv_timeout(Duration::from_millis(5)) {
-                break report;
-            }
-            if self.thread.is_finished() {
-                break RunReport {
-                    outcome: Outcome::Fault("vCPU thread ended without a report".into()),
-                    exits: Vec::new(),
-                    elapsed: Duration::ZERO,
-                };
-            }
-        };
-        let _ = self.thread.join();
-        RunReport {
-            outcome: if report.outcome == Outcome::Done {
-                Outcome::Done
-            } else {
-                Outcome::TimedOut
-            },
-            ..report
-        }
-    }
-}
-
-fn kick_signal() -> i32 {
-    SIGRTMIN() + 1
-}
-
-fn install_kick_handler() -> Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        result = register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Kvm {
-            step: "install the vCPU kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        });
-    });
-    result
-}
-
-fn le_value(data: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    let n = data.len().min(8);
-    buf[..n].copy_from_slice(&data[..n]);
-    u64::from_le_bytes(buf)
-}
-
-fn run_loop(vcpu: &mut VcpuFd, stop: &AtomicBool, mut handler: impl ExitHandler) -> RunReport {
-    let start = Instant::now();
-    let mut exits = Vec::new();
-    let outcome = loop {
-        if stop.load(Ordering::SeqCst) {
-            break Outcome::TimedOut;
-        }
-        let exit = match vcpu.run() {
-            Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Outcome::Done,
-            Ok(VcpuExit::IoOut(UNEXPECTED_VECTOR_PORT, data)) => {
-                let vector = le_value(data);
-                break fault(
-                    vcpu,
-                    format!("unexpected interrupt or exception, vector {vector}"),
-                );
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let exit = GuestExit::PioWrite {
-                    port,
-                    data: le_value(data),
-                    len: data.len() as u8,
-                };
-                handler.handle(&exit, &mut []);
-                exit
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let exit = GuestExit::PioRead {
-                    port,
-                    len: data.len() as u8,
-                };
-                data.fill(0);
-                handler.handle(&exit, data);
-                exit
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let exit = GuestExit::MmioWrite {
-                    addr,
-                    data: le_value(data),
-                    len: data.len() as u8,
-                };
-                handler.handle(&exit, &mut []);
-                exit
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                let exit = GuestExit::MmioRead {
-                    addr,
-                    len: data.len() as u8,
-                };
-                data.fill(0);
-                handler.handle(&exit, data);
-                exit
-            }
-            Ok(VcpuExit::Shutdown) => break fault(vcpu, "shutdown (triple fault)".into()),
-            Ok(VcpuExit::InternalError) => {
-                break fault(vcpu, "KVM internal error (emulation failed)".into())
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break fault(
-                    vcpu,
-                    format!("VM entry failed, reason {reason:#x} on cpu {cpu}"),
-                )
-            }
-            Ok(other) => {
-                let what = format!("unhandled exit {other:?}");
-                break fault(vcpu, what);
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => break fault(vcpu, format!("KVM_RUN failed: {e}")),
-        };
-        exits.push(exit);
-    };
-    RunReport {
-        outcome,
-        exits,
-        elapsed: start.elapsed(),
-    }
-}
-
-fn fault(vcpu: &VcpuFd, what: String) -> Outcome {
-    match vcpu.get_regs() {
-        Ok(regs) => Outcome::Fault(format!("{what} at rip {:#x}", regs.rip)),
-        Err(_) => Outcome::Fault(what),
     }
 }

@@ -1,0 +1,270 @@
+//! The userspace fallback and the policy that chooses it: where each registration lives, in the
+//! kernel or in userspace, and why.
+//!
+//! A [`Backend`] makes the same registrations a VMM would make in the kernel — guest-write
+//! notifications ([`IoEvent`]), edge and level interrupts
+//! ([`IrqFd`], [`LevelIrqFd`]) — either in the kernel
+//! (`KVM_IOEVENTFD`, `KVM_IRQFD`) or in userspace: its [`ExitDispatcher`] takes the guest writes
+//! that exit, and an injector thread reads trigger notifiers and calls `KVM_IRQ_LINE` /
+//! `KVM_SIGNAL_MSI`. With [`Policy::Auto`] it chooses per registration: the kernel where it has
+//! the capability and accepts the registration, userspace otherwise, with the reason kept in the
+//! registration's [`Placement`]. The device gets the same notifier counts either way.
+//!
+//! The injector's contract is the irqfd one:
+//!
+//! * **edge, irqchip route**: each wake-up of the trigger notifier (however many writes it
+//!   coalesced) pulses the line: `KVM_IRQ_LINE` high, then low — one edge, as one irqfd injection.
+//! * **edge, MSI route**: each wake-up sends the route's message with `KVM_SIGNAL_MSI`.
+//! * **level, irqchip route**: a wake-up asserts the line and the line *stays* high: the irqchip
+//!   re-delivers at each EOI while it is. With an in-kernel irqchip userspace sees no EOI, so the
+//!   line is lowered when the device says its condition cleared
+//!   ([`LevelIrqFd::deassert`](crate::LevelIrqFd::deassert)); that lowering also drains a
+//!   trigger not yet taken and adds 1 to the resample notifier, so a device written for KVM's
+//!   resampler (re-assert on resample while the condition holds) runs unchanged.
+
+mod dispatch;
+mod inject;
+mod ioevent;
+mod irqfd;
+mod placement;
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use kvm_ioctls::VmFd;
+
+pub use dispatch::ExitDispatcher;
+pub use ioevent::IoEvent;
+pub use irqfd::{IrqFd, LevelIrqFd};
+pub use placement::{Fallback, Placement};
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use dispatch::Key;
+pub(crate) use dispatch::Registered;
+
+use crate::error::{Capability, Error, Result};
+use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch};
+use crate::notifier::Notifier;
+use crate::sys::Capabilities;
+use inject::Injector;
+
+/// Where a [`Backend`] puts registrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Only in the kernel; a registration the kernel cannot take is an error.
+    Kernel,
+    /// Only in userspace, through the backend's [`ExitDispatcher`] and injector thread.
+    Userspace,
+    /// In the kernel where it can be, else in userspace, per registration.
+    Auto,
+}
+
+/// Registers guest-write notifications and interrupts in the kernel, in userspace, or either per
+/// registration. Cheap to clone: clones share the dispatcher and the injector thread. Use one
+/// backend per VM ([`Vm`](crate::Vm) holds it), so overlaps are checked across every
+/// registration it made.
+///
+/// ```
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// use std::sync::Arc;
+/// use vm_notify::fallback::{Backend, Placement, Policy};
+/// use vm_notify::{Capability, Mode, Notifier, WriteMatch};
+///
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = Arc::new(kvm.create_vm()?);
+/// // As on a host without KVM_CAP_IOEVENTFD:
+/// let backend = Backend::new(vm, Policy::Auto).disable(Capability::IoEventFd);
+/// let kicks = Notifier::new(Mode::Counter)?;
+/// let reg = backend.register(WriteMatch::mmio(0xd000_0050), &kicks)?;
+/// assert!(matches!(reg.placement(), Placement::Userspace(_)));
+/// // The vCPU loop, on KVM_EXIT_MMIO:
+/// assert!(backend.dispatcher().mmio_write(0xd000_0050, &0u32.to_le_bytes())?);
+/// assert_eq!(kicks.read()?, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Backend {
+    policy: Policy,
+    vm: Arc<VmFd>,
+    caps: Capabilities,
+    dispatcher: ExitDispatcher,
+    disabled: Vec<Capability>,
+    injector: Arc<OnceLock<Injector>>,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("policy", &self.policy)
+            .field("disabled", &self.disabled)
+            .field("dispatcher", &self.dispatcher)
+            .finish()
+    }
+}
+
+impl Backend {
+    /// A backend with `policy` for `vm`. Asks KVM which capabilities it has, once.
+    pub fn new(vm: Arc<VmFd>, policy: Policy) -> Self {
+        Backend {
+            policy,
+            caps: Capabilities::probe(&vm),
+            vm,
+            dispatcher: ExitDispatcher::new(),
+            disabled: Vec::new(),
+            injector: Arc::default(),
+        }
+    }
+
+    /// Treats `cap` as missing from KVM: for hosts where a capability exists but must not be
+    /// used, and for testing the fallback.
+    pub fn disable(mut self, cap: Capability) -> Self {
+        self.disabled.push(cap);
+        self
+    }
+
+    /// The backend's policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The dispatcher the VMM hands `KVM_EXIT_MMIO` / `KVM_EXIT_IO` writes to.
+    pub fn dispatcher(&self) -> &ExitDispatcher {
+        &self.dispatcher
+    }
+
+    /// The first of `needed` that is disabled on this backend or that KVM lacks.
+    fn gap(&self, needed: impl IntoIterator<Item = Capability>) -> Option<Fallback> {
+        needed.into_iter().find_map(|cap| {
+            if self.disabled.contains(&cap) {
+                Some(Fallback::Disabled(cap))
+            } else if !self.caps.has(cap) {
+                Some(Fallback::MissingCapability(cap))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Registers `notifier` for the guest writes `write` describes, where the policy says.
+    ///
+    /// # Errors
+    ///
+    /// The validation errors of [`WriteMatch::validate`]; [`Error::IoEventExists`] for an
+    /// overlap with a registration of this backend; for [`Policy::Kernel`], the errors of
+    /// [`IoEventFd::register`].
+    pub fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
+        let req = write.request()?;
+        let notifier = Arc::new(notifier.try_clone()?);
+        let why = match (self.policy, self.gap(write.capabilities())) {
+            (Policy::Userspace, _) => Fallback::Requested,
+            (Policy::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
+                return Err(Error::MissingCapability(c))
+            }
+            (Policy::Kernel, _) => {
+                let reg = IoEventFd::assign(&self.vm, write, req, notifier)?;
+                return Ok(IoEvent::kernel(reg, None));
+            }
+            (Policy::Auto, Some(why)) => why,
+            (Policy::Auto, None) if self.dispatcher.kernel_would_shadow(&write) => {
+                Fallback::KernelWouldMiss
+            }
+            (Policy::Auto, None) => {
+                // Recorded first, so an overlap is refused the same way on both paths.
+                let shadow = Registered::insert(&self.dispatcher, &write, notifier.clone(), true)?;
+                match IoEventFd::assign(&self.vm, write, req, notifier.clone()) {
+                    Ok(reg) => return Ok(IoEvent::kernel(reg, Some(shadow))),
+                    Err(e) => {
+                        drop(shadow);
+                        Fallback::KernelRefused(e.to_string())
+                    }
+                }
+            }
+        };
+        IoEvent::dispatched(&self.dispatcher, write, notifier, Placement::Userspace(why))
+    }
+
+    /// The injector thread of this backend, started on first use.
+    fn injector(&self, router: &GsiRouter) -> Result<&Injector> {
+        if let Some(i) = self.injector.get() {
+            return Ok(i);
+        }
+        let made = Injector::new(self.vm.clone(), router.clone())?;
+        Ok(self.injector.get_or_init(|| made))
+    }
+
+    /// Where an interrupt goes: the kernel (`kernel` made it) unless the policy says userspace,
+    /// a capability is missing (with resample if `level`), or, on `Auto`, the kernel refuses.
+    fn place_irq<T>(&self, level: bool, kernel: impl FnOnce() -> Result<T>) -> Result<Chosen<T>> {
+        let needed =
+            std::iter::once(Capability::IrqFd).chain(level.then_some(Capability::IrqFdResample));
+        let why = match (self.policy, self.gap(needed)) {
+            (Policy::Userspace, _) => Fallback::Requested,
+            (Policy::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
+                return Err(Error::MissingCapability(c))
+            }
+            (Policy::Auto, Some(why)) => why,
+            _ => match kernel() {
+                // The kernel's refusal falls back; the caller's mistake (an unrouted GSI, a
+                // resample on an MSI route) is reported.
+                Err(e @ (Error::IrqFd { .. } | Error::MissingCapability(_)))
+                    if self.policy == Policy::Auto =>
+                {
+                    Fallback::KernelRefused(e.to_string())
+                }
+                other => return other.map(Chosen::Kernel),
+            },
+        };
+        Ok(Chosen::Userspace(why))
+    }
+
+    /// An edge interrupt on `gsi` that `notifier` triggers: a kernel irqfd, or on the userspace
+    /// path the injector thread (`KVM_IRQ_LINE` pulse for irqchip routes, `KVM_SIGNAL_MSI` for MSI
+    /// routes). One injection per wake-up of the notifier either way.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`IrqFd::with_notifier`]; on the userspace path the same route checks.
+    pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+        match self.place_irq(false, || IrqFd::with_notifier(router, gsi, notifier))? {
+            Chosen::Kernel(irq) => Ok(irq),
+            Chosen::Userspace(why) => {
+                IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
+            }
+        }
+    }
+
+    /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`, or
+    /// on the userspace path the injector thread, which holds the line high with `KVM_IRQ_LINE`
+    /// until [`LevelIrqFd::deassert`] (see [`LevelIrqFd`] for the device's side, the same on both).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LevelIrqFd::with_notifiers`] (on the userspace path, the same GSI checks).
+    pub fn level_irqfd(
+        &self,
+        router: &GsiRouter,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: &Notifier,
+    ) -> Result<LevelIrqFd> {
+        let kernel = || LevelIrqFd::with_notifiers(router, gsi, trigger, resample);
+        match self.place_irq(true, kernel)? {
+            Chosen::Kernel(irq) => Ok(irq),
+            Chosen::Userspace(why) => {
+                let injector = self.injector(router)?;
+                LevelIrqFd::injected(injector, router, gsi, trigger, resample, why)
+            }
+        }
+    }
+}
+
+/// What [`Backend::place_irq`] chose.
+enum Chosen<T> {
+    Kernel(T),
+    Userspace(Fallback),
+}

@@ -1,0 +1,280 @@
+//! virtio-mmio: queue notifications on `QueueNotify`, one level line behind `InterruptStatus`.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Queues, VirtQueueNotify, INT_CONFIG, INT_VRING};
+use super::{MMIO_INTERRUPT_ACK, MMIO_INTERRUPT_STATUS, MMIO_QUEUE_NOTIFY};
+use crate::device::GuestInterrupt;
+use crate::error::Result;
+use crate::fallback::{Backend, Placement};
+use crate::kvm::{Gsi, GsiRouter, Width, WriteMatch};
+use crate::notifier::{Mode, Notifier};
+
+/// Where a virtio-mmio device sits and what it has: the arguments of
+/// [`Vm::virtio_mmio`](crate::Vm::virtio_mmio) and [`MmioNotify::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmioDevice {
+    /// The guest-physical base of the device's register window.
+    pub base: u64,
+    /// How many queues it has.
+    pub queues: u16,
+    /// The GSI of its interrupt line: an irqchip pin the guest programs level-triggered.
+    pub gsi: Gsi,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A virtio-mmio device's interrupt: `InterruptStatus` and the level line it drives. As a
+/// [`GuestInterrupt`] it is the queues' used-buffer interrupt ([`INT_VRING`]).
+pub struct MmioInterrupt {
+    line: Arc<dyn GuestInterrupt>,
+    status: Mutex<u32>,
+}
+
+impl fmt::Debug for MmioInterrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmioInterrupt")
+            .field("line", &self.line)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl MmioInterrupt {
+    /// `InterruptStatus` over `line`, a level interrupt (a [`LevelIrqFd`](crate::LevelIrqFd),
+    /// or a [`RecordingInterrupt::level`](crate::device::RecordingInterrupt::level) in a test).
+    pub fn new(line: Arc<dyn GuestInterrupt>) -> Self {
+        MmioInterrupt {
+            line,
+            status: Mutex::new(0),
+        }
+    }
+
+    /// Sets `bits` in `InterruptStatus`, asserting the line if no bit was set before; returns
+    /// whether a bit was newly set.
+    ///
+    /// While any bit is set the line is already asserted, an assertion is on its way, or a
+    /// resample is (and `on_resample` re-asserts): another assertion would add nothing the guest
+    /// needs, and on the kernel path, where KVM raises the line from a work queue after the
+    /// write, it could land after the guest acknowledged everything — an interrupt with status 0.
+    ///
+    /// # Errors
+    ///
+    /// Those of the line's [`signal`](GuestInterrupt::signal).
+    pub fn raise(&self, bits: u32) -> Result<bool> {
+        let mut status = lock(&self.status);
+        let new = *status & bits != bits;
+        let was_clear = *status == 0;
+        *status |= bits;
+        if was_clear {
+            self.line.signal()?;
+        }
+        Ok(new)
+    }
+
+    /// Notifies the guest of a configuration change ([`INT_CONFIG`]); returns whether the bit was
+    /// newly set (as [`VirtQueueNotify::signal_used`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of the line's [`signal`](GuestInterrupt::signal).
+    pub fn signal_config(&self) -> Result<bool> {
+        self.raise(INT_CONFIG)
+    }
+
+    /// `InterruptStatus` now.
+    pub fn status(&self) -> u32 {
+        *lock(&self.status)
+    }
+
+    /// The guest's write of `bits` to `InterruptACK`: clears them; with none left, the line drops.
+    ///
+    /// # Errors
+    ///
+    /// Those of the line's [`deassert`](GuestInterrupt::deassert).
+    pub fn ack(&self, bits: u32) -> Result<()> {
+        let mut status = lock(&self.status);
+        *status &= !bits;
+        if *status == 0 {
+            self.line.deassert()?;
+        }
+        Ok(())
+    }
+
+    /// The notifier signalled when the line was lowered (at the guest's EOI on a kernel irqfd);
+    /// the device's loop waits on it and calls [`on_resample`](Self::on_resample). `None` only
+    /// for a line that is not level-triggered.
+    pub fn resample(&self) -> Option<&Notifier> {
+        self.line.resample_notifier()
+    }
+
+    /// After a resample: asserts the line again if a status bit is still set. Returns whether it
+    /// did. Reads nothing from the resample notifier; the caller's wait did.
+    ///
+    /// # Errors
+    ///
+    /// Those of the line's [`signal`](GuestInterrupt::signal).
+    pub fn on_resample(&self) -> Result<bool> {
+        let status = lock(&self.status);
+        if *status == 0 {
+            return Ok(false);
+        }
+        self.line.signal()
+    }
+
+    /// The level line.
+    pub fn line(&self) -> &Arc<dyn GuestInterrupt> {
+        &self.line
+    }
+}
+
+impl GuestInterrupt for MmioInterrupt {
+    /// Sets [`INT_VRING`] (see [`raise`](MmioInterrupt::raise)).
+    fn signal(&self) -> Result<bool> {
+        self.raise(INT_VRING)
+    }
+
+    fn eventfd(&self) -> Result<Notifier> {
+        self.line.eventfd()
+    }
+
+    fn resample_notifier(&self) -> Option<&Notifier> {
+        self.line.resample_notifier()
+    }
+}
+
+/// The notification half of a virtio-mmio device: queue notifications as ioeventfds and the
+/// interrupt registers. Dropping it unregisters everything.
+#[derive(Debug)]
+pub struct MmioNotify {
+    base: u64,
+    queues: Queues,
+    irq: Arc<MmioInterrupt>,
+    line_placement: Option<Placement>,
+}
+
+impl MmioNotify {
+    /// Registers `device.queues` queue notifications at `base + 0x050` (4-byte writes, datamatch
+    /// = queue index) with `backend`, and a level interrupt on `device.gsi` through `router`,
+    /// where the backend's policy places it.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Backend::register`] and [`Backend::level_irqfd`].
+    pub fn new(backend: &Backend, router: &GsiRouter, device: &MmioDevice) -> Result<MmioNotify> {
+        let line = backend.level_irqfd(
+            router,
+            device.gsi,
+            &Notifier::new(Mode::Counter)?,
+            &Notifier::new(Mode::Counter)?,
+        )?;
+        let placement = line.placement().clone();
+        let mut notify = MmioNotify::with_line(backend, device, Arc::new(line))?;
+        notify.line_placement = Some(placement);
+        Ok(notify)
+    }
+
+    /// As [`new`](Self::new), with the VMM's own level line (`device.gsi` is not used).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Backend::register`].
+    pub fn with_line(
+        backend: &Backend,
+        device: &MmioDevice,
+        line: Arc<dyn GuestInterrupt>,
+    ) -> Result<MmioNotify> {
+        let irq = Arc::new(MmioInterrupt::new(line));
+        let mut queues = Queues::default();
+        for _ in 0..device.queues {
+            let at = WriteMatch::mmio(device.base + MMIO_QUEUE_NOTIFY).width(Width::W4);
+            queues.add(backend, at, irq.clone())?;
+        }
+        Ok(MmioNotify {
+            base: device.base,
+            queues,
+            irq,
+            line_placement: None,
+        })
+    }
+
+    /// Queue `index`'s notifications, if it exists.
+    pub fn queue(&self, index: u16) -> Option<VirtQueueNotify> {
+        self.queues.get(index)
+    }
+
+    /// Where queue `index`'s notifications are taken (kernel ioeventfd, or the backend's
+    /// dispatcher, and why).
+    pub fn queue_placement(&self, index: u16) -> Option<&Placement> {
+        self.queues.placement(index)
+    }
+
+    /// Where the interrupt line lives, for a line [`new`](Self::new) made.
+    pub fn line_placement(&self) -> Option<&Placement> {
+        self.line_placement.as_ref()
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
+        &self.irq
+    }
+
+    /// A guest read at `addr`: fills `data` with `InterruptStatus` (little-endian) and returns
+    /// `true` for a 4-byte read of it; returns `false` for any other address, for the VMM.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if addr != self.base + MMIO_INTERRUPT_STATUS || data.len() != 4 {
+            return false;
+        }
+        data.copy_from_slice(&self.irq.status().to_le_bytes());
+        true
+    }
+
+    /// A guest write at `addr`: acknowledges the written bits for a 4-byte write to `InterruptACK`
+    /// and returns `true`; returns `false` for any other address, for the VMM. (Queue
+    /// notifications do not come here: they are ioeventfds, or the backend's dispatcher.)
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MmioInterrupt::ack`].
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return Ok(false);
+        };
+        if addr != self.base + MMIO_INTERRUPT_ACK {
+            return Ok(false);
+        }
+        self.irq.ack(u32::from_le_bytes(bytes))?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::RecordingInterrupt;
+
+    /// The InterruptStatus rules, against a recording line: an assertion only when the status
+    /// leaves 0, the line lowered only when the ACK clears the last bit, a resample re-asserting
+    /// only while a bit is set.
+    #[test]
+    fn status_drives_the_line() {
+        let line = Arc::new(RecordingInterrupt::level().unwrap());
+        let irq = MmioInterrupt::new(line.clone());
+        assert!(irq.raise(INT_VRING).unwrap());
+        assert!(!irq.raise(INT_VRING).unwrap(), "already set");
+        assert!(irq.signal_config().unwrap());
+        assert_eq!(line.signals(), 1, "one assertion while any bit is set");
+        irq.ack(INT_VRING).unwrap();
+        assert_eq!(line.deasserts(), 0, "INT_CONFIG still set");
+        assert!(irq.on_resample().unwrap());
+        assert_eq!(line.signals(), 2);
+        irq.ack(INT_CONFIG).unwrap();
+        assert_eq!(line.deasserts(), 1);
+        assert!(!irq.on_resample().unwrap());
+        assert_eq!(line.signals(), 2);
+        assert!(irq.resample().is_some());
+    }
+}

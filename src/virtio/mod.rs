@@ -1,0 +1,181 @@
+//! The notification half of the virtio transports: queue notifications in, used-buffer and
+//! configuration-change interrupts out, for virtio-mmio and virtio-pci.
+//!
+//! The device side is the same for both: per queue a [`VirtQueueNotify`] with the notifier the
+//! guest's queue notifications add to ([`kicks`](VirtQueueNotify::kicks)) and
+//! [`signal_used`](VirtQueueNotify::signal_used), which signals the queue's
+//! [`GuestInterrupt`]. Neither transport's device side names a concrete
+//! delivery type, so a device can be unit-tested against
+//! [`RecordingInterrupt`](crate::device::RecordingInterrupt) and a VMM can put its own interrupt
+//! source behind a queue.
+//!
+//! * **virtio-mmio** ([`MmioNotify`]): one ioeventfd per queue on `QueueNotify` (offset `0x050`,
+//!   4-byte writes, the queue index as datamatch), and one level interrupt line tied to
+//!   `InterruptStatus` / `InterruptACK` (offsets `0x060` / `0x064`). The line is asserted while any
+//!   status bit is set: `signal_used` sets bit 0 ([`INT_VRING`]) and asserts, an ACK clears the
+//!   bits it names and, when none is left, the line drops; an ACK that leaves a bit set keeps it
+//!   asserted, so the guest takes another interrupt. The VMM's MMIO exit handler passes reads and
+//!   writes of the two registers to [`MmioNotify::read`] / [`MmioNotify::write`]; the device's
+//!   loop passes resample wake-ups to [`MmioInterrupt::on_resample`].
+//! * **virtio-pci** ([`PciNotify`]): each queue's notify address is `notify_base +
+//!   queue_notify_off * notify_off_multiplier` (2-byte writes of the queue index), and each
+//!   queue's interrupt is the MSI-X vector the guest picked in `queue_msix_vector` (`0xFFFF`,
+//!   [`NO_VECTOR`], raises nothing), raised on the function's
+//!   [`MsixVectors`](crate::msix::MsixVectors); the configuration-change vector likewise.
+//!
+//! Coalescing, as the virtio spec allows it: used-buffer notifications are not counted. On
+//! virtio-mmio a `signal_used` while bit 0 is still set (not yet acknowledged) adds no interrupt;
+//! on virtio-pci the vector's irqfd coalesces writes made before its injection. A driver must
+//! therefore process every used buffer per interrupt, which virtio drivers do.
+
+mod mmio;
+mod pci;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::device::{GuestInterrupt, QueueKicks};
+use crate::error::Result;
+use crate::fallback::{Backend, IoEvent, Placement};
+use crate::kvm::WriteMatch;
+use crate::notifier::{Mode, Notifier};
+
+pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
+pub use pci::{PciLayout, PciNotify, QueueVector};
+
+/// virtio-mmio `QueueNotify` offset.
+pub const MMIO_QUEUE_NOTIFY: u64 = 0x050;
+/// virtio-mmio `InterruptStatus` offset (read-only).
+pub const MMIO_INTERRUPT_STATUS: u64 = 0x060;
+/// virtio-mmio `InterruptACK` offset (write-only).
+pub const MMIO_INTERRUPT_ACK: u64 = 0x064;
+/// `InterruptStatus` bit: a used buffer was added to a queue.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the device configuration changed.
+pub const INT_CONFIG: u32 = 2;
+/// virtio-pci `queue_msix_vector` / `config_msix_vector` value for "no vector".
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// A split virtqueue's layout in guest memory, as the driver configured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VringLayout {
+    /// The queue's index.
+    pub index: u16,
+    /// Its size (descriptors).
+    pub size: u16,
+    /// Guest-physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest-physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest-physical address of the used ring.
+    pub used_ring: u64,
+}
+
+/// One queue's notifications, device side: the kick notifier to wait on and the interrupt that
+/// tells the guest of used buffers. Cheap to clone; hand clones to device threads.
+#[derive(Clone)]
+pub struct VirtQueueNotify {
+    inner: Arc<QueueInner>,
+}
+
+struct QueueInner {
+    index: u16,
+    kicks: Notifier,
+    interrupt: Arc<dyn GuestInterrupt>,
+}
+
+impl fmt::Debug for VirtQueueNotify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtQueueNotify")
+            .field("index", &self.inner.index)
+            .field("kicks", &self.inner.kicks)
+            .field("interrupt", &self.inner.interrupt)
+            .finish()
+    }
+}
+
+impl VirtQueueNotify {
+    /// Queue `index`'s notifications from their parts: the notifier the guest's kicks add to and
+    /// the interrupt for used buffers. The transports make these; a device's unit test makes
+    /// one with a [`RecordingInterrupt`](crate::device::RecordingInterrupt).
+    pub fn new(index: u16, kicks: Notifier, interrupt: Arc<dyn GuestInterrupt>) -> Self {
+        VirtQueueNotify {
+            inner: Arc::new(QueueInner {
+                index,
+                kicks,
+                interrupt,
+            }),
+        }
+    }
+
+    /// The queue's index.
+    pub fn index(&self) -> u16 {
+        self.inner.index
+    }
+
+    /// The notifier the guest's queue notifications add to (through an ioeventfd, or the
+    /// userspace path of the [`Backend`] that registered it).
+    pub fn kicks(&self) -> &Notifier {
+        &self.inner.kicks
+    }
+
+    /// The queue's interrupt.
+    pub fn interrupt(&self) -> &Arc<dyn GuestInterrupt> {
+        &self.inner.interrupt
+    }
+
+    /// Notifies the guest of used buffers: on virtio-mmio sets [`INT_VRING`] and asserts the line;
+    /// on virtio-pci raises the queue's MSI-X vector. Returns whether this asked for a new
+    /// interrupt: `false` on virtio-pci for a queue with [`NO_VECTOR`], and on virtio-mmio when
+    /// `INT_VRING` was still set (the guest finds these buffers with the interrupt it has yet to
+    /// acknowledge).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`](crate::Error::Notifier) if the notifier write fails.
+    pub fn signal_used(&self) -> Result<bool> {
+        self.inner.interrupt.signal()
+    }
+}
+
+impl QueueKicks for VirtQueueNotify {
+    fn kicks(&self) -> &Notifier {
+        &self.inner.kicks
+    }
+}
+
+/// A device's queues: the device-side handles and their notify registrations, index for index.
+#[derive(Debug, Default)]
+struct Queues {
+    handles: Vec<VirtQueueNotify>,
+    registrations: Vec<IoEvent>,
+}
+
+impl Queues {
+    /// Registers the next queue's notifications at `at` (datamatch: the queue's index) with
+    /// `backend`; its used buffers go to `interrupt`.
+    fn add(
+        &mut self,
+        backend: &Backend,
+        at: WriteMatch,
+        interrupt: Arc<dyn GuestInterrupt>,
+    ) -> Result<()> {
+        let index = self.handles.len() as u16;
+        let kicks = Notifier::new(Mode::Counter)?;
+        self.registrations
+            .push(backend.register(at.datamatch(index.into()), &kicks)?);
+        self.handles
+            .push(VirtQueueNotify::new(index, kicks, interrupt));
+        Ok(())
+    }
+
+    fn get(&self, index: u16) -> Option<VirtQueueNotify> {
+        self.handles.get(usize::from(index)).cloned()
+    }
+
+    fn placement(&self, index: u16) -> Option<&Placement> {
+        self.registrations
+            .get(usize::from(index))
+            .map(IoEvent::placement)
+    }
+}

@@ -1,0 +1,186 @@
+//! virtio-pci (modern): per-queue notify addresses, per-queue MSI-X vectors.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use super::{Queues, VirtQueueNotify, NO_VECTOR};
+use crate::device::GuestInterrupt;
+use crate::error::{Error, Result};
+use crate::fallback::{Backend, Placement};
+use crate::kvm::{IoEventAddress, Width, WriteMatch};
+use crate::msix::MsixVectors;
+use crate::notifier::Notifier;
+
+/// Where a virtio-pci function's queues are notified: the arguments of
+/// [`Vm::virtio_pci`](crate::Vm::virtio_pci) and [`PciNotify::new`], as the notify capability
+/// and the common configuration state them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PciLayout {
+    /// The guest-physical address of the notify region (`cap.offset` within its BAR, plus the
+    /// BAR's address).
+    pub notify_base: u64,
+    /// The capability's `notify_off_multiplier`.
+    pub notify_off_multiplier: u32,
+    /// Each queue's `queue_notify_off`, queue 0 first.
+    pub queue_notify_off: Vec<u16>,
+}
+
+impl PciLayout {
+    /// The address queue `off`'s notifications land at.
+    fn address(&self, off: u16) -> Result<u64> {
+        u64::from(off)
+            .checked_mul(self.notify_off_multiplier.into())
+            .and_then(|o| self.notify_base.checked_add(o))
+            .ok_or(Error::AddressWraps {
+                addr: IoEventAddress::Mmio(self.notify_base),
+                width: 2,
+            })
+    }
+}
+
+/// A virtio-pci queue's interrupt: the MSI-X vector the guest chose in `queue_msix_vector`
+/// (or `config_msix_vector`), raised on the function's vectors.
+#[derive(Debug)]
+pub struct QueueVector {
+    vectors: MsixVectors,
+    vector: AtomicU16,
+}
+
+impl QueueVector {
+    fn new(vectors: &MsixVectors) -> Self {
+        QueueVector {
+            vectors: vectors.clone(),
+            vector: AtomicU16::new(NO_VECTOR),
+        }
+    }
+
+    /// The vector now ([`NO_VECTOR`] for none).
+    pub fn vector(&self) -> u16 {
+        self.vector.load(Ordering::Acquire)
+    }
+
+    /// The guest's write of the vector register; returns what it reads back: `vector` when the
+    /// function has it, otherwise [`NO_VECTOR`] (the spec's way of refusing a mapping).
+    fn set(&self, vector: u16) -> u16 {
+        let value = if usize::from(vector) < self.vectors.len() {
+            vector
+        } else {
+            NO_VECTOR
+        };
+        self.vector.store(value, Ordering::Release);
+        value
+    }
+}
+
+impl GuestInterrupt for QueueVector {
+    /// Raises the vector; `false` without one ([`NO_VECTOR`]).
+    fn signal(&self) -> Result<bool> {
+        match self.vector() {
+            NO_VECTOR => Ok(false),
+            v => self.vectors.raise(v.into()).map(|()| true),
+        }
+    }
+
+    /// The current vector's eventfd ([`Error::MsixVectorIndex`] without one).
+    fn eventfd(&self) -> Result<Notifier> {
+        self.vectors.notifier(self.vector().into())
+    }
+}
+
+/// The notification half of a virtio-pci device: per-queue notify addresses and MSI-X vectors.
+/// Dropping it unregisters the notify addresses.
+#[derive(Debug)]
+pub struct PciNotify {
+    layout: PciLayout,
+    queues: Queues,
+    queue_vectors: Vec<Arc<QueueVector>>,
+    config_vector: QueueVector,
+    vectors: MsixVectors,
+}
+
+impl PciNotify {
+    /// Registers one notify address per queue with `backend`: queue `i` at `notify_base +
+    /// queue_notify_off[i] * notify_off_multiplier`, 2-byte writes of `i` (its datamatch, so
+    /// queues may share an address when the multiplier is 0). Every queue and the configuration
+    /// start with [`NO_VECTOR`]; their interrupts are raised on `vectors`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VirtioQueueCount`] for more than 65535 queues, [`Error::AddressWraps`] when an
+    /// address overflows, and those of [`Backend::register`].
+    pub fn new(backend: &Backend, layout: &PciLayout, vectors: &MsixVectors) -> Result<PciNotify> {
+        let count = layout.queue_notify_off.len();
+        if count > usize::from(u16::MAX) {
+            return Err(Error::VirtioQueueCount { count });
+        }
+        let mut queues = Queues::default();
+        let mut queue_vectors = Vec::with_capacity(count);
+        for &off in &layout.queue_notify_off {
+            let addr = layout.address(off)?;
+            let vector = Arc::new(QueueVector::new(vectors));
+            queues.add(
+                backend,
+                WriteMatch::mmio(addr).width(Width::W2),
+                vector.clone(),
+            )?;
+            queue_vectors.push(vector);
+        }
+        Ok(PciNotify {
+            layout: layout.clone(),
+            queues,
+            queue_vectors,
+            config_vector: QueueVector::new(vectors),
+            vectors: vectors.clone(),
+        })
+    }
+
+    /// Queue `index`'s notifications, if it exists.
+    pub fn queue(&self, index: u16) -> Option<VirtQueueNotify> {
+        self.queues.get(index)
+    }
+
+    /// Where queue `index`'s notifications are taken (kernel ioeventfd, or the backend's
+    /// dispatcher, and why).
+    pub fn queue_placement(&self, index: u16) -> Option<&Placement> {
+        self.queues.placement(index)
+    }
+
+    /// The guest-physical address queue `index` is notified at.
+    pub fn notify_address(&self, index: u16) -> Option<u64> {
+        let off = *self.layout.queue_notify_off.get(usize::from(index))?;
+        self.layout.address(off).ok()
+    }
+
+    /// The guest's write of `queue_msix_vector` for queue `index`. Returns what the register reads
+    /// back: `vector` when the function has it, otherwise [`NO_VECTOR`] (the spec's way of
+    /// refusing a mapping). `None` for a queue that does not exist.
+    pub fn set_queue_vector(&self, index: u16, vector: u16) -> Option<u16> {
+        Some(self.queue_vectors.get(usize::from(index))?.set(vector))
+    }
+
+    /// Queue `index`'s `queue_msix_vector`.
+    pub fn queue_vector(&self, index: u16) -> Option<u16> {
+        Some(self.queue_vectors.get(usize::from(index))?.vector())
+    }
+
+    /// The guest's write of `config_msix_vector`; returns what it reads back (as
+    /// [`set_queue_vector`](Self::set_queue_vector)).
+    pub fn set_config_vector(&self, vector: u16) -> u16 {
+        self.config_vector.set(vector)
+    }
+
+    /// Notifies the guest of a configuration change on the configuration vector. Returns `false`
+    /// when it is [`NO_VECTOR`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MsixVectors::raise`].
+    pub fn signal_config(&self) -> Result<bool> {
+        self.config_vector.signal()
+    }
+
+    /// The function's MSI-X vectors.
+    pub fn vectors(&self) -> &MsixVectors {
+        &self.vectors
+    }
+}

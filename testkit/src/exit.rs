@@ -1,0 +1,96 @@
+//! [`GuestExit`]: what reaches userspace from the guest, and the [`ExitHandler`] that serves it.
+
+use vm_notify::fallback::ExitDispatcher;
+use vm_notify::virtio::MmioNotify;
+
+/// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
+/// in the kernel handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// An `out` to `port` of `len` bytes carrying `data`.
+    PioWrite {
+        /// The port.
+        port: u16,
+        /// The value written (little-endian, zero-extended).
+        data: u64,
+        /// The write's width in bytes.
+        len: u8,
+    },
+    /// An `in` from `port` of `len` bytes.
+    PioRead {
+        /// The port.
+        port: u16,
+        /// The read's width in bytes.
+        len: u8,
+    },
+    /// A write to `addr` of `len` bytes carrying `data`.
+    MmioWrite {
+        /// The guest-physical address.
+        addr: u64,
+        /// The value written (little-endian, zero-extended).
+        data: u64,
+        /// The write's width in bytes.
+        len: u8,
+    },
+    /// A read from `addr` of `len` bytes.
+    MmioRead {
+        /// The guest-physical address.
+        addr: u64,
+        /// The read's width in bytes.
+        len: u8,
+    },
+}
+
+impl GuestExit {
+    /// Hands a write exit to `dispatcher` (the userspace path of a [`Backend`](vm_notify::fallback::Backend));
+    /// returns whether a registration took it. Reads are never taken.
+    ///
+    /// # Errors
+    ///
+    /// [`vm_notify::Error::Notifier`] if the eventfd write fails.
+    pub fn dispatch(&self, dispatcher: &ExitDispatcher) -> vm_notify::Result<bool> {
+        match *self {
+            GuestExit::MmioWrite { addr, data, len } => {
+                dispatcher.mmio_write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            GuestExit::PioWrite { port, data, len } => {
+                dispatcher.pio_write(port, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Serves the guest's access to a virtio-mmio device's interrupt registers: an
+    /// `InterruptStatus` read (fills `data`) or an `InterruptACK` write. Returns whether this exit
+    /// was one.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MmioNotify::write`].
+    pub fn serve_virtio_mmio(
+        &self,
+        notify: &MmioNotify,
+        data: &mut [u8],
+    ) -> vm_notify::Result<bool> {
+        match *self {
+            GuestExit::MmioRead { addr, .. } => Ok(notify.read(addr, data)),
+            GuestExit::MmioWrite { addr, data, len } => {
+                notify.write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+/// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,
+/// `reply` is the buffer the guest will read (zeroed unless the handler fills it).
+pub trait ExitHandler: Send + 'static {
+    /// Handles one exit.
+    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]);
+}
+
+impl<F: FnMut(&GuestExit, &mut [u8]) + Send + 'static> ExitHandler for F {
+    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]) {
+        self(exit, reply)
+    }
+}

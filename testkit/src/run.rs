@@ -1,0 +1,171 @@
+//! The vCPU thread: [`Running`], and the run loop that sorts every exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::exit::{ExitHandler, GuestExit};
+use crate::layout::{DONE_PORT, UNEXPECTED_VECTOR_PORT};
+use crate::report::{Outcome, RunReport};
+use crate::{Error, Result};
+
+/// A program running on its vCPU thread.
+#[derive(Debug)]
+pub struct Running {
+    pub(crate) thread: JoinHandle<()>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) rx: mpsc::Receiver<RunReport>,
+}
+
+impl Running {
+    /// Waits for the program to end, at most `timeout`; then stops the vCPU and reports
+    /// [`Outcome::TimedOut`]. The timeout only guards against a hang: pick it generously.
+    pub fn wait(self, timeout: Duration) -> RunReport {
+        if let Ok(report) = self.rx.recv_timeout(timeout) {
+            let _ = self.thread.join();
+            return report;
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
+        let report = loop {
+            let _ = self.thread.kill(kick_signal());
+            if let Ok(report) = self.rx.recv_timeout(Duration::from_millis(5)) {
+                break report;
+            }
+            if self.thread.is_finished() {
+                break RunReport {
+                    outcome: Outcome::Fault("vCPU thread ended without a report".into()),
+                    exits: Vec::new(),
+                    elapsed: Duration::ZERO,
+                };
+            }
+        };
+        let _ = self.thread.join();
+        RunReport {
+            outcome: if report.outcome == Outcome::Done {
+                Outcome::Done
+            } else {
+                Outcome::TimedOut
+            },
+            ..report
+        }
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN() + 1
+}
+
+pub(crate) fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        result = register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Kvm {
+            step: "install the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        });
+    });
+    result
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = data.len().min(8);
+    buf[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(buf)
+}
+
+pub(crate) fn run_loop(
+    vcpu: &mut VcpuFd,
+    stop: &AtomicBool,
+    mut handler: impl ExitHandler,
+) -> RunReport {
+    let start = Instant::now();
+    let mut exits = Vec::new();
+    let outcome = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Outcome::TimedOut;
+        }
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Outcome::Done,
+            Ok(VcpuExit::IoOut(UNEXPECTED_VECTOR_PORT, data)) => {
+                let vector = le_value(data);
+                break fault(
+                    vcpu,
+                    format!("unexpected interrupt or exception, vector {vector}"),
+                );
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let exit = GuestExit::PioWrite {
+                    port,
+                    data: le_value(data),
+                    len: data.len() as u8,
+                };
+                handler.handle(&exit, &mut []);
+                exit
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let exit = GuestExit::PioRead {
+                    port,
+                    len: data.len() as u8,
+                };
+                data.fill(0);
+                handler.handle(&exit, data);
+                exit
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let exit = GuestExit::MmioWrite {
+                    addr,
+                    data: le_value(data),
+                    len: data.len() as u8,
+                };
+                handler.handle(&exit, &mut []);
+                exit
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                let exit = GuestExit::MmioRead {
+                    addr,
+                    len: data.len() as u8,
+                };
+                data.fill(0);
+                handler.handle(&exit, data);
+                exit
+            }
+            Ok(VcpuExit::Shutdown) => break fault(vcpu, "shutdown (triple fault)".into()),
+            Ok(VcpuExit::InternalError) => {
+                break fault(vcpu, "KVM internal error (emulation failed)".into())
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                break fault(
+                    vcpu,
+                    format!("VM entry failed, reason {reason:#x} on cpu {cpu}"),
+                )
+            }
+            Ok(other) => {
+                let what = format!("unhandled exit {other:?}");
+                break fault(vcpu, what);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => break fault(vcpu, format!("KVM_RUN failed: {e}")),
+        };
+        exits.push(exit);
+    };
+    RunReport {
+        outcome,
+        exits,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn fault(vcpu: &VcpuFd, what: String) -> Outcome {
+    match vcpu.get_regs() {
+        Ok(regs) => Outcome::Fault(format!("{what} at rip {:#x}", regs.rip)),
+        Err(_) => Outcome::Fault(what),
+    }
+}
