@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vm_notify::kvm::{GsiRouter, MsiMessage, GSI_LIMIT, ROUTE_TABLE_LIMIT};
+use vm_notify::kvm::{GsiRouter, IoEventAddress, MsiMessage, GSI_LIMIT, ROUTE_TABLE_LIMIT};
 use vm_notify::{Capability, Error, IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, TinyVm};
 
@@ -16,23 +16,64 @@ fn invalid_matches_are_refused_before_kvm() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
     let n = notifier();
-    let cases = [
-        (
-            WriteMatch::mmio(0x1000).datamatch(1),
-            "datamatch needs a fixed width",
-        ),
+    type Expect = fn(&Error) -> bool;
+    let cases: [(WriteMatch, Expect); 6] = [
+        (WriteMatch::mmio(0x1000).datamatch(1), |e| {
+            matches!(
+                e,
+                Error::DatamatchWithoutWidth {
+                    addr: IoEventAddress::Mmio(0x1000)
+                }
+            )
+        }),
         (
             WriteMatch::mmio(0x1000).width(Width::W1).datamatch(0x1ff),
-            "does not fit in a 1-byte write",
+            |e| {
+                matches!(
+                    e,
+                    Error::DatamatchTooWide {
+                        value: 0x1ff,
+                        width: 1,
+                        ..
+                    }
+                )
+            },
         ),
-        (WriteMatch::pio(0x10000), "16 bits"),
-        (WriteMatch::pio(0x60).width(Width::W8), "no 8-byte writes"),
-        (WriteMatch::mmio(u64::MAX - 1).width(Width::W2), "wraps"),
-        (WriteMatch::pio(0xfffe).width(Width::W4), "wraps"),
+        (WriteMatch::pio(0x10000), |e| {
+            matches!(
+                e,
+                Error::PortOutOfRange {
+                    addr: IoEventAddress::Pio(0x10000)
+                }
+            )
+        }),
+        (WriteMatch::pio(0x60).width(Width::W8), |e| {
+            matches!(
+                e,
+                Error::PioWidth {
+                    addr: IoEventAddress::Pio(0x60)
+                }
+            )
+        }),
+        (WriteMatch::mmio(u64::MAX - 1).width(Width::W2), |e| {
+            matches!(e, Error::AddressWraps { width: 2, .. })
+        }),
+        (WriteMatch::pio(0xfffe).width(Width::W4), |e| {
+            matches!(
+                e,
+                Error::AddressWraps {
+                    addr: IoEventAddress::Pio(0xfffe),
+                    width: 4
+                }
+            )
+        }),
     ];
-    for (m, text) in cases {
+    for (m, expect) in cases {
         let e = IoEvent::register(vm.vm(), m, &n).unwrap_err();
-        assert!(e.to_string().contains(text), "{m:?}: {e}");
+        assert!(expect(&e), "{m:?}: {e:?}");
+        // The message names the address at fault.
+        let at = format!("{:#x}", m.address().raw());
+        assert!(e.to_string().contains(&at), "{m:?}: {e}");
         // The refused match can be registered nowhere: a valid one at the same address works.
         let ok = WriteMatch::at(m.address()).width(Width::W1);
         if ok.validate().is_ok() {

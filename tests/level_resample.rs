@@ -350,8 +350,10 @@ fn level_irqfd_on_an_ioapic_pin_resamples_at_lapic_eoi() {
 /// to resample a level line at the guest's EOI, which the handler here sends after its
 /// acknowledgement. Each handler first makes an exit; the test counts how many found the resample
 /// already signalled. It asserts the cautious device's exact counts and reports the timing, so a
-/// host that resamples at the EOI shows `resampled_at_handler_start=0` here.
+/// host that resamples at the EOI shows `resampled_at_handler_start=0` here. A host diagnostic,
+/// not a check of the library: run it with `--ignored` (docs/ARCHITECTURE.md, host notes).
 #[test]
+#[ignore = "host diagnostic: prints when this host resamples an IOAPIC level line; run with --ignored"]
 fn ioapic_level_eoi_precedes_the_handler_on_this_host() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
