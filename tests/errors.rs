@@ -432,3 +432,52 @@ fn fd_exhaustion_leaves_no_half_made_registration() {
         eprintln!("{line}");
     }
 }
+
+/// A transaction holds no lock between calls: on its own thread the router answers, irqfds bind
+/// and drop while it is open (each of these hung when a transaction held the router's lock). Two
+/// open transactions never allocate the same GSI, and a commit checks its changes again against
+/// the table as it is then.
+#[test]
+fn transactions_never_block_and_recheck_at_commit() {
+    kvm_test!();
+    let vm = TinyVm::new().unwrap();
+    let router = vm.router().clone();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let routed = router.route_msi(MsiMessage::x86(0, 0x40)).unwrap();
+        let mut tx = router.transaction();
+        let a = tx.add_msi(MsiMessage::x86(0, 0x41)).unwrap();
+        // The same thread, while `tx` is open:
+        assert!(router.routes(a).is_empty(), "not committed yet");
+        let irq = IrqFd::new(&router, routed).unwrap();
+        let mut other = router.transaction();
+        let b = other.add_msi(MsiMessage::x86(0, 0x42)).unwrap();
+        assert_ne!(a, b, "reserved GSIs are not handed out twice");
+        other.commit().unwrap();
+        drop(irq);
+        tx.commit().unwrap();
+        assert_eq!(router.routes(a).len(), 1);
+
+        // Checked again at commit: a message change whose route went meanwhile...
+        let mut late = router.transaction();
+        late.set_msi(b, MsiMessage::x86(0, 0x43)).unwrap();
+        router.remove(b).unwrap();
+        let e = late.commit().unwrap_err();
+        assert!(matches!(e, Error::NotMsiRoute { gsi } if gsi == b), "{e:?}");
+        // ...and a removal whose GSI got an irqfd meanwhile.
+        let mut removal = router.transaction();
+        removal.remove(a).unwrap();
+        let irq = IrqFd::new(&router, a).unwrap();
+        let e = removal.commit().unwrap_err();
+        assert!(
+            matches!(e, Error::GsiBusy { gsi, irqfds: 1 } if gsi == a),
+            "{e:?}"
+        );
+        assert_eq!(router.routes(a).len(), 1, "a failed commit changes nothing");
+        drop(irq);
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the transaction test finished (a hang means a lock was held)");
+}

@@ -17,7 +17,7 @@
 //! route (KVM would accept it and drop every interrupt) and refuses to remove a route that still
 //! has an irqfd (the irqfd must be deassigned first).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -147,7 +147,9 @@ struct Table {
     /// irqfds bound per GSI.
     irqfds: HashMap<Gsi, usize>,
     /// GSIs allocated by open transactions, not yet committed.
-    reserved: BTreeSet<Gsi>,
+    reserved: HashSet<Gsi>,
+    /// The number of entries in `routes`.
+    entries: usize,
 }
 
 fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
@@ -193,7 +195,7 @@ impl fmt::Debug for GsiRouter {
         let t = self.lock();
         f.debug_struct("GsiRouter")
             .field("routed_gsis", &t.routes.len())
-            .field("entries", &count_entries(&t.routes))
+            .field("entries", &t.entries)
             .field("bound_irqfds", &t.irqfds.values().sum::<usize>())
             .finish()
     }
@@ -209,8 +211,10 @@ impl GsiRouter {
     pub fn new(vm: Arc<VmFd>) -> Result<Self> {
         let caps = Capabilities::probe(&vm);
         caps.require([Capability::IrqRouting, Capability::Irqchip])?;
+        let routes = default_routes();
         let table = Table {
-            routes: default_routes(),
+            entries: count_entries(&routes),
+            routes,
             ..Table::default()
         };
         Ok(GsiRouter {
@@ -240,6 +244,8 @@ impl GsiRouter {
         Transaction {
             router: self,
             changes: BTreeMap::new(),
+            delta: 0,
+            next_free: IRQCHIP_GSIS,
         }
     }
 
@@ -285,7 +291,7 @@ impl GsiRouter {
 
     /// The number of entries in the committed table.
     pub fn entries(&self) -> usize {
-        count_entries(&self.lock().routes)
+        self.lock().entries
     }
 
     /// The number of irqfds (kernel or injected) bound to `gsi` through this router.
@@ -354,10 +360,20 @@ enum Change {
 impl Change {
     /// The entries `gsi` holds with this change applied to `table`, minus those it held before.
     fn delta(self, table: &Table, gsi: Gsi) -> isize {
-        let before = table.routes.get(&gsi).map_or(0, Vec::len) as isize;
+        let before = || table.routes.get(&gsi).map_or(0, Vec::len) as isize;
         match self {
-            Change::Add(_) | Change::Set(_) => 1 - before,
-            Change::Remove => -before,
+            // An allocated GSI has no committed route.
+            Change::Add(_) => 1,
+            Change::Set(_) => 1 - before(),
+            Change::Remove => -before(),
+        }
+    }
+
+    /// The routes `gsi` holds with this change applied, or `None` when it has none.
+    fn routes(self) -> Option<Vec<Route>> {
+        match self {
+            Change::Add(msg) | Change::Set(msg) => Some(vec![Route::Msi(msg)]),
+            Change::Remove => None,
         }
     }
 }
@@ -394,7 +410,12 @@ impl Change {
 #[must_use = "a transaction does nothing until it is committed"]
 pub struct Transaction<'a> {
     router: &'a GsiRouter,
-    changes: BTreeMap<Gsi, Change>,
+    /// Each change, with the entries it adds to the table (negative: removes).
+    changes: BTreeMap<Gsi, (Change, isize)>,
+    /// The sum of the changes' entries.
+    delta: isize,
+    /// Where the search for a free GSI resumes.
+    next_free: Gsi,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -408,13 +429,21 @@ impl fmt::Debug for Transaction<'_> {
 impl Transaction<'_> {
     /// The entries `table` would hold with these changes.
     fn entries_in(&self, table: &Table) -> usize {
-        let delta: isize = self.changes.iter().map(|(&g, c)| c.delta(table, g)).sum();
-        (count_entries(&table.routes) as isize + delta).max(0) as usize
+        (table.entries as isize + self.delta).max(0) as usize
+    }
+
+    /// Records `change` for `gsi` (replacing an earlier one), keeping the entry count.
+    fn record(&mut self, table: &Table, gsi: Gsi, change: Change) {
+        let added = change.delta(table, gsi);
+        if let Some((_, old)) = self.changes.insert(gsi, (change, added)) {
+            self.delta -= old;
+        }
+        self.delta += added;
     }
 
     /// The routes `gsi` has with these changes applied to `table`.
     fn effective<'t>(&'t self, table: &'t Table, gsi: Gsi) -> Option<MsiOrOther> {
-        match self.changes.get(&gsi) {
+        match self.changes.get(&gsi).map(|(c, _)| c) {
             Some(Change::Add(_) | Change::Set(_)) => Some(MsiOrOther::Msi),
             Some(Change::Remove) => None,
             None => match table.routes.get(&gsi).map(Vec::as_slice) {
@@ -440,7 +469,7 @@ impl Transaction<'_> {
                 limit: ROUTE_TABLE_LIMIT,
             });
         }
-        let gsi = (IRQCHIP_GSIS..GSI_LIMIT)
+        let gsi = (self.next_free..GSI_LIMIT)
             .find(|g| {
                 !table.routes.contains_key(g)
                     && !table.reserved.contains(g)
@@ -448,7 +477,8 @@ impl Transaction<'_> {
             })
             .ok_or(Error::GsiExhausted { limit: GSI_LIMIT })?;
         table.reserved.insert(gsi);
-        self.changes.insert(gsi, Change::Add(msg));
+        self.record(&table, gsi, Change::Add(msg));
+        self.next_free = gsi + 1;
         Ok(gsi)
     }
 
@@ -462,12 +492,11 @@ impl Transaction<'_> {
         if self.effective(&table, gsi) != Some(MsiOrOther::Msi) {
             return Err(Error::NotMsiRoute { gsi });
         }
-        drop(table);
         let change = match self.changes.get(&gsi) {
-            Some(Change::Add(_)) => Change::Add(msg),
+            Some((Change::Add(_), _)) => Change::Add(msg),
             _ => Change::Set(msg),
         };
-        self.changes.insert(gsi, change);
+        self.record(&table, gsi, change);
         Ok(())
     }
 
@@ -485,12 +514,14 @@ impl Transaction<'_> {
         if self.effective(&table, gsi).is_none() {
             return Err(Error::UnroutedGsi { gsi });
         }
-        if let Some(Change::Add(_)) = self.changes.get(&gsi) {
+        if let Some((Change::Add(_), added)) = self.changes.get(&gsi).copied() {
             // Allocated by this transaction: it never reaches the kernel.
             self.changes.remove(&gsi);
+            self.delta -= added;
             table.reserved.remove(&gsi);
+            self.next_free = self.next_free.min(gsi);
         } else {
-            self.changes.insert(gsi, Change::Remove);
+            self.record(&table, gsi, Change::Remove);
         }
         Ok(())
     }
@@ -512,28 +543,54 @@ impl Transaction<'_> {
     pub fn commit(mut self) -> Result<()> {
         let router = self.router;
         let mut table = router.lock();
-        let mut routes = table.routes.clone();
-        for (&gsi, &change) in &self.changes {
+        // Checked again against the table as it is now.
+        for (&gsi, &(change, _)) in &self.changes {
             match change {
-                Change::Add(msg) => {
-                    routes.insert(gsi, vec![Route::Msi(msg)]);
+                Change::Add(_) => {}
+                Change::Set(_) => {
+                    if !matches!(
+                        table.routes.get(&gsi).map(Vec::as_slice),
+                        Some([Route::Msi(_)])
+                    ) {
+                        return Err(Error::NotMsiRoute { gsi });
+                    }
                 }
-                Change::Set(msg) => match routes.get_mut(&gsi).map(Vec::as_mut_slice) {
-                    Some([route @ Route::Msi(_)]) => *route = Route::Msi(msg),
-                    _ => return Err(Error::NotMsiRoute { gsi }),
-                },
                 Change::Remove => {
                     if let Some(&irqfds) = table.irqfds.get(&gsi) {
                         return Err(Error::GsiBusy { gsi, irqfds });
                     }
-                    routes.remove(&gsi);
                 }
             }
         }
-        let entries: Vec<kvm_irq_routing_entry> = routes
-            .iter()
-            .flat_map(|(&gsi, routes)| routes.iter().map(move |r| r.entry(gsi)))
-            .collect();
+        // The whole table with the changes applied, in GSI order: the committed routes and the
+        // changes merged, without copying the table.
+        let mut entries: Vec<kvm_irq_routing_entry> = Vec::with_capacity(self.entries_in(&table));
+        let mut committed = table.routes.iter().peekable();
+        let mut changes = self.changes.iter().peekable();
+        let push = |entries: &mut Vec<kvm_irq_routing_entry>, gsi: Gsi, routes: &[Route]| {
+            entries.extend(routes.iter().map(|r| r.entry(gsi)));
+        };
+        loop {
+            let committed_first = match (committed.peek(), changes.peek()) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(&(&g, _)), Some(&(&c, _))) => g < c,
+            };
+            if committed_first {
+                if let Some((&gsi, routes)) = committed.next() {
+                    push(&mut entries, gsi, routes);
+                }
+            } else if let Some((&gsi, &(change, _))) = changes.next() {
+                // A change replaces the committed routes of its GSI.
+                if committed.peek().is_some_and(|&(&g, _)| g == gsi) {
+                    committed.next();
+                }
+                if let Some(routes) = change.routes() {
+                    push(&mut entries, gsi, &routes);
+                }
+            }
+        }
         let n = entries.len();
         if n > ROUTE_TABLE_LIMIT {
             return Err(Error::RouteTableFull {
@@ -547,12 +604,21 @@ impl Transaction<'_> {
                 limit: ROUTE_TABLE_LIMIT,
             })?;
         sys::set_gsi_routing(&router.shared.vm, &kvm_table, n)?;
-        table.routes = routes;
-        for (gsi, change) in std::mem::take(&mut self.changes) {
+        // Only now does the committed table change.
+        for (gsi, (change, _)) in std::mem::take(&mut self.changes) {
+            match change.routes() {
+                Some(routes) => {
+                    table.routes.insert(gsi, routes);
+                }
+                None => {
+                    table.routes.remove(&gsi);
+                }
+            }
             if let Change::Add(_) = change {
                 table.reserved.remove(&gsi);
             }
         }
+        table.entries = n;
         Ok(())
     }
 }
@@ -563,7 +629,7 @@ impl Drop for Transaction<'_> {
             return;
         }
         let mut table = self.router.lock();
-        for (gsi, change) in &self.changes {
+        for (gsi, (change, _)) in &self.changes {
             if let Change::Add(_) = change {
                 table.reserved.remove(gsi);
             }
