@@ -20,14 +20,12 @@ use vm_notify::msix::MsixVectors;
 use vm_notify::{IrqFd, Mode, Notifier};
 use vm_notify_testkit::TinyVm;
 
+mod common;
+use common::median;
+
 const VECTORS: usize = 1024;
 const ROUNDS: usize = 7;
 const MASK_PAIRS: usize = 2000;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn message(i: usize) -> MsiMessage {
     MsiMessage::x86(0, 0x40 + (i % 160) as u8)

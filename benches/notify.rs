@@ -24,8 +24,7 @@
 //! same instructions.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -42,6 +41,9 @@ use vm_notify::wait::{AdaptivePoll, EventLoop};
 use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 use vmm_sys_util::eventfd::EventFd;
+
+mod common;
+use common::stats;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const NOTIFY: u64 = 0xd000_0050;
@@ -109,13 +111,6 @@ impl Results {
     fn ratio(&self, num: &str, den: &str) -> f64 {
         self.median(num) / self.median(den)
     }
-}
-
-/// (median, min, max).
-fn stats(values: &[f64]) -> (f64, f64, f64) {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn ns_per(d: Duration, ops: u64) -> f64 {
@@ -679,75 +674,59 @@ fn print_results(r: &Results, ratios: &[(&str, f64)]) {
     }
 }
 
-/// Cumulative distributions of the round-trip samples, on a log axis from 1 µs to 10 ms.
-fn plot(r: &Results, path: &PathBuf) -> std::io::Result<()> {
-    let (w, h, left, bottom, top, right) = (760.0, 420.0, 60.0, 50.0, 30.0, 200.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let (lo, hi) = (0.0f64, 4.0f64); // log10 µs
-    let x = |us: f64| left + (us.max(1.0).log10().min(hi) - lo) / (hi - lo) * pw;
-    let y = |q: f64| top + (1.0 - q) * ph;
-    let colors = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
-    ];
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-         <text x=\"{left}\" y=\"18\" font-size=\"14\">Round-trip latency, cumulative (vm-notify benches/notify.rs)</text>"
-    );
-    for decade in 0..=4 {
-        let px = x(10f64.powi(decade));
-        let label = ["1 µs", "10 µs", "100 µs", "1 ms", "10 ms"][decade as usize];
-        let _ = write!(
-            svg,
-            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
-            top + ph,
-            top + ph + 16.0
-        );
+/// Cumulative distributions of the round-trip samples, on a log axis from 1 µs to 10 ms, drawn
+/// with plotters; the legend sits inside the plot, so no label is cut off.
+fn plot(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
-    for q in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let py = y(q);
-        let _ = write!(
-            svg,
-            "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{q}</text>",
-            left + pw,
-            left - 6.0,
-            py + 4.0
-        );
-    }
+    let root = SVGBackend::new(path, (760, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Round-trip latency, cumulative (vm-notify benches/notify.rs)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((1f64..10_000f64).log_scale(), 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("round trip (µs)")
+        .y_desc("fraction of round trips")
+        .draw()?;
     for (i, (name, samples)) in r.latencies.iter().enumerate() {
         let mut s = samples.clone();
         s.sort_by(f64::total_cmp);
         if s.is_empty() {
             continue;
         }
+        let n = s.len() as f64;
+        let median = s[s.len() / 2];
+        let color = Palette99::pick(i).stroke_width(2);
+        // About 400 points a curve (and the last sample) draw it as well as all of them.
         let step = (s.len() / 400).max(1);
-        let points: Vec<String> = s
+        let points = s
             .iter()
             .enumerate()
             .step_by(step)
             .chain(std::iter::once((s.len() - 1, &s[s.len() - 1])))
-            .map(|(k, &us)| format!("{:.1},{:.1}", x(us), y((k + 1) as f64 / s.len() as f64)))
-            .collect();
-        let color = colors[i % colors.len()];
-        let median = s[s.len() / 2];
-        let _ = write!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.8\" points=\"{}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name} (median {median:.1} µs)</text>",
-            points.join(" "),
-            left + pw + 10.0,
-            top + 16.0 * (i as f64 + 1.0)
-        );
+            .map(|(k, &us)| (us.clamp(1.0, 10_000.0), (k + 1) as f64 / n));
+        chart
+            .draw_series(LineSeries::new(points, color))?
+            .label(format!("{name} (median {median:.1} µs)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    svg.push_str("</svg>\n");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, svg)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 fn main() {

@@ -19,16 +19,14 @@ use vm_notify::kvm::MsiMessage;
 use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
+mod common;
+use common::median;
+
 const ROUNDS: usize = 7;
 const LOOKUPS: u32 = 200_000;
 const PING_PONGS: u64 = 5000;
 const BASE: u64 = 0xd000_0000;
 const NOTIFY: u64 = 0xd100_0000;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 /// Nanoseconds per dispatch of a 4-byte write to `addr`, over `LOOKUPS` writes.
 fn dispatch(d: &ExitDispatcher, addr: u64) -> Duration {
