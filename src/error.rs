@@ -131,8 +131,7 @@ pub enum Error {
         /// The address of the refused registration.
         addr: IoEventAddress,
     },
-    /// The kernel's I/O bus has no room for another device (ENOSPC; kernels before 5.x cap a bus
-    /// at 1000 devices).
+    /// The kernel's I/O bus has no room for another device (ENOSPC).
     #[error("{addr}: the kernel's I/O bus is full (ENOSPC)")]
     IoBusFull {
         /// The address of the refused registration.

@@ -165,8 +165,8 @@ pub(crate) fn assign_irqfd(
     })
 }
 
-/// `KVM_IRQFD` deassign. KVM deassigns by (eventfd, GSI) and returns 0 even when nothing matched
-/// (measured), so the only errors are malformed requests.
+/// `KVM_IRQFD` deassign. KVM deassigns by (eventfd, GSI) and returns 0 even when nothing matched,
+/// so the only errors are malformed requests.
 pub(crate) fn deassign_irqfd(vm: &VmFd, fd: &Notifier, gsi: u32) -> io::Result<()> {
     vm.unregister_irqfd(fd.as_event_fd(), gsi)
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))

@@ -179,11 +179,9 @@ impl GuestProgram {
     /// interrupt delivered meanwhile runs its handler, and the program goes on after the window
     /// either way. Clobbers `rax`.
     ///
-    /// On the nested hosts here a pending interrupt is often *not* delivered within such a window
-    /// (measured: an MSI pending in the LAPIC outlived 220 instructions with interrupts enabled in
-    /// all but 13 of 3000 tries, and was taken within 2000 in nearly all): delivery waits for a
-    /// halt or a host tick. To take everything pending, use
-    /// [`drain_interrupts`](Self::drain_interrupts).
+    /// A pending interrupt is not guaranteed to be delivered within such a window (on an emulating
+    /// host delivery can wait for a halt; vm-notify's docs/ARCHITECTURE.md, host notes). To take
+    /// everything pending, use [`drain_interrupts`](Self::drain_interrupts).
     ///
     /// # Errors
     ///
