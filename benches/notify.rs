@@ -689,12 +689,14 @@ fn plot(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             ("sans-serif", 16),
         )
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d((1f64..10_000f64).log_scale(), 0f64..1f64)?;
     chart
         .configure_mesh()
         .x_desc("round trip (µs)")
+        .x_label_formatter(&|us| format!("{us:.0}"))
         .y_desc("fraction of round trips")
         .draw()?;
     for (i, (name, samples)) in r.latencies.iter().enumerate() {
