@@ -442,7 +442,7 @@ impl Transaction<'_> {
     }
 
     /// The routes `gsi` has with these changes applied to `table`.
-    fn effective<'t>(&'t self, table: &'t Table, gsi: Gsi) -> Option<MsiOrOther> {
+    fn effective(&self, table: &Table, gsi: Gsi) -> Option<MsiOrOther> {
         match self.changes.get(&gsi).map(|(c, _)| c) {
             Some(Change::Add(_) | Change::Set(_)) => Some(MsiOrOther::Msi),
             Some(Change::Remove) => None,
