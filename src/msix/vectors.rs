@@ -217,11 +217,12 @@ impl Inner {
 
     /// Applies a new function state to every vector: detach those that stop delivering, attach
     /// those that start.
-    fn set_function(&self, enabled: bool, masked: bool) -> Result<()> {
+    /// `change` edits the function's bits under its lock, so a concurrent change of the other
+    /// bit is not lost.
+    fn set_function(&self, change: impl FnOnce(&mut Function)) -> Result<()> {
         let mut f = self.function();
-        f.enabled = enabled;
-        f.masked = masked;
-        let open = enabled && !masked;
+        change(&mut f);
+        let open = f.enabled && !f.masked;
         let mut all = self.lock_all();
         for v in all.iter_mut() {
             v.function_open = open;
@@ -506,8 +507,7 @@ impl MsixVectors {
     ///
     /// Routing and irqfd errors of attaching the vectors that start delivering.
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        let masked = self.inner.function().masked;
-        self.inner.set_function(enabled, masked)
+        self.inner.set_function(|f| f.enabled = enabled)
     }
 
     /// Sets the function mask bit: while set, no vector delivers and raises set pending bits.
@@ -516,8 +516,7 @@ impl MsixVectors {
     ///
     /// Routing and irqfd errors of re-attaching when clearing it.
     pub fn set_function_masked(&self, masked: bool) -> Result<()> {
-        let enabled = self.inner.function().enabled;
-        self.inner.set_function(enabled, masked)
+        self.inner.set_function(|f| f.masked = masked)
     }
 
     /// The capability's message control register: enable (bit 15), function mask (bit 14),
@@ -535,7 +534,10 @@ impl MsixVectors {
     /// Those of [`set_enabled`](Self::set_enabled).
     pub fn write_message_control(&self, value: u16) -> Result<()> {
         let (enabled, masked) = table::decode_message_control(value);
-        self.inner.set_function(enabled, masked)
+        self.inner.set_function(|f| {
+            f.enabled = enabled;
+            f.masked = masked;
+        })
     }
 
     /// The size of the MSI-X table in bytes.
@@ -583,9 +585,7 @@ impl MsixVectors {
             masked: v.state.masked,
         };
         let after = table::write_entry(before, offset, data);
-        if after == before {
-            return Ok(());
-        }
+        // Applied even when nothing changed: a rewrite retries an attach that failed before.
         v.state.message = after.message;
         v.state.masked = after.masked;
         if !v.delivers() {
