@@ -475,6 +475,20 @@ fn transactions_never_block_and_recheck_at_commit() {
         );
         assert_eq!(router.routes(a).len(), 1, "a failed commit changes nothing");
         drop(irq);
+        // ...and a message change whose GSI was removed and handed to a new route meanwhile:
+        // it must not land on the new route.
+        let g = router.route_msi(MsiMessage::x86(0, 0x44)).unwrap();
+        let mut stale = router.transaction();
+        stale.set_msi(g, MsiMessage::x86(0, 0x45)).unwrap();
+        router.remove(g).unwrap();
+        let reused = router.route_msi(MsiMessage::x86(0, 0x46)).unwrap();
+        assert_eq!(reused, g, "the lowest free GSI is handed out again");
+        let e = stale.commit().unwrap_err();
+        assert!(matches!(e, Error::NotMsiRoute { gsi } if gsi == g), "{e:?}");
+        assert_eq!(
+            router.routes(g),
+            [vm_notify::kvm::Route::Msi(MsiMessage::x86(0, 0x46))]
+        );
         done_tx.send(()).unwrap();
     });
     done_rx

@@ -150,6 +150,11 @@ struct Table {
     reserved: HashSet<Gsi>,
     /// The number of entries in `routes`.
     entries: usize,
+    /// Commits made so far.
+    commits: u64,
+    /// The commit that created each allocated GSI's route: a message change made for one route
+    /// must not land on another that reused its GSI meanwhile.
+    born: HashMap<Gsi, u64>,
 }
 
 fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
@@ -351,8 +356,9 @@ impl GsiRouter {
 enum Change {
     /// A GSI this transaction allocated (reserved in the table) and routes to the message.
     Add(MsiMessage),
-    /// A new message for a committed MSI route.
-    Set(MsiMessage),
+    /// A new message for a committed MSI route, made when the route was the one created by
+    /// the given commit.
+    Set(MsiMessage, Option<u64>),
     /// Every route of a committed GSI removed.
     Remove,
 }
@@ -364,7 +370,7 @@ impl Change {
         match self {
             // An allocated GSI has no committed route.
             Change::Add(_) => 1,
-            Change::Set(_) => 1 - before(),
+            Change::Set(..) => 1 - before(),
             Change::Remove => -before(),
         }
     }
@@ -372,7 +378,7 @@ impl Change {
     /// The routes `gsi` holds with this change applied, or `None` when it has none.
     fn routes(self) -> Option<Vec<Route>> {
         match self {
-            Change::Add(msg) | Change::Set(msg) => Some(vec![Route::Msi(msg)]),
+            Change::Add(msg) | Change::Set(msg, _) => Some(vec![Route::Msi(msg)]),
             Change::Remove => None,
         }
     }
@@ -444,7 +450,7 @@ impl Transaction<'_> {
     /// The routes `gsi` has with these changes applied to `table`.
     fn effective(&self, table: &Table, gsi: Gsi) -> Option<MsiOrOther> {
         match self.changes.get(&gsi).map(|(c, _)| c) {
-            Some(Change::Add(_) | Change::Set(_)) => Some(MsiOrOther::Msi),
+            Some(Change::Add(_) | Change::Set(..)) => Some(MsiOrOther::Msi),
             Some(Change::Remove) => None,
             None => match table.routes.get(&gsi).map(Vec::as_slice) {
                 None | Some([]) => None,
@@ -494,7 +500,7 @@ impl Transaction<'_> {
         }
         let change = match self.changes.get(&gsi) {
             Some((Change::Add(_), _)) => Change::Add(msg),
-            _ => Change::Set(msg),
+            _ => Change::Set(msg, table.born.get(&gsi).copied()),
         };
         self.record(&table, gsi, change);
         Ok(())
@@ -547,11 +553,13 @@ impl Transaction<'_> {
         for (&gsi, &(change, _)) in &self.changes {
             match change {
                 Change::Add(_) => {}
-                Change::Set(_) => {
-                    if !matches!(
+                Change::Set(_, born) => {
+                    let same_route = table.born.get(&gsi).copied() == born;
+                    let msi = matches!(
                         table.routes.get(&gsi).map(Vec::as_slice),
                         Some([Route::Msi(_)])
-                    ) {
+                    );
+                    if !(msi && same_route) {
                         return Err(Error::NotMsiRoute { gsi });
                     }
                 }
@@ -605,6 +613,7 @@ impl Transaction<'_> {
             })?;
         sys::set_gsi_routing(&router.shared.vm, &kvm_table, n)?;
         // Only now does the committed table change.
+        let commit = table.commits;
         for (gsi, (change, _)) in std::mem::take(&mut self.changes) {
             match change.routes() {
                 Some(routes) => {
@@ -612,13 +621,16 @@ impl Transaction<'_> {
                 }
                 None => {
                     table.routes.remove(&gsi);
+                    table.born.remove(&gsi);
                 }
             }
             if let Change::Add(_) = change {
                 table.reserved.remove(&gsi);
+                table.born.insert(gsi, commit);
             }
         }
         table.entries = n;
+        table.commits += 1;
         Ok(())
     }
 }
