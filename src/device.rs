@@ -67,11 +67,13 @@ pub trait GuestInterrupt: Send + Sync + fmt::Debug {
     fn signal(&self) -> Result<bool>;
 
     /// A descriptor of the eventfd that delivers this interrupt, for a writer outside this
-    /// process's signal path.
+    /// process's signal path: a write to it interrupts the guest as [`signal`](Self::signal) does.
     ///
     /// # Errors
     ///
-    /// [`Error::FdExhausted`](crate::Error::FdExhausted) when no descriptor is left.
+    /// [`Error::FdExhausted`](crate::Error::FdExhausted) when no descriptor is left;
+    /// [`Error::NoEventFd`](crate::Error::NoEventFd) where no such eventfd exists (a virtio-mmio
+    /// interrupt, whose status the VMM keeps; a virtio-pci queue without a vector).
     fn eventfd(&self) -> Result<Notifier>;
 
     /// Level lines: the device's condition cleared. Returns whether a line was lowered here

@@ -293,6 +293,13 @@ pub enum Error {
         /// The errno.
         source: io::Error,
     },
+    /// An interrupt that has no eventfd with the effect of signalling it, asked for one (to hand
+    /// to a writer outside the VMM, such as a vhost-user backend).
+    #[error("{what} has no eventfd that interrupts the guest as signalling it does")]
+    NoEventFd {
+        /// Which interrupt, and why.
+        what: &'static str,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

@@ -60,6 +60,20 @@ impl fmt::Debug for VhostUserFrontend {
     }
 }
 
+/// A backend's calls can only be edge interrupts: a level line it asserted would stay high, as
+/// nothing in the VMM sees the backend's condition clear to deassert it.
+fn refuse_level(call: &dyn GuestInterrupt) -> Result<()> {
+    match call.resample_notifier() {
+        Some(_) => Err(Error::VhostUser {
+            op: "SET_VRING_CALL",
+            reason: "a level interrupt cannot take a backend's calls (nothing would deassert \
+                     it); use an edge irqfd or an MSI-X vector"
+                .into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     move |e| Error::VhostUser {
         op,
@@ -133,14 +147,16 @@ impl VhostUserFrontend {
     ///
     /// # Errors
     ///
-    /// [`Error::VhostUser`] naming the message that failed, or a ring address outside guest
-    /// memory; those of `call`'s [`eventfd`](GuestInterrupt::eventfd).
+    /// [`Error::VhostUser`] naming the message that failed, a ring address outside guest memory,
+    /// or a level `call` (only edge interrupts and MSI-X vectors can take a backend's calls);
+    /// those of `call`'s [`eventfd`](GuestInterrupt::eventfd).
     pub fn start_queue(
         &mut self,
         layout: VringLayout,
         kick: impl QueueKicks + 'static,
         call: impl GuestInterrupt + 'static,
     ) -> Result<()> {
+        refuse_level(&call)?;
         let host = |gpa: u64| {
             self.memory
                 .get_host_address(GuestAddress(gpa))
@@ -192,6 +208,7 @@ impl VhostUserFrontend {
     ///
     /// [`Error::VhostUser`] for a queue not started or a failed `SET_VRING_CALL`.
     pub fn set_call(&mut self, index: u16, call: impl GuestInterrupt + 'static) -> Result<()> {
+        refuse_level(&call)?;
         if !self.queues.contains_key(&index) {
             return Err(Error::VhostUser {
                 op: "SET_VRING_CALL",

@@ -93,9 +93,16 @@ fn a_real_backend_serves_1000_requests_with_no_vmm_thread_in_the_path() {
     let Setup {
         mut vm,
         queue,
-        frontend,
+        mut frontend,
         backend: _backend,
     } = setup("serve");
+    // A level line cannot take the backend's calls: nothing would deassert it.
+    let level = vm.notify().level_irqfd(5).unwrap();
+    let e = frontend.set_call(0, level).unwrap_err();
+    assert!(
+        matches!(e, Error::VhostUser { op: "SET_VRING_CALL", ref reason } if reason.contains("level")),
+        "{e:?}"
+    );
     let report = vm
         .start(driver(&queue, N), |e: &GuestExit, _: &mut [u8]| {
             panic!("an exit reached the VMM: {e:?}")

@@ -137,8 +137,13 @@ impl GuestInterrupt for MmioInterrupt {
         self.raise(INT_VRING)
     }
 
+    /// [`Error::NoEventFd`](crate::Error::NoEventFd): a write to the line's eventfd would raise
+    /// the line without setting `InterruptStatus`, and the guest's driver would find nothing to
+    /// do. A backend that signals the guest directly needs an edge irqfd or an MSI-X vector.
     fn eventfd(&self) -> Result<Notifier> {
-        self.line.eventfd()
+        Err(crate::error::Error::NoEventFd {
+            what: "a virtio-mmio interrupt (InterruptStatus is kept by the VMM)",
+        })
     }
 
     fn resample_notifier(&self) -> Option<&Notifier> {
@@ -276,5 +281,9 @@ mod tests {
         assert!(!irq.on_resample().unwrap());
         assert_eq!(line.signals(), 2);
         assert!(irq.resample().is_some());
+        assert!(matches!(
+            irq.eventfd(),
+            Err(crate::error::Error::NoEventFd { .. })
+        ));
     }
 }

@@ -81,9 +81,14 @@ impl GuestInterrupt for QueueVector {
         }
     }
 
-    /// The current vector's eventfd ([`Error::MsixVectorIndex`] without one).
+    /// The current vector's eventfd; [`Error::NoEventFd`] for [`NO_VECTOR`].
     fn eventfd(&self) -> Result<Notifier> {
-        self.vectors.notifier(self.vector().into())
+        match self.vector() {
+            NO_VECTOR => Err(Error::NoEventFd {
+                what: "a virtio-pci queue without an MSI-X vector",
+            }),
+            v => self.vectors.notifier(v.into()),
+        }
     }
 }
 
