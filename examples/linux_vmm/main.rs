@@ -1,6 +1,7 @@
-//! A Linux-booting VMM on vm-notify (issue 14, first stage): boots a stock bzImage with an
-//! initramfs on one vCPU, with an 8250 serial console (vm-superio) whose interrupt is a vm-notify
-//! irqfd on GSI 4. The kernel, the initramfs and the command line are arguments:
+//! A Linux-booting VMM on vm-notify: boots a stock bzImage with an initramfs on one vCPU, with an
+//! 8250 serial console (vm-superio) whose interrupt is a vm-notify irqfd on GSI 4, and a modern
+//! virtio-pci entropy device (`pci.rs`) whose queue notify is an ioeventfd and whose interrupts
+//! are MSI-X vectors, all through vm-notify's `Vm` root. The kernel, the initramfs and the command line are arguments:
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
@@ -8,18 +9,22 @@
 //! ```
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
-//! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout; the last line says how
-//! the run ended, with the exits seen.
+//! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout; the last lines say how
+//! the run ended, the exits seen, and what the entropy device did (kicks, requests, bytes, MSI-X
+//! deliveries, queue-notify exits).
 //!
 //! The machine: RAM from 0, ACPI tables (RSDP, XSDT, a hardware-reduced FADT, a DSDT declaring
 //! COM1, a MADT with the local APIC and the IOAPIC) pointed at by the zero page, the in-kernel
 //! irqchip and PIT, CPUID from `KVM_GET_SUPPORTED_CPUID` with the hypervisor bit (so Linux uses
 //! kvmclock), and the 64-bit boot protocol. Ports other than COM1 read as 0xff (CMOS as 0); the
-//! keyboard controller's reset ends the run. No PCI yet.
+//! keyboard controller's reset ends the run. PCI: configuration mechanism #1, a host bridge and
+//! the virtio-rng function, declared to Linux through the DSDT's `PCI0`.
 //!
 //! Linux cannot boot on the instruction-emulating `/dev/kvm` of this project's machines; it boots
 //! on hardware KVM, and here one level down, inside a QEMU TCG guest whose kvm_amd provides
 //! `/dev/kvm` (see `scripts/linux-guest`).
+
+mod pci;
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -68,7 +73,7 @@ const CMOS_DATA: u16 = 0x71;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off \
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 struct Args {
@@ -184,8 +189,33 @@ fn write_acpi(mem: &GuestMemoryMmap) -> Result<u64, Error> {
         &aml::ResourceTemplate::new(vec![&irq, &ports]),
     );
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    // The PCI host bridge: bus 0, config ports 0xcf8-0xcff, the I/O ports around them, and the
+    // MMIO window the virtio-pci BAR sits in.
+    let pci_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
+    let pci_adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let pci_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let pci_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pci_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(pci::CONFIG_ADDRESS, pci::CONFIG_ADDRESS, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci::MMIO_WINDOW.0,
+        pci::MMIO_WINDOW.1,
+        None,
+    );
+    let pci_res = aml::ResourceTemplate::new(vec![&bus, &config_ports, &io_low, &io_high, &window]);
+    let pci_crs = aml::Name::new("_CRS".into(), &pci_res);
+    let pci0 = aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs],
+    );
     let mut dsdt = sdt::Sdt::new(*b"DSDT", 36, 6, OEM, TABLE, 1);
     dsdt.append_slice(&bytes(&com1));
+    dsdt.append_slice(&bytes(&pci0));
     let dsdt = place(dsdt.as_slice().to_vec())?;
     let fadt = fadt::FADTBuilder::new(OEM, TABLE, 1)
         .flag(fadt::Flags::HwReducedAcpi)
@@ -298,6 +328,34 @@ fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// Which function and dword a config data access at `port` reaches: `Some((device, reg))` on bus
+/// 0 function 0 with the enable bit set, and the byte shift of the port within the dword.
+fn config_target(address: u32, port: u16) -> (Option<(u32, usize)>, u32) {
+    let shift = 8 * u32::from(port - pci::CONFIG_DATA);
+    let enabled = address & (1 << 31) != 0;
+    let (bus, device, function) = (
+        (address >> 16) & 0xff,
+        (address >> 11) & 0x1f,
+        (address >> 8) & 7,
+    );
+    let reg = (address & 0xfc) as usize;
+    let target = (enabled && bus == 0 && function == 0 && device <= 1).then_some((device, reg));
+    (target, shift)
+}
+
+/// The value and byte mask of a config write of `data` at byte `shift` within its dword.
+fn place_bytes(data: &[u8], shift: u32) -> (u32, u32) {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    let mask = if n == 4 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * n)) - 1
+    };
+    (u32::from_le_bytes(v) << shift, mask << shift)
+}
+
 fn main() -> Result<(), Error> {
     let args = args()?;
     let started = Instant::now();
@@ -385,6 +443,9 @@ fn main() -> Result<(), Error> {
 
     // The console: an 8250 on COM1 whose interrupt is an irqfd on GSI 4.
     let mut serial = vm_superio::Serial::new(SerialIrq(vm.irqfd(COM1_GSI)?), io::stdout());
+    // PCI: the host bridge and the virtio-rng function.
+    let mut rng = pci::VirtioRng::new(&vm, mem.clone())?;
+    let mut config_address = 0u32;
 
     eprintln!(
         "linux_vmm: {} MiB, kernel {} ({} bytes at {:#x}), cmdline {:?}",
@@ -395,7 +456,7 @@ fn main() -> Result<(), Error> {
         args.cmdline
     );
     let deadline = started + args.timeout;
-    let (mut io_exits, mut mmio_exits) = (0u64, 0u64);
+    let (mut io_exits, mut mmio_exits, mut notify_exits) = (0u64, 0u64, 0u64);
     let mut reset = false;
     let outcome = loop {
         if Instant::now() > deadline {
@@ -406,6 +467,14 @@ fn main() -> Result<(), Error> {
                 io_exits += 1;
                 if (COM1..COM1 + 8).contains(&port) {
                     serial.write((port - COM1) as u8, data[0])?;
+                } else if port == pci::CONFIG_ADDRESS && data.len() == 4 {
+                    config_address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                } else if (pci::CONFIG_DATA..pci::CONFIG_DATA + 4).contains(&port) {
+                    let (reg, shift) = config_target(config_address, port);
+                    let (value, mask) = place_bytes(data, shift);
+                    if let Some((1, reg)) = reg {
+                        rng.config_write(reg, value, mask);
+                    }
                 } else if port == I8042_COMMAND && data[0] == I8042_RESET {
                     reset = true;
                     break "the guest reset the machine (i8042)".to_string();
@@ -415,6 +484,18 @@ fn main() -> Result<(), Error> {
                 io_exits += 1;
                 if (COM1..COM1 + 8).contains(&port) {
                     data[0] = serial.read((port - COM1) as u8);
+                } else if port == pci::CONFIG_ADDRESS && data.len() == 4 {
+                    data.copy_from_slice(&config_address.to_le_bytes());
+                } else if (pci::CONFIG_DATA..pci::CONFIG_DATA + 4).contains(&port) {
+                    let (reg, shift) = config_target(config_address, port);
+                    let dword = match reg {
+                        Some((0, reg)) => pci::host_bridge_read(reg),
+                        Some((1, reg)) => rng.config_read(reg),
+                        _ => 0xffff_ffff,
+                    };
+                    let bytes = (dword >> shift).to_le_bytes();
+                    let n = data.len();
+                    data.copy_from_slice(&bytes[..n]);
                 } else if port == CMOS_DATA {
                     // No RTC: every CMOS register reads 0 (so "update in progress" is never set).
                     data.fill(0);
@@ -422,11 +503,22 @@ fn main() -> Result<(), Error> {
                     data.fill(0xff);
                 }
             }
-            VcpuExit::MmioRead(_, data) => {
+            VcpuExit::MmioRead(addr, data) => {
                 mmio_exits += 1;
-                data.fill(0xff);
+                match addr.checked_sub(rng.bar0()) {
+                    Some(offset) if offset < pci::BAR0_SIZE => rng.mmio_read(offset, data),
+                    _ => data.fill(0xff),
+                }
             }
-            VcpuExit::MmioWrite(..) => mmio_exits += 1,
+            VcpuExit::MmioWrite(addr, data) => {
+                mmio_exits += 1;
+                if let Some(offset) = addr.checked_sub(rng.bar0()) {
+                    if offset < pci::BAR0_SIZE {
+                        notify_exits += u64::from(pci::VirtioRng::is_notify(offset));
+                        rng.mmio_write(offset, data);
+                    }
+                }
+            }
             VcpuExit::Hlt => break "the vCPU halted".to_string(),
             VcpuExit::Shutdown => break "the guest shut down (triple fault or reset)".to_string(),
             other => break format!("unexpected exit {other:?}"),
@@ -436,6 +528,19 @@ fn main() -> Result<(), Error> {
     eprintln!(
         "linux_vmm: {outcome} after {:.2} s; {io_exits} port exits, {mmio_exits} MMIO exits",
         started.elapsed().as_secs_f64()
+    );
+    let stats = rng.stats();
+    let (queue_vector, config_vector, msix) = rng.vectors();
+    eprintln!(
+        "linux_vmm: virtio-rng: features {:#x} (EVENT_IDX {}), kicks {} requests {} bytes {} signals {}; \
+         queue vector {queue_vector}, config vector {config_vector}; MSI-X {msix:?}; \
+         queue-notify exits {notify_exits}",
+        rng.driver_features(),
+        if rng.driver_features() & (1 << 29) != 0 { "negotiated" } else { "not offered" },
+        stats.kicks.load(std::sync::atomic::Ordering::Relaxed),
+        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        stats.signals.load(std::sync::atomic::Ordering::Relaxed),
     );
     if reset {
         Ok(())
