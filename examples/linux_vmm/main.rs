@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
-//!     [--cmdline "..."] [--mem-mib 256] [--timeout-s 120]
+//!     [--disk image] [--cmdline "..." | --append "..."] [--mem-mib 256] [--timeout-s 120]
 //! ```
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
@@ -24,6 +24,7 @@
 //! on hardware KVM, and here one level down, inside a QEMU TCG guest whose kvm_amd provides
 //! `/dev/kvm` (see `scripts/linux-guest`).
 
+mod blk;
 mod pci;
 
 use std::fs::File;
@@ -82,6 +83,7 @@ struct Args {
     cmdline: String,
     mem_mib: u64,
     timeout: Duration,
+    disk: Option<PathBuf>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -91,6 +93,7 @@ fn args() -> Result<Args, Error> {
         cmdline: DEFAULT_CMDLINE.into(),
         mem_mib: 256,
         timeout: Duration::from_secs(120),
+        disk: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,8 +102,10 @@ fn args() -> Result<Args, Error> {
             "--kernel" => a.kernel = value()?.into(),
             "--initrd" => a.initrd = Some(value()?.into()),
             "--cmdline" => a.cmdline = value()?,
+            "--append" => a.cmdline = format!("{} {}", a.cmdline, value()?),
             "--mem-mib" => a.mem_mib = value()?.parse()?,
             "--timeout-s" => a.timeout = Duration::from_secs(value()?.parse()?),
+            "--disk" => a.disk = Some(value()?.into()),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -328,6 +333,11 @@ fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// The offset of `addr` in the BAR 0 at `bar0`, if it is inside.
+fn in_bar(bar0: u64, addr: u64) -> Option<u64> {
+    addr.checked_sub(bar0).filter(|&o| o < pci::BAR0_SIZE)
+}
+
 /// Which function and dword a config data access at `port` reaches: `Some((device, reg))` on bus
 /// 0 function 0 with the enable bit set, and the byte shift of the port within the dword.
 fn config_target(address: u32, port: u16) -> (Option<(u32, usize)>, u32) {
@@ -339,7 +349,7 @@ fn config_target(address: u32, port: u16) -> (Option<(u32, usize)>, u32) {
         (address >> 8) & 7,
     );
     let reg = (address & 0xfc) as usize;
-    let target = (enabled && bus == 0 && function == 0 && device <= 1).then_some((device, reg));
+    let target = (enabled && bus == 0 && function == 0 && device <= 2).then_some((device, reg));
     (target, shift)
 }
 
@@ -354,6 +364,23 @@ fn place_bytes(data: &[u8], shift: u32) -> (u32, u32) {
         (1u32 << (8 * n)) - 1
     };
     (u32::from_le_bytes(v) << shift, mask << shift)
+}
+
+/// What a virtio function did, on one line.
+fn report<D: pci::VirtioDevice>(name: &str, f: &pci::VirtioPci<D>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = f.stats();
+    let (queue_vector, config_vector, msix) = f.vectors();
+    eprintln!(
+        "linux_vmm: {name}: features {:#x} (EVENT_IDX {}), kicks {} requests {} bytes {} signals {}; \
+         queue vector {queue_vector}, config vector {config_vector}; MSI-X {msix:?}",
+        f.driver_features(),
+        if f.driver_features() & (1 << 29) != 0 { "negotiated" } else { "not offered" },
+        stats.kicks.load(Relaxed),
+        stats.requests.load(Relaxed),
+        stats.bytes.load(Relaxed),
+        stats.signals.load(Relaxed),
+    );
 }
 
 fn main() -> Result<(), Error> {
@@ -443,8 +470,25 @@ fn main() -> Result<(), Error> {
 
     // The console: an 8250 on COM1 whose interrupt is an irqfd on GSI 4.
     let mut serial = vm_superio::Serial::new(SerialIrq(vm.irqfd(COM1_GSI)?), io::stdout());
-    // PCI: the host bridge and the virtio-rng function.
-    let mut rng = pci::VirtioRng::new(&vm, mem.clone())?;
+    // PCI: the host bridge, the virtio-rng function (00:01.0) and, with --disk, virtio-blk
+    // (00:02.0), each with its own BAR 0.
+    let mut rng = pci::VirtioPci::new(&vm, mem.clone(), pci::BAR0_BASE, pci::Rng::new()?)?;
+    let mut blk = match &args.disk {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)?;
+            let bar0 = pci::BAR0_BASE + pci::BAR0_SIZE;
+            Some(pci::VirtioPci::new(
+                &vm,
+                mem.clone(),
+                bar0,
+                blk::Blk::new(file)?,
+            )?)
+        }
+        None => None,
+    };
     let mut config_address = 0u32;
 
     eprintln!(
@@ -472,8 +516,10 @@ fn main() -> Result<(), Error> {
                 } else if (pci::CONFIG_DATA..pci::CONFIG_DATA + 4).contains(&port) {
                     let (reg, shift) = config_target(config_address, port);
                     let (value, mask) = place_bytes(data, shift);
-                    if let Some((1, reg)) = reg {
-                        rng.config_write(reg, value, mask);
+                    match (reg, blk.as_mut()) {
+                        (Some((1, reg)), _) => rng.config_write(reg, value, mask),
+                        (Some((2, reg)), Some(blk)) => blk.config_write(reg, value, mask),
+                        _ => {}
                     }
                 } else if port == I8042_COMMAND && data[0] == I8042_RESET {
                     reset = true;
@@ -491,6 +537,7 @@ fn main() -> Result<(), Error> {
                     let dword = match reg {
                         Some((0, reg)) => pci::host_bridge_read(reg),
                         Some((1, reg)) => rng.config_read(reg),
+                        Some((2, reg)) => blk.as_ref().map_or(0xffff_ffff, |b| b.config_read(reg)),
                         _ => 0xffff_ffff,
                     };
                     let bytes = (dword >> shift).to_le_bytes();
@@ -505,17 +552,26 @@ fn main() -> Result<(), Error> {
             }
             VcpuExit::MmioRead(addr, data) => {
                 mmio_exits += 1;
-                match addr.checked_sub(rng.bar0()) {
-                    Some(offset) if offset < pci::BAR0_SIZE => rng.mmio_read(offset, data),
-                    _ => data.fill(0xff),
+                if let Some(offset) = in_bar(rng.bar0(), addr) {
+                    rng.mmio_read(offset, data);
+                } else if let Some((b, offset)) = blk
+                    .as_ref()
+                    .and_then(|b| Some((b, in_bar(b.bar0(), addr)?)))
+                {
+                    b.mmio_read(offset, data);
+                } else {
+                    data.fill(0xff);
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
                 mmio_exits += 1;
-                if let Some(offset) = addr.checked_sub(rng.bar0()) {
-                    if offset < pci::BAR0_SIZE {
-                        notify_exits += u64::from(pci::VirtioRng::is_notify(offset));
-                        rng.mmio_write(offset, data);
+                if let Some(offset) = in_bar(rng.bar0(), addr) {
+                    notify_exits += u64::from(rng.is_notify(offset));
+                    rng.mmio_write(offset, data);
+                } else if let Some(b) = blk.as_mut() {
+                    if let Some(offset) = in_bar(b.bar0(), addr) {
+                        notify_exits += u64::from(b.is_notify(offset));
+                        b.mmio_write(offset, data);
                     }
                 }
             }
@@ -529,19 +585,11 @@ fn main() -> Result<(), Error> {
         "linux_vmm: {outcome} after {:.2} s; {io_exits} port exits, {mmio_exits} MMIO exits",
         started.elapsed().as_secs_f64()
     );
-    let stats = rng.stats();
-    let (queue_vector, config_vector, msix) = rng.vectors();
-    eprintln!(
-        "linux_vmm: virtio-rng: features {:#x} (EVENT_IDX {}), kicks {} requests {} bytes {} signals {}; \
-         queue vector {queue_vector}, config vector {config_vector}; MSI-X {msix:?}; \
-         queue-notify exits {notify_exits}",
-        rng.driver_features(),
-        if rng.driver_features() & (1 << 29) != 0 { "negotiated" } else { "not offered" },
-        stats.kicks.load(std::sync::atomic::Ordering::Relaxed),
-        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
-        stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
-        stats.signals.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    report("virtio-rng", &rng);
+    if let Some(blk) = &blk {
+        report("virtio-blk", blk);
+    }
+    eprintln!("linux_vmm: queue-notify exits {notify_exits}");
     if reset {
         Ok(())
     } else {

@@ -1,5 +1,6 @@
 //! PCI for the Linux VMM: configuration mechanism #1 (ports 0xcf8/0xcfc) over bus 0, with a host
-//! bridge at 00:00.0 and a modern virtio-pci entropy device (virtio-rng) at 00:01.0.
+//! bridge at 00:00.0 and modern virtio-pci functions after it: an entropy device (virtio-rng) and
+//! a file-backed block device (virtio-blk).
 //!
 //! The config space and common-configuration glue is written here: no crate provides it. The
 //! notifications are vm-notify's: the queue's notify address is an ioeventfd (`PciNotify`), its
@@ -23,14 +24,17 @@ use vm_notify::Vm;
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 pub const CONFIG_DATA: u16 = 0xcfc;
 
-/// The virtio-rng function's BAR 0: common configuration, ISR, notify region, MSI-X table, PBA.
-pub const BAR0: u64 = 0xe000_0000;
+/// Each function's BAR 0 (the first at `BAR0_BASE`, the next `BAR0_SIZE` above): common
+/// configuration, ISR, device configuration, notify region, MSI-X table, PBA.
+pub const BAR0_BASE: u64 = 0xe000_0000;
 pub const BAR0_SIZE: u64 = 0x4000;
 /// The MMIO window the host bridge declares (ACPI `_CRS`), holding BAR 0.
 pub const MMIO_WINDOW: (u32, u32) = (0xe000_0000, 0xfebf_ffff);
 const COMMON: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
 const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x1400;
+const DEVICE_CFG_LEN: u64 = 0x100;
 const NOTIFY: u64 = 0x2000;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u64 = 0x3000;
@@ -38,22 +42,42 @@ const MSIX_PBA: u64 = 0x3800;
 /// Two vectors: Linux puts the configuration interrupt on one and the queue on the other.
 const VECTORS: usize = 2;
 const QUEUE_MAX: u16 = 256;
-/// VIRTIO_F_VERSION_1: the only feature offered (no EVENT_IDX).
-pub const FEATURES: u64 = 1 << 32;
+/// VIRTIO_F_VERSION_1, offered by every function (EVENT_IDX is not offered).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Where the MSI-X capability sits in config space (message control at +2).
-const MSIX_CAP: usize = 0x74;
+const MSIX_CAP: usize = 0x84;
 
-/// What the entropy device did, counted by its thread.
+/// What a device did, counted by its thread.
 #[derive(Debug, Default)]
-pub struct RngStats {
+pub struct DeviceStats {
     /// Guest notifications read from the kick notifier (after coalescing).
     pub kicks: AtomicU64,
     /// Descriptor chains completed.
     pub requests: AtomicU64,
-    /// Bytes written into guest buffers.
+    /// Bytes moved between the device and guest buffers.
     pub bytes: AtomicU64,
     /// `signal_used` calls (one per wake-up that completed something).
     pub signals: AtomicU64,
+}
+
+/// What a virtio device behind a [`VirtioPci`] function is.
+pub trait VirtioDevice: Send + 'static {
+    /// The virtio device type (4 entropy, 2 block).
+    const TYPE: u16;
+    /// Its name in reports.
+    const NAME: &'static str;
+    /// The features it offers beyond VERSION_1.
+    fn features(&self) -> u64;
+    /// Its device configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Completes one descriptor chain: returns the bytes written into the chain's writable
+    /// buffers (the used length), or `None` to stop.
+    fn complete(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        stats: &DeviceStats,
+    ) -> Option<u32>;
 }
 
 /// The common configuration of the one queue and the device.
@@ -89,8 +113,10 @@ impl Default for Common {
     }
 }
 
-/// The virtio-rng PCI function.
-pub struct VirtioRng {
+/// A modern virtio-pci function serving one queue of device `D`.
+pub struct VirtioPci<D: VirtioDevice> {
+    device: Option<D>,
+    device_config: Vec<u8>,
     config: [u8; 256],
     bar0: u64,
     /// Which BAR 0 dword was last written all-ones (the size probe).
@@ -99,8 +125,10 @@ pub struct VirtioRng {
     notify: PciNotify,
     common: Common,
     mem: GuestMemoryMmap,
-    stats: Arc<RngStats>,
+    stats: Arc<DeviceStats>,
     started: bool,
+    /// The device's features, kept when its thread takes it.
+    offered_at_start: u64,
 }
 
 fn put16(c: &mut [u8], at: usize, v: u16) {
@@ -130,36 +158,40 @@ fn virtio_cap(
     put32(c, at + 12, length as u32);
 }
 
-impl VirtioRng {
-    /// The function, its notify address registered and its vectors made on `vm`.
-    pub fn new(vm: &Vm, mem: GuestMemoryMmap) -> vm_notify::Result<VirtioRng> {
+impl<D: VirtioDevice> VirtioPci<D> {
+    /// The function with its BAR 0 at `bar0`, its notify address registered and its vectors
+    /// made on `vm`.
+    pub fn new(vm: &Vm, mem: GuestMemoryMmap, bar0: u64, device: D) -> vm_notify::Result<Self> {
         let msix = vm.msix(VECTORS)?;
         let layout = PciLayout {
-            notify_base: BAR0 + NOTIFY,
+            notify_base: bar0 + NOTIFY,
             notify_off_multiplier: NOTIFY_MULTIPLIER,
             queue_notify_off: vec![0],
         };
         let notify = vm.virtio_pci(&layout, &msix)?;
         let mut c = [0u8; 256];
         put16(&mut c, 0x00, 0x1af4); // virtio
-        put16(&mut c, 0x02, 0x1040 + 4); // modern, device type 4: entropy
+        put16(&mut c, 0x02, 0x1040 + D::TYPE); // modern virtio, the device type
         put16(&mut c, 0x06, 1 << 4); // status: capabilities list
         c[0x08] = 1; // revision
         c[0x0a] = 0x80; // class: other
         c[0x0b] = 0xff; // (unassigned base class)
         put16(&mut c, 0x2c, 0x1af4);
-        put16(&mut c, 0x2e, 4);
+        put16(&mut c, 0x2e, D::TYPE);
         c[0x34] = 0x40;
         virtio_cap(&mut c, 0x40, 0x50, 16, 1, COMMON, COMMON_LEN);
         virtio_cap(&mut c, 0x50, 0x64, 20, 2, NOTIFY, 0x1000);
         put32(&mut c, 0x50 + 16, NOTIFY_MULTIPLIER);
-        virtio_cap(&mut c, 0x64, MSIX_CAP, 16, 3, ISR, 4);
+        virtio_cap(&mut c, 0x64, 0x74, 16, 3, ISR, 4);
+        virtio_cap(&mut c, 0x74, MSIX_CAP, 16, 4, DEVICE_CFG, DEVICE_CFG_LEN);
         c[MSIX_CAP] = 0x11; // MSI-X, last in the list
         put32(&mut c, MSIX_CAP + 4, MSIX_TABLE as u32); // table, BIR 0
         put32(&mut c, MSIX_CAP + 8, MSIX_PBA as u32); // PBA, BIR 0
-        Ok(VirtioRng {
+        Ok(VirtioPci {
+            device_config: device.config(),
+            device: Some(device),
             config: c,
-            bar0: BAR0,
+            bar0,
             bar0_probe: [false; 2],
             msix,
             notify,
@@ -167,6 +199,7 @@ impl VirtioRng {
             mem,
             stats: Arc::default(),
             started: false,
+            offered_at_start: 0,
         })
     }
 
@@ -187,7 +220,7 @@ impl VirtioRng {
     }
 
     /// What the device thread did.
-    pub fn stats(&self) -> &RngStats {
+    pub fn stats(&self) -> &DeviceStats {
         &self.stats
     }
 
@@ -248,13 +281,18 @@ impl VirtioRng {
         } else if offset < COMMON_LEN {
             let n = data.len().min(8);
             data[..n].copy_from_slice(&self.common_read(offset).to_le_bytes()[..n]);
+        } else if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&offset) {
+            let at = (offset - DEVICE_CFG) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.device_config.get(at + i).copied().unwrap_or(0);
+            }
         }
         // ISR reads 0: the interrupts are MSI-X, never INTx.
     }
 
     /// Whether `offset` in BAR 0 is in the notify region (whose writes are ioeventfds: one that
     /// exits to the VMM is a kick the kernel did not take).
-    pub fn is_notify(offset: u64) -> bool {
+    pub fn is_notify(&self, offset: u64) -> bool {
         (NOTIFY..NOTIFY + 0x1000).contains(&offset)
     }
 
@@ -271,12 +309,23 @@ impl VirtioRng {
         }
     }
 
+    /// Every feature offered.
+    fn offered(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | self
+                .device
+                .as_ref()
+                .map_or(self.offered_at_start, D::features)
+    }
+
     fn common_read(&self, offset: u64) -> u64 {
         let c = &self.common;
         let queue0 = c.queue_select == 0;
         match offset {
             0x00 => c.device_feature_select.into(),
-            0x04 => (FEATURES >> (32 * u64::from(c.device_feature_select.min(2)))) & 0xffff_ffff,
+            0x04 => {
+                (self.offered() >> (32 * u64::from(c.device_feature_select.min(2)))) & 0xffff_ffff
+            }
             0x08 => c.driver_feature_select.into(),
             0x0c => {
                 (c.driver_features >> (32 * u64::from(c.driver_feature_select.min(1))))
@@ -322,15 +371,16 @@ impl VirtioRng {
                 let _ = self.notify.set_queue_vector(0, NO_VECTOR);
             }
             _ => {
+                let offered = self.offered();
                 let c = &mut self.common;
                 match offset {
                     0x00 => c.device_feature_select = value as u32,
                     0x08 => c.driver_feature_select = value as u32,
                     0x0c if c.driver_feature_select == 0 => {
-                        c.driver_features = lo(c.driver_features) & FEATURES
+                        c.driver_features = lo(c.driver_features) & offered
                     }
                     0x0c if c.driver_feature_select == 1 => {
-                        c.driver_features = hi(c.driver_features) & FEATURES
+                        c.driver_features = hi(c.driver_features) & offered
                     }
                     0x14 => c.status = value as u8,
                     0x16 => c.queue_select = value as u16,
@@ -352,13 +402,14 @@ impl VirtioRng {
         if self.started {
             return;
         }
-        let Some(queue) = self.notify.queue(0) else {
+        let (Some(queue), Ok(mut ring)) = (self.notify.queue(0), Queue::new(QUEUE_MAX)) else {
             return;
         };
+        let Some(device) = self.device.take() else {
+            return;
+        };
+        self.offered_at_start = device.features();
         let c = &self.common;
-        let Ok(mut ring) = Queue::new(QUEUE_MAX) else {
-            return;
-        };
         let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
         ring.set_size(c.size);
         let (lo, hi) = split(c.desc);
@@ -369,47 +420,85 @@ impl VirtioRng {
         ring.set_used_ring_address(lo, hi);
         ring.set_ready(true);
         let (mem, stats) = (self.mem.clone(), self.stats.clone());
-        thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || serve(queue, ring, mem, &stats))
-            .expect("spawn the virtio-rng thread");
-        self.started = true;
+        let spawned = thread::Builder::new()
+            .name(D::NAME.into())
+            .spawn(move || serve(device, queue, ring, mem, &stats));
+        self.started = spawned.is_ok();
     }
 }
 
-/// The device thread: each wake-up of the kick notifier, fill every available buffer with
-/// entropy, then signal used buffers once.
-fn serve(queue: VirtQueueNotify, mut ring: Queue, mem: GuestMemoryMmap, stats: &RngStats) {
-    let Ok(mut urandom) = File::open("/dev/urandom") else {
-        return;
-    };
-    let mut buf = vec![0u8; 4096];
+/// The device thread: each wake-up of the kick notifier, complete every available chain, then
+/// signal used buffers once.
+fn serve<D: VirtioDevice>(
+    mut device: D,
+    queue: VirtQueueNotify,
+    mut ring: Queue,
+    mem: GuestMemoryMmap,
+    stats: &DeviceStats,
+) {
     while let Ok(kicks) = queue.kicks().read() {
         stats.kicks.fetch_add(kicks, Ordering::Relaxed);
         let mut used = 0;
         while let Some(chain) = ring.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            let mut len = 0u32;
-            for desc in chain.writable() {
-                let n = (desc.len() as usize).min(buf.len());
-                if urandom.read_exact(&mut buf[..n]).is_err()
-                    || mem.write_slice(&buf[..n], desc.addr()).is_err()
-                {
-                    break;
-                }
-                len += n as u32;
-            }
+            let Some(len) = device.complete(&mem, chain, stats) else {
+                return;
+            };
             if ring.add_used(&mem, head, len).is_err() {
                 return;
             }
             stats.requests.fetch_add(1, Ordering::Relaxed);
-            stats.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
             used += 1;
         }
         if used > 0 {
             stats.signals.fetch_add(1, Ordering::Relaxed);
             let _ = queue.signal_used();
         }
+    }
+}
+
+/// virtio-rng: fills every writable buffer with bytes from the host's /dev/urandom.
+pub struct Rng {
+    urandom: File,
+    buf: Vec<u8>,
+}
+
+impl Rng {
+    pub fn new() -> std::io::Result<Rng> {
+        Ok(Rng {
+            urandom: File::open("/dev/urandom")?,
+            buf: vec![0; 4096],
+        })
+    }
+}
+
+impl VirtioDevice for Rng {
+    const TYPE: u16 = 4;
+    const NAME: &'static str = "virtio-rng";
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn complete(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        stats: &DeviceStats,
+    ) -> Option<u32> {
+        let mut len = 0u32;
+        for desc in chain.writable() {
+            let n = (desc.len() as usize).min(self.buf.len());
+            self.urandom.read_exact(&mut self.buf[..n]).ok()?;
+            mem.write_slice(&self.buf[..n], desc.addr()).ok()?;
+            len += n as u32;
+        }
+        stats.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        Some(len)
     }
 }
 
