@@ -1,7 +1,7 @@
 //! virtio-blk over a host file: reads, writes, flushes and the device ID, 512-byte sectors.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
@@ -17,6 +17,9 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
+/// VIRTIO_BLK_F_SEG_MAX: requests of up to `SEG_MAX` data segments (without it Linux sends one).
+const F_SEG_MAX: u64 = 1 << 2;
+const SEG_MAX: u32 = 126;
 /// VIRTIO_BLK_F_FLUSH: the driver sends flushes, which become `fdatasync` of the file.
 const F_FLUSH: u64 = 1 << 9;
 const ID: &[u8; 20] = b"vm-notify-blk\0\0\0\0\0\0\0";
@@ -25,21 +28,16 @@ const ID: &[u8; 20] = b"vm-notify-blk\0\0\0\0\0\0\0";
 pub struct Blk {
     file: File,
     sectors: u64,
-    buf: Vec<u8>,
 }
 
 impl Blk {
     pub fn new(file: File) -> std::io::Result<Blk> {
         let sectors = file.metadata()?.len() / SECTOR;
-        Ok(Blk {
-            file,
-            sectors,
-            buf: Vec::new(),
-        })
+        Ok(Blk { file, sectors })
     }
 
-    /// Moves one data buffer between the file at `offset` and guest memory; returns the bytes
-    /// written into guest memory.
+    /// Moves one data buffer between the file at `offset` and guest memory, with no copy in
+    /// between; returns the bytes written into guest memory.
     fn data(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -51,21 +49,17 @@ impl Blk {
         if offset + len as u64 > self.sectors * SECTOR {
             return Err(S_IOERR);
         }
-        self.buf.resize(len, 0);
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(|_| S_IOERR)?;
         match kind {
             T_IN if desc.is_write_only() => {
-                self.file
-                    .read_exact_at(&mut self.buf, offset)
-                    .map_err(|_| S_IOERR)?;
-                mem.write_slice(&self.buf, desc.addr())
+                mem.read_exact_volatile_from(desc.addr(), &mut self.file, len)
                     .map_err(|_| S_IOERR)?;
                 Ok(len as u32)
             }
             T_OUT if !desc.is_write_only() => {
-                mem.read_slice(&mut self.buf, desc.addr())
-                    .map_err(|_| S_IOERR)?;
-                self.file
-                    .write_all_at(&self.buf, offset)
+                mem.write_all_volatile_to(desc.addr(), &mut self.file, len)
                     .map_err(|_| S_IOERR)?;
                 Ok(0)
             }
@@ -79,12 +73,15 @@ impl VirtioDevice for Blk {
     const NAME: &'static str = "virtio-blk";
 
     fn features(&self) -> u64 {
-        F_FLUSH
+        F_FLUSH | F_SEG_MAX
     }
 
     fn config(&self) -> Vec<u8> {
-        // capacity, in 512-byte sectors, first.
-        self.sectors.to_le_bytes().to_vec()
+        // capacity (u64, in 512-byte sectors), size_max (u32, unused), seg_max (u32).
+        let mut c = self.sectors.to_le_bytes().to_vec();
+        c.extend_from_slice(&0u32.to_le_bytes());
+        c.extend_from_slice(&SEG_MAX.to_le_bytes());
+        c
     }
 
     fn complete(

@@ -42,8 +42,11 @@ const MSIX_PBA: u64 = 0x3800;
 /// Two vectors: Linux puts the configuration interrupt on one and the queue on the other.
 const VECTORS: usize = 2;
 const QUEUE_MAX: u16 = 256;
-/// VIRTIO_F_VERSION_1, offered by every function (EVENT_IDX is not offered).
+/// VIRTIO_F_VERSION_1, offered by every function.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX, offered by every function: the driver says when it wants an
+/// interrupt (`used_event`), the device when it wants a kick (`avail_event`).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Where the MSI-X capability sits in config space (message control at +2).
 const MSIX_CAP: usize = 0x84;
 
@@ -312,6 +315,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// Every feature offered.
     fn offered(&self) -> u64 {
         VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
             | self
                 .device
                 .as_ref()
@@ -418,6 +422,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         ring.set_avail_ring_address(lo, hi);
         let (lo, hi) = split(c.device);
         ring.set_used_ring_address(lo, hi);
+        ring.set_event_idx(c.driver_features & VIRTIO_RING_F_EVENT_IDX != 0);
         ring.set_ready(true);
         let (mem, stats) = (self.mem.clone(), self.stats.clone());
         let spawned = thread::Builder::new()
@@ -427,8 +432,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 }
 
-/// The device thread: each wake-up of the kick notifier, complete every available chain, then
-/// signal used buffers once.
+/// The device thread: each wake-up of the kick notifier, complete every available chain (with
+/// kicks suppressed meanwhile, when EVENT_IDX was negotiated), then signal used buffers once —
+/// only if the driver asked for an interrupt at this point (`used_event`), with EVENT_IDX.
 fn serve<D: VirtioDevice>(
     mut device: D,
     queue: VirtQueueNotify,
@@ -439,18 +445,29 @@ fn serve<D: VirtioDevice>(
     while let Ok(kicks) = queue.kicks().read() {
         stats.kicks.fetch_add(kicks, Ordering::Relaxed);
         let mut used = 0;
-        while let Some(chain) = ring.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            let Some(len) = device.complete(&mem, chain, stats) else {
-                return;
-            };
-            if ring.add_used(&mem, head, len).is_err() {
+        loop {
+            if ring.disable_notification(&mem).is_err() {
                 return;
             }
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            used += 1;
+            while let Some(chain) = ring.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let Some(len) = device.complete(&mem, chain, stats) else {
+                    return;
+                };
+                if ring.add_used(&mem, head, len).is_err() {
+                    return;
+                }
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                used += 1;
+            }
+            // Kicks back on; a buffer made available meanwhile is served now, not at a kick.
+            match ring.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => return,
+            }
         }
-        if used > 0 {
+        if used > 0 && ring.needs_notification(&mem).unwrap_or(true) {
             stats.signals.fetch_add(1, Ordering::Relaxed);
             let _ = queue.signal_used();
         }
