@@ -46,7 +46,8 @@ impl Blk {
         offset: u64,
     ) -> Result<u32, u8> {
         let len = desc.len() as usize;
-        if offset + len as u64 > self.sectors * SECTOR {
+        let end = offset.checked_add(len as u64).ok_or(S_IOERR)?;
+        if end > self.sectors * SECTOR {
             return Err(S_IOERR);
         }
         self.file
@@ -99,7 +100,8 @@ impl VirtioDevice for Blk {
         let mut moved = 0u64;
         let result = match kind {
             T_IN | T_OUT => {
-                let mut offset = sector * SECTOR;
+                // A sector past the end (or one whose byte offset overflows) is an I/O error.
+                let mut offset = sector.checked_mul(SECTOR).unwrap_or(u64::MAX);
                 let mut r = Ok(());
                 for desc in data {
                     match self.data(mem, kind, desc, offset) {
