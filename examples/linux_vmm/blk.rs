@@ -101,7 +101,7 @@ impl VirtioDevice for Blk {
         let result = match kind {
             T_IN | T_OUT => {
                 // A sector past the end (or one whose byte offset overflows) is an I/O error.
-                let mut offset = sector.checked_mul(SECTOR).unwrap_or(u64::MAX);
+                let mut offset = sector.saturating_mul(SECTOR);
                 let mut r = Ok(());
                 for desc in data {
                     match self.data(mem, kind, desc, offset) {
