@@ -142,7 +142,8 @@ impl VhostUserFrontend {
     }
 
     /// Hands queue `layout.index` to the backend: its size and ring addresses, then `kick`'s
-    /// notifier (a registered ioeventfd) and `call`'s eventfd, then enables it. The frontend owns
+    /// notifier (a registered ioeventfd) and `call`'s eventfd, then enables it, and returns once
+    /// the backend has taken all of it (so a kick right after this is served). The frontend owns
     /// both from now on.
     ///
     /// # Errors
@@ -191,6 +192,14 @@ impl VhostUserFrontend {
             f.set_vring_enable(index, true)
                 .map_err(vhost_err("SET_VRING_ENABLE"))?;
         }
+        // None of these messages has a reply without REPLY_ACK, so the backend may still be
+        // reading them when this returns. A kick that reaches the backend before its
+        // SET_VRING_ENABLE is consumed and dropped, and the driver, which kicked once, waits for
+        // ever (seen with Linux's virtio-rng driver, whose first kick follows the enable at
+        // once). A request with a reply behind them returns only once the backend handled
+        // everything before it.
+        f.get_features()
+            .map_err(vhost_err("GET_FEATURES (barrier after starting the queue)"))?;
         let handed = Handed {
             _kick: Box::new(kick),
             _call: Box::new(call),

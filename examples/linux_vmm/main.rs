@@ -5,7 +5,8 @@
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
-//!     [--disk image] [--cmdline "..." | --append "..."] [--mem-mib 256] [--timeout-s 120]
+//!     [--disk image] [--vhost-rng socket] [--cmdline "..." | --append "..."] [--mem-mib 256] \
+//!     [--timeout-s 120]
 //! ```
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
@@ -84,6 +85,7 @@ struct Args {
     mem_mib: u64,
     timeout: Duration,
     disk: Option<PathBuf>,
+    vhost_rng: Option<PathBuf>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -94,6 +96,7 @@ fn args() -> Result<Args, Error> {
         mem_mib: 256,
         timeout: Duration::from_secs(120),
         disk: None,
+        vhost_rng: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,6 +109,7 @@ fn args() -> Result<Args, Error> {
             "--mem-mib" => a.mem_mib = value()?.parse()?,
             "--timeout-s" => a.timeout = Duration::from_secs(value()?.parse()?),
             "--disk" => a.disk = Some(value()?.into()),
+            "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -333,6 +337,20 @@ fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// A memfd of `size` bytes, for guest memory another process can map.
+fn memfd(size: u64) -> Result<File, Error> {
+    // SAFETY: the name is a NUL-terminated string; memfd_create returns a new descriptor or -1,
+    // which is checked before the descriptor is owned.
+    let fd = unsafe { libc::memfd_create(c"linux_vmm guest memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
 /// The offset of `addr` in the BAR 0 at `bar0`, if it is inside.
 fn in_bar(bar0: u64, addr: u64) -> Option<u64> {
     addr.checked_sub(bar0).filter(|&o| o < pci::BAR0_SIZE)
@@ -398,7 +416,16 @@ fn main() -> Result<(), Error> {
 
     // Memory: one region from 0.
     let mem_size = args.mem_mib << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
+    // With a vhost-user backend, guest memory is a memfd mapped shared, so the backend can map it.
+    let file = match args.vhost_rng {
+        Some(_) => Some(vm_memory::FileOffset::new(memfd(mem_size)?, 0)),
+        None => None,
+    };
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        mem_size as usize,
+        file,
+    )])?;
     let host = mem.get_host_address(GuestAddress(0))?;
     // SAFETY: `host` is the start of a `mem_size` mapping owned by `mem`, which lives until the
     // end of `main`, after the last KVM_RUN.
@@ -473,6 +500,24 @@ fn main() -> Result<(), Error> {
     // PCI: the host bridge, the virtio-rng function (00:01.0) and, with --disk, virtio-blk
     // (00:02.0), each with its own BAR 0.
     let mut rng = pci::VirtioPci::new(&vm, mem.clone(), pci::BAR0_BASE, pci::Rng::new()?)?;
+    if let Some(socket) = &args.vhost_rng {
+        #[cfg(feature = "vhost-user")]
+        {
+            let frontend = vm_notify::vhost_user::VhostUserFrontend::connect(
+                socket,
+                1,
+                &mem,
+                pci::VIRTIO_F_VERSION_1,
+            )?;
+            rng = rng.with_vhost(frontend);
+        }
+        #[cfg(not(feature = "vhost-user"))]
+        return Err(format!(
+            "--vhost-rng {}: build with --features vhost-user",
+            socket.display()
+        )
+        .into());
+    }
     let mut blk = match &args.disk {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -585,7 +630,13 @@ fn main() -> Result<(), Error> {
         "linux_vmm: {outcome} after {:.2} s; {io_exits} port exits, {mmio_exits} MMIO exits",
         started.elapsed().as_secs_f64()
     );
-    report("virtio-rng", &rng);
+    if rng.is_vhost() {
+        eprintln!(
+            "linux_vmm: virtio-rng: served by the vhost-user backend, no VMM thread in the path"
+        );
+    } else {
+        report("virtio-rng", &rng);
+    }
     if let Some(blk) = &blk {
         report("virtio-blk", blk);
     }

@@ -132,6 +132,9 @@ pub struct VirtioPci<D: VirtioDevice> {
     started: bool,
     /// The device's features, kept when its thread takes it.
     offered_at_start: u64,
+    /// When set, an external vhost-user backend serves the queue instead of the device thread.
+    #[cfg(feature = "vhost-user")]
+    vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
 }
 
 fn put16(c: &mut [u8], at: usize, v: u16) {
@@ -203,7 +206,26 @@ impl<D: VirtioDevice> VirtioPci<D> {
             stats: Arc::default(),
             started: false,
             offered_at_start: 0,
+            #[cfg(feature = "vhost-user")]
+            vhost: None,
         })
+    }
+
+    /// Hands the queue to the vhost-user backend behind `frontend` when the driver enables it:
+    /// the queue's own kick ioeventfd and its MSI-X vector's eventfd go to the backend, and no
+    /// VMM thread is in the path. The guest is offered what the frontend negotiated.
+    #[cfg(feature = "vhost-user")]
+    pub fn with_vhost(mut self, frontend: vm_notify::vhost_user::VhostUserFrontend) -> Self {
+        self.vhost = Some(frontend);
+        self
+    }
+
+    /// Whether a vhost-user backend serves the queue.
+    pub fn is_vhost(&self) -> bool {
+        #[cfg(feature = "vhost-user")]
+        return self.vhost.is_some();
+        #[cfg(not(feature = "vhost-user"))]
+        false
     }
 
     /// BAR 0's base now.
@@ -314,6 +336,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     /// Every feature offered.
     fn offered(&self) -> u64 {
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = &self.vhost {
+            return frontend.features() & VIRTIO_F_VERSION_1;
+        }
         VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | self
@@ -409,6 +435,26 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let (Some(queue), Ok(mut ring)) = (self.notify.queue(0), Queue::new(QUEUE_MAX)) else {
             return;
         };
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = self.vhost.as_mut() {
+            let c = &self.common;
+            let vector = self.notify.queue_vector(0).unwrap_or(NO_VECTOR);
+            let Ok(call) = self.msix.handle(vector.into()) else {
+                return;
+            };
+            let layout = vm_notify::virtio::VringLayout {
+                index: 0,
+                size: c.size,
+                desc_table: c.desc,
+                avail_ring: c.driver,
+                used_ring: c.device,
+            };
+            match frontend.start_queue(layout, queue, call) {
+                Ok(()) => self.started = true,
+                Err(e) => eprintln!("linux_vmm: vhost-user start_queue: {e}"),
+            }
+            return;
+        }
         let Some(device) = self.device.take() else {
             return;
         };
