@@ -87,8 +87,10 @@ impl WriteMatch {
     }
 
     /// Checks the match as KVM would, without asking KVM: a datamatch needs a width and must fit
-    /// in it, ports are 16 bits and have no 8-byte writes, and and the range's end
-    /// (`addr + width`, as KVM computes it) must not overflow.
+    /// in it, ports are 16 bits and have no 8-byte writes, and the range's end
+    /// (`addr + width`, as KVM computes it) must not overflow. One rule is stricter than KVM's:
+    /// a port range must end by 0x10000 (KVM would take a 4-byte match at port 0xfffd, which no
+    /// port write can reach).
     ///
     /// # Errors
     ///
