@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     msix.set_enabled(true)?;
     pci.set_queue_vector(0, 0);
 
-    // The device thread: `queue.kicks().read()?` waits for the guest's 2-byte writes of 0 to
+    // The device thread: `queue.kicks().read()?` waits for the guest's notify writes to
     // 0xe000_0000 and returns how many came; after serving the queue, one interrupt.
     let queue = pci.queue(0).ok_or("no queue 0")?;
     assert!(queue.signal_used()?, "vector 0x40 on CPU 0");

@@ -18,6 +18,7 @@ use vm_notify::virtio::{
     MmioDevice, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
 };
 use vm_notify::{Notifier, Vm};
+use vm_notify::{Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -275,13 +276,21 @@ fn virtio_mmio_ack_keeps_the_line_asserted_until_every_bit_is_acknowledged() {
     ack_rules(Policy::Userspace);
 }
 
-/// virtio-pci: notify_off_multiplier 4 and two queues at offsets 0 and 1. Each queue's 2-byte
-/// notify writes reach only its notifier (a write of the wrong queue index at an address reaches
-/// none); queue 0 on vector 0 raises it, queue 1 with NO_VECTOR raises nothing.
-fn pci_addressing(kind: Policy) {
+/// Kicks `pci_notify`'s guest makes on queue 0 and queue 1.
+const PCI_KICKS: [u64; 2] = [30, 20];
+/// High half of a `VIRTIO_F_NOTIFICATION_DATA` notify write: next_wrap set, next_off 3.
+const NEXT: u64 = 0x8003 << 16;
+
+/// virtio-pci with two queues at offsets 0 and 1: with `multiplier` 4 each has its own address,
+/// with 0 they share one. The guest kicks each queue (2-byte writes of its index, or with
+/// `notification_data` 4-byte writes with the next position above the index), and writes an
+/// index no queue has at queue 0's address. Every kick reaches exactly its queue's notifier
+/// (through the ioeventfd, or as an exit the VMM hands to `PciNotify::write`), the stray writes
+/// none; queue 0 on vector 0 raises it, queue 1 with NO_VECTOR raises nothing. Returns the kicks
+/// that exited.
+fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
     const NOTIFY_BASE: u64 = 0xd100_0000;
-    const KICKS: [u64; 2] = [30, 20];
-    const WRONG: u64 = 10;
+    const STRAY: u64 = 10;
     const VECTORS: [u8; 2] = [0x45, 0x46];
     let mut vm = TinyVm::new().unwrap();
     let root = vm.notify().with_policy(kind);
@@ -293,12 +302,24 @@ fn pci_addressing(kind: Policy) {
     vectors.set_enabled(true).unwrap();
     let layout = PciLayout {
         notify_base: NOTIFY_BASE,
-        notify_off_multiplier: 4,
+        notify_off_multiplier: multiplier,
         queue_notify_off: vec![0, 1],
     };
     let notify = Arc::new(root.virtio_pci(&layout, &vectors).unwrap());
+    let step = u64::from(multiplier);
     assert_eq!(notify.notify_address(0), Some(NOTIFY_BASE));
-    assert_eq!(notify.notify_address(1), Some(NOTIFY_BASE + 4));
+    assert_eq!(notify.notify_address(1), Some(NOTIFY_BASE + step));
+    // An address of its own takes any write; a shared one, 2-byte writes of the index.
+    for q in 0..2u16 {
+        let expected = if multiplier > 0 {
+            WriteMatch::mmio(NOTIFY_BASE + step * u64::from(q))
+        } else {
+            WriteMatch::mmio(NOTIFY_BASE)
+                .width(Width::W2)
+                .datamatch(q.into())
+        };
+        assert_eq!(notify.queue_match(q), Some(expected));
+    }
     assert_eq!(notify.set_queue_vector(0, 0), Some(0));
     // A vector the function does not have reads back as NO_VECTOR.
     assert_eq!(notify.set_queue_vector(1, 7), Some(NO_VECTOR));
@@ -310,13 +331,16 @@ fn pci_addressing(kind: Policy) {
     for v in VECTORS {
         p.on_interrupt(v, Eoi::Lapic);
     }
-    for (q, kicks) in KICKS.iter().enumerate() {
+    for (q, kicks) in PCI_KICKS.iter().enumerate() {
         let addr = notify.notify_address(q as u16).unwrap();
-        p.repeat(*kicks, |p| p.mmio_write(addr, q as u64, 2))
-            .unwrap();
+        p.repeat(*kicks, |p| match notification_data {
+            false => p.mmio_write(addr, q as u64, 2),
+            true => p.mmio_write(addr, q as u64 | NEXT, 4),
+        })
+        .unwrap();
     }
-    // Queue 1's index at queue 0's address: no queue's notification.
-    p.repeat(WRONG, |p| p.mmio_write(NOTIFY_BASE, 1, 2))
+    // With an address per queue these are queue 0's kicks; at a shared address, nobody's.
+    p.repeat(STRAY, |p| p.mmio_write(NOTIFY_BASE, 7, 2))
         .unwrap();
     p.signal_host(1).unwrap(); // the device signals both queues
     p.wait_for_interrupt().unwrap();
@@ -326,7 +350,7 @@ fn pci_addressing(kind: Policy) {
     let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
     let (tx, rx) = mpsc::channel();
     let report = vm
-        .start(p, move |e: &GuestExit, _: &mut [u8]| match e {
+        .start(p, move |e: &GuestExit, _: &mut [u8]| match *e {
             GuestExit::PioWrite {
                 port: layout::HOST_PORT,
                 ..
@@ -337,10 +361,13 @@ fn pci_addressing(kind: Policy) {
                 );
                 tx.send(raised).unwrap();
             }
-            GuestExit::MmioWrite { .. } => {
-                let _ = e.dispatch(&dispatcher).unwrap();
+            GuestExit::MmioWrite { addr, data, len } => {
+                if !e.dispatch(&dispatcher).unwrap() {
+                    let bytes = &data.to_le_bytes()[..usize::from(len)];
+                    assert!(vmm.write(addr, bytes).unwrap(), "{e:?} is no notify write");
+                }
             }
-            other => panic!("unexpected exit {other:?}"),
+            ref other => panic!("unexpected exit {other:?}"),
         })
         .unwrap()
         .wait(TIMEOUT)
@@ -353,31 +380,106 @@ fn pci_addressing(kind: Policy) {
             n.try_read().unwrap().done().unwrap_or(0)
         })
         .collect();
-    let unmatched = report.count(|e| {
-        matches!(
-            e,
-            GuestExit::MmioWrite {
-                addr: NOTIFY_BASE,
-                data: 1,
-                ..
-            }
-        )
-    });
+    let exited = |data: u64| {
+        report.count(|e| matches!(e, GuestExit::MmioWrite { data: d, .. } if *d == data))
+    };
+    let kick_exits = exited(0) + exited(1) + exited(NEXT) + exited(1 | NEXT);
+    let stray_exits = exited(7);
     let irqs: Vec<u64> = VECTORS.iter().map(|&v| vm.irq_count(v).unwrap()).collect();
-    eprintln!("{kind:?}: kicks {kicks:?}, unmatched writes {unmatched}, interrupts {irqs:?}");
-    assert_eq!(kicks, KICKS);
+    eprintln!(
+        "{kind:?}, multiplier {multiplier}, NOTIFICATION_DATA {notification_data}: kicks {kicks:?}, \
+         kick exits {kick_exits}, stray exits {stray_exits}, interrupts {irqs:?}"
+    );
+    let queue0 = if multiplier > 0 { STRAY } else { 0 };
+    assert_eq!(kicks, [PCI_KICKS[0] + queue0, PCI_KICKS[1]]);
     assert_eq!(rx.try_recv().unwrap(), (true, false));
     assert_eq!(irqs, [1, 0]);
-    // The wrong-index writes exit on both paths; on the userspace path the matching ones exit
-    // too, at their own addresses, and the dispatcher counts them.
-    assert_eq!(unmatched as u64, WRONG);
+    // A stray write exits unless an any-width ioeventfd in the kernel takes it.
+    let stray_in_kernel = multiplier > 0 && matches!(kind, Policy::Kernel);
+    assert_eq!(stray_exits as u64, if stray_in_kernel { 0 } else { STRAY });
+    kick_exits
+}
+
+/// Kicks on the kernel path never exit where each queue has its own address (the any-width
+/// ioeventfd takes NOTIFICATION_DATA writes too), nor at a shared address without
+/// NOTIFICATION_DATA; with it, a shared address's kicks exit and `PciNotify::write` counts them.
+/// On the userspace path every kick exits. The counts are exact in every case.
+#[test]
+fn virtio_pci_notify_addresses_vectors_and_notification_data() {
+    kvm_test!();
+    let all = PCI_KICKS.iter().sum::<u64>() as usize;
+    for multiplier in [4, 0] {
+        for nd in [false, true] {
+            let kernel_exits = pci_notify(Policy::Kernel, multiplier, nd);
+            let expected = if multiplier == 0 && nd { all } else { 0 };
+            assert_eq!(
+                kernel_exits, expected,
+                "kernel, multiplier {multiplier}, ND {nd}"
+            );
+            assert_eq!(pci_notify(Policy::Userspace, multiplier, nd), all);
+        }
+    }
+}
+
+/// Kicks `mmio_notification_data`'s guest makes per queue as the index alone.
+const PLAIN: u64 = 15;
+
+/// virtio-mmio with `VIRTIO_F_NOTIFICATION_DATA`: kicks on two queues, some as the index alone
+/// (taken by the datamatch ioeventfd on the kernel path) and some with the next position above
+/// the index (no datamatch matches: they exit and `MmioNotify::write` counts them). Every kick
+/// reaches its queue exactly once. Returns (kicks per queue, kicks that exited).
+fn mmio_notification_data(kind: Policy) -> (Vec<u64>, usize) {
+    const WITH_DATA: [u64; 2] = [25, 35];
+    let mut vm = TinyVm::new().unwrap();
+    let (root, notify) = mmio_device(&vm, kind, 2);
+    let mut p = GuestProgram::new().unwrap();
+    for (q, n) in WITH_DATA.iter().enumerate() {
+        p.repeat(PLAIN, |p| {
+            p.mmio_write(BASE + MMIO_QUEUE_NOTIFY, q as u64, 4)
+        })
+        .unwrap();
+        p.repeat(*n, |p| {
+            p.mmio_write(BASE + MMIO_QUEUE_NOTIFY, q as u64 | NEXT, 4)
+        })
+        .unwrap();
+    }
+    p.exit().unwrap();
+    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    let report = vm
+        .start(p, move |e: &GuestExit, data: &mut [u8]| {
+            if !e.dispatch(&dispatcher).unwrap() {
+                assert!(
+                    e.serve_virtio_mmio(&vmm, data).unwrap(),
+                    "unexpected exit {e:?}"
+                );
+            }
+        })
+        .unwrap()
+        .wait(TIMEOUT)
+        .done()
+        .unwrap();
+    let kicks = (0..2)
+        .map(|q| {
+            let queue = notify.queue(q).unwrap();
+            let n: &Notifier = queue.kicks();
+            n.try_read().unwrap().done().unwrap_or(0)
+        })
+        .collect::<Vec<u64>>();
+    let exits = report.count(|e| matches!(e, GuestExit::MmioWrite { .. }));
+    eprintln!("{kind:?}: kicks {kicks:?}, {exits} exited");
+    let expected: Vec<u64> = WITH_DATA.iter().map(|n| n + PLAIN).collect();
+    assert_eq!(kicks, expected);
+    (kicks, exits)
 }
 
 #[test]
-fn virtio_pci_notify_addresses_and_vectors() {
+fn virtio_mmio_takes_notification_data_kicks_through_the_exit_path() {
     kvm_test!();
-    pci_addressing(Policy::Kernel);
-    pci_addressing(Policy::Userspace);
+    let (kicks, exits) = mmio_notification_data(Policy::Kernel);
+    // On the kernel path only the writes carrying more than the index exit.
+    assert_eq!(exits as u64, kicks.iter().sum::<u64>() - 2 * PLAIN);
+    let (kicks, exits) = mmio_notification_data(Policy::Userspace);
+    assert_eq!(exits as u64, kicks.iter().sum::<u64>());
 }
 
 /// More queues than virtio has, and a notify address past the end of the address space, are

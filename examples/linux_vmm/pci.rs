@@ -334,8 +334,13 @@ impl<D: VirtioDevice> VirtioPci<D> {
         (NOTIFY..NOTIFY + 0x1000).contains(&offset)
     }
 
-    /// A guest write in BAR 0 at `offset` (the notify region never exits: it is an ioeventfd).
+    /// A guest write in BAR 0 at `offset`. The notify region is an ioeventfd that takes every
+    /// write; one that came here anyway is handed to `PciNotify::write`, so it still kicks.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        if self.is_notify(offset) {
+            let _ = self.notify.write(self.bar0() + offset, data);
+            return;
+        }
         let mut b = [0u8; 8];
         let n = data.len().min(8);
         b[..n].copy_from_slice(&data[..n]);

@@ -137,6 +137,11 @@ impl Backend {
         &self.dispatcher
     }
 
+    /// Whether `cap` is there to use: KVM has it and this backend has not disabled it.
+    pub fn has(&self, cap: Capability) -> bool {
+        self.gap([cap]).is_none()
+    }
+
     /// The first of `needed` that is disabled on this backend or that KVM lacks.
     fn gap(&self, needed: impl IntoIterator<Item = Capability>) -> Option<Fallback> {
         needed.into_iter().find_map(|cap| {

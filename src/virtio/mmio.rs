@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Queues, VirtQueueNotify, INT_CONFIG, INT_VRING};
+use super::{notified_queue, Queues, VirtQueueNotify, INT_CONFIG, INT_VRING};
 use super::{MMIO_INTERRUPT_ACK, MMIO_INTERRUPT_STATUS, MMIO_QUEUE_NOTIFY};
 use crate::device::GuestInterrupt;
 use crate::error::Result;
@@ -195,7 +195,10 @@ impl MmioNotify {
         let irq = Arc::new(MmioInterrupt::new(line));
         let mut queues = Queues::default();
         for _ in 0..device.queues {
-            let at = WriteMatch::mmio(device.base + MMIO_QUEUE_NOTIFY).width(Width::W4);
+            let index = queues.len();
+            let at = WriteMatch::mmio(device.base + MMIO_QUEUE_NOTIFY)
+                .width(Width::W4)
+                .datamatch(index.into());
             queues.add(backend, at, irq.clone())?;
         }
         Ok(MmioNotify {
@@ -237,17 +240,27 @@ impl MmioNotify {
         true
     }
 
-    /// A guest write at `addr`: acknowledges the written bits for a 4-byte write to `InterruptACK`
-    /// and returns `true`; returns `false` for any other address, for the VMM. (Queue
-    /// notifications do not come here: they are ioeventfds, or the backend's dispatcher.)
+    /// A guest write at `addr` that no registration took. A 4-byte write to `InterruptACK`
+    /// acknowledges the written bits; a 4-byte write to `QueueNotify` is a queue notification
+    /// whose value no datamatch matched — with `VIRTIO_F_NOTIFICATION_DATA` the queue index is
+    /// only its low 16 bits — and adds the kick to that queue. Returns `true` for either (a
+    /// notification for a queue the device lacks is taken and dropped, as the spec lets a device
+    /// do); `false` for any other address, for the VMM.
     ///
     /// # Errors
     ///
-    /// Those of [`MmioInterrupt::ack`].
+    /// Those of [`MmioInterrupt::ack`], and [`Error::Notifier`](crate::Error::Notifier) when the
+    /// kick's notifier write fails.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return Ok(false);
         };
+        if addr == self.base + MMIO_QUEUE_NOTIFY {
+            if let Some(index) = notified_queue(data) {
+                self.queues.kick(index)?;
+            }
+            return Ok(true);
+        }
         if addr != self.base + MMIO_INTERRUPT_ACK {
             return Ok(false);
         }

@@ -18,10 +18,21 @@
 //!   writes of the two registers to [`MmioNotify::read`] / [`MmioNotify::write`]; the device's
 //!   loop passes resample wake-ups to [`MmioInterrupt::on_resample`].
 //! * **virtio-pci** ([`PciNotify`]): each queue's notify address is `notify_base +
-//!   queue_notify_off * notify_off_multiplier` (2-byte writes of the queue index), and each
-//!   queue's interrupt is the MSI-X vector the guest picked in `queue_msix_vector` (`0xFFFF`,
-//!   [`NO_VECTOR`], raises nothing), raised on the function's
-//!   [`MsixVectors`](crate::msix::MsixVectors); the configuration-change vector likewise.
+//!   queue_notify_off * notify_off_multiplier`, and each queue's interrupt is the MSI-X vector
+//!   the guest picked in `queue_msix_vector` (`0xFFFF`, [`NO_VECTOR`], raises nothing), raised on
+//!   the function's [`MsixVectors`](crate::msix::MsixVectors); the configuration-change vector
+//!   likewise. A queue with an address of its own takes any write there, of any width and value
+//!   ([`Width::Any`](crate::Width::Any), no datamatch: KVM's fastest MMIO ioeventfd, and the
+//!   only one that catches `VIRTIO_F_NOTIFICATION_DATA` writes); queues that share an address
+//!   (multiplier 0) are told apart by a 2-byte datamatch on the index.
+//!
+//! **`VIRTIO_F_NOTIFICATION_DATA`** ([`VIRTIO_F_NOTIFICATION_DATA`]): the driver's notify write
+//! becomes 32 bits, the queue index in the low 16 and the next available position above, so a
+//! datamatch on the index misses it and the write exits to the VMM. Both transports take such a
+//! write where it lands — [`MmioNotify::write`] and [`PciNotify::write`] read the queue from its
+//! low 16 bits and add the kick — so no kick is lost whichever features the driver negotiates:
+//! on virtio-pci with an address per queue it never exits; on virtio-mmio, and at a shared
+//! virtio-pci address, each such kick costs an exit.
 //!
 //! Coalescing, as the virtio spec allows it: used-buffer notifications are not counted. On
 //! virtio-mmio a `signal_used` while bit 0 is still set (not yet acknowledged) adds no interrupt;
@@ -55,6 +66,20 @@ pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 /// virtio-pci `queue_msix_vector` / `config_msix_vector` value for "no vector".
 pub const NO_VECTOR: u16 = 0xffff;
+/// `VIRTIO_F_NOTIFICATION_DATA` (feature bit 38): the driver's queue notification is a 32-bit
+/// write of the queue index (low 16 bits) with the next available position above it, not the
+/// index alone.
+pub const VIRTIO_F_NOTIFICATION_DATA: u64 = 1 << 38;
+
+/// The queue a notify write names: its low 16 bits, with `VIRTIO_F_NOTIFICATION_DATA` or without
+/// (without it the write is the index alone). `None` for a write of another size than 2 or 4
+/// bytes.
+fn notified_queue(data: &[u8]) -> Option<u16> {
+    match *data {
+        [a, b] | [a, b, _, _] => Some(u16::from_le_bytes([a, b])),
+        _ => None,
+    }
+}
 
 /// A split virtqueue's layout in guest memory, as the driver configured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +177,7 @@ struct Queues {
 }
 
 impl Queues {
-    /// Registers the next queue's notifications at `at` (datamatch: the queue's index) with
+    /// Registers the next queue's notifications, the guest writes `at` describes, with
     /// `backend`; its used buffers go to `interrupt`.
     fn add(
         &mut self,
@@ -162,11 +187,30 @@ impl Queues {
     ) -> Result<()> {
         let index = self.handles.len() as u16;
         let kicks = Notifier::new(Mode::Counter)?;
-        self.registrations
-            .push(backend.register(at.datamatch(index.into()), &kicks)?);
+        self.registrations.push(backend.register(at, &kicks)?);
         self.handles
             .push(VirtQueueNotify::new(index, kicks, interrupt));
         Ok(())
+    }
+
+    /// A queue notification no registration took, for queue `index`: adds 1 to its kicks, as
+    /// an ioeventfd would have. Returns `false` for a queue that does not exist.
+    fn kick(&self, index: u16) -> Result<bool> {
+        let Some(queue) = self.handles.get(usize::from(index)) else {
+            return Ok(false);
+        };
+        queue.kicks().notify()?;
+        Ok(true)
+    }
+
+    fn write_match(&self, index: u16) -> Option<WriteMatch> {
+        self.registrations
+            .get(usize::from(index))
+            .map(IoEvent::write_match)
+    }
+
+    fn len(&self) -> u16 {
+        self.handles.len() as u16
     }
 
     fn get(&self, index: u16) -> Option<VirtQueueNotify> {

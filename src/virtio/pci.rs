@@ -3,9 +3,11 @@
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use super::{Queues, VirtQueueNotify, NO_VECTOR};
+use std::collections::HashMap;
+
+use super::{notified_queue, Queues, VirtQueueNotify, NO_VECTOR};
 use crate::device::GuestInterrupt;
-use crate::error::{Error, Result};
+use crate::error::{Capability, Error, Result};
 use crate::fallback::{Backend, Placement};
 use crate::kvm::{IoEventAddress, Width, WriteMatch};
 use crate::msix::MsixVectors;
@@ -96,7 +98,8 @@ impl GuestInterrupt for QueueVector {
 /// Dropping it unregisters the notify addresses.
 #[derive(Debug)]
 pub struct PciNotify {
-    layout: PciLayout,
+    /// Each queue's notify address, queue 0 first.
+    addresses: Vec<u64>,
     queues: Queues,
     queue_vectors: Vec<Arc<QueueVector>>,
     config_vector: QueueVector,
@@ -105,9 +108,12 @@ pub struct PciNotify {
 
 impl PciNotify {
     /// Registers one notify address per queue with `backend`: queue `i` at `notify_base +
-    /// queue_notify_off[i] * notify_off_multiplier`, 2-byte writes of `i` (its datamatch, so
-    /// queues may share an address when the multiplier is 0). Every queue and the configuration
-    /// start with [`NO_VECTOR`]; their interrupts are raised on `vectors`.
+    /// queue_notify_off[i] * notify_off_multiplier`. A queue whose address is its own takes any
+    /// write there ([`Width::Any`], no datamatch: the fastest MMIO ioeventfd KVM has, and one
+    /// that `VIRTIO_F_NOTIFICATION_DATA` writes match too); queues sharing an address take 2-byte
+    /// writes of their index (datamatch), as does every queue where KVM lacks
+    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`. Every queue and the configuration start with
+    /// [`NO_VECTOR`]; their interrupts are raised on `vectors`.
     ///
     /// # Errors
     ///
@@ -118,25 +124,64 @@ impl PciNotify {
         if count > usize::from(u16::MAX) {
             return Err(Error::VirtioQueueCount { count });
         }
+        let addresses = layout
+            .queue_notify_off
+            .iter()
+            .map(|&off| layout.address(off))
+            .collect::<Result<Vec<u64>>>()?;
+        let mut sharing: HashMap<u64, usize> = HashMap::new();
+        for &addr in &addresses {
+            *sharing.entry(addr).or_default() += 1;
+        }
+        let any_width = backend.has(Capability::IoEventFdAnyLength);
         let mut queues = Queues::default();
         let mut queue_vectors = Vec::with_capacity(count);
-        for &off in &layout.queue_notify_off {
-            let addr = layout.address(off)?;
+        for (index, &addr) in addresses.iter().enumerate() {
+            let at = if any_width && sharing[&addr] == 1 {
+                WriteMatch::mmio(addr)
+            } else {
+                WriteMatch::mmio(addr)
+                    .width(Width::W2)
+                    .datamatch(index as u64)
+            };
             let vector = Arc::new(QueueVector::new(vectors));
-            queues.add(
-                backend,
-                WriteMatch::mmio(addr).width(Width::W2),
-                vector.clone(),
-            )?;
+            queues.add(backend, at, vector.clone())?;
             queue_vectors.push(vector);
         }
         Ok(PciNotify {
-            layout: layout.clone(),
+            addresses,
             queues,
             queue_vectors,
             config_vector: QueueVector::new(vectors),
             vectors: vectors.clone(),
         })
+    }
+
+    /// The guest writes queue `index`'s registration takes (see [`new`](Self::new)).
+    pub fn queue_match(&self, index: u16) -> Option<WriteMatch> {
+        self.queues.write_match(index)
+    }
+
+    /// A guest write at `addr` that no registration took. A 2- or 4-byte write at a queue's
+    /// notify address naming that queue in its low 16 bits is its notification — with
+    /// `VIRTIO_F_NOTIFICATION_DATA` at an address queues share, the 4-byte value matches no
+    /// datamatch and comes here — and adds the kick. Returns `true` for a write at any queue's
+    /// notify address (one naming another queue is taken and dropped, as the spec lets a device
+    /// do); `false` for any other address, for the VMM.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] when the kick's notifier write fails.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
+        if !self.addresses.contains(&addr) {
+            return Ok(false);
+        }
+        if let Some(index) = notified_queue(data) {
+            if self.addresses.get(usize::from(index)) == Some(&addr) {
+                self.queues.kick(index)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Queue `index`'s notifications, if it exists.
@@ -152,8 +197,7 @@ impl PciNotify {
 
     /// The guest-physical address queue `index` is notified at.
     pub fn notify_address(&self, index: u16) -> Option<u64> {
-        let off = *self.layout.queue_notify_off.get(usize::from(index))?;
-        self.layout.address(off).ok()
+        self.addresses.get(usize::from(index)).copied()
     }
 
     /// The guest's write of `queue_msix_vector` for queue `index`. Returns what the register reads
