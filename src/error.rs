@@ -279,6 +279,15 @@ pub enum Error {
     /// The vhost-user backend closed its connection.
     #[error("the vhost-user backend disconnected")]
     VhostUserDisconnected,
+    /// A split virtqueue's rings could not be read or written (feature `virtio-queue`): the
+    /// step, and what virtio-queue or guest memory said.
+    #[error("virtqueue {op} failed: {reason}")]
+    Virtqueue {
+        /// The step.
+        op: &'static str,
+        /// The error.
+        reason: String,
+    },
     /// More queues than a virtio device can have.
     #[error("a virtio device has at most 65535 queues, not {count}")]
     VirtioQueueCount {

@@ -41,6 +41,8 @@
 
 mod mmio;
 mod pci;
+#[cfg(feature = "virtio-queue")]
+mod serve;
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,6 +55,8 @@ use crate::notifier::{Mode, Notifier};
 
 pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
 pub use pci::{PciLayout, PciNotify, QueueVector};
+#[cfg(feature = "virtio-queue")]
+pub use serve::{QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
 
 /// virtio-mmio `QueueNotify` offset.
 pub const MMIO_QUEUE_NOTIFY: u64 = 0x050;
