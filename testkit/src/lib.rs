@@ -37,7 +37,10 @@ pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN
 pub use program::{AssembledProgram, Eoi, GuestProgram};
 pub use report::{Outcome, RunReport};
 pub use run::Running;
-pub use virtq::{SplitQueue, MAX_BUFFER, MAX_QUEUES, QUEUES_BASE, QUEUE_REGION};
+pub use virtq::{
+    SplitQueue, Suppression, MAX_BATCHES, MAX_BUFFER, MAX_QUEUES, MAX_SIZE, QUEUES_BASE,
+    QUEUE_REGION,
+};
 
 /// Set to `1` to make a missing or unusable `/dev/kvm` fail the tests instead of skipping them.
 pub const REQUIRE_KVM_ENV: &str = "VM_NOTIFY_REQUIRE_KVM";

@@ -10,6 +10,11 @@
 //! element's length, counting mismatches in guest memory ([`SplitQueue::mismatches`]).
 //!
 //! Descriptors are reused in ring order, so at most `size` requests may be outstanding.
+//!
+//! [`GuestProgram::virtq_batches`] is a whole driver loop with notification suppression: batches
+//! of requests at the depths a host-written table says, kicking only when the device asks and
+//! asking for an interrupt only before it sleeps ([`Suppression`]), counting its kicks, sleeps,
+//! and the times the device finished between its asking and its sleeping.
 
 use iced_x86::code_asm::*;
 
@@ -25,6 +30,10 @@ pub const QUEUE_REGION: u64 = 0x1_0000;
 pub const MAX_QUEUES: u16 = 4;
 /// The largest buffer length.
 pub const MAX_BUFFER: u32 = 512;
+/// The largest queue size.
+pub const MAX_SIZE: u16 = 64;
+/// The most batches [`GuestProgram::virtq_batches`] can run (its depth table's length).
+pub const MAX_BATCHES: usize = 0x4000;
 
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
@@ -32,7 +41,29 @@ const LENS: u64 = 0x3000;
 const SUBMITTED: u64 = 0x3800;
 const MISMATCHES: u64 = 0x3808;
 const SLEEPS: u64 = 0x3810;
+const KICKS: u64 = 0x3818;
+const RACES: u64 = 0x3820;
 const BUFFERS: u64 = 0x4000;
+/// One byte per batch: its depth (after `MAX_SIZE` buffers of `MAX_BUFFER` bytes).
+const DEPTHS: u64 = 0xc000;
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` and `VRING_USED_F_NO_NOTIFY`.
+const F_NO_INTERRUPT: u16 = 1;
+const F_NO_NOTIFY: u16 = 1;
+
+/// How the guest's driver suppresses notifications (the virtio spec's split virtqueue rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Suppression {
+    /// None: a kick after every batch, and interrupts always welcome.
+    Off,
+    /// The flags: a kick only while the used ring's `VRING_USED_F_NO_NOTIFY` is clear;
+    /// `VRING_AVAIL_F_NO_INTERRUPT` set except while the driver waits.
+    Flags,
+    /// `VIRTIO_RING_F_EVENT_IDX`: a kick only when `vring_need_event(avail_event, new, old)`;
+    /// `used_event` pointed at the batch's last buffer just before the driver waits, and left
+    /// behind the used index otherwise.
+    EventIdx,
+}
 
 /// `VIRTQ_DESC_F_WRITE`: the device writes the buffer.
 const DESC_F_WRITE: u16 = 2;
@@ -47,15 +78,15 @@ pub struct SplitQueue {
 
 impl SplitQueue {
     /// Queue region `slot` (below [`MAX_QUEUES`]) with `size` descriptors (a power of two up to
-    /// 16), descriptor `i` holding `lengths[i % lengths.len()]` bytes (1 to [`MAX_BUFFER`]).
+    /// [`MAX_SIZE`]), descriptor `i` holding `lengths[i % lengths.len()]` bytes (1 to [`MAX_BUFFER`]).
     ///
     /// # Errors
     ///
     /// [`Error::Memory`] naming what does not fit.
     pub fn new(slot: u16, size: u16, lengths: &[u32]) -> Result<SplitQueue> {
-        if slot >= MAX_QUEUES || !size.is_power_of_two() || size > 16 || lengths.is_empty() {
+        if slot >= MAX_QUEUES || !size.is_power_of_two() || size > MAX_SIZE || lengths.is_empty() {
             return Err(Error::Memory(format!(
-                "queue slot {slot} (below {MAX_QUEUES}), size {size} (a power of two up to 16), {} lengths (at least 1)",
+                "queue slot {slot} (below {MAX_QUEUES}), size {size} (a power of two up to {MAX_SIZE}), {} lengths (at least 1)",
                 lengths.len()
             )));
         }
@@ -137,9 +168,71 @@ impl SplitQueue {
                 vm.write_u64(self.region + ring + off, 0)?;
             }
         }
-        vm.write_u64(self.region + SUBMITTED, 0)?;
-        vm.write_u64(self.region + SLEEPS, 0)?;
-        vm.write_u64(self.region + MISMATCHES, 0)
+        for slot in [SUBMITTED, SLEEPS, MISMATCHES, KICKS, RACES] {
+            vm.write_u64(self.region + slot, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the depth of each batch [`GuestProgram::virtq_batches`] runs: 1 to the queue's
+    /// size, at most [`MAX_BATCHES`] of them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] naming a depth or a count out of range.
+    pub fn write_depths(&self, vm: &TinyVm, depths: &[u8]) -> Result<()> {
+        if depths.len() > MAX_BATCHES {
+            return Err(Error::Memory(format!(
+                "{} batches: at most {MAX_BATCHES}",
+                depths.len()
+            )));
+        }
+        if let Some(&bad) = depths.iter().find(|&&d| d == 0 || u16::from(d) > self.size) {
+            return Err(Error::Memory(format!(
+                "batch depth {bad}: 1 to the queue size, {}",
+                self.size
+            )));
+        }
+        for (i, chunk) in depths.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            vm.write_u64(
+                self.region + DEPTHS + 8 * i as u64,
+                u64::from_le_bytes(word),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The kicks (queue notify writes) the guest made.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`].
+    pub fn kicks(&self, vm: &TinyVm) -> Result<u64> {
+        vm.read_u64(self.region + KICKS)
+    }
+
+    /// The times the guest asked for an interrupt and then, checking the used ring once more
+    /// before sleeping, found its requests done: the device may have raised that interrupt
+    /// anyway, and the guest takes it at its next sleep (where the local APIC may merge it with
+    /// the next one).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`].
+    pub fn races(&self, vm: &TinyVm) -> Result<u64> {
+        vm.read_u64(self.region + RACES)
+    }
+
+    /// Where the driver publishes `used_event` (EVENT_IDX): after the available ring's entries.
+    pub fn used_event(&self) -> u64 {
+        self.avail_ring() + 4 + 2 * u64::from(self.size)
+    }
+
+    /// Where the device publishes `avail_event` (EVENT_IDX): after the used ring's entries.
+    pub fn avail_event(&self) -> u64 {
+        self.used_ring() + 4 + 8 * u64::from(self.size)
     }
 
     /// Requests the guest has submitted so far.
@@ -250,6 +343,153 @@ impl GuestProgram {
         a.inc(qword_ptr(q.region + MISMATCHES))?;
         a.set_label(&mut same)?;
         a.zero_bytes()?;
+        Ok(())
+    }
+
+    /// A whole driver on `q`: `batches` batches, each of the depth
+    /// [`SplitQueue::write_depths`] gave it. A batch makes its buffers available, publishes
+    /// the available index, kicks (writes `notify_value`, `width` bytes, to `notify`) unless
+    /// `mode` lets it skip, then waits until every buffer is used: it asks for an interrupt as
+    /// `mode` says, checks the used ring once more, and sleeps only if buffers are still
+    /// outstanding. Then it checks every used element's length against its descriptor's.
+    /// Counts kicks, sleeps, races and mismatches in the queue's slots. Clobbers `rax`, `rbx`,
+    /// `rcx`, `rdx`, `rsi`, `r8` and `r9`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], [`Error::Width`] for a notify width other than 1, 2 or 4, and
+    /// [`Error::Memory`] for more than [`MAX_BATCHES`] batches.
+    pub fn virtq_batches(
+        &mut self,
+        q: &SplitQueue,
+        batches: usize,
+        notify: (u64, u64, usize),
+        mode: Suppression,
+    ) -> Result<()> {
+        if batches > MAX_BATCHES {
+            return Err(Error::Memory(format!(
+                "{batches} batches: at most {MAX_BATCHES}"
+            )));
+        }
+        let (notify, notify_value, width) = notify;
+        if !matches!(width, 1 | 2 | 4) {
+            return Err(Error::Width(width));
+        }
+        let mask = u32::from(q.size - 1);
+        let (avail, used) = (q.avail_ring(), q.used_ring());
+        let slot = |s: u64| qword_ptr(q.region + s);
+        let a = self.asm();
+        let mut batch = a.create_label();
+        let mut submit = a.create_label();
+        let mut no_kick = a.create_label();
+        let mut wait = a.create_label();
+        let mut raced = a.create_label();
+        let mut done = a.create_label();
+        let mut check = a.create_label();
+        let mut same = a.create_label();
+        // Interrupts unwelcome until the driver waits.
+        match mode {
+            Suppression::Off => {}
+            Suppression::Flags => a.mov(word_ptr(avail), u32::from(F_NO_INTERRUPT))?,
+            Suppression::EventIdx => a.mov(word_ptr(q.used_event()), 0xffffu32)?,
+        }
+        a.xor(ebx, ebx)?;
+        a.set_label(&mut batch)?;
+        // r8: this batch's depth; r9: the available index before it.
+        a.mov(rdx, q.region + DEPTHS)?;
+        a.movzx(r8d, byte_ptr(rdx + rbx))?;
+        a.mov(r9, slot(SUBMITTED))?;
+        a.mov(rcx, r8)?;
+        a.set_label(&mut submit)?;
+        a.mov(rax, slot(SUBMITTED))?;
+        a.mov(edx, eax)?;
+        a.and(edx, mask)?;
+        a.mov(rsi, avail + 4)?;
+        a.mov(word_ptr(rsi + rdx * 2), dx)?;
+        a.inc(rax)?;
+        a.mov(slot(SUBMITTED), rax)?;
+        a.dec(rcx)?;
+        a.jnz(submit)?;
+        a.mov(word_ptr(avail + 2), ax)?;
+        // The index must be visible before the device's wish is read.
+        a.mfence()?;
+        match mode {
+            Suppression::Off => {}
+            Suppression::Flags => {
+                a.test(word_ptr(used), u32::from(F_NO_NOTIFY))?;
+                a.jnz(no_kick)?;
+            }
+            Suppression::EventIdx => {
+                // vring_need_event: (u16)(new - event - 1) < (u16)(new - old).
+                a.movzx(ecx, word_ptr(q.avail_event()))?;
+                a.mov(edx, eax)?;
+                a.sub(edx, ecx)?;
+                a.dec(edx)?;
+                a.and(edx, 0xffffu32)?;
+                a.mov(ecx, eax)?;
+                a.sub(ecx, r9d)?;
+                a.and(ecx, 0xffffu32)?;
+                a.cmp(edx, ecx)?;
+                a.jae(no_kick)?;
+            }
+        }
+        a.inc(slot(KICKS))?;
+        self.mmio_write(notify, notify_value, width)?;
+        let a = self.asm();
+        a.set_label(&mut no_kick)?;
+        a.zero_bytes()?;
+        a.set_label(&mut wait)?;
+        a.movzx(eax, word_ptr(used + 2))?;
+        a.cmp(ax, word_ptr(avail + 2))?;
+        a.je(done)?;
+        match mode {
+            Suppression::Off => {}
+            Suppression::Flags => a.mov(word_ptr(avail), 0u32)?,
+            Suppression::EventIdx => {
+                a.movzx(edx, word_ptr(avail + 2))?;
+                a.dec(edx)?;
+                a.mov(word_ptr(q.used_event()), dx)?;
+            }
+        }
+        a.mfence()?;
+        a.movzx(eax, word_ptr(used + 2))?;
+        a.cmp(ax, word_ptr(avail + 2))?;
+        a.je(raced)?;
+        a.inc(slot(SLEEPS))?;
+        self.wait_for_interrupt()?;
+        let a = self.asm();
+        if mode == Suppression::Flags {
+            a.mov(word_ptr(avail), u32::from(F_NO_INTERRUPT))?;
+        }
+        a.jmp(wait)?;
+        a.set_label(&mut raced)?;
+        a.zero_bytes()?;
+        if mode != Suppression::Off {
+            a.inc(slot(RACES))?;
+        }
+        if mode == Suppression::Flags {
+            a.mov(word_ptr(avail), u32::from(F_NO_INTERRUPT))?;
+        }
+        a.set_label(&mut done)?;
+        // Every used element of the batch: its length against its descriptor's.
+        a.mov(rcx, r9)?;
+        a.set_label(&mut check)?;
+        a.mov(edx, ecx)?;
+        a.and(edx, mask)?;
+        a.mov(rsi, used + 4)?;
+        a.mov(eax, dword_ptr(rsi + rdx * 8))?;
+        a.mov(edx, dword_ptr(rsi + rdx * 8 + 4))?;
+        a.mov(rsi, q.region + LENS)?;
+        a.cmp(edx, dword_ptr(rsi + rax * 8))?;
+        a.je(same)?;
+        a.inc(slot(MISMATCHES))?;
+        a.set_label(&mut same)?;
+        a.inc(rcx)?;
+        a.cmp(rcx, slot(SUBMITTED))?;
+        a.jne(check)?;
+        a.inc(rbx)?;
+        a.cmp(rbx, batches as i32)?;
+        a.jb(batch)?;
         Ok(())
     }
 
