@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
+mod common;
+
+use common::virtio_rng::device_queue;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::virtio::{PciLayout, QueueServer, ServeStats};
 use vm_notify::wait::EventLoop;
@@ -82,16 +84,7 @@ fn run(mode: Suppression) -> Counts {
     q.write_depths(&vm, &depths).unwrap();
 
     // The device: kicks through an event loop, every wake-up one `serve`.
-    let mut ring = Queue::new(SIZE).unwrap();
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (lo, hi) = split(q.desc_table());
-    ring.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(q.avail_ring());
-    ring.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(q.used_ring());
-    ring.set_used_ring_address(lo, hi);
-    ring.set_event_idx(mode == Suppression::EventIdx);
-    ring.set_ready(true);
+    let ring = device_queue(&q, mode == Suppression::EventIdx);
     let mut server = QueueServer::new(pci.queue(0).unwrap(), ring);
     let events = EventLoop::new().unwrap();
     events.add(0, server.notify().kicks()).unwrap();

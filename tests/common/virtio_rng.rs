@@ -84,6 +84,23 @@ impl RngStats {
     }
 }
 
+/// The device's view of a queue the guest laid out with `SplitQueue`: its size and ring
+/// addresses, EVENT_IDX as the driver negotiated it, ready.
+pub fn device_queue(layout: &SplitQueue, event_idx: bool) -> Queue {
+    let mut q = Queue::new(layout.size()).unwrap();
+    q.set_size(layout.size());
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (lo, hi) = split(layout.desc_table());
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(layout.avail_ring());
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(layout.used_ring());
+    q.set_used_ring_address(lo, hi);
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q
+}
+
 /// Token of the interrupt's resample notifier in the device's event loop.
 const RESAMPLE: u64 = u64::MAX - 1;
 
@@ -105,19 +122,7 @@ impl RngDevice {
     ) -> RngDevice {
         let queues: Vec<_> = queues
             .iter()
-            .map(|(notify, layout)| {
-                let mut q = Queue::new(layout.size()).unwrap();
-                q.set_size(layout.size());
-                let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-                let (lo, hi) = split(layout.desc_table());
-                q.set_desc_table_address(lo, hi);
-                let (lo, hi) = split(layout.avail_ring());
-                q.set_avail_ring_address(lo, hi);
-                let (lo, hi) = split(layout.used_ring());
-                q.set_used_ring_address(lo, hi);
-                q.set_ready(true);
-                (notify.clone(), q)
-            })
+            .map(|(notify, layout)| (notify.clone(), device_queue(layout, false)))
             .collect();
         let n = queues.len();
         RngDevice {
