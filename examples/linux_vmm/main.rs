@@ -31,7 +31,7 @@ mod pci;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -46,6 +46,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_notify::fallback::Policy;
+use vm_notify::msix::MsixVectors;
 use vm_notify::{IrqFd, Vm};
 
 type Error = Box<dyn std::error::Error>;
@@ -453,6 +454,60 @@ fn place_bytes(data: &[u8], shift: u32) -> (u32, u32) {
     (u32::from_le_bytes(v) << shift, mask << shift)
 }
 
+/// The console line after which the guest reads its `/proc/interrupts`.
+const SNAPSHOT_MARK: &[u8] = b"L2: interrupts snapshot";
+
+/// Devices whose MSI-X deliveries are noted when the guest announces its interrupt snapshot, and
+/// what was noted. A driver may start a request after the guest's snapshot (virtio-rng refills
+/// its buffer ahead of the reader), so the guest's counts are compared with the deliveries at
+/// that moment, not at the end.
+#[derive(Default)]
+struct Watched {
+    devices: Vec<(&'static str, MsixVectors)>,
+    snapshot: Vec<(&'static str, u64)>,
+}
+
+/// The serial console's output: stdout, watching for `SNAPSHOT_MARK`.
+struct Console {
+    line: Vec<u8>,
+    watched: Arc<Mutex<Watched>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            if b != b'\n' {
+                self.line.push(b);
+                continue;
+            }
+            if self
+                .line
+                .windows(SNAPSHOT_MARK.len())
+                .any(|w| w == SNAPSHOT_MARK)
+            {
+                let mut watched = lock(&self.watched);
+                let snapshot = watched
+                    .devices
+                    .iter()
+                    .map(|(name, msix)| (*name, msix.stats().delivered))
+                    .collect();
+                watched.snapshot = snapshot;
+            }
+            self.line.clear();
+        }
+        io::stdout().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
 /// What a virtio function did, on one line.
 fn report<D: pci::VirtioDevice>(name: &str, f: &pci::VirtioPci<D>) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -563,7 +618,12 @@ fn main() -> Result<(), Error> {
     setup_vcpu(&kvm, &vcpu, loaded.kernel_load.raw_value() + 0x200)?;
 
     // The console: an 8250 on COM1 whose interrupt is an irqfd on GSI 4.
-    let mut serial = vm_superio::Serial::new(SerialIrq(vm.irqfd(COM1_GSI)?), io::stdout());
+    let watched = Arc::new(Mutex::new(Watched::default()));
+    let console = Console {
+        line: Vec::new(),
+        watched: watched.clone(),
+    };
+    let mut serial = vm_superio::Serial::new(SerialIrq(vm.irqfd(COM1_GSI)?), console);
     // PCI: the host bridge, the virtio-rng function (00:01.0) and, with --disk, virtio-blk
     // (00:02.0), each with its own BAR 0.
     let mut rng = pci::VirtioPci::new(&vm, mem.clone(), pci::BAR0_BASE, pci::Rng::new()?)?;
@@ -601,6 +661,15 @@ fn main() -> Result<(), Error> {
         }
         None => None,
     };
+    {
+        let mut watched = lock(&watched);
+        if !rng.is_vhost() {
+            watched.devices.push(("virtio-rng", rng.msix().clone()));
+        }
+        if let Some(blk) = &blk {
+            watched.devices.push(("virtio-blk", blk.msix().clone()));
+        }
+    }
     let mut config_address = 0u32;
 
     eprintln!(
@@ -706,6 +775,11 @@ fn main() -> Result<(), Error> {
     }
     if let Some(blk) = &blk {
         report("virtio-blk", blk);
+    }
+    for (name, delivered) in &lock(&watched).snapshot {
+        eprintln!(
+            "linux_vmm: {name}: {delivered} MSI-X deliveries when the guest announced its interrupt snapshot"
+        );
     }
     eprintln!("linux_vmm: queue-notify exits {notify_exits}");
     if reset {

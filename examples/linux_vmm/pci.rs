@@ -257,6 +257,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
         (queue, self.common.config_vector, self.msix.stats())
     }
 
+    /// The function's MSI-X vectors.
+    pub fn msix(&self) -> &MsixVectors {
+        &self.msix
+    }
+
     /// What the device thread did.
     pub fn stats(&self) -> &DeviceStats {
         &self.stats

@@ -56,7 +56,7 @@ use crate::notifier::{Mode, Notifier};
 pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
 pub use pci::{PciLayout, PciNotify, QueueVector};
 #[cfg(feature = "virtio-queue")]
-pub use serve::{QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
+pub use serve::{Moderation, QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
 
 /// virtio-mmio `QueueNotify` offset.
 pub const MMIO_QUEUE_NOTIFY: u64 = 0x050;

@@ -16,6 +16,16 @@
 //!   kick — is served now instead of stranded until some later kick (the classic lost
 //!   wake-up). [`ServeStats::rechecks`] counts the times that caught one.
 //!
+//! * **Adaptive interrupt moderation**, opt-in per queue ([`QueueServer::moderate`]): while the
+//!   device keeps finding more work in the ring, an interrupt the driver wants is held — until
+//!   `K` are held, or the oldest has waited the budget, or the ring runs dry, whichever comes
+//!   first — and the held ones go as one. `K` adapts, net-DIM style: it doubles each time it is
+//!   reached (completions are streaming) and halves each time the budget runs out first (they
+//!   are not), between 1 and [`Moderation::max_held`]. A completion that leaves the ring empty
+//!   always interrupts at once, so a lone request after idle waits for nothing, and
+//!   [`serve`](QueueServer::serve) never returns holding one: nothing held outlives the call
+//!   that held it, an error included.
+//!
 //! The server does not wait: the device's thread waits however it likes — a blocking read of
 //! [`VirtQueueNotify::kicks`], [`AdaptivePoll::wait`](crate::wait::AdaptivePoll::wait), or an
 //! [`EventLoop`](crate::wait::EventLoop) with many queues — and calls
@@ -58,6 +68,38 @@ use crate::error::{Error, Result};
 /// interrupts.
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
+/// Interrupt moderation for one queue (see the module docs): at most `max_held` used-buffer
+/// interrupts held back, none for longer than `budget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moderation {
+    /// The most interrupts held back before they go as one (`K`'s ceiling; at least 1).
+    pub max_held: u32,
+    /// The longest an interrupt is held back.
+    pub budget: std::time::Duration,
+}
+
+impl Default for Moderation {
+    /// Up to 32 held, for at most 100 µs.
+    fn default() -> Self {
+        Moderation {
+            max_held: 32,
+            budget: std::time::Duration::from_micros(100),
+        }
+    }
+}
+
+/// Moderation's running state.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    config: Moderation,
+    /// The current `K`.
+    target: u32,
+    /// Interrupts held back now.
+    count: u32,
+    /// When the oldest of them was held.
+    since: Option<std::time::Instant>,
+}
+
 /// What a [`QueueServer`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ServeStats {
@@ -72,6 +114,14 @@ pub struct ServeStats {
     /// Times the check after kicks were turned back on found buffers made available meanwhile
     /// (each a lost wake-up averted).
     pub rechecks: u64,
+    /// With moderation: interrupts held back and sent later as part of one.
+    pub held: u64,
+    /// With moderation: held interrupts sent because `K` were held.
+    pub flushed_full: u64,
+    /// With moderation: held interrupts sent because the oldest reached the budget.
+    pub flushed_late: u64,
+    /// With moderation: held interrupts sent because the ring ran dry (or serving stopped).
+    pub flushed_dry: u64,
 }
 
 /// One split virtqueue served with event suppression both ways (see the module docs).
@@ -79,6 +129,7 @@ pub struct QueueServer {
     notify: VirtQueueNotify,
     queue: Queue,
     stats: ServeStats,
+    held: Option<Held>,
 }
 
 impl fmt::Debug for QueueServer {
@@ -89,6 +140,7 @@ impl fmt::Debug for QueueServer {
             .field("next_avail", &self.queue.next_avail())
             .field("next_used", &self.queue.next_used())
             .field("stats", &self.stats)
+            .field("held", &self.held)
             .finish()
     }
 }
@@ -108,7 +160,34 @@ impl QueueServer {
             notify,
             queue,
             stats: ServeStats::default(),
+            held: None,
         }
+    }
+
+    /// Turns adaptive interrupt moderation on (`Some`) or off (`None`) for this queue; `K`
+    /// starts at 1. Turning it off sends what is held.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`VirtQueueNotify::signal_used`], sending what was held.
+    pub fn moderate(&mut self, moderation: Option<Moderation>) -> Result<()> {
+        self.flush(Flush::Dry)?;
+        self.held = moderation.map(|config| Held {
+            config: Moderation {
+                max_held: config.max_held.max(1),
+                ..config
+            },
+            target: 1,
+            count: 0,
+            since: None,
+        });
+        Ok(())
+    }
+
+    /// With moderation, the current `K`: how many interrupts the server holds back before they
+    /// go as one. `None` without moderation.
+    pub fn moderation_target(&self) -> Option<u32> {
+        self.held.map(|h| h.target)
     }
 
     /// The queue's notifications.
@@ -152,13 +231,76 @@ impl QueueServer {
         } else {
             avail_flags(mem, self.queue.avail_ring())? & VRING_AVAIL_F_NO_INTERRUPT == 0
         };
-        if wanted {
-            self.notify.signal_used()?;
-            self.stats.interrupts += 1;
-        } else {
-            self.stats.suppressed += 1;
+        // What is held goes once the oldest is due, wanted or not this time.
+        if let Some(held) = &self.held {
+            if held
+                .since
+                .is_some_and(|since| since.elapsed() >= held.config.budget)
+            {
+                self.flush(Flush::Late)?;
+            }
         }
-        Ok(wanted)
+        if !wanted {
+            self.stats.suppressed += 1;
+            return Ok(false);
+        }
+        let Some(held) = &mut self.held else {
+            self.signal()?;
+            return Ok(true);
+        };
+        // Hold it while more work waits in the ring (the next completion comes without the
+        // driver's help); send at once when this one leaves the ring dry.
+        let more = self
+            .queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(queue_error("avail_idx"))?
+            .0
+            != self.queue.next_avail();
+        held.count += 1;
+        let now = std::time::Instant::now();
+        let since = *held.since.get_or_insert(now);
+        let why = if !more {
+            Flush::Dry
+        } else if held.count >= held.target {
+            Flush::Full
+        } else if now.duration_since(since) >= held.config.budget {
+            Flush::Late
+        } else {
+            self.stats.held += 1;
+            return Ok(false);
+        };
+        self.flush(why)?;
+        Ok(true)
+    }
+
+    /// Sends what moderation holds, if anything, and adapts `K` to why.
+    fn flush(&mut self, why: Flush) -> Result<()> {
+        let Some(held) = &mut self.held else {
+            return Ok(());
+        };
+        if held.count == 0 {
+            return Ok(());
+        }
+        match why {
+            Flush::Full => {
+                held.target = (held.target * 2).min(held.config.max_held);
+                self.stats.flushed_full += 1;
+            }
+            Flush::Late => {
+                held.target = (held.target / 2).max(1);
+                self.stats.flushed_late += 1;
+            }
+            Flush::Dry => self.stats.flushed_dry += 1,
+        }
+        held.count = 0;
+        held.since = None;
+        self.signal()
+    }
+
+    fn signal(&mut self) -> Result<()> {
+        self.notify.signal_used()?;
+        self.stats.interrupts += 1;
+        Ok(())
     }
 
     /// One wake-up's work: turns kicks off, completes every available chain — `complete` fills
@@ -178,13 +320,20 @@ impl QueueServer {
     ) -> Result<u64> {
         self.stats.wakeups += 1;
         let mut served = 0;
-        loop {
-            served += self.drain(mem, &mut complete)?;
-            if !self.rearm(mem)? {
-                return Ok(served);
+        let result = loop {
+            match self.drain(mem, &mut complete) {
+                Ok(n) => served += n,
+                Err(e) => break Err(e),
             }
-            self.stats.rechecks += 1;
-        }
+            match self.rearm(mem) {
+                Ok(true) => self.stats.rechecks += 1,
+                Ok(false) => break Ok(served),
+                Err(e) => break Err(e),
+            }
+        };
+        // Nothing held outlives the call: the ring is dry, or serving stopped.
+        let flushed = self.flush(Flush::Dry);
+        result.and_then(|served| flushed.map(|()| served))
     }
 
     /// Turns kicks off and completes every available chain; returns how many.
@@ -237,6 +386,17 @@ impl QueueServer {
         }
         Ok(served)
     }
+}
+
+/// Why held interrupts are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// `K` were held.
+    Full,
+    /// The oldest reached the budget.
+    Late,
+    /// The ring ran dry, or serving stopped.
+    Dry,
 }
 
 /// The available ring's flags.
@@ -442,6 +602,91 @@ mod tests {
                 "EVENT_IDX {event_idx}: kicks are on again"
             );
         }
+    }
+
+    /// Moderation, a lone request: the ring is dry after it, so it interrupts at once.
+    #[test]
+    fn a_lone_request_interrupts_at_once_under_moderation() {
+        let mut driver = Driver::new(false);
+        let (mut server, irq) = server(&driver);
+        server.moderate(Some(Moderation::default())).unwrap();
+        for round in 1..=3 {
+            driver.submit(1);
+            server.serve(&driver.mem, |_| 64).unwrap();
+            assert_eq!(irq.signals(), round);
+        }
+        assert_eq!(server.stats().held, 0);
+        assert_eq!(server.stats().flushed_dry, 3);
+        assert_eq!(server.moderation_target(), Some(1));
+    }
+
+    /// Moderation under a stream: 40 chains in one wake-up, each wanted by the driver. `K`
+    /// doubles every time it is reached (1, 2, 4, then the ceiling 8: full after chains 1, 3, 7,
+    /// 15, 23, 31 and 39), and the last chain, leaving the ring dry, goes at once: 8 interrupts
+    /// instead of 40, the first after the first chain.
+    #[test]
+    fn moderation_holds_while_work_streams_and_flushes_when_dry() {
+        let mut driver = Driver::new(false);
+        let (mut server, irq) = server(&driver);
+        let moderation = Moderation {
+            max_held: 8,
+            budget: Duration::from_secs(60),
+        };
+        server.moderate(Some(moderation)).unwrap();
+        // Forty buffers, more than the ring holds at once: the ring is refilled as it drains.
+        let mut signals_before = Vec::new();
+        driver.submit(SIZE);
+        let mut left = 40 - SIZE;
+        let mem = driver.mem.clone(); // the same mapping; the closure borrows the driver
+        server
+            .serve(&mem, |_| {
+                signals_before.push(irq.signals());
+                if left > 0 {
+                    left -= 1;
+                    driver.submit(1);
+                }
+                64
+            })
+            .unwrap();
+        assert_eq!(signals_before.len(), 40);
+        let stats = server.stats();
+        assert_eq!(irq.signals(), 8, "{stats:?}");
+        assert_eq!((stats.flushed_full, stats.flushed_dry), (7, 1), "{stats:?}");
+        assert_eq!(
+            signals_before[1], 1,
+            "the first chain's interrupt went at once"
+        );
+        assert_eq!(server.moderation_target(), Some(8));
+        // Off again: every wanted buffer interrupts.
+        server.moderate(None).unwrap();
+        driver.submit(3);
+        server.serve(&driver.mem, |_| 64).unwrap();
+        assert_eq!(irq.signals(), 11);
+    }
+
+    /// Moderation when completions are slow: what is held goes when the oldest reaches the
+    /// budget, and `K` halves, so slow completions are not held waiting for company.
+    #[test]
+    fn moderation_sends_late_and_backs_off() {
+        let mut driver = Driver::new(false);
+        let (mut server, irq) = server(&driver);
+        let moderation = Moderation {
+            max_held: 8,
+            budget: Duration::from_millis(2),
+        };
+        server.moderate(Some(moderation)).unwrap();
+        driver.submit(6);
+        server
+            .serve(&driver.mem, |_| {
+                std::thread::sleep(Duration::from_millis(3));
+                64
+            })
+            .unwrap();
+        let stats = server.stats();
+        assert!(stats.flushed_late >= 1, "{stats:?}");
+        assert!(server.moderation_target().unwrap() <= 2, "{stats:?}");
+        // Nothing is left held: every chain's interrupt went out, at most one per chain.
+        assert!(irq.signals() >= 3 && irq.signals() <= 6, "{stats:?}");
     }
 
     /// A ring outside guest memory is a typed error naming the step, not a panic.

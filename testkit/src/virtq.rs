@@ -63,6 +63,11 @@ pub enum Suppression {
     /// `used_event` pointed at the batch's last buffer just before the driver waits, and left
     /// behind the used index otherwise.
     EventIdx,
+    /// `VIRTIO_RING_F_EVENT_IDX` as Linux's `virtqueue_enable_cb` uses it: before waiting,
+    /// `used_event` is the used index the driver has seen, asking for an interrupt at the next
+    /// used buffer (so a device without moderation interrupts once per buffer used while the
+    /// driver waits). Kicks as [`EventIdx`](Self::EventIdx).
+    EventIdxEach,
 }
 
 /// `VIRTQ_DESC_F_WRITE`: the device writes the buffer.
@@ -384,6 +389,7 @@ impl GuestProgram {
         let mut no_kick = a.create_label();
         let mut wait = a.create_label();
         let mut raced = a.create_label();
+        let mut moved = a.create_label();
         let mut done = a.create_label();
         let mut check = a.create_label();
         let mut same = a.create_label();
@@ -391,7 +397,9 @@ impl GuestProgram {
         match mode {
             Suppression::Off => {}
             Suppression::Flags => a.mov(word_ptr(avail), u32::from(F_NO_INTERRUPT))?,
-            Suppression::EventIdx => a.mov(word_ptr(q.used_event()), 0xffffu32)?,
+            Suppression::EventIdx | Suppression::EventIdxEach => {
+                a.mov(word_ptr(q.used_event()), 0xffffu32)?
+            }
         }
         a.xor(ebx, ebx)?;
         a.set_label(&mut batch)?;
@@ -419,7 +427,7 @@ impl GuestProgram {
                 a.test(word_ptr(used), u32::from(F_NO_NOTIFY))?;
                 a.jnz(no_kick)?;
             }
-            Suppression::EventIdx => {
+            Suppression::EventIdx | Suppression::EventIdxEach => {
                 // vring_need_event: (u16)(new - event - 1) < (u16)(new - old).
                 a.movzx(ecx, word_ptr(q.avail_event()))?;
                 a.mov(edx, eax)?;
@@ -450,17 +458,28 @@ impl GuestProgram {
                 a.dec(edx)?;
                 a.mov(word_ptr(q.used_event()), dx)?;
             }
+            Suppression::EventIdxEach => a.mov(word_ptr(q.used_event()), ax)?,
         }
         a.mfence()?;
-        a.movzx(eax, word_ptr(used + 2))?;
-        a.cmp(ax, word_ptr(avail + 2))?;
-        a.je(raced)?;
+        if mode == Suppression::EventIdxEach {
+            // Asked for an interrupt past the used index it saw: if that index has moved since,
+            // the interrupt may have come and gone before the request; look again instead.
+            a.cmp(ax, word_ptr(used + 2))?;
+            a.jne(moved)?;
+        } else {
+            a.movzx(eax, word_ptr(used + 2))?;
+            a.cmp(ax, word_ptr(avail + 2))?;
+            a.je(raced)?;
+        }
         a.inc(slot(SLEEPS))?;
         self.wait_for_interrupt()?;
         let a = self.asm();
         if mode == Suppression::Flags {
             a.mov(word_ptr(avail), u32::from(F_NO_INTERRUPT))?;
         }
+        a.jmp(wait)?;
+        a.set_label(&mut moved)?;
+        a.inc(slot(RACES))?;
         a.jmp(wait)?;
         a.set_label(&mut raced)?;
         a.zero_bytes()?;
