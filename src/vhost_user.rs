@@ -45,6 +45,8 @@ struct Handed {
 pub struct VhostUserFrontend {
     frontend: Frontend,
     memory: GuestMemoryMmap,
+    /// What the backend offered (`GET_FEATURES`).
+    offered: u64,
     features: u64,
     protocol: Option<VhostUserProtocolFeatures>,
     queues: BTreeMap<u16, Handed>,
@@ -53,6 +55,7 @@ pub struct VhostUserFrontend {
 impl fmt::Debug for VhostUserFrontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VhostUserFrontend")
+            .field("offered", &format_args!("{:#x}", self.offered))
             .field("features", &format_args!("{:#x}", self.features))
             .field("protocol", &self.protocol)
             .field("queues", &self.queues)
@@ -130,6 +133,7 @@ impl VhostUserFrontend {
         Ok(VhostUserFrontend {
             frontend,
             memory: memory.clone(),
+            offered,
             features,
             protocol,
             queues: BTreeMap::new(),
@@ -139,6 +143,26 @@ impl VhostUserFrontend {
     /// The negotiated virtio features.
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// Tells the backend the features the guest's driver accepted (`SET_FEATURES` again): call
+    /// once they are final and before [`start_queue`](Self::start_queue). This is how a backend
+    /// learns whether `VIRTIO_RING_F_EVENT_IDX` is in use, and so whether to read and publish
+    /// the rings' event indexes; features the backend did not offer are dropped, and
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` stays as negotiated at [`connect`](Self::connect).
+    /// Returns the features the backend now has.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::VhostUser`] for a failed `SET_FEATURES`.
+    pub fn set_acked_features(&mut self, acked: u64) -> Result<u64> {
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = (acked & self.offered & !protocol_bit) | (self.features & protocol_bit);
+        self.frontend
+            .set_features(features)
+            .map_err(vhost_err("SET_FEATURES"))?;
+        self.features = features;
+        Ok(features)
     }
 
     /// Hands queue `layout.index` to the backend: its size and ring addresses, then `kick`'s

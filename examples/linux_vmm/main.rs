@@ -1,17 +1,21 @@
 //! A Linux-booting VMM on vm-notify: boots a stock bzImage with an initramfs on one vCPU, with an
-//! 8250 serial console (vm-superio) whose interrupt is a vm-notify irqfd on GSI 4, and a modern
-//! virtio-pci entropy device (`pci.rs`) whose queue notify is an ioeventfd and whose interrupts
-//! are MSI-X vectors, all through vm-notify's `Vm` root. The kernel, the initramfs and the command line are arguments:
+//! 8250 serial console (vm-superio) whose interrupt is a vm-notify irqfd on GSI 4, and modern
+//! virtio-pci entropy and block devices (`pci.rs`, `blk.rs`) whose queue notifies are ioeventfds
+//! and whose interrupts are MSI-X vectors, all through vm-notify's `Vm` root. The kernel, the
+//! initramfs and the command line are arguments:
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
-//!     [--disk image] [--vhost-rng socket] [--cmdline "..." | --append "..."] [--mem-mib 256] \
-//!     [--timeout-s 120]
+//!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
+//!     [--mem-mib 256] [--timeout-s 120]
 //! ```
+//!
+//! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
+//! `vhost-user`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`.
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout; the last lines say how
-//! the run ended, the exits seen, and what the entropy device did (kicks, requests, bytes, MSI-X
+//! the run ended, the exits seen, and what each device did (kicks, requests, bytes, MSI-X
 //! deliveries, queue-notify exits).
 //!
 //! The machine: RAM from 0, ACPI tables (RSDP, XSDT, a hardware-reduced FADT, a DSDT declaring
@@ -87,6 +91,7 @@ struct Args {
     timeout: Duration,
     disk: Option<PathBuf>,
     vhost_rng: Option<PathBuf>,
+    event_idx: bool,
 }
 
 fn args() -> Result<Args, Error> {
@@ -98,6 +103,7 @@ fn args() -> Result<Args, Error> {
         timeout: Duration::from_secs(120),
         disk: None,
         vhost_rng: None,
+        event_idx: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -111,6 +117,7 @@ fn args() -> Result<Args, Error> {
             "--timeout-s" => a.timeout = Duration::from_secs(value()?.parse()?),
             "--disk" => a.disk = Some(value()?.into()),
             "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
+            "--no-event-idx" => a.event_idx = false,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -454,20 +461,21 @@ fn place_bytes(data: &[u8], shift: u32) -> (u32, u32) {
     (u32::from_le_bytes(v) << shift, mask << shift)
 }
 
-/// The console line after which the guest reads its `/proc/interrupts`.
-const SNAPSHOT_MARK: &[u8] = b"L2: interrupts snapshot";
+/// The console lines between which the guest reads its `/proc/interrupts`.
+const SNAPSHOT_BEGINS: &[u8] = b"L2: interrupts snapshot begins";
+const SNAPSHOT_ENDS: &[u8] = b"L2: interrupts snapshot ends";
 
-/// Devices whose MSI-X deliveries are noted when the guest announces its interrupt snapshot, and
-/// what was noted. A driver may start a request after the guest's snapshot (virtio-rng refills
-/// its buffer ahead of the reader), so the guest's counts are compared with the deliveries at
-/// that moment, not at the end.
+/// Devices whose MSI-X deliveries are noted when the guest announces its interrupt snapshot and
+/// when it has taken it. A driver may start a request at any time (virtio-rng refills its
+/// buffer ahead of the reader), so the guest's count is checked to lie between the two.
 #[derive(Default)]
 struct Watched {
     devices: Vec<(&'static str, MsixVectors)>,
-    snapshot: Vec<(&'static str, u64)>,
+    /// Per device: deliveries at the first line, then at the second.
+    snapshot: Vec<(&'static str, u64, Option<u64>)>,
 }
 
-/// The serial console's output: stdout, watching for `SNAPSHOT_MARK`.
+/// The serial console's output: stdout, watching for the snapshot lines.
 struct Console {
     line: Vec<u8>,
     watched: Arc<Mutex<Watched>>,
@@ -484,18 +492,25 @@ impl Write for Console {
                 self.line.push(b);
                 continue;
             }
-            if self
-                .line
-                .windows(SNAPSHOT_MARK.len())
-                .any(|w| w == SNAPSHOT_MARK)
-            {
+            let has = |mark: &[u8]| self.line.windows(mark.len()).any(|w| w == mark);
+            if has(SNAPSHOT_BEGINS) {
                 let mut watched = lock(&self.watched);
                 let snapshot = watched
                     .devices
                     .iter()
-                    .map(|(name, msix)| (*name, msix.stats().delivered))
+                    .map(|(name, msix)| (*name, msix.stats().delivered, None))
                     .collect();
                 watched.snapshot = snapshot;
+            } else if has(SNAPSHOT_ENDS) {
+                let mut watched = lock(&self.watched);
+                let ends: Vec<u64> = watched
+                    .devices
+                    .iter()
+                    .map(|(_, msix)| msix.stats().delivered)
+                    .collect();
+                for (noted, end) in watched.snapshot.iter_mut().zip(ends) {
+                    noted.2 = Some(end);
+                }
             }
             self.line.clear();
         }
@@ -634,7 +649,7 @@ fn main() -> Result<(), Error> {
                 socket,
                 1,
                 &mem,
-                pci::VIRTIO_F_VERSION_1,
+                pci::VIRTIO_F_VERSION_1 | pci::VIRTIO_RING_F_EVENT_IDX,
             )?;
             rng = rng.with_vhost(frontend);
         }
@@ -661,6 +676,10 @@ fn main() -> Result<(), Error> {
         }
         None => None,
     };
+    if !args.event_idx {
+        rng = rng.without_event_idx();
+        blk = blk.map(pci::VirtioPci::without_event_idx);
+    }
     {
         let mut watched = lock(&watched);
         if !rng.is_vhost() {
@@ -767,8 +786,15 @@ fn main() -> Result<(), Error> {
         started.elapsed().as_secs_f64()
     );
     if rng.is_vhost() {
+        let features = rng.driver_features();
         eprintln!(
-            "linux_vmm: virtio-rng: served by the vhost-user backend, no VMM thread in the path"
+            "linux_vmm: virtio-rng: served by the vhost-user backend, no VMM thread in the path; \
+             features {features:#x} (EVENT_IDX {})",
+            if features & pci::VIRTIO_RING_F_EVENT_IDX != 0 {
+                "negotiated"
+            } else {
+                "not negotiated"
+            }
         );
     } else {
         report("virtio-rng", &rng);
@@ -776,9 +802,10 @@ fn main() -> Result<(), Error> {
     if let Some(blk) = &blk {
         report("virtio-blk", blk);
     }
-    for (name, delivered) in &lock(&watched).snapshot {
+    for (name, begins, ends) in &lock(&watched).snapshot {
+        let ends = ends.map_or("?".to_string(), |n| n.to_string());
         eprintln!(
-            "linux_vmm: {name}: {delivered} MSI-X deliveries when the guest announced its interrupt snapshot"
+            "linux_vmm: {name}: MSI-X deliveries around the guest's interrupt snapshot: {begins} before, {ends} after"
         );
     }
     eprintln!("linux_vmm: queue-notify exits {notify_exits}");

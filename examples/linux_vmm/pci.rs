@@ -145,6 +145,8 @@ pub struct VirtioPci<D: VirtioDevice> {
     started: bool,
     /// The device's features, kept when its thread takes it.
     offered_at_start: u64,
+    /// Whether VIRTIO_RING_F_EVENT_IDX is offered.
+    event_idx: bool,
     /// When set, an external vhost-user backend serves the queue instead of the device thread.
     #[cfg(feature = "vhost-user")]
     vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
@@ -219,9 +221,17 @@ impl<D: VirtioDevice> VirtioPci<D> {
             stats: Arc::default(),
             started: false,
             offered_at_start: 0,
+            event_idx: true,
             #[cfg(feature = "vhost-user")]
             vhost: None,
         })
+    }
+
+    /// Offers no VIRTIO_RING_F_EVENT_IDX: the driver kicks and takes interrupts without event
+    /// indexes.
+    pub fn without_event_idx(mut self) -> Self {
+        self.event_idx = false;
+        self
     }
 
     /// Hands the queue to the vhost-user backend behind `frontend` when the driver enables it:
@@ -359,12 +369,17 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     /// Every feature offered.
     fn offered(&self) -> u64 {
+        let event_idx = if self.event_idx {
+            VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
         #[cfg(feature = "vhost-user")]
         if let Some(frontend) = &self.vhost {
-            return frontend.features() & VIRTIO_F_VERSION_1;
+            return frontend.features() & (VIRTIO_F_VERSION_1 | event_idx);
         }
         VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
+            | event_idx
             | self
                 .device
                 .as_ref()
@@ -472,6 +487,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 avail_ring: c.driver,
                 used_ring: c.device,
             };
+            // The backend learns what the driver accepted (EVENT_IDX among it) before the queue.
+            if let Err(e) = frontend.set_acked_features(c.driver_features) {
+                eprintln!("linux_vmm: vhost-user SET_FEATURES: {e}");
+                return;
+            }
             match frontend.start_queue(layout, queue, call) {
                 Ok(()) => self.started = true,
                 Err(e) => eprintln!("linux_vmm: vhost-user start_queue: {e}"),
