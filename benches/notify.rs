@@ -38,7 +38,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit, VcpuFd};
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::{AdaptivePoll, EventLoop};
-use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Attempt, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -427,6 +427,9 @@ enum DeviceWait {
     EventLoop,
     /// `AdaptivePoll::wait`.
     Adaptive,
+    /// Spinning on `Notifier::try_read` and never sleeping: the floor any polling can reach,
+    /// at a whole CPU's cost.
+    BusyPoll,
     /// No device thread: the kick exits and the vCPU thread triggers the irqfd.
     Exit,
 }
@@ -488,6 +491,12 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
             let mut wait_once = || match wait {
                 DeviceWait::Blocking => kicks.read().unwrap(),
                 DeviceWait::Adaptive => poll.wait(&kicks).unwrap(),
+                DeviceWait::BusyPoll => loop {
+                    if let Attempt::Done(n) = kicks.try_read().unwrap() {
+                        break n;
+                    }
+                    std::hint::spin_loop();
+                },
                 DeviceWait::EventLoop => {
                     events.wait(None, &mut fired).unwrap();
                     fired.iter().map(|&(_, n)| n).sum()
@@ -795,6 +804,7 @@ fn main() {
                 ("pingpong/library", DeviceWait::Blocking),
                 ("pingpong/event_loop", DeviceWait::EventLoop),
                 ("pingpong/adaptive", DeviceWait::Adaptive),
+                ("pingpong/busy_poll", DeviceWait::BusyPoll),
                 ("pingpong/exit", DeviceWait::Exit),
             ] {
                 let idle = match wait {
@@ -869,6 +879,14 @@ fn main() {
         (
             "adaptive_poll_vs_blocking",
             r.ratio("pingpong/adaptive", "pingpong/library"),
+        ),
+        (
+            "adaptive_poll_vs_busy_poll",
+            r.ratio("pingpong/adaptive", "pingpong/busy_poll"),
+        ),
+        (
+            "busy_poll_vs_blocking",
+            r.ratio("pingpong/busy_poll", "pingpong/library"),
         ),
         (
             "pingpong_exit_vs_ioevent",

@@ -21,7 +21,13 @@ const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// A run of `REQUESTS` at random depths, which crosses the 16-bit index wrap-around.
 fn run_mode(mode: Suppression, moderation: Option<Moderation>) -> Counts {
-    let c = run(mode, moderation, &random_depths(SEED, REQUESTS), false);
+    let c = run(
+        mode,
+        moderation,
+        &random_depths(SEED, REQUESTS),
+        false,
+        Duration::ZERO,
+    );
     assert!(
         c.requests > 65536,
         "the run must cross the 16-bit wrap-around"

@@ -54,7 +54,7 @@ const F_NO_NOTIFY: u16 = 1;
 /// How the guest's driver suppresses notifications (the virtio spec's split virtqueue rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Suppression {
-    /// None: a kick after every batch, and interrupts always welcome.
+    /// None: a kick for every request, and interrupts always welcome.
     Off,
     /// The flags: a kick only while the used ring's `VRING_USED_F_NO_NOTIFY` is clear;
     /// `VRING_AVAIL_F_NO_INTERRUPT` set except while the driver waits.
@@ -352,10 +352,11 @@ impl GuestProgram {
     }
 
     /// A whole driver on `q`: `batches` batches, each of the depth
-    /// [`SplitQueue::write_depths`] gave it. A batch makes its buffers available, publishes
-    /// the available index, kicks (writes `notify_value`, `width` bytes, to `notify`) unless
-    /// `mode` lets it skip, then waits until every buffer is used: it asks for an interrupt as
-    /// `mode` says, checks the used ring once more, and sleeps only if buffers are still
+    /// [`SplitQueue::write_depths`] gave it. A batch makes its requests available one by one,
+    /// as independent requests come: each is put in the available ring, the index published, and
+    /// a kick made (`notify_value`, `width` bytes, written to `notify`) unless `mode` lets the
+    /// driver skip it. Then it waits until every request is used: it asks for an interrupt as
+    /// `mode` says, checks the used ring once more, and sleeps only if requests are still
     /// outstanding. Then it checks every used element's length against its descriptor's.
     /// Counts kicks, sleeps, races and mismatches in the queue's slots. Clobbers `rax`, `rbx`,
     /// `rcx`, `rdx`, `rsi`, `r8` and `r9`.
@@ -429,11 +430,12 @@ impl GuestProgram {
             a.or(rax, rdx)?;
             a.mov(r10, rax)?;
         }
-        // r8: this batch's depth; r9: the available index before it.
+        // r8: the batch's requests still to make available; r9: the available index before it.
         a.mov(rdx, q.region + DEPTHS)?;
         a.movzx(r8d, byte_ptr(rdx + rbx))?;
         a.mov(r9, slot(SUBMITTED))?;
-        a.mov(rcx, r8)?;
+        // Each request on its own, as independent requests come: made available, the index
+        // published, then a kick unless the device said it needs none.
         a.set_label(&mut submit)?;
         a.mov(rax, slot(SUBMITTED))?;
         a.mov(edx, eax)?;
@@ -442,8 +444,6 @@ impl GuestProgram {
         a.mov(word_ptr(rsi + rdx * 2), dx)?;
         a.inc(rax)?;
         a.mov(slot(SUBMITTED), rax)?;
-        a.dec(rcx)?;
-        a.jnz(submit)?;
         a.mov(word_ptr(avail + 2), ax)?;
         // The index must be visible before the device's wish is read.
         a.mfence()?;
@@ -454,24 +454,20 @@ impl GuestProgram {
                 a.jnz(no_kick)?;
             }
             Suppression::EventIdx | Suppression::EventIdxEach => {
-                // vring_need_event: (u16)(new - event - 1) < (u16)(new - old).
+                // vring_need_event(event, new, old = new - 1): (u16)(new - event - 1) < 1,
+                // that is, the device asked to be kicked once this very index is published.
                 a.movzx(ecx, word_ptr(q.avail_event()))?;
-                a.mov(edx, eax)?;
-                a.sub(edx, ecx)?;
-                a.dec(edx)?;
-                a.and(edx, 0xffffu32)?;
-                a.mov(ecx, eax)?;
-                a.sub(ecx, r9d)?;
-                a.and(ecx, 0xffffu32)?;
-                a.cmp(edx, ecx)?;
-                a.jae(no_kick)?;
+                a.inc(ecx)?;
+                a.cmp(ax, cx)?;
+                a.jne(no_kick)?;
             }
         }
         a.inc(slot(KICKS))?;
         self.mmio_write(notify, notify_value, width)?;
         let a = self.asm();
         a.set_label(&mut no_kick)?;
-        a.zero_bytes()?;
+        a.dec(r8)?;
+        a.jnz(submit)?;
         a.set_label(&mut wait)?;
         a.movzx(eax, word_ptr(used + 2))?;
         a.cmp(ax, word_ptr(avail + 2))?;
