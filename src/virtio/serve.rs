@@ -24,7 +24,9 @@
 //!   are not), between 1 and [`Moderation::max_held`]. A completion that leaves the ring empty
 //!   always interrupts at once, so a lone request after idle waits for nothing, and
 //!   [`serve`](QueueServer::serve) never returns holding one: nothing held outlives the call
-//!   that held it, an error included.
+//!   that held it, an error included. What is held also goes before a chain that would end past
+//!   the budget, its time guessed from the last chain's; there is no timer, so a chain slower
+//!   than the one before can still overrun the budget by the difference.
 //!
 //! The server does not wait: the device's thread waits however it likes — a blocking read of
 //! [`VirtQueueNotify::kicks`], [`AdaptivePoll::wait`](crate::wait::AdaptivePoll::wait), or an
