@@ -260,14 +260,12 @@ impl QueueServer {
             return Ok(false);
         };
         held.count += 1;
-        let now = std::time::Instant::now();
-        let since = *held.since.get_or_insert(now);
+        // (One held past the budget went out at the top of this call.)
+        held.since.get_or_insert_with(std::time::Instant::now);
         let why = if !more {
             Flush::Dry
         } else if held.count >= held.target {
             Flush::Full
-        } else if now.duration_since(since) >= held.config.budget {
-            Flush::Late
         } else {
             self.stats.held += 1;
             return Ok(false);
