@@ -26,6 +26,41 @@ pub const RESUME_SLOT: u64 = 0x9000;
 pub const SAVED_RSP_SLOT: u64 = 0x9008;
 /// 256 `u64` counters, one per interrupt vector, incremented by the kit's handlers.
 pub const IRQ_COUNTS: u64 = 0xa000;
+/// The vCPU's index (0 for the first), written by the host; read by
+/// [`on_vcpu`](super::GuestProgram::on_vcpu).
+pub const VCPU_INDEX_SLOT: u64 = 0x9010;
+
+/// The most vCPUs a [`TinyVm`](super::TinyVm) can have.
+pub const MAX_VCPUS: usize = 8;
+/// Where the per-vCPU copies of the kit's slots ([`RESUME_SLOT`], [`SAVED_RSP_SLOT`],
+/// [`VCPU_INDEX_SLOT`], [`IRQ_COUNTS`]) of vCPUs 1 and up live, [`PERCPU_STRIDE`] bytes each,
+/// between the stack top and the code. The kit's code reaches them through the GS segment,
+/// whose base is [`gs_base`] of the vCPU; vCPU 0's base is 0, so its slots are the ones named
+/// above.
+pub const PERCPU_BASE: u64 = 0x8_0000;
+/// Bytes of per-vCPU slots each vCPU from 1 has.
+pub const PERCPU_STRIDE: u64 = 0x2000;
+/// Bytes of stack each vCPU has, below [`STACK_TOP`] for vCPU 0 and below that for the next.
+pub const STACK_STRIDE: u64 = 0x4000;
+
+/// vCPU `index`'s GS base: the kit's slot addresses plus it are that vCPU's copies.
+pub const fn gs_base(index: usize) -> u64 {
+    if index == 0 {
+        0
+    } else {
+        (PERCPU_BASE + (index as u64 - 1) * PERCPU_STRIDE).wrapping_sub(RESUME_SLOT)
+    }
+}
+
+/// vCPU `index`'s copy of the kit slot at `addr` ([`IRQ_COUNTS`] + 8 × vector, say).
+pub const fn per_vcpu(index: usize, addr: u64) -> u64 {
+    addr.wrapping_add(gs_base(index))
+}
+
+/// vCPU `index`'s initial stack pointer.
+pub const fn stack_top(index: usize) -> u64 {
+    STACK_TOP - index as u64 * STACK_STRIDE
+}
 
 /// The program's own data: [`DATA_SLOTS`] `u64` slots the host can read and write.
 pub const DATA: u64 = 0x1_0000;

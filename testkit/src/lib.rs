@@ -5,7 +5,9 @@
 //! the interrupts the guest's handler counted equal what the device raised.
 //!
 //! * [`TinyVm`]: guest memory (vm-memory), an in-kernel irqchip, a [`vm_notify::Vm`] root,
-//!   one vCPU in long mode with the CPUID KVM supports, run on its own thread.
+//!   one vCPU in long mode with the CPUID KVM supports, run on its own thread; or up to
+//!   eight ([`TinyVm::with_vcpus`]), each with its own local APIC, stack and interrupt counts,
+//!   running the same program ([`GuestProgram::on_vcpu`] gives each its part).
 //! * [`GuestProgram`]: the guest's code, assembled with iced-x86, plus counting interrupt
 //!   handlers, a wait for an interrupt, PIC/LAPIC set-up and ports to talk to the host.
 //! * [`RunReport`]: how the run ended and every exit the kernel did not absorb.

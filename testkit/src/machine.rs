@@ -1,10 +1,11 @@
-//! [`TinyVm`]: the machine — 4 MiB of RAM, an in-kernel irqchip, one vCPU in long mode.
+//! [`TinyVm`]: the machine — 4 MiB of RAM, an in-kernel irqchip, one vCPU (or up to
+//! [`MAX_VCPUS`](crate::layout::MAX_VCPUS)) in long mode.
 
 use std::fmt;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -18,7 +19,6 @@ use vm_notify::Vm;
 use crate::exit::{ExitHandler, GuestExit};
 use crate::layout::{
     self, CODE, CODE_SELECTOR, DATA_SELECTOR, GDT, IDT, IRQ_COUNTS, MEM_SIZE, PD, PDPT, PML4,
-    STACK_TOP,
 };
 use crate::program::{AssembledProgram, GuestProgram};
 use crate::report::RunReport;
@@ -49,6 +49,8 @@ pub struct TinyVm {
     notify: Vm,
     memory: GuestMemoryMmap,
     vcpu: Option<VcpuFd>,
+    /// vCPUs 1 and up ([`with_vcpus`](Self::with_vcpus)), in order.
+    others: Vec<VcpuFd>,
 }
 
 impl fmt::Debug for TinyVm {
@@ -56,6 +58,7 @@ impl fmt::Debug for TinyVm {
         f.debug_struct("TinyVm")
             .field("memory_bytes", &MEM_SIZE)
             .field("notify", &self.notify)
+            .field("vcpus", &(1 + self.others.len()))
             .field("started", &self.vcpu.is_none())
             .finish()
     }
@@ -69,7 +72,28 @@ impl TinyVm {
     ///
     /// [`Error::Kvm`] naming the step that failed (opening `/dev/kvm` first among them).
     pub fn new() -> Result<TinyVm> {
-        TinyVm::build(None)
+        TinyVm::build(None, 1)
+    }
+
+    /// As [`new`](Self::new), with `count` vCPUs (1 to [`MAX_VCPUS`](crate::layout::MAX_VCPUS)),
+    /// all runnable from the start. vCPU `i` has local APIC ID `i` (KVM's default, and CPUID
+    /// says so), its own stack ([`layout::stack_top`]) and its own copies of the kit's slots and
+    /// interrupt counts ([`layout::per_vcpu`], read with [`irq_count_on`](Self::irq_count_on)).
+    /// Every vCPU runs the same program from the start; [`GuestProgram::on_vcpu`] gives each its
+    /// own part. [`start`](Self::start) runs them together, a thread each, sharing the exit
+    /// handler (one exit at a time), and the run ends when every vCPU has ended.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`new`](Self::new), and [`Error::Memory`] for a `count` out of range.
+    pub fn with_vcpus(count: usize) -> Result<TinyVm> {
+        if count == 0 || count > layout::MAX_VCPUS {
+            return Err(Error::Memory(format!(
+                "{count} vCPUs: 1 to {}",
+                layout::MAX_VCPUS
+            )));
+        }
+        TinyVm::build(None, count)
     }
 
     /// As [`new`](Self::new), with guest memory in a memfd mapped shared, so another process
@@ -96,10 +120,10 @@ impl TinyVm {
             step: "size the guest memory memfd",
             source,
         })?;
-        TinyVm::build(Some(vm_memory::FileOffset::new(file, 0)))
+        TinyVm::build(Some(vm_memory::FileOffset::new(file, 0)), 1)
     }
 
-    fn build(file: Option<vm_memory::FileOffset>) -> Result<TinyVm> {
+    fn build(file: Option<vm_memory::FileOffset>, vcpus: usize) -> Result<TinyVm> {
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(0xfffb_d000)
@@ -125,21 +149,55 @@ impl TinyVm {
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         let notify = Vm::new(vm.clone(), Policy::Kernel)?;
 
-        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        let mut all = Vec::with_capacity(vcpus);
+        for index in 0..vcpus {
+            let vcpu = vm
+                .create_vcpu(index as u64)
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&with_apic_id(&cpuid, index as u32))
+                .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            if index > 0 {
+                // An application processor waits for INIT/SIPI unless told it may run.
+                vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+            }
+            all.push(vcpu);
+        }
+        let mut all = all.into_iter();
         let tiny = TinyVm {
             vm,
             notify,
             memory,
-            vcpu: Some(vcpu),
+            vcpu: all.next(),
+            others: all.collect(),
         };
         tiny.write_tables()?;
-        tiny.enter_long_mode()?;
+        if let Some(vcpu) = &tiny.vcpu {
+            tiny.enter_long_mode(vcpu, 0)?;
+        }
+        for (i, vcpu) in tiny.others.iter().enumerate() {
+            tiny.enter_long_mode(vcpu, i + 1)?;
+        }
         Ok(tiny)
+    }
+
+    /// How many vCPUs the machine has.
+    pub fn vcpus(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// How many times the guest's handler for `vector` ran on vCPU `index`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Memory`] only if guest memory is broken.
+    pub fn irq_count_on(&self, index: usize, vector: u8) -> Result<u64> {
+        self.read_u64(layout::per_vcpu(index, IRQ_COUNTS + 8 * u64::from(vector)))
     }
 
     /// The VM descriptor, for registrations ([`IoEvent::register`](vm_notify::IoEvent::register)).
@@ -211,29 +269,52 @@ impl TinyVm {
     /// assembling, [`Error::Kvm`] when the vCPU thread cannot be set up.
     pub fn start(&mut self, program: GuestProgram, handler: impl ExitHandler) -> Result<Running> {
         let assembled = program.assemble()?;
-        let mut vcpu = self.vcpu.take().ok_or(Error::AlreadyStarted)?;
+        let vcpu = self.vcpu.take().ok_or(Error::AlreadyStarted)?;
         self.load(&assembled)?;
         install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let thread = {
-            let stop = stop.clone();
-            let memory = self.memory.clone();
-            let vm = self.vm.clone();
-            thread::Builder::new()
-                .name("tiny-vcpu".into())
-                .spawn(move || {
-                    let report = run_loop(&mut vcpu, &stop, handler);
-                    // The VM, its memory and the vCPU go away only after the run.
-                    drop((vcpu, memory, vm));
-                    let _ = tx.send(report);
-                })
-                .map_err(|e| Error::Kvm {
-                    step: "spawn the vCPU thread",
-                    source: e,
-                })?
-        };
-        Ok(Running { thread, stop, rx })
+        let others = std::mem::take(&mut self.others);
+        if others.is_empty() {
+            let thread = self.spawn_vcpu(vcpu, 0, handler, &stop, tx)?;
+            return Ok(Running {
+                threads: vec![thread],
+                stop,
+                rx,
+            });
+        }
+        // Every vCPU's thread hands its exits to the one handler, one at a time.
+        let shared = Shared(Arc::new(Mutex::new(handler)));
+        let mut threads = Vec::with_capacity(1 + others.len());
+        for (index, vcpu) in std::iter::once(vcpu).chain(others).enumerate() {
+            threads.push(self.spawn_vcpu(vcpu, index, shared.clone(), &stop, tx.clone())?);
+        }
+        Ok(Running { threads, stop, rx })
+    }
+
+    fn spawn_vcpu(
+        &self,
+        mut vcpu: VcpuFd,
+        index: usize,
+        handler: impl ExitHandler,
+        stop: &Arc<AtomicBool>,
+        tx: mpsc::Sender<RunReport>,
+    ) -> Result<thread::JoinHandle<()>> {
+        let stop = stop.clone();
+        let memory = self.memory.clone();
+        let vm = self.vm.clone();
+        thread::Builder::new()
+            .name(format!("tiny-vcpu{index}"))
+            .spawn(move || {
+                let report = run_loop(&mut vcpu, &stop, handler);
+                // The VM, its memory and the vCPU go away only after the run.
+                drop((vcpu, memory, vm));
+                let _ = tx.send(report);
+            })
+            .map_err(|e| Error::Kvm {
+                step: "spawn the vCPU thread",
+                source: e,
+            })
     }
 
     /// Loads `program` and hands the vCPU over, for a caller that runs `KVM_RUN` itself — a
@@ -305,8 +386,11 @@ impl TinyVm {
         Ok(())
     }
 
-    fn enter_long_mode(&self) -> Result<()> {
-        let vcpu = self.vcpu.as_ref().ok_or(Error::AlreadyStarted)?;
+    fn enter_long_mode(&self, vcpu: &VcpuFd, index: usize) -> Result<()> {
+        self.write_u64(
+            layout::per_vcpu(index, layout::VCPU_INDEX_SLOT),
+            index as u64,
+        )?;
         let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
         let code = kvm_segment {
             base: 0,
@@ -334,7 +418,12 @@ impl TinyVm {
         sregs.ds = data;
         sregs.es = data;
         sregs.fs = data;
-        sregs.gs = data;
+        // The kit's slots of this vCPU (its resume point, stack pointer, interrupt counts) are
+        // reached through GS.
+        sregs.gs = kvm_segment {
+            base: layout::gs_base(index),
+            ..data
+        };
         sregs.ss = data;
         sregs.tr = kvm_segment {
             selector: 0x18,
@@ -357,9 +446,39 @@ impl TinyVm {
             .map_err(Error::kvm("KVM_SET_SREGS"))?;
         let mut regs = vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
         regs.rip = CODE;
-        regs.rsp = STACK_TOP;
+        regs.rsp = layout::stack_top(index);
         regs.rflags = 2;
         vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
         Ok(())
+    }
+}
+
+/// `cpuid` with `apic_id` as the initial APIC ID (leaf 1, EBX bits 31–24) and x2APIC ID
+/// (leaf 0xB, EDX).
+fn with_apic_id(cpuid: &kvm_bindings::CpuId, apic_id: u32) -> kvm_bindings::CpuId {
+    let mut out = cpuid.clone();
+    for entry in out.as_mut_slice() {
+        match entry.function {
+            1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (apic_id << 24),
+            0xb => entry.edx = apic_id,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One exit handler for every vCPU thread, called one exit at a time.
+struct Shared<H>(Arc<Mutex<H>>);
+
+impl<H> Clone for Shared<H> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<H: ExitHandler> ExitHandler for Shared<H> {
+    fn handle(&mut self, exit: &GuestExit, reply: &mut [u8]) {
+        let mut handler = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        handler.handle(exit, reply);
     }
 }

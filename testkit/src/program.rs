@@ -21,7 +21,7 @@ use iced_x86::BlockEncoderOptions;
 
 use super::layout::{
     data_slot, CODE, CODE_MAX, DONE_PORT, HOST_PORT, IOAPIC, IRQ_COUNTS, LAPIC, RESUME_SLOT,
-    SAVED_RSP_SLOT, UNEXPECTED_VECTOR_PORT,
+    SAVED_RSP_SLOT, UNEXPECTED_VECTOR_PORT, VCPU_INDEX_SLOT,
 };
 use super::{Error, Result};
 
@@ -162,9 +162,9 @@ impl GuestProgram {
         body: impl FnOnce(&mut CodeAssembler) -> Result<()>,
     ) -> Result<()> {
         let mut resume = self.asm.create_label();
-        self.asm.mov(qword_ptr(SAVED_RSP_SLOT), rsp)?;
+        self.asm.mov(qword_ptr(SAVED_RSP_SLOT).gs(), rsp)?;
         self.asm.lea(rax, ptr(resume))?;
-        self.asm.mov(qword_ptr(RESUME_SLOT), rax)?;
+        self.asm.mov(qword_ptr(RESUME_SLOT).gs(), rax)?;
         self.emit_before_sti()?;
         self.asm.sti()?;
         body(&mut self.asm)?;
@@ -212,15 +212,37 @@ impl GuestProgram {
         });
         let count = IRQ_COUNTS + 8 * u64::from(marker);
         let mut again = self.asm.create_label();
-        self.asm.mov(r13, qword_ptr(count))?;
+        self.asm.mov(r13, qword_ptr(count).gs())?;
         // ICR low: fixed delivery, level assert, destination shorthand "self".
         self.asm.mov(rax, LAPIC + 0x300)?;
         self.asm
             .mov(dword_ptr(rax), (1u32 << 18) | (1 << 14) | u32::from(marker))?;
         self.asm.set_label(&mut again)?;
         self.wait_for_interrupt()?;
-        self.asm.cmp(qword_ptr(count), r13)?;
+        self.asm.cmp(qword_ptr(count).gs(), r13)?;
         self.asm.je(again)?;
+        Ok(())
+    }
+
+    /// Emits `body` for vCPU `index` alone: the other vCPUs of a
+    /// [`TinyVm::with_vcpus`](super::TinyVm::with_vcpus) machine skip it (every vCPU runs the
+    /// same program, from the start). Clobbers nothing but what `body` does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`], and those of `body`.
+    pub fn on_vcpu(
+        &mut self,
+        index: usize,
+        body: impl FnOnce(&mut GuestProgram) -> Result<()>,
+    ) -> Result<()> {
+        let mut skip = self.asm.create_label();
+        self.asm
+            .cmp(qword_ptr(VCPU_INDEX_SLOT).gs(), index as i32)?;
+        self.asm.jne(skip)?;
+        body(self)?;
+        self.asm.set_label(&mut skip)?;
+        self.asm.zero_bytes()?;
         Ok(())
     }
 
@@ -494,7 +516,7 @@ impl GuestProgram {
 
     fn emit_handler(&mut self, vector: u8, h: Handler) -> Result<()> {
         let a = &mut self.asm;
-        a.inc(qword_ptr(IRQ_COUNTS + 8 * u64::from(vector)))?;
+        a.inc(qword_ptr(IRQ_COUNTS + 8 * u64::from(vector)).gs())?;
         if let Some(body) = h.body {
             body(a)?;
         }
@@ -513,8 +535,8 @@ impl GuestProgram {
             }
         }
         // Drop the interrupt frame and go back to the wait that took the interrupt.
-        a.mov(rsp, qword_ptr(SAVED_RSP_SLOT))?;
-        a.jmp(qword_ptr(RESUME_SLOT))?;
+        a.mov(rsp, qword_ptr(SAVED_RSP_SLOT).gs())?;
+        a.jmp(qword_ptr(RESUME_SLOT).gs())?;
         Ok(())
     }
 

@@ -14,46 +14,75 @@ use crate::layout::{DONE_PORT, UNEXPECTED_VECTOR_PORT};
 use crate::report::{Outcome, RunReport};
 use crate::{Error, Result};
 
-/// A program running on its vCPU thread.
+/// A program running on its vCPU threads (one per vCPU).
 #[derive(Debug)]
 pub struct Running {
-    pub(crate) thread: JoinHandle<()>,
+    pub(crate) threads: Vec<JoinHandle<()>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) rx: mpsc::Receiver<RunReport>,
 }
 
 impl Running {
-    /// Waits for the program to end, at most `timeout`; then stops the vCPU and reports
-    /// [`Outcome::TimedOut`]. The timeout only guards against a hang: pick it generously.
+    /// Waits for the program to end on every vCPU, at most `timeout`; then stops the vCPUs and
+    /// reports [`Outcome::TimedOut`]. The timeout only guards against a hang: pick it
+    /// generously. With several vCPUs the report is theirs together: done when every vCPU
+    /// was, the first fault otherwise, every vCPU's exits (vCPU by vCPU, in the order they
+    /// ended), and the longest run's time.
     pub fn wait(self, timeout: Duration) -> RunReport {
-        if let Ok(report) = self.rx.recv_timeout(timeout) {
-            let _ = self.thread.join();
-            return report;
+        let deadline = Instant::now() + timeout;
+        let mut reports = Vec::with_capacity(self.threads.len());
+        while reports.len() < self.threads.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(report) => reports.push(report),
+                Err(_) => break,
+            }
         }
-        self.stop.store(true, Ordering::SeqCst);
-        // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
-        let report = loop {
-            let _ = self.thread.kill(kick_signal());
-            if let Ok(report) = self.rx.recv_timeout(Duration::from_millis(5)) {
-                break report;
+        let timed_out = reports.len() < self.threads.len();
+        if timed_out {
+            self.stop.store(true, Ordering::SeqCst);
+            // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
+            while reports.len() < self.threads.len() {
+                for thread in &self.threads {
+                    let _ = thread.kill(kick_signal());
+                }
+                if let Ok(report) = self.rx.recv_timeout(Duration::from_millis(5)) {
+                    reports.push(report);
+                    continue;
+                }
+                if self.threads.iter().all(|t| t.is_finished()) {
+                    while let Ok(report) = self.rx.try_recv() {
+                        reports.push(report);
+                    }
+                    if reports.len() < self.threads.len() {
+                        reports.push(RunReport {
+                            outcome: Outcome::Fault("vCPU thread ended without a report".into()),
+                            exits: Vec::new(),
+                            elapsed: Duration::ZERO,
+                        });
+                    }
+                }
             }
-            if self.thread.is_finished() {
-                break RunReport {
-                    outcome: Outcome::Fault("vCPU thread ended without a report".into()),
-                    exits: Vec::new(),
-                    elapsed: Duration::ZERO,
-                };
-            }
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        let mut merged = RunReport {
+            outcome: Outcome::Done,
+            exits: Vec::new(),
+            elapsed: Duration::ZERO,
         };
-        let _ = self.thread.join();
-        RunReport {
-            outcome: if report.outcome == Outcome::Done {
-                Outcome::Done
-            } else {
-                Outcome::TimedOut
-            },
-            ..report
+        for report in reports {
+            if merged.outcome == Outcome::Done && report.outcome != Outcome::Done {
+                merged.outcome = report.outcome;
+            }
+            merged.exits.extend(report.exits);
+            merged.elapsed = merged.elapsed.max(report.elapsed);
         }
+        if timed_out && merged.outcome != Outcome::Done {
+            merged.outcome = Outcome::TimedOut;
+        }
+        merged
     }
 }
 

@@ -1,0 +1,220 @@
+//! SMP: a tiny VM with four vCPUs (local APIC IDs 0 to 3), each with its own MSI-X vector
+//! addressed to it (physical destination mode). Each vCPU kicks its own queue (an ioeventfd at
+//! its own address) and waits for its interrupt; one device thread serves the four queues and
+//! raises the kicking vCPU's vector. Every vCPU counts what it took in its own interrupt
+//! counters: exactly its rounds, of its own vector, and nothing of the others'.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use iced_x86::code_asm::qword_ptr;
+use vm_memory::{Bytes, GuestAddress};
+use vm_notify::kvm::{MsiMessage, WriteMatch};
+use vm_notify::wait::{EventLoop, Wake};
+use vm_notify::{Mode, Notifier};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const VCPUS: usize = 4;
+const ROUNDS: u64 = 500;
+const NOTIFY: u64 = 0xd200_0000;
+/// vCPU `i` takes vector `VECTOR + i`.
+const VECTOR: u8 = 0x50;
+
+#[test]
+fn msix_vectors_reach_the_vcpu_each_is_addressed_to() {
+    kvm_test!();
+    let mut vm = TinyVm::with_vcpus(VCPUS).unwrap();
+    let root = vm.notify();
+    let msix = root.msix(VCPUS).unwrap();
+    for i in 0..VCPUS {
+        // Physical destination: local APIC ID i, which is vCPU i.
+        msix.set_message(i, MsiMessage::x86(i as u8, VECTOR + i as u8))
+            .unwrap();
+        msix.set_masked(i, false).unwrap();
+    }
+    msix.set_enabled(true).unwrap();
+    let kicks: Vec<Notifier> = (0..VCPUS)
+        .map(|_| Notifier::new(Mode::Counter).unwrap())
+        .collect();
+    let _registrations: Vec<_> = kicks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            root.ioevent(WriteMatch::mmio(NOTIFY + 8 * i as u64), n)
+                .unwrap()
+        })
+        .collect();
+
+    // The device: one thread, four queues; a kick from vCPU i raises vector i.
+    let events = EventLoop::new().unwrap();
+    for (i, n) in kicks.iter().enumerate() {
+        events.add(i as u64, n).unwrap();
+    }
+    let stop = events.stop_handle();
+    let vectors = msix.clone();
+    let device = thread::spawn(move || {
+        let mut served = [0u64; VCPUS];
+        let mut ready = Vec::new();
+        while events.wait(None, &mut ready).unwrap() == Wake::Ready {
+            for &(queue, count) in &ready {
+                served[queue as usize] += count;
+                vectors.raise(queue as usize).unwrap();
+            }
+        }
+        served
+    });
+
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    for i in 0..VCPUS {
+        p.on_interrupt(VECTOR + i as u8, Eoi::Lapic);
+    }
+    for i in 0..VCPUS {
+        p.on_vcpu(i, |p| {
+            p.repeat(ROUNDS, |p| {
+                p.kick_and_wait(NOTIFY + 8 * i as u64, i as u32, None)
+            })
+        })
+        .unwrap();
+    }
+    p.exit().unwrap();
+    let report = vm.run(p, TIMEOUT).unwrap();
+    stop.stop().unwrap();
+    let served = device.join().unwrap();
+    report.done().unwrap();
+
+    let counts: Vec<Vec<u64>> = (0..VCPUS)
+        .map(|cpu| {
+            (0..VCPUS)
+                .map(|v| vm.irq_count_on(cpu, VECTOR + v as u8).unwrap())
+                .collect()
+        })
+        .collect();
+    eprintln!(
+        "kicks served per queue {served:?}; interrupts per vCPU (rows) and vector {counts:?}; {:?}",
+        msix.stats()
+    );
+    for (cpu, row) in counts.iter().enumerate() {
+        for (v, &n) in row.iter().enumerate() {
+            let expected = if cpu == v { ROUNDS } else { 0 };
+            assert_eq!(n, expected, "vCPU {cpu}, vector {v}");
+        }
+    }
+    assert_eq!(served, [ROUNDS; VCPUS]);
+}
+
+/// Retargeting under fire: one MSI-X vector, raised one interrupt at a time as fast as the
+/// guest takes them, while another host thread moves its destination between vCPU 0 and vCPU 1
+/// as fast as it can. Both vCPUs sleep waiting for it; whichever takes a raise counts it (its
+/// own counter, and a shared one with a locked add). The device raises the next only once the
+/// shared count shows the last one taken, so no two raises can merge: every raise must be taken
+/// exactly once, by one vCPU — a lost one stalls the run (the timeout), a doubled one shows as a
+/// shared count above the raises.
+#[test]
+fn a_vector_moved_between_vcpus_while_raised_delivers_every_raise_once() {
+    kvm_test!();
+    const RAISES: u64 = 3000;
+    const MOVING: u8 = 0x60;
+    /// Wakes each vCPU at the end (routed to each, one route per vCPU).
+    const WAKE: u8 = 0x70;
+    const TOTAL: usize = 0; // data slot: deliveries of MOVING on any vCPU
+    const FINISHED: usize = 1; // data slot: set by the host when the raises are done
+    const READY: usize = 2; // data slot: vCPUs whose local APIC is enabled (an interrupt sent
+                            // to a software-disabled one is dropped)
+    let mut vm = TinyVm::with_vcpus(2).unwrap();
+    let root = vm.notify();
+    let msix = root.msix(1).unwrap();
+    msix.set_message(0, MsiMessage::x86(0, MOVING)).unwrap();
+    msix.set_masked(0, false).unwrap();
+    msix.set_enabled(true).unwrap();
+    let wakes: Vec<_> = (0..2u8)
+        .map(|cpu| {
+            let gsi = root.route_msi(MsiMessage::x86(cpu, WAKE)).unwrap();
+            root.irqfd(gsi).unwrap()
+        })
+        .collect();
+
+    let total = vm_notify_testkit::layout::data_slot(TOTAL);
+    let finished = vm_notify_testkit::layout::data_slot(FINISHED);
+    let ready = vm_notify_testkit::layout::data_slot(READY);
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.asm().lock().inc(qword_ptr(ready)).unwrap();
+    p.on_interrupt_with(MOVING, Eoi::Lapic, move |a| {
+        a.lock().inc(qword_ptr(total))?;
+        Ok(())
+    });
+    p.on_interrupt(WAKE, Eoi::Lapic);
+    let mut again = p.asm().create_label();
+    p.asm().set_label(&mut again).unwrap();
+    p.wait_for_interrupt().unwrap();
+    p.asm().cmp(qword_ptr(finished), 0).unwrap();
+    p.asm().je(again).unwrap();
+    p.exit().unwrap();
+    let running = vm.start(p, |_: &GuestExit, _: &mut [u8]| {}).unwrap();
+
+    // The retargeting thread: vCPU 0, vCPU 1, vCPU 0, ... until the raises are done.
+    let moving = msix.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let stop_moving = done.clone();
+    let mover = thread::spawn(move || {
+        let mut moves = 0u64;
+        while !stop_moving.load(Ordering::Acquire) {
+            moves += 1;
+            moving
+                .set_message(0, MsiMessage::x86((moves % 2) as u8, MOVING))
+                .unwrap();
+        }
+        moves
+    });
+    let mem = vm.memory().clone();
+    let read = |addr: u64| mem.read_obj::<u64>(GuestAddress(addr)).unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while read(ready) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPUs never got ready"
+        );
+        thread::yield_now();
+    }
+    for raise in 1..=RAISES {
+        msix.raise(0).unwrap();
+        while read(total) < raise {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "raise {raise} was never taken (taken so far: {})",
+                read(total)
+            );
+            std::hint::spin_loop();
+        }
+    }
+    done.store(true, Ordering::Release);
+    let moves = mover.join().unwrap();
+    // Let a doubled last delivery land before the count is read, then end the guests.
+    thread::sleep(Duration::from_millis(50));
+    mem.write_obj(1u64, GuestAddress(finished)).unwrap();
+    for wake in &wakes {
+        wake.trigger().unwrap();
+    }
+    running.wait(TIMEOUT).done().unwrap();
+
+    let per_cpu: Vec<u64> = (0..2)
+        .map(|cpu| vm.irq_count_on(cpu, MOVING).unwrap())
+        .collect();
+    let taken = vm.data(TOTAL).unwrap();
+    eprintln!(
+        "{RAISES} raises while the destination moved {moves} times: taken {taken} \
+         ({per_cpu:?} by vCPU); {:?}",
+        msix.stats()
+    );
+    assert!(moves >= RAISES, "only {moves} moves during {RAISES} raises");
+    assert_eq!(taken, RAISES, "every raise taken once");
+    assert_eq!(per_cpu.iter().sum::<u64>(), RAISES);
+    assert!(
+        per_cpu.iter().all(|&n| n > 0),
+        "both vCPUs took some: {per_cpu:?}"
+    );
+}
