@@ -153,6 +153,20 @@ fn mask_unmask(router: &GsiRouter) -> Duration {
     start.elapsed() / MASK_PAIRS as u32
 }
 
+/// One retarget of a delivering vector (its message's destination moved between APIC 0 and 1):
+/// the time per `set_message`, which is one routing commit.
+fn retarget(router: &GsiRouter) -> Duration {
+    let msix = MsixVectors::new(router, 1).unwrap();
+    msix.configure(&[(0, message(0), false)]).unwrap();
+    msix.set_enabled(true).unwrap();
+    let start = Instant::now();
+    for i in 0..MASK_PAIRS {
+        msix.set_message(0, MsiMessage::x86((i % 2) as u8, 0x40))
+            .unwrap();
+    }
+    start.elapsed() / MASK_PAIRS as u32
+}
+
 fn main() {
     // `cargo test --benches` runs this with --bench absent: keep that quick.
     if !std::env::args().any(|a| a == "--bench") {
@@ -168,6 +182,7 @@ fn main() {
     let (mut routes_tx, mut routes_single) = (Vec::new(), Vec::new());
     let (mut commit_small, mut commit_large) = (Vec::new(), Vec::new());
     let mut pairs = Vec::new();
+    let mut retargets = Vec::new();
     let mut irqfds = Vec::new();
     let mut eventfds = Vec::new();
     for round in 0..ROUNDS {
@@ -179,6 +194,7 @@ fn main() {
         commit_small.push(one_commit(router, 1));
         commit_large.push(one_commit(router, VECTORS));
         pairs.push(mask_unmask(router));
+        retargets.push(retarget(router));
         irqfds.push(irqfds_alone(router));
         eventfds.push(eventfds_alone());
     }
@@ -186,6 +202,7 @@ fn main() {
     let (rt, rs) = (median(routes_tx), median(routes_single));
     let (c1, c1024) = (median(commit_small), median(commit_large));
     let pair = median(pairs);
+    let moved = median(retargets);
     let assign = median(irqfds);
     let create = median(eventfds);
     let us = |d: Duration| d.as_secs_f64() * 1e6;
@@ -230,5 +247,9 @@ fn main() {
     println!(
         "| mask + unmask of a delivering vector | {:.1} us |",
         us(pair)
+    );
+    println!(
+        "| retarget of a delivering vector (`set_message`, another APIC ID) | {:.1} us |",
+        us(moved)
     );
 }
