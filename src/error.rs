@@ -25,17 +25,20 @@ pub enum Capability {
     IrqRouting,
     /// An in-kernel irqchip (`KVM_CREATE_IRQCHIP`) on this VM.
     Irqchip,
+    /// `KVM_CAP_SPLIT_IRQCHIP`: the local APICs in the kernel, the IOAPIC and PIC in userspace.
+    SplitIrqchip,
 }
 
 impl Capability {
     /// Every capability, in declaration order (so `cap as usize` indexes it).
-    pub(crate) const ALL: [Capability; 6] = [
+    pub(crate) const ALL: [Capability; 7] = [
         Capability::IoEventFd,
         Capability::IoEventFdAnyLength,
         Capability::IrqFd,
         Capability::IrqFdResample,
         Capability::IrqRouting,
         Capability::Irqchip,
+        Capability::SplitIrqchip,
     ];
 }
 
@@ -48,6 +51,7 @@ impl std::fmt::Display for Capability {
             Capability::IrqFdResample => "KVM_CAP_IRQFD_RESAMPLE",
             Capability::IrqRouting => "KVM_CAP_IRQ_ROUTING",
             Capability::Irqchip => "an in-kernel irqchip (KVM_CREATE_IRQCHIP)",
+            Capability::SplitIrqchip => "KVM_CAP_SPLIT_IRQCHIP",
         })
     }
 }
@@ -287,6 +291,13 @@ pub enum Error {
         op: &'static str,
         /// The error.
         reason: String,
+    },
+    /// `KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)` failed: EEXIST with an in-kernel irqchip already
+    /// made, EINVAL once a vCPU exists or for too many reserved pins.
+    #[error("KVM_CAP_SPLIT_IRQCHIP failed: {source} (enable it before creating vCPUs, on a VM without KVM_CREATE_IRQCHIP)")]
+    SplitIrqchip {
+        /// The errno.
+        source: io::Error,
     },
     /// More queues than a virtio device can have.
     #[error("a virtio device has at most 65535 queues, not {count}")]

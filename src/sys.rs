@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use kvm_bindings::{
     kvm_ioeventfd, kvm_ioeventfd_flag_nr_datamatch, kvm_ioeventfd_flag_nr_deassign,
     kvm_ioeventfd_flag_nr_pio, kvm_irqchip, kvm_msi, KvmIrqRouting, KVM_CAP_IOEVENTFD_ANY_LENGTH,
+    KVM_CAP_SPLIT_IRQCHIP,
 };
 use kvm_ioctls::{Cap, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -131,8 +132,24 @@ fn check(vm: &VmFd, cap: Capability) -> bool {
         Capability::IrqFdResample => Cap::IrqfdResample,
         Capability::IrqRouting => Cap::IrqRouting,
         Capability::Irqchip => return has_irqchip(vm),
+        Capability::SplitIrqchip => {
+            return vm.check_extension_raw(u64::from(KVM_CAP_SPLIT_IRQCHIP) as _) > 0
+        }
     };
     vm.check_extension(kvm_cap)
+}
+
+/// `KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)` with `pins` routes reserved for the userspace
+/// IOAPIC's pins. KVM takes it only before any vCPU exists and without an in-kernel irqchip.
+pub(crate) fn enable_split_irqchip(vm: &VmFd, pins: u32) -> Result<()> {
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(pins);
+    vm.enable_cap(&cap).map_err(|e| Error::SplitIrqchip {
+        source: io::Error::from_raw_os_error(e.errno()),
+    })
 }
 
 /// Whether `KVM_CREATE_IRQCHIP` was done on this VM: `KVM_GET_IRQCHIP` fails without one.
@@ -254,7 +271,7 @@ mod tests {
         assert_eq!(caps.has(Capability::IrqFd), vm.check_extension(Cap::Irqfd));
         assert!(matches!(
             Capabilities {
-                present: [false; 6]
+                present: [false; Capability::ALL.len()]
             }
             .require([Capability::IrqFd]),
             Err(Error::MissingCapability(Capability::IrqFd))

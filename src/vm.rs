@@ -62,6 +62,24 @@ impl Vm {
         })
     }
 
+    /// Turns on the split irqchip for `fd` (`KVM_CAP_SPLIT_IRQCHIP`, 24 routes reserved for a
+    /// userspace IOAPIC's pins) and takes charge of its notifications with `policy`. Call it on a
+    /// fresh VM: before any vCPU is created and instead of `KVM_CREATE_IRQCHIP`. MSI routes,
+    /// irqfds and MSI-X vectors work as with the in-kernel irqchip; the legacy pins have no
+    /// in-kernel PIC or IOAPIC behind them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SplitIrqchip`](crate::Error::SplitIrqchip) when KVM refuses the mode, and
+    /// those of [`GsiRouter::split`].
+    pub fn with_split_irqchip(fd: Arc<VmFd>, policy: Policy) -> Result<Vm> {
+        crate::sys::enable_split_irqchip(&fd, crate::kvm::IRQCHIP_GSIS)?;
+        Ok(Vm {
+            router: GsiRouter::split(fd.clone())?,
+            backend: Backend::new(fd, policy),
+        })
+    }
+
     /// A root for the same VM and routing table with another placement policy (its own exit
     /// dispatcher and injector thread): for a VMM that places some devices differently, and for
     /// tests that run one device on each path.

@@ -103,6 +103,32 @@ fn router_without_irqchip_is_refused() {
     assert!(e.to_string().contains("irqchip"), "{e}");
 }
 
+/// The split irqchip on a VM that already has the in-kernel one is KVM's EEXIST, typed; on a
+/// split-irqchip VM the legacy pins have no route (no in-kernel PIC or IOAPIC), so a level
+/// irqfd on one is refused before KVM is asked.
+#[test]
+fn split_irqchip_refusals_are_typed() {
+    kvm_test!();
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    let e = vm_notify::Vm::with_split_irqchip(vm, vm_notify::fallback::Policy::Kernel).unwrap_err();
+    assert!(
+        matches!(&e, Error::SplitIrqchip { source } if source.raw_os_error() == Some(libc::EEXIST)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("KVM_CAP_SPLIT_IRQCHIP"), "{e}");
+
+    let split = TinyVm::with_split_irqchip(1).unwrap();
+    for pin in [4, 10] {
+        let e = split.notify().level_irqfd(pin).unwrap_err();
+        assert!(
+            matches!(e, Error::UnroutedGsi { gsi } if gsi == pin),
+            "{e:?}"
+        );
+    }
+}
+
 #[test]
 fn unknown_and_out_of_range_gsis_are_refused() {
     kvm_test!();

@@ -1,4 +1,5 @@
-//! SMP: a tiny VM with four vCPUs (local APIC IDs 0 to 3), each with its own MSI-X vector
+//! SMP, on the in-kernel irqchip and on the split irqchip alike: a tiny VM with four vCPUs
+//! (local APIC IDs 0 to 3), each with its own MSI-X vector
 //! addressed to it (physical destination mode). Each vCPU kicks its own queue (an ioeventfd at
 //! its own address) and waits for its interrupt; one device thread serves the four queues and
 //! raises the kicking vCPU's vector. Every vCPU counts what it took in its own interrupt
@@ -23,10 +24,25 @@ const NOTIFY: u64 = 0xd200_0000;
 /// vCPU `i` takes vector `VECTOR + i`.
 const VECTOR: u8 = 0x50;
 
+/// The machine: `count` vCPUs on the in-kernel irqchip, or on the split irqchip (local APICs in
+/// the kernel, no PIC or IOAPIC there), where MSIs must work the same.
+fn machine(split: bool, count: usize) -> TinyVm {
+    if split {
+        TinyVm::with_split_irqchip(count).unwrap()
+    } else {
+        TinyVm::with_vcpus(count).unwrap()
+    }
+}
+
 #[test]
 fn msix_vectors_reach_the_vcpu_each_is_addressed_to() {
     kvm_test!();
-    let mut vm = TinyVm::with_vcpus(VCPUS).unwrap();
+    msix_to_each_vcpu(false);
+    msix_to_each_vcpu(true);
+}
+
+fn msix_to_each_vcpu(split: bool) {
+    let mut vm = machine(split, VCPUS);
     let root = vm.notify();
     let msix = root.msix(VCPUS).unwrap();
     for i in 0..VCPUS {
@@ -94,7 +110,7 @@ fn msix_vectors_reach_the_vcpu_each_is_addressed_to() {
         })
         .collect();
     eprintln!(
-        "kicks served per queue {served:?}; interrupts per vCPU (rows) and vector {counts:?}; {:?}",
+        "split irqchip {split}: kicks served per queue {served:?}; interrupts per vCPU (rows) and vector {counts:?}; {:?}",
         msix.stats()
     );
     for (cpu, row) in counts.iter().enumerate() {
@@ -116,6 +132,11 @@ fn msix_vectors_reach_the_vcpu_each_is_addressed_to() {
 #[test]
 fn a_vector_moved_between_vcpus_while_raised_delivers_every_raise_once() {
     kvm_test!();
+    retarget_storm(false);
+    retarget_storm(true);
+}
+
+fn retarget_storm(split: bool) {
     const RAISES: u64 = 3000;
     const MOVING: u8 = 0x60;
     /// Wakes each vCPU at the end (routed to each, one route per vCPU).
@@ -124,7 +145,7 @@ fn a_vector_moved_between_vcpus_while_raised_delivers_every_raise_once() {
     const FINISHED: usize = 1; // data slot: set by the host when the raises are done
     const READY: usize = 2; // data slot: vCPUs whose local APIC is enabled (an interrupt sent
                             // to a software-disabled one is dropped)
-    let mut vm = TinyVm::with_vcpus(2).unwrap();
+    let mut vm = machine(split, 2);
     let root = vm.notify();
     let msix = root.msix(1).unwrap();
     msix.set_message(0, MsiMessage::x86(0, MOVING)).unwrap();
@@ -206,7 +227,7 @@ fn a_vector_moved_between_vcpus_while_raised_delivers_every_raise_once() {
         .collect();
     let taken = vm.data(TOTAL).unwrap();
     eprintln!(
-        "{RAISES} raises while the destination moved {moves} times: taken {taken} \
+        "split irqchip {split}: {RAISES} raises while the destination moved {moves} times: taken {taken} \
          ({per_cpu:?} by vCPU); {:?}",
         msix.stats()
     );

@@ -231,6 +231,28 @@ impl GsiRouter {
         })
     }
 
+    /// Takes charge of the routing table of `vm`, which runs the split irqchip
+    /// (`KVM_CAP_SPLIT_IRQCHIP`): local APICs in the kernel, no PIC or IOAPIC there, so no
+    /// default routes. GSIs below 24 stay reserved for a userspace IOAPIC's pins; MSI routes
+    /// are allocated above them, as with the in-kernel irqchip. The pins have no route, so an
+    /// irqfd on one is refused with [`Error::UnroutedGsi`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingCapability`] when KVM lacks `KVM_CAP_IRQ_ROUTING` or
+    /// `KVM_CAP_SPLIT_IRQCHIP`.
+    pub fn split(vm: Arc<VmFd>) -> Result<Self> {
+        let caps = Capabilities::probe(&vm);
+        caps.require([Capability::IrqRouting, Capability::SplitIrqchip])?;
+        Ok(GsiRouter {
+            shared: Arc::new(Shared {
+                vm,
+                table: Mutex::new(Table::default()),
+                caps,
+            }),
+        })
+    }
+
     /// The VM this router routes.
     pub fn vm(&self) -> &Arc<VmFd> {
         &self.shared.vm

@@ -39,6 +39,12 @@ pub enum GuestExit {
         /// The read's width in bytes.
         len: u8,
     },
+    /// With the split irqchip: the guest's local APIC took an EOI for `vector`, one KVM was told
+    /// to report (a level-triggered IOAPIC route's, `KVM_EXIT_IOAPIC_EOI`).
+    IoapicEoi {
+        /// The vector.
+        vector: u8,
+    },
 }
 
 impl GuestExit {

@@ -72,7 +72,27 @@ impl TinyVm {
     ///
     /// [`Error::Kvm`] naming the step that failed (opening `/dev/kvm` first among them).
     pub fn new() -> Result<TinyVm> {
-        TinyVm::build(None, 1)
+        TinyVm::build(None, 1, Irqchip::Kernel)
+    }
+
+    /// As [`with_vcpus`](Self::with_vcpus), on the split irqchip (`KVM_CAP_SPLIT_IRQCHIP`,
+    /// through [`Vm::with_split_irqchip`]): local APICs in the kernel, no PIC or IOAPIC there.
+    /// MSIs (routes, irqfds, MSI-X vectors) work as on the in-kernel irqchip; the legacy pins
+    /// are the VMM's, and an EOI of a level-triggered IOAPIC route's vector reaches the exit
+    /// handler as [`GuestExit::IoapicEoi`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`with_vcpus`](Self::with_vcpus), and [`Error::Notify`] naming
+    /// `KVM_CAP_SPLIT_IRQCHIP` when KVM refuses it.
+    pub fn with_split_irqchip(count: usize) -> Result<TinyVm> {
+        if count == 0 || count > layout::MAX_VCPUS {
+            return Err(Error::Memory(format!(
+                "{count} vCPUs: 1 to {}",
+                layout::MAX_VCPUS
+            )));
+        }
+        TinyVm::build(None, count, Irqchip::Split)
     }
 
     /// As [`new`](Self::new), with `count` vCPUs (1 to [`MAX_VCPUS`](crate::layout::MAX_VCPUS)),
@@ -93,7 +113,7 @@ impl TinyVm {
                 layout::MAX_VCPUS
             )));
         }
-        TinyVm::build(None, count)
+        TinyVm::build(None, count, Irqchip::Kernel)
     }
 
     /// As [`new`](Self::new), with guest memory in a memfd mapped shared, so another process
@@ -120,16 +140,26 @@ impl TinyVm {
             step: "size the guest memory memfd",
             source,
         })?;
-        TinyVm::build(Some(vm_memory::FileOffset::new(file, 0)), 1)
+        TinyVm::build(
+            Some(vm_memory::FileOffset::new(file, 0)),
+            1,
+            Irqchip::Kernel,
+        )
     }
 
-    fn build(file: Option<vm_memory::FileOffset>, vcpus: usize) -> Result<TinyVm> {
+    fn build(
+        file: Option<vm_memory::FileOffset>,
+        vcpus: usize,
+        irqchip: Irqchip,
+    ) -> Result<TinyVm> {
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        if irqchip == Irqchip::Kernel {
+            vm.create_irq_chip()
+                .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        }
         let memory =
             GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), MEM_SIZE, file)])
                 .map_err(|e| Error::Memory(e.to_string()))?;
@@ -147,7 +177,10 @@ impl TinyVm {
         // long as the VM: `TinyVm` holds it, and the vCPU thread holds a clone while it runs.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        let notify = Vm::new(vm.clone(), Policy::Kernel)?;
+        let notify = match irqchip {
+            Irqchip::Kernel => Vm::new(vm.clone(), Policy::Kernel)?,
+            Irqchip::Split => Vm::with_split_irqchip(vm.clone(), Policy::Kernel)?,
+        };
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -481,4 +514,13 @@ impl<H: ExitHandler> ExitHandler for Shared<H> {
         let mut handler = self.0.lock().unwrap_or_else(|e| e.into_inner());
         handler.handle(exit, reply);
     }
+}
+
+/// Where the machine's irqchip lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Irqchip {
+    /// PIC, IOAPIC and local APICs in the kernel (`KVM_CREATE_IRQCHIP`).
+    Kernel,
+    /// Local APICs in the kernel, the rest the VMM's (`KVM_CAP_SPLIT_IRQCHIP`).
+    Split,
 }

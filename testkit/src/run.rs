@@ -166,6 +166,11 @@ pub(crate) fn run_loop(
                 handler.handle(&exit, data);
                 exit
             }
+            Ok(VcpuExit::IoapicEoi(vector)) => {
+                let exit = GuestExit::IoapicEoi { vector };
+                handler.handle(&exit, &mut []);
+                exit
+            }
             Ok(VcpuExit::Shutdown) => break fault(vcpu, "shutdown (triple fault)".into()),
             Ok(VcpuExit::InternalError) => {
                 break fault(vcpu, "KVM internal error (emulation failed)".into())
