@@ -86,12 +86,6 @@ impl TinyVm {
     /// Those of [`with_vcpus`](Self::with_vcpus), and [`Error::Notify`] naming
     /// `KVM_CAP_SPLIT_IRQCHIP` when KVM refuses it.
     pub fn with_split_irqchip(count: usize) -> Result<TinyVm> {
-        if count == 0 || count > layout::MAX_VCPUS {
-            return Err(Error::Memory(format!(
-                "{count} vCPUs: 1 to {}",
-                layout::MAX_VCPUS
-            )));
-        }
         TinyVm::build(None, count, Irqchip::Split)
     }
 
@@ -107,12 +101,6 @@ impl TinyVm {
     ///
     /// Those of [`new`](Self::new), and [`Error::Memory`] for a `count` out of range.
     pub fn with_vcpus(count: usize) -> Result<TinyVm> {
-        if count == 0 || count > layout::MAX_VCPUS {
-            return Err(Error::Memory(format!(
-                "{count} vCPUs: 1 to {}",
-                layout::MAX_VCPUS
-            )));
-        }
         TinyVm::build(None, count, Irqchip::Kernel)
     }
 
@@ -152,6 +140,12 @@ impl TinyVm {
         vcpus: usize,
         irqchip: Irqchip,
     ) -> Result<TinyVm> {
+        if vcpus == 0 || vcpus > layout::MAX_VCPUS {
+            return Err(Error::Memory(format!(
+                "{vcpus} vCPUs: 1 to {}",
+                layout::MAX_VCPUS
+            )));
+        }
         let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(0xfffb_d000)
