@@ -5,7 +5,7 @@
 //! raises the kicking vCPU's vector. Every vCPU counts what it took in its own interrupt
 //! counters: exactly its rounds, of its own vector, and nothing of the others'.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -177,10 +177,14 @@ fn retarget_storm(split: bool) {
     p.exit().unwrap();
     let running = vm.start(p, |_: &GuestExit, _: &mut [u8]| {}).unwrap();
 
-    // The retargeting thread: vCPU 0, vCPU 1, vCPU 0, ... until the raises are done.
+    // The retargeting thread: vCPU 0, vCPU 1, vCPU 0, ... until the raises are done. It
+    // publishes its count, and each raise waits for a move since the one before, so every raise
+    // meets a fresh retarget however the scheduler treats the mover (a starved mover made only
+    // 33 moves in one CI run).
     let moving = msix.clone();
     let done = Arc::new(AtomicBool::new(false));
-    let stop_moving = done.clone();
+    let moved = Arc::new(AtomicU64::new(0));
+    let (stop_moving, count_moves) = (done.clone(), moved.clone());
     let mover = thread::spawn(move || {
         let mut moves = 0u64;
         while !stop_moving.load(Ordering::Acquire) {
@@ -188,6 +192,7 @@ fn retarget_storm(split: bool) {
             moving
                 .set_message(0, MsiMessage::x86((moves % 2) as u8, MOVING))
                 .unwrap();
+            count_moves.store(moves, Ordering::Release);
         }
         moves
     });
@@ -202,6 +207,10 @@ fn retarget_storm(split: bool) {
         thread::yield_now();
     }
     for raise in 1..=RAISES {
+        while moved.load(Ordering::Acquire) < raise {
+            assert!(std::time::Instant::now() < deadline, "the mover stalled");
+            thread::yield_now();
+        }
         msix.raise(0).unwrap();
         while read(total) < raise {
             assert!(
