@@ -141,10 +141,16 @@ fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
     t
 }
 
-fn mask_unmask(router: &GsiRouter) -> Duration {
+/// One vector, unmasked and enabled: delivering.
+fn delivering_vector(router: &GsiRouter) -> MsixVectors {
     let msix = MsixVectors::new(router, 1).unwrap();
     msix.configure(&[(0, message(0), false)]).unwrap();
     msix.set_enabled(true).unwrap();
+    msix
+}
+
+fn mask_unmask(router: &GsiRouter) -> Duration {
+    let msix = delivering_vector(router);
     let start = Instant::now();
     for _ in 0..MASK_PAIRS {
         msix.set_masked(0, true).unwrap();
@@ -156,9 +162,7 @@ fn mask_unmask(router: &GsiRouter) -> Duration {
 /// One retarget of a delivering vector (its message's destination moved between APIC 0 and 1):
 /// the time per `set_message`, which is one routing commit.
 fn retarget(router: &GsiRouter) -> Duration {
-    let msix = MsixVectors::new(router, 1).unwrap();
-    msix.configure(&[(0, message(0), false)]).unwrap();
-    msix.set_enabled(true).unwrap();
+    let msix = delivering_vector(router);
     let start = Instant::now();
     for i in 0..MASK_PAIRS {
         msix.set_message(0, MsiMessage::x86((i % 2) as u8, 0x40))
