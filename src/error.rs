@@ -320,6 +320,28 @@ pub enum Error {
         /// Which interrupt, and why.
         what: &'static str,
     },
+    /// A GSI below 24 on the split irqchip: a pin of the userspace IOAPIC. Its route follows
+    /// the guest's redirection entry, so only the VM's [`Ioapic`](crate::irqchip::Ioapic)
+    /// changes it, and only a backend that has the IOAPIC serves interrupts on it.
+    #[error("GSI {gsi} is a pin of the split irqchip's userspace IOAPIC: only the VM's Ioapic routes it, and interrupts on it are made from the Vm (Vm::with_split_irqchip), whose backend has the IOAPIC")]
+    IoapicPin {
+        /// The pin.
+        gsi: u32,
+    },
+    /// `KVM_SIGNAL_MSI` failed while the userspace IOAPIC delivered a pin's interrupt.
+    #[error(
+        "IOAPIC pin {pin}: KVM_SIGNAL_MSI (address {address:#x}, data {data:#x}) failed: {source}"
+    )]
+    SignalMsi {
+        /// The pin delivered.
+        pin: u32,
+        /// The message address.
+        address: u64,
+        /// The message data.
+        data: u32,
+        /// The errno.
+        source: io::Error,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

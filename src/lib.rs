@@ -84,6 +84,7 @@ mod vm;
 
 pub mod device;
 pub mod fallback;
+pub mod irqchip;
 pub mod kvm;
 pub mod msix;
 pub mod virtio;

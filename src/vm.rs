@@ -7,6 +7,7 @@ use kvm_ioctls::VmFd;
 
 use crate::error::{Capability, Result};
 use crate::fallback::{Backend, ExitDispatcher, IoEvent, IrqFd, LevelIrqFd, Policy};
+use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage, WriteMatch};
 use crate::msix::MsixVectors;
 use crate::notifier::{Mode, Notifier};
@@ -65,8 +66,9 @@ impl Vm {
     /// Turns on the split irqchip for `fd` (`KVM_CAP_SPLIT_IRQCHIP`, 24 routes reserved for a
     /// userspace IOAPIC's pins) and takes charge of its notifications with `policy`. Call it on a
     /// fresh VM: before any vCPU is created and instead of `KVM_CREATE_IRQCHIP`. MSI routes,
-    /// irqfds and MSI-X vectors work as with the in-kernel irqchip; the legacy pins have no
-    /// in-kernel PIC or IOAPIC behind them.
+    /// irqfds and MSI-X vectors work as with the in-kernel irqchip. The legacy pins (GSIs 0–23)
+    /// are the [`ioapic`](Self::ioapic)'s: irqfds and level irqfds made on them from this root
+    /// are served through it, with the same device contract and counts (there is no PIC).
     ///
     /// # Errors
     ///
@@ -74,19 +76,32 @@ impl Vm {
     /// those of [`GsiRouter::split`].
     pub fn with_split_irqchip(fd: Arc<VmFd>, policy: Policy) -> Result<Vm> {
         crate::sys::enable_split_irqchip(&fd, crate::kvm::IRQCHIP_GSIS)?;
+        let router = GsiRouter::split(fd.clone())?;
+        let ioapic = Ioapic::new(&router);
         Ok(Vm {
-            router: GsiRouter::split(fd.clone())?,
-            backend: Backend::new(fd, policy),
+            router,
+            backend: Backend::new(fd, policy).with_ioapic(ioapic),
         })
+    }
+
+    /// The split irqchip's IOAPIC (`None` on the in-kernel irqchip): the vCPU loop gives it the
+    /// guest's accesses to [`IOAPIC_BASE`](crate::irqchip::IOAPIC_BASE) and each
+    /// `KVM_EXIT_IOAPIC_EOI`.
+    pub fn ioapic(&self) -> Option<&Ioapic> {
+        self.backend.ioapic()
     }
 
     /// A root for the same VM and routing table with another placement policy (its own exit
     /// dispatcher and injector thread): for a VMM that places some devices differently, and for
     /// tests that run one device on each path.
     pub fn with_policy(&self, policy: Policy) -> Vm {
+        let mut backend = Backend::new(self.fd().clone(), policy);
+        if let Some(io) = self.ioapic() {
+            backend = backend.with_ioapic(io.clone());
+        }
         Vm {
             router: self.router.clone(),
-            backend: Backend::new(self.fd().clone(), policy),
+            backend,
         }
     }
 

@@ -12,6 +12,9 @@
 //!   ([`Injector::deassert`]); that lowering also drains a trigger not yet taken and adds 1 to
 //!   the resample notifier, so a device written for KVM's resampler (re-assert on resample
 //!   while the condition holds) runs unchanged.
+//! * **a pin of the split irqchip's IOAPIC**: a wake-up pulses the pin (edge) or asserts it
+//!   (level) on the VM's [`Ioapic`], which delivers, and at the guest's EOI lowers a level pin
+//!   and signals its resample notifiers.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +25,7 @@ use std::thread::{self, JoinHandle};
 use kvm_ioctls::VmFd;
 
 use crate::error::{Error, Result};
+use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, Route};
 use crate::notifier::{Attempt, Notifier};
 use crate::sys;
@@ -34,6 +38,8 @@ struct Line {
     trigger: Notifier,
     /// Set for a level line.
     level: Option<Level>,
+    /// A pin of the split irqchip's IOAPIC, and this line's source token there.
+    pin: Option<(Ioapic, u64)>,
 }
 
 /// A level line's state.
@@ -111,12 +117,14 @@ impl Injector {
     }
 
     /// Injects `gsi` whenever `trigger` is written: an edge (or an MSI) each time, or, with
-    /// `resample`, a level held high until [`deassert`](Self::deassert).
+    /// `resample`, a level held high until [`deassert`](Self::deassert). With `ioapic`, `gsi`
+    /// is a pin of that IOAPIC and the line is one of its sources.
     pub(crate) fn add(
         &self,
         gsi: Gsi,
         trigger: &Notifier,
         resample: Option<&Notifier>,
+        ioapic: Option<&Ioapic>,
     ) -> Result<u64> {
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
         let level = match resample {
@@ -126,14 +134,24 @@ impl Injector {
             }),
             None => None,
         };
+        let trigger_clone = trigger.try_clone()?;
+        let pin = match ioapic {
+            Some(io) => Some((io.clone(), io.attach(gsi, resample)?)),
+            None => None,
+        };
         let line = Line {
             gsi,
-            trigger: trigger.try_clone()?,
+            trigger: trigger_clone,
             level,
+            pin,
         };
         self.shared.lock().insert(token, line);
         if let Err(e) = self.shared.events.add(token, trigger) {
-            self.shared.lock().remove(&token);
+            if let Some(line) = self.shared.lock().remove(&token) {
+                if let Some((io, source)) = line.pin {
+                    io.detach(source);
+                }
+            }
             return Err(e);
         }
         Ok(token)
@@ -151,6 +169,10 @@ impl Injector {
             return Ok(false);
         };
         let _ = line.trigger.try_read()?;
+        if let Some((io, source)) = &line.pin {
+            // The IOAPIC resamples at the guest's EOI; here the source only stops holding.
+            return Ok(io.deassert(*source));
+        }
         let gsi = line.gsi;
         let Some(level) = line.level.as_mut().filter(|l| l.asserted) else {
             return Ok(false);
@@ -176,7 +198,10 @@ impl Injector {
         if level.is_none() {
             self.shared.fire(&mut lines, token);
         }
-        lines.remove(&token);
+        if let Some((io, source)) = lines.remove(&token).and_then(|l| l.pin) {
+            io.detach(source);
+            return;
+        }
         if let Some((gsi, true)) = level {
             if !held(&lines, gsi) {
                 let _ = sys::set_irq_line(&self.shared.vm, gsi, false);
@@ -219,6 +244,14 @@ impl Shared {
             return;
         };
         if !matches!(line.trigger.try_read(), Ok(Attempt::Done(_))) {
+            return;
+        }
+        if let Some((io, source)) = &line.pin {
+            // Errors (a failed KVM_SIGNAL_MSI) have no caller here, as with a kernel irqfd.
+            let _ = match line.level {
+                Some(_) => io.assert(*source),
+                None => io.pulse(*source),
+            };
             return;
         }
         let gsi = line.gsi;

@@ -14,6 +14,7 @@ use std::fmt;
 use crate::error::Result;
 use crate::fallback::inject::Injector;
 use crate::fallback::placement::{Fallback, Placement};
+use crate::irqchip::Ioapic;
 use crate::kvm::irqfd::Binding;
 use crate::kvm::{Gsi, GsiRouter};
 use crate::notifier::{Mode, Notifier};
@@ -25,7 +26,9 @@ enum Delivery {
     /// Read by the injector thread, which calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`.
     Injected {
         injector: Injector,
-        router: GsiRouter,
+        /// The router the binding is counted on; `None` for a pin of the split irqchip's
+        /// IOAPIC, which counts its own sources.
+        router: Option<GsiRouter>,
         token: u64,
         trigger: Notifier,
         gsi: Gsi,
@@ -46,28 +49,38 @@ impl Delivery {
     }
 
     /// Registers `trigger` with `injector` for `gsi`, bound through the router like a kernel
-    /// irqfd (the same GSI checks, the same count); with `resample`, as a level line.
+    /// irqfd (the same GSI checks, the same count); with `resample`, as a level line. With
+    /// `ioapic`, `gsi` is a pin of the split irqchip's IOAPIC and becomes one of its sources.
     fn injected(
         injector: &Injector,
         router: &GsiRouter,
         gsi: Gsi,
         trigger: &Notifier,
         resample: Option<&Notifier>,
+        ioapic: Option<&Ioapic>,
     ) -> Result<Delivery> {
         let trigger = trigger.try_clone()?;
         // Counted on the router first, then added to the injector outside the router's lock:
         // the injector thread takes its own lock and then the router's, never the other way.
-        router.bind(gsi, resample.is_some(), |_| Ok(()))?;
-        let token = match injector.add(gsi, &trigger, resample) {
+        let router = match ioapic {
+            Some(_) => None,
+            None => {
+                router.bind(gsi, resample.is_some(), |_| Ok(()))?;
+                Some(router.clone())
+            }
+        };
+        let token = match injector.add(gsi, &trigger, resample, ioapic) {
             Ok(token) => token,
             Err(e) => {
-                router.unbind(gsi, |_| {});
+                if let Some(r) = &router {
+                    r.unbind(gsi, |_| {});
+                }
                 return Err(e);
             }
         };
         Ok(Delivery::Injected {
             injector: injector.clone(),
-            router: router.clone(),
+            router,
             token,
             trigger,
             gsi,
@@ -103,7 +116,9 @@ impl Drop for Delivery {
                 ..
             } => {
                 injector.remove(*token);
-                router.unbind(*gsi, |_| {});
+                if let Some(r) = router {
+                    r.unbind(*gsi, |_| {});
+                }
             }
         }
     }
@@ -184,10 +199,11 @@ impl IrqFd {
         router: &GsiRouter,
         gsi: Gsi,
         notifier: &Notifier,
+        ioapic: Option<&Ioapic>,
         why: Fallback,
     ) -> Result<IrqFd> {
         Ok(IrqFd {
-            delivery: Delivery::injected(injector, router, gsi, notifier, None)?,
+            delivery: Delivery::injected(injector, router, gsi, notifier, None, ioapic)?,
             placement: Placement::Userspace(why),
         })
     }
@@ -235,6 +251,13 @@ impl IrqFd {
 /// `deassert` lowers it and adds 1 to `resample`. There userspace sees no EOI, so `deassert` is
 /// what lowers the line; called on the vCPU thread before the guest's EOI, it leaves no extra
 /// delivery.
+///
+/// On the split irqchip a level line on a pin (GSI below 24) is a source of the VM's userspace
+/// [`Ioapic`](crate::irqchip::Ioapic), served by the injector thread whatever the policy: the
+/// pin is asserted at `trigger` and lowered at the guest's EOI (`KVM_EXIT_IOAPIC_EOI`), which adds
+/// 1 to `resample` — the kernel path's contract, with the same counts. `deassert` there stops this
+/// source holding the pin (so a masked pin does not fire at unmask for a cleared condition) and
+/// signals nothing: the resample comes at the EOI.
 ///
 /// The GSI must be routed to an irqchip pin (PIC or IOAPIC), programmed level-triggered by the
 /// guest.
@@ -290,11 +313,12 @@ impl LevelIrqFd {
         gsi: Gsi,
         trigger: &Notifier,
         resample: &Notifier,
+        ioapic: Option<&Ioapic>,
         why: Fallback,
     ) -> Result<LevelIrqFd> {
         let resample = resample.try_clone()?;
         Ok(LevelIrqFd {
-            delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample))?,
+            delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample), ioapic)?,
             resample,
             placement: Placement::Userspace(why),
         })
@@ -312,7 +336,9 @@ impl LevelIrqFd {
     /// The device's interrupt condition cleared. On the injector path this takes back a trigger
     /// not yet served and lowers the line if it is held high (then adds 1 to
     /// [`resample`](Self::resample)); returns whether it lowered the line. On the kernel path
-    /// KVM lowers the line at the EOI itself, and this returns `Ok(false)`.
+    /// KVM lowers the line at the EOI itself, and this returns `Ok(false)`. On a pin of the split
+    /// irqchip's IOAPIC it takes back a trigger not yet served and stops holding the pin,
+    /// returning whether it held it; the resample comes at the EOI.
     ///
     /// # Errors
     ///

@@ -43,7 +43,8 @@ pub(crate) use dispatch::Key;
 pub(crate) use dispatch::Registered;
 
 use crate::error::{Capability, Error, Result};
-use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch};
+use crate::irqchip::Ioapic;
+use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch, IRQCHIP_GSIS};
 use crate::notifier::Notifier;
 use crate::sys::Capabilities;
 use inject::Injector;
@@ -51,7 +52,9 @@ use inject::Injector;
 /// Where a [`Backend`] puts registrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Policy {
-    /// Only in the kernel; a registration the kernel cannot take is an error.
+    /// Only in the kernel; a registration the kernel cannot take is an error. (The pins of the
+    /// split irqchip's IOAPIC have no kernel path: every policy serves them through the VM's
+    /// [`Ioapic`].)
     Kernel,
     /// Only in userspace, through the backend's [`ExitDispatcher`] and injector thread.
     Userspace,
@@ -90,6 +93,8 @@ pub struct Backend {
     dispatcher: ExitDispatcher,
     disabled: Vec<Capability>,
     injector: Arc<OnceLock<Injector>>,
+    /// The split irqchip's IOAPIC, which serves interrupts on GSIs below 24.
+    ioapic: Option<Ioapic>,
 }
 
 impl fmt::Debug for Backend {
@@ -98,6 +103,7 @@ impl fmt::Debug for Backend {
             .field("policy", &self.policy)
             .field("disabled", &self.disabled)
             .field("dispatcher", &self.dispatcher)
+            .field("ioapic", &self.ioapic.is_some())
             .finish()
     }
 }
@@ -112,7 +118,32 @@ impl Backend {
             dispatcher: ExitDispatcher::new(),
             disabled: Vec::new(),
             injector: Arc::default(),
+            ioapic: None,
         }
+    }
+
+    /// Serves interrupts on the pins of `ioapic` (GSIs below 24 on the split irqchip) through
+    /// it. [`Vm::with_split_irqchip`](crate::Vm::with_split_irqchip) does this.
+    pub(crate) fn with_ioapic(mut self, ioapic: Ioapic) -> Self {
+        self.ioapic = Some(ioapic);
+        self
+    }
+
+    /// The split irqchip's IOAPIC this backend serves pins through, if it has one.
+    pub fn ioapic(&self) -> Option<&Ioapic> {
+        self.ioapic.as_ref()
+    }
+
+    /// The IOAPIC to serve `gsi` through: `Some` for a pin of the split irqchip, `None` for any
+    /// other GSI. [`Error::IoapicPin`] for a pin when this backend has no IOAPIC.
+    fn pin_of(&self, router: &GsiRouter, gsi: Gsi) -> Result<Option<&Ioapic>> {
+        if !router.is_split() || gsi >= IRQCHIP_GSIS {
+            return Ok(None);
+        }
+        self.ioapic
+            .as_ref()
+            .map(Some)
+            .ok_or(Error::IoapicPin { gsi })
     }
 
     /// Treats `cap` as missing from KVM: for hosts where a capability exists but must not be
@@ -231,14 +262,30 @@ impl Backend {
     /// path the injector thread (`KVM_IRQ_LINE` pulse for irqchip routes, `KVM_SIGNAL_MSI` for MSI
     /// routes). One injection per wake-up of the notifier either way.
     ///
+    /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
+    /// policy: the injector thread pulses it on the backend's [`Ioapic`], which delivers as the
+    /// guest programmed the pin ([`Fallback::SplitIrqchip`]).
+    ///
     /// # Errors
     ///
-    /// Those of [`IrqFd::with_notifier`]; on the userspace path the same route checks.
+    /// Those of [`IrqFd::with_notifier`]; on the userspace path the same route checks;
+    /// [`Error::IoapicPin`] for a pin of the split irqchip on a backend without its IOAPIC.
     pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+        if let Some(io) = self.pin_of(router, gsi)? {
+            let injector = self.injector(router)?;
+            return IrqFd::injected(
+                injector,
+                router,
+                gsi,
+                notifier,
+                Some(io),
+                Fallback::SplitIrqchip,
+            );
+        }
         match self.place_irq(false, || IrqFd::with_notifier(router, gsi, notifier))? {
             Chosen::Kernel(irq) => Ok(irq),
             Chosen::Userspace(why) => {
-                IrqFd::injected(self.injector(router)?, router, gsi, notifier, why)
+                IrqFd::injected(self.injector(router)?, router, gsi, notifier, None, why)
             }
         }
     }
@@ -247,9 +294,15 @@ impl Backend {
     /// on the userspace path the injector thread, which holds the line high with `KVM_IRQ_LINE`
     /// until [`LevelIrqFd::deassert`] (see [`LevelIrqFd`] for the device's side, the same on both).
     ///
+    /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
+    /// policy: the injector thread asserts it on the backend's [`Ioapic`], which lowers it and
+    /// signals `resample` at the guest's EOI, as a kernel resample irqfd does
+    /// ([`Fallback::SplitIrqchip`]).
+    ///
     /// # Errors
     ///
-    /// Those of [`LevelIrqFd::with_notifiers`] (on the userspace path, the same GSI checks).
+    /// Those of [`LevelIrqFd::with_notifiers`] (on the userspace path, the same GSI checks);
+    /// [`Error::IoapicPin`] for a pin of the split irqchip on a backend without its IOAPIC.
     pub fn level_irqfd(
         &self,
         router: &GsiRouter,
@@ -257,12 +310,17 @@ impl Backend {
         trigger: &Notifier,
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
+        if let Some(io) = self.pin_of(router, gsi)? {
+            let injector = self.injector(router)?;
+            let why = Fallback::SplitIrqchip;
+            return LevelIrqFd::injected(injector, router, gsi, trigger, resample, Some(io), why);
+        }
         let kernel = || LevelIrqFd::with_notifiers(router, gsi, trigger, resample);
         match self.place_irq(true, kernel)? {
             Chosen::Kernel(irq) => Ok(irq),
             Chosen::Userspace(why) => {
                 let injector = self.injector(router)?;
-                LevelIrqFd::injected(injector, router, gsi, trigger, resample, why)
+                LevelIrqFd::injected(injector, router, gsi, trigger, resample, None, why)
             }
         }
     }

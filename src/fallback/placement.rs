@@ -20,6 +20,9 @@ pub enum Fallback {
     /// pattern KVM's I/O bus mishandles (an any-width registration at an address a sized one
     /// reaches from below), where the kernel can miss its writes.
     KernelWouldMiss,
+    /// The GSI is a pin of the split irqchip's IOAPIC, which is in userspace
+    /// ([`Ioapic`](crate::irqchip::Ioapic)): no kernel irqfd can assert it.
+    SplitIrqchip,
 }
 
 /// Where a registration lives.
@@ -43,6 +46,9 @@ impl fmt::Display for Placement {
             }
             Placement::Userspace(Fallback::KernelRefused(why)) => {
                 write!(f, "userspace (the kernel refused: {why})")
+            }
+            Placement::Userspace(Fallback::SplitIrqchip) => {
+                f.write_str("userspace (a pin of the split irqchip's IOAPIC)")
             }
             Placement::Userspace(Fallback::KernelWouldMiss) => f.write_str(
                 "userspace (next to a sized registration reaching its address, the kernel can miss its writes)",

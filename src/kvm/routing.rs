@@ -165,6 +165,8 @@ struct Shared {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
     caps: Capabilities,
+    /// The split irqchip: GSIs below [`IRQCHIP_GSIS`] are the userspace IOAPIC's pins.
+    split: bool,
 }
 
 /// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
@@ -227,6 +229,7 @@ impl GsiRouter {
                 vm,
                 table: Mutex::new(table),
                 caps,
+                split: false,
             }),
         })
     }
@@ -234,8 +237,10 @@ impl GsiRouter {
     /// Takes charge of the routing table of `vm`, which runs the split irqchip
     /// (`KVM_CAP_SPLIT_IRQCHIP`): local APICs in the kernel, no PIC or IOAPIC there, so no
     /// default routes. GSIs below 24 stay reserved for a userspace IOAPIC's pins; MSI routes
-    /// are allocated above them, as with the in-kernel irqchip. The pins have no route, so an
-    /// irqfd on one is refused with [`Error::UnroutedGsi`].
+    /// are allocated above them, as with the in-kernel irqchip. Only the VM's
+    /// [`Ioapic`](crate::irqchip::Ioapic) routes a pin (as its redirection entry says), and an
+    /// irqfd bound here on a pin is refused with [`Error::IoapicPin`]: interrupts on pins are
+    /// made from the [`Vm`](crate::Vm), whose backend serves them through the IOAPIC.
     ///
     /// # Errors
     ///
@@ -249,6 +254,7 @@ impl GsiRouter {
                 vm,
                 table: Mutex::new(Table::default()),
                 caps,
+                split: true,
             }),
         })
     }
@@ -256,6 +262,39 @@ impl GsiRouter {
     /// The VM this router routes.
     pub fn vm(&self) -> &Arc<VmFd> {
         &self.shared.vm
+    }
+
+    /// Whether the VM runs the split irqchip ([`split`](Self::split)).
+    pub fn is_split(&self) -> bool {
+        self.shared.split
+    }
+
+    /// [`Error::IoapicPin`] for a pin of the split irqchip's IOAPIC.
+    fn refuse_pin(&self, gsi: Gsi) -> Result<()> {
+        if self.shared.split && gsi < IRQCHIP_GSIS {
+            return Err(Error::IoapicPin { gsi });
+        }
+        Ok(())
+    }
+
+    /// Sets the routes of IOAPIC pins on the split irqchip, in one commit: `Some` routes the pin
+    /// as that MSI, `None` removes its route. For the IOAPIC only.
+    pub(crate) fn set_pin_routes(&self, pins: &[(Gsi, Option<MsiMessage>)]) -> Result<()> {
+        let mut tx = self.transaction();
+        {
+            let table = self.lock();
+            for &(gsi, msg) in pins {
+                debug_assert!(self.shared.split && gsi < IRQCHIP_GSIS);
+                match msg {
+                    Some(m) => tx.record(&table, gsi, Change::Pin(m)),
+                    None if table.routes.contains_key(&gsi) => {
+                        tx.record(&table, gsi, Change::Remove)
+                    }
+                    None => {}
+                }
+            }
+        }
+        tx.commit()
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -346,6 +385,7 @@ impl GsiRouter {
                 limit: GSI_LIMIT,
             });
         }
+        self.refuse_pin(gsi)?;
         let mut t = self.lock();
         let routes = t
             .routes
@@ -383,6 +423,8 @@ enum Change {
     Set(MsiMessage, Option<u64>),
     /// Every route of a committed GSI removed.
     Remove,
+    /// An IOAPIC pin of the split irqchip routed as the MSI its redirection entry makes.
+    Pin(MsiMessage),
 }
 
 impl Change {
@@ -392,7 +434,7 @@ impl Change {
         match self {
             // An allocated GSI has no committed route.
             Change::Add(_) => 1,
-            Change::Set(..) => 1 - before(),
+            Change::Set(..) | Change::Pin(_) => 1 - before(),
             Change::Remove => -before(),
         }
     }
@@ -400,7 +442,9 @@ impl Change {
     /// The routes `gsi` holds with this change applied, or `None` when it has none.
     fn routes(self) -> Option<Vec<Route>> {
         match self {
-            Change::Add(msg) | Change::Set(msg, _) => Some(vec![Route::Msi(msg)]),
+            Change::Add(msg) | Change::Set(msg, _) | Change::Pin(msg) => {
+                Some(vec![Route::Msi(msg)])
+            }
             Change::Remove => None,
         }
     }
@@ -472,7 +516,7 @@ impl Transaction<'_> {
     /// The routes `gsi` has with these changes applied to `table`.
     fn effective(&self, table: &Table, gsi: Gsi) -> Option<MsiOrOther> {
         match self.changes.get(&gsi).map(|(c, _)| c) {
-            Some(Change::Add(_) | Change::Set(..)) => Some(MsiOrOther::Msi),
+            Some(Change::Add(_) | Change::Set(..) | Change::Pin(_)) => Some(MsiOrOther::Msi),
             Some(Change::Remove) => None,
             None => match table.routes.get(&gsi).map(Vec::as_slice) {
                 None | Some([]) => None,
@@ -514,8 +558,10 @@ impl Transaction<'_> {
     ///
     /// # Errors
     ///
-    /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route.
+    /// [`Error::NotMsiRoute`] when `gsi` is not a single MSI route; [`Error::IoapicPin`] for a
+    /// pin of the split irqchip's IOAPIC.
     pub fn set_msi(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<()> {
+        self.router.refuse_pin(gsi)?;
         let table = self.router.lock();
         if self.effective(&table, gsi) != Some(MsiOrOther::Msi) {
             return Err(Error::NotMsiRoute { gsi });
@@ -532,9 +578,11 @@ impl Transaction<'_> {
     ///
     /// # Errors
     ///
-    /// [`Error::GsiBusy`] while irqfds are bound to `gsi` (drop them first);
+    /// [`Error::GsiBusy`] while irqfds are bound to `gsi` (drop them first); [`Error::IoapicPin`]
+    /// for a pin of the split irqchip's IOAPIC;
     /// [`Error::UnroutedGsi`] when it has no route.
     pub fn remove(&mut self, gsi: Gsi) -> Result<()> {
+        self.router.refuse_pin(gsi)?;
         let mut table = self.router.lock();
         if let Some(&irqfds) = table.irqfds.get(&gsi) {
             return Err(Error::GsiBusy { gsi, irqfds });
@@ -574,7 +622,7 @@ impl Transaction<'_> {
         // Checked again against the table as it is now.
         for (&gsi, &(change, _)) in &self.changes {
             match change {
-                Change::Add(_) => {}
+                Change::Add(_) | Change::Pin(_) => {}
                 Change::Set(_, born) => {
                     let same_route = table.born.get(&gsi).copied() == born;
                     let msi = matches!(

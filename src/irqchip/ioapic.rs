@@ -1,0 +1,265 @@
+//! [`Ioapic`]: the split irqchip's IOAPIC, in userspace.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::VmFd;
+
+use super::registers::{Redirection, Registers, Written, IOAPIC_PINS};
+use crate::error::{Error, Result};
+use crate::kvm::{Gsi, GsiRouter, MsiMessage};
+use crate::notifier::Notifier;
+use crate::sys;
+
+/// What the IOAPIC has done since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoapicStats {
+    /// Interrupts sent to local APICs (`KVM_SIGNAL_MSI`).
+    pub delivered: u64,
+    /// EOIs that ended a level pin's interrupt (cleared its remote IRR).
+    pub eois: u64,
+    /// Resample notifications sent to level sources at those EOIs.
+    pub resamples: u64,
+    /// Redirection-table changes that changed KVM's routes (one `KVM_SET_GSI_ROUTING` each).
+    pub route_commits: u64,
+}
+
+/// A device's line on a pin.
+struct Source {
+    pin: usize,
+    /// A level source: its resample notifier, and whether it holds the line asserted.
+    level: Option<(Notifier, bool)>,
+}
+
+struct State {
+    regs: Registers,
+    /// The routes KVM has for the pins.
+    routes: [Option<MsiMessage>; IOAPIC_PINS],
+    sources: HashMap<u64, Source>,
+    next: u64,
+    stats: IoapicStats,
+}
+
+impl State {
+    /// Whether a level source other than `except` holds `pin` asserted.
+    fn held(&self, pin: usize, except: u64) -> bool {
+        self.sources
+            .iter()
+            .any(|(&t, s)| t != except && s.pin == pin && matches!(s.level, Some((_, true))))
+    }
+}
+
+struct Shared {
+    vm: Arc<VmFd>,
+    router: GsiRouter,
+    state: Mutex<State>,
+}
+
+/// The IOAPIC of a VM on the split irqchip (`KVM_CAP_SPLIT_IRQCHIP`): the redirection table the
+/// guest programs, edge and level pins with remote IRR, each pin's interrupt sent to the local
+/// APICs as the MSI its entry makes. Cheap to clone: clones are one IOAPIC.
+///
+/// [`Vm::with_split_irqchip`](crate::Vm::with_split_irqchip) makes it, and every interrupt the
+/// VM's backend makes on a GSI below 24 goes through it: an [`IrqFd`](crate::IrqFd) pulses its
+/// pin, a [`LevelIrqFd`](crate::LevelIrqFd) holds its pin asserted until the guest's EOI, when the
+/// pin is lowered and the resample notifier signalled — the contract of a kernel resample irqfd,
+/// with exact counts. The VMM's vCPU loop gives it two things:
+///
+/// * the guest's MMIO accesses to [`IOAPIC_BASE`](super::IOAPIC_BASE)`..+`[`IOAPIC_SIZE`](super::IOAPIC_SIZE):
+///   [`mmio_read`](Self::mmio_read) and [`mmio_write`](Self::mmio_write);
+/// * `KVM_EXIT_IOAPIC_EOI`: [`end_of_interrupt`](Self::end_of_interrupt).
+///
+/// KVM reports the EOI of a vector only when a route on a pin below the reserved count is a
+/// level-triggered MSI to that local APIC, so the IOAPIC keeps one such route for each
+/// level-triggered entry (committed when the guest changes the entry, not per interrupt).
+#[derive(Clone)]
+pub struct Ioapic {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Ioapic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.lock();
+        f.debug_struct("Ioapic")
+            .field("sources", &s.sources.len())
+            .field("stats", &s.stats)
+            .finish()
+    }
+}
+
+impl Ioapic {
+    /// The IOAPIC of the split-irqchip VM `router` routes, in its reset state (every pin masked).
+    pub(crate) fn new(router: &GsiRouter) -> Ioapic {
+        Ioapic {
+            shared: Arc::new(Shared {
+                vm: router.vm().clone(),
+                router: router.clone(),
+                state: Mutex::new(State {
+                    regs: Registers::default(),
+                    routes: [None; IOAPIC_PINS],
+                    sources: HashMap::new(),
+                    next: 0,
+                    stats: IoapicStats::default(),
+                }),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change is made whole under the lock; a panic elsewhere leaves it consistent.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `msg` for `pin`.
+    fn deliver(&self, state: &mut State, pin: usize, msg: Option<MsiMessage>) -> Result<()> {
+        let Some(msg) = msg else { return Ok(()) };
+        sys::signal_msi(&self.shared.vm, msg.address, msg.data).map_err(|source| {
+            Error::SignalMsi {
+                pin: pin as u32,
+                address: msg.address,
+                data: msg.data,
+                source,
+            }
+        })?;
+        state.stats.delivered += 1;
+        Ok(())
+    }
+
+    /// A guest read at `offset` from [`IOAPIC_BASE`](super::IOAPIC_BASE): fills `data`.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().regs.read(offset, data);
+    }
+
+    /// A guest write at `offset` from [`IOAPIC_BASE`](super::IOAPIC_BASE). A redirection entry
+    /// that changes its level-triggered message changes KVM's route for the pin first; an
+    /// unmask then delivers what waited (an edge latched while masked, a level line held).
+    ///
+    /// # Errors
+    ///
+    /// Those of a routing commit ([`Error::SetRouting`], [`Error::RouteTableFull`]) and
+    /// [`Error::SignalMsi`]. The register keeps the guest's value either way.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut state = self.lock();
+        let Written::Entry(pin) = state.regs.write(offset, data) else {
+            return Ok(());
+        };
+        let route = state.regs.route(pin);
+        if route != state.routes[pin] {
+            self.shared.router.set_pin_routes(&[(pin as Gsi, route)])?;
+            state.routes[pin] = route;
+            state.stats.route_commits += 1;
+        }
+        let msg = state.regs.service(pin);
+        self.deliver(&mut state, pin, msg)
+    }
+
+    /// `KVM_EXIT_IOAPIC_EOI` for `vector`: each level pin awaiting that EOI has its remote IRR
+    /// cleared, its line lowered and each of its sources' resample notifiers signalled (the
+    /// device re-asserts while its condition holds).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if a resample write fails.
+    pub fn end_of_interrupt(&self, vector: u8) -> Result<()> {
+        let mut state = self.lock();
+        for pin in state.regs.end_of_interrupt(vector) {
+            state.stats.eois += 1;
+            let mut resamples = 0;
+            for source in state.sources.values_mut().filter(|s| s.pin == pin) {
+                if let Some((resample, asserted)) = source.level.as_mut() {
+                    *asserted = false;
+                    resample.notify()?;
+                    resamples += 1;
+                }
+            }
+            state.stats.resamples += resamples;
+            // Lowering never delivers.
+            let _ = state.regs.set_line(pin, false);
+        }
+        Ok(())
+    }
+
+    /// Redirection entry `pin` as the guest programmed it (with the IOAPIC's remote IRR), or
+    /// `None` past the last pin.
+    pub fn entry(&self, pin: usize) -> Option<Redirection> {
+        (pin < IOAPIC_PINS).then(|| self.lock().regs.entry(pin))
+    }
+
+    /// Whether `pin`'s line is asserted.
+    pub fn line(&self, pin: usize) -> bool {
+        pin < IOAPIC_PINS && self.lock().regs.line(pin)
+    }
+
+    /// What the IOAPIC has done.
+    pub fn stats(&self) -> IoapicStats {
+        self.lock().stats
+    }
+
+    /// A source on `pin`: an edge one, or with `resample` a level one. Returns its token.
+    pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> Result<u64> {
+        let level = match resample {
+            Some(r) => Some((r.try_clone()?, false)),
+            None => None,
+        };
+        let mut state = self.lock();
+        let token = state.next;
+        state.next += 1;
+        let pin = pin as usize;
+        debug_assert!(pin < IOAPIC_PINS);
+        state.sources.insert(token, Source { pin, level });
+        Ok(token)
+    }
+
+    /// Removes source `token`; a level source's assertion goes with it.
+    pub(crate) fn detach(&self, token: u64) {
+        let mut state = self.lock();
+        if let Some(s) = state.sources.remove(&token) {
+            if matches!(s.level, Some((_, true))) {
+                let held = state.held(s.pin, token);
+                let _ = state.regs.set_line(s.pin, held);
+            }
+        }
+    }
+
+    /// Edge source `token` fired: one edge on its pin.
+    pub(crate) fn pulse(&self, token: u64) -> Result<()> {
+        let mut state = self.lock();
+        let Some(pin) = state.sources.get(&token).map(|s| s.pin) else {
+            return Ok(());
+        };
+        let msg = state.regs.pulse(pin);
+        self.deliver(&mut state, pin, msg)
+    }
+
+    /// Level source `token` asserts its pin (until the EOI, or [`deassert`](Self::deassert)).
+    pub(crate) fn assert(&self, token: u64) -> Result<()> {
+        let mut state = self.lock();
+        let Some(source) = state.sources.get_mut(&token) else {
+            return Ok(());
+        };
+        let pin = source.pin;
+        if let Some((_, asserted)) = source.level.as_mut() {
+            *asserted = true;
+        }
+        let msg = state.regs.set_line(pin, true);
+        self.deliver(&mut state, pin, msg)
+    }
+
+    /// Level source `token`'s condition cleared: it stops holding its pin (the pin stays
+    /// asserted while another source holds it). Returns whether it held it.
+    pub(crate) fn deassert(&self, token: u64) -> bool {
+        let mut state = self.lock();
+        let Some(source) = state.sources.get_mut(&token) else {
+            return false;
+        };
+        let pin = source.pin;
+        let Some((_, asserted)) = source.level.as_mut().filter(|(_, a)| *a) else {
+            return false;
+        };
+        *asserted = false;
+        let held = state.held(pin, token);
+        let _ = state.regs.set_line(pin, held);
+        true
+    }
+}
