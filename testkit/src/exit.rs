@@ -1,6 +1,7 @@
 //! [`GuestExit`]: what reaches userspace from the guest, and the [`ExitHandler`] that serves it.
 
 use vm_notify::fallback::ExitDispatcher;
+use vm_notify::irqchip::{IOAPIC_BASE, IOAPIC_SIZE};
 use vm_notify::virtio::MmioNotify;
 
 /// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
@@ -40,7 +41,9 @@ pub enum GuestExit {
         len: u8,
     },
     /// With the split irqchip: the guest's local APIC took an EOI for `vector`, one KVM was told
-    /// to report (a level-triggered IOAPIC route's, `KVM_EXIT_IOAPIC_EOI`).
+    /// to report (a level-triggered IOAPIC route's, `KVM_EXIT_IOAPIC_EOI`). The kit gives it to
+    /// the VM's [`Ioapic`](vm_notify::irqchip::Ioapic) and records it in the report; exit
+    /// handlers do not see it (nor the guest's accesses to the IOAPIC's registers).
     IoapicEoi {
         /// The vector.
         vector: u8,
@@ -48,6 +51,19 @@ pub enum GuestExit {
 }
 
 impl GuestExit {
+    /// Whether this is an exit the kit serves for the split irqchip's IOAPIC: an access to its
+    /// registers or an EOI KVM reported for it.
+    pub fn is_ioapic(&self) -> bool {
+        let window = IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE;
+        match *self {
+            GuestExit::IoapicEoi { .. } => true,
+            GuestExit::MmioWrite { addr, .. } | GuestExit::MmioRead { addr, .. } => {
+                window.contains(&addr)
+            }
+            _ => false,
+        }
+    }
+
     /// Hands a write exit to `dispatcher` (the userspace path of a [`Backend`](vm_notify::fallback::Backend));
     /// returns whether a registration took it. Reads are never taken.
     ///

@@ -34,7 +34,7 @@ mod virtq;
 pub mod layout;
 
 pub use exit::{ExitHandler, GuestExit};
-pub use machine::TinyVm;
+pub use machine::{Irqchip, TinyVm};
 pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN};
 pub use program::{AssembledProgram, Eoi, GuestProgram};
 pub use report::{Outcome, RunReport};

@@ -76,10 +76,12 @@ impl TinyVm {
     }
 
     /// As [`with_vcpus`](Self::with_vcpus), on the split irqchip (`KVM_CAP_SPLIT_IRQCHIP`,
-    /// through [`Vm::with_split_irqchip`]): local APICs in the kernel, no PIC or IOAPIC there.
-    /// MSIs (routes, irqfds, MSI-X vectors) work as on the in-kernel irqchip; the legacy pins
-    /// are the VMM's, and an EOI of a level-triggered IOAPIC route's vector reaches the exit
-    /// handler as [`GuestExit::IoapicEoi`].
+    /// through [`Vm::with_split_irqchip`]): local APICs in the kernel, no PIC, the IOAPIC in
+    /// userspace. MSIs (routes, irqfds, MSI-X vectors) work as on the in-kernel irqchip; the
+    /// legacy pins are the [`Vm::ioapic`]'s, which the run loop serves: the guest's accesses to
+    /// its registers and each `KVM_EXIT_IOAPIC_EOI` ([`GuestExit::IoapicEoi`], recorded in the
+    /// report, not handed to the exit handler). A program for it must not touch the 8259 ports:
+    /// they exit to the handler like any unclaimed port.
     ///
     /// # Errors
     ///
@@ -87,6 +89,16 @@ impl TinyVm {
     /// `KVM_CAP_SPLIT_IRQCHIP` when KVM refuses it.
     pub fn with_split_irqchip(count: usize) -> Result<TinyVm> {
         TinyVm::build(None, count, Irqchip::Split)
+    }
+
+    /// A machine with `count` vCPUs on `irqchip`: [`with_vcpus`](Self::with_vcpus) or
+    /// [`with_split_irqchip`](Self::with_split_irqchip).
+    ///
+    /// # Errors
+    ///
+    /// Theirs.
+    pub fn with_irqchip(irqchip: Irqchip, count: usize) -> Result<TinyVm> {
+        TinyVm::build(None, count, irqchip)
     }
 
     /// As [`new`](Self::new), with `count` vCPUs (1 to [`MAX_VCPUS`](crate::layout::MAX_VCPUS)),
@@ -330,10 +342,11 @@ impl TinyVm {
         let stop = stop.clone();
         let memory = self.memory.clone();
         let vm = self.vm.clone();
+        let ioapic = self.notify.ioapic().cloned();
         thread::Builder::new()
             .name(format!("tiny-vcpu{index}"))
             .spawn(move || {
-                let report = run_loop(&mut vcpu, &stop, handler);
+                let report = run_loop(&mut vcpu, &stop, ioapic.as_ref(), handler);
                 // The VM, its memory and the vCPU go away only after the run.
                 drop((vcpu, memory, vm));
                 let _ = tx.send(report);
@@ -510,11 +523,16 @@ impl<H: ExitHandler> ExitHandler for Shared<H> {
     }
 }
 
-/// Where the machine's irqchip lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Irqchip {
+/// Where the machine's irqchip lives: what a test runs over when it is parameterised by irqchip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Irqchip {
     /// PIC, IOAPIC and local APICs in the kernel (`KVM_CREATE_IRQCHIP`).
     Kernel,
-    /// Local APICs in the kernel, the rest the VMM's (`KVM_CAP_SPLIT_IRQCHIP`).
+    /// Local APICs in the kernel, the IOAPIC vm-notify's (`KVM_CAP_SPLIT_IRQCHIP`), no PIC.
     Split,
+}
+
+impl Irqchip {
+    /// Both, in-kernel first.
+    pub const ALL: [Irqchip; 2] = [Irqchip::Kernel, Irqchip::Split];
 }

@@ -353,6 +353,28 @@ impl GuestProgram {
         self.mmio_write(window, low, 4)
     }
 
+    /// Takes IOAPIC pin `pin` as `vector` (fixed delivery to APIC 0, level- or edge-triggered)
+    /// on `irqchip`: on the in-kernel one both 8259s are masked first (the default routes send
+    /// legacy GSIs to them too); on the split one there is no PIC to mask. Then enables the local
+    /// APIC and programs the redirection entry. Clobbers `rax`, `rdx`, `al` and `dx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`].
+    pub fn take_ioapic_pin(
+        &mut self,
+        irqchip: crate::Irqchip,
+        pin: u8,
+        vector: u8,
+        level: bool,
+    ) -> Result<()> {
+        if irqchip == crate::Irqchip::Kernel {
+            self.init_pic(0x20, 0xffff, 0)?;
+        }
+        self.enable_lapic()?;
+        self.route_ioapic_pin(pin, vector, level)
+    }
+
     /// Writes `value` to [`HOST_PORT`]: the host's exit handler sees it, and the program goes
     /// on. Clobbers `eax`.
     ///

@@ -62,6 +62,22 @@ impl RunReport {
     pub fn pio_writes(&self, port: u16) -> usize {
         self.count(|e| matches!(e, GuestExit::PioWrite { port: p, .. } if *p == port))
     }
+
+    /// The number of exits the kit served for the split irqchip's IOAPIC (register accesses
+    /// and `KVM_EXIT_IOAPIC_EOI`); always 0 on the in-kernel irqchip.
+    pub fn ioapic_exits(&self) -> usize {
+        self.count(GuestExit::is_ioapic)
+    }
+
+    /// The number of `KVM_EXIT_IOAPIC_EOI` exits for `vector`.
+    pub fn ioapic_eois(&self, vector: u8) -> usize {
+        self.count(|e| matches!(e, GuestExit::IoapicEoi { vector: v } if *v == vector))
+    }
+
+    /// The number of exits handed to the exit handler: all but [`ioapic_exits`](Self::ioapic_exits).
+    pub fn handler_exits(&self) -> usize {
+        self.exits.len() - self.ioapic_exits()
+    }
 }
 
 impl fmt::Display for RunReport {

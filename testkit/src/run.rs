@@ -13,6 +13,7 @@ use crate::exit::{ExitHandler, GuestExit};
 use crate::layout::{DONE_PORT, UNEXPECTED_VECTOR_PORT};
 use crate::report::{Outcome, RunReport};
 use crate::{Error, Result};
+use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
 
 /// A program running on its vCPU threads (one per vCPU).
 #[derive(Debug)]
@@ -110,9 +111,20 @@ fn le_value(data: &[u8]) -> u64 {
     u64::from_le_bytes(buf)
 }
 
+/// Whether `addr` is in the IOAPIC's window; its offset there.
+fn ioapic_offset(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
+    let io = ioapic?;
+    let offset = addr.checked_sub(IOAPIC_BASE)?;
+    (offset < IOAPIC_SIZE).then_some((io, offset))
+}
+
+/// Runs the vCPU until the program ends, handing each exit to `handler`. On the split irqchip
+/// (`ioapic` given) the kit serves the IOAPIC itself: MMIO in its window and
+/// `KVM_EXIT_IOAPIC_EOI` go to the [`Ioapic`] and are recorded in the report, not handed on.
 pub(crate) fn run_loop(
     vcpu: &mut VcpuFd,
     stop: &AtomicBool,
+    ioapic: Option<&Ioapic>,
     mut handler: impl ExitHandler,
 ) -> RunReport {
     let start = Instant::now();
@@ -154,7 +166,14 @@ pub(crate) fn run_loop(
                     data: le_value(data),
                     len: data.len() as u8,
                 };
-                handler.handle(&exit, &mut []);
+                match ioapic_offset(ioapic, addr) {
+                    Some((io, offset)) => {
+                        if let Err(e) = io.mmio_write(offset, data) {
+                            break fault(vcpu, format!("IOAPIC write: {e}"));
+                        }
+                    }
+                    None => handler.handle(&exit, &mut []),
+                }
                 exit
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -163,12 +182,22 @@ pub(crate) fn run_loop(
                     len: data.len() as u8,
                 };
                 data.fill(0);
-                handler.handle(&exit, data);
+                match ioapic_offset(ioapic, addr) {
+                    Some((io, offset)) => io.mmio_read(offset, data),
+                    None => handler.handle(&exit, data),
+                }
                 exit
             }
             Ok(VcpuExit::IoapicEoi(vector)) => {
                 let exit = GuestExit::IoapicEoi { vector };
-                handler.handle(&exit, &mut []);
+                match ioapic {
+                    Some(io) => {
+                        if let Err(e) = io.end_of_interrupt(vector) {
+                            break fault(vcpu, format!("IOAPIC EOI: {e}"));
+                        }
+                    }
+                    None => handler.handle(&exit, &mut []),
+                }
                 exit
             }
             Ok(VcpuExit::Shutdown) => break fault(vcpu, "shutdown (triple fault)".into()),
