@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
 use vm_notify::kvm::{GsiRouter, IoEventAddress, MsiMessage, GSI_LIMIT, ROUTE_TABLE_LIMIT};
 use vm_notify::{Capability, Error, IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, TinyVm};
@@ -103,16 +104,17 @@ fn router_without_irqchip_is_refused() {
     assert!(e.to_string().contains("irqchip"), "{e}");
 }
 
-/// The split irqchip on a VM that already has the in-kernel one is KVM's EEXIST, typed; on a
-/// split-irqchip VM the legacy pins have no route (no in-kernel PIC or IOAPIC), so a level
-/// irqfd on one is refused before KVM is asked.
+/// The split irqchip on a VM that already has the in-kernel one is KVM's EEXIST, typed. On a
+/// split-irqchip VM the legacy pins are the userspace IOAPIC's: the root serves irqfds on them
+/// through it, while a kernel irqfd bound straight on the router, a backend without the IOAPIC,
+/// or a route change on a pin is refused with `IoapicPin` before KVM is asked.
 #[test]
 fn split_irqchip_refusals_are_typed() {
     kvm_test!();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
     vm.create_irq_chip().unwrap();
-    let e = vm_notify::Vm::with_split_irqchip(vm, vm_notify::fallback::Policy::Kernel).unwrap_err();
+    let e = vm_notify::Vm::with_split_irqchip(vm, Policy::Kernel).unwrap_err();
     assert!(
         matches!(&e, Error::SplitIrqchip { source } if source.raw_os_error() == Some(libc::EEXIST)),
         "{e:?}"
@@ -120,13 +122,31 @@ fn split_irqchip_refusals_are_typed() {
     assert!(e.to_string().contains("KVM_CAP_SPLIT_IRQCHIP"), "{e}");
 
     let split = TinyVm::with_split_irqchip(1).unwrap();
-    for pin in [4, 10] {
-        let e = split.notify().level_irqfd(pin).unwrap_err();
-        assert!(
-            matches!(e, Error::UnroutedGsi { gsi } if gsi == pin),
-            "{e:?}"
+    let router = split.router();
+    let n = notifier();
+    let bare = Backend::new(split.vm().clone(), Policy::Auto);
+    for pin in [4, 10, 23] {
+        let level = split.notify().level_irqfd(pin).unwrap();
+        assert_eq!(
+            level.placement(),
+            &Placement::Userspace(Fallback::SplitIrqchip)
         );
+        let pinned = |e: Error| matches!(e, Error::IoapicPin { gsi } if gsi == pin);
+        assert!(pinned(IrqFd::with_notifier(router, pin, &n).unwrap_err()));
+        assert!(pinned(bare.irqfd(router, pin, &n).unwrap_err()));
+        assert!(pinned(
+            router.set_msi(pin, MsiMessage::x86(0, 0x40)).unwrap_err()
+        ));
+        assert!(pinned(router.remove(pin).unwrap_err()));
+        assert_eq!(router.irqfds(pin), 0);
     }
+    // Above the pins, MSI routes work as on the in-kernel irqchip.
+    let gsi = split.notify().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    assert!(gsi >= 24);
+    assert_eq!(
+        split.notify().irqfd(gsi).unwrap().placement(),
+        &Placement::Kernel
+    );
 }
 
 #[test]

@@ -1,14 +1,16 @@
-//! Device → irqfd → guest handler, with a real guest: edge interrupts on a PIC line and on an MSI
-//! route, and kick/interrupt ping-pong — each on the kernel path (ioeventfd + irqfd) and on the
-//! userspace path (exit dispatcher + injector thread).
+//! Device → irqfd → guest handler, with a real guest: edge interrupts on a PIC line, on an IOAPIC
+//! pin and on an MSI route, and kick/interrupt ping-pong — each on the kernel path (ioeventfd +
+//! irqfd) and on the userspace path (exit dispatcher + injector thread). The IOAPIC pin and the
+//! MSI route run on both irqchips: on the split one the pin is vm-notify's IOAPIC's whatever the
+//! policy (the injector pulses it there).
 
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_notify::fallback::{Backend, Placement, Policy};
+use vm_notify::fallback::{Fallback, Placement, Policy};
 use vm_notify::kvm::{Gsi, MsiMessage};
 use vm_notify::{Attempt, IrqFd, Mode, Notifier, Width, WriteMatch};
-use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
+use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, Irqchip, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const ACK: u64 = 0xd000_0000;
@@ -23,6 +25,8 @@ enum Line {
     Pic { irq: u8 },
     /// An MSI route to the local APIC.
     Msi { vector: u8 },
+    /// An IOAPIC pin, edge-triggered, delivering `vector` to the local APIC.
+    Ioapic { pin: u8, vector: u8 },
 }
 
 const PIC_BASE: u8 = 0x20;
@@ -38,15 +42,16 @@ struct RoundTrips {
 
 /// `rounds` times: the guest kicks (ioeventfd), the device reads the kick and raises one
 /// interrupt, the guest's handler takes it, and the guest kicks again.
-fn round_trips(kind: Policy, line: Line, rounds: u64) -> RoundTrips {
-    let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+fn round_trips(chip: Irqchip, kind: Policy, line: Line, rounds: u64) -> RoundTrips {
+    let mut vm = TinyVm::with_irqchip(chip, 1).unwrap();
+    let backend = vm.notify().with_policy(kind).backend().clone();
     let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
         Line::Pic { irq } => (irq.into(), PIC_BASE + irq, Eoi::PicMaster),
         Line::Msi { vector } => {
             let gsi = vm.router().route_msi(MsiMessage::x86(0, vector)).unwrap();
             (gsi, vector, Eoi::Lapic)
         }
+        Line::Ioapic { pin, vector } => (pin.into(), vector, Eoi::Lapic),
     };
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let ack = backend
@@ -57,7 +62,13 @@ fn round_trips(kind: Policy, line: Line, rounds: u64) -> RoundTrips {
         .unwrap();
     let on_kernel = kind == Policy::Kernel;
     assert_eq!(ack.placement() == &Placement::Kernel, on_kernel);
-    assert_eq!(irq.placement() == &Placement::Kernel, on_kernel);
+    let pin_on_split = chip == Irqchip::Split && matches!(line, Line::Ioapic { .. });
+    let expected = match (on_kernel, pin_on_split) {
+        (_, true) => Placement::Userspace(Fallback::SplitIrqchip),
+        (true, false) => Placement::Kernel,
+        (false, false) => Placement::Userspace(Fallback::Requested),
+    };
+    assert_eq!(irq.placement(), &expected);
 
     let mut p = GuestProgram::new().unwrap();
     match line {
@@ -67,6 +78,7 @@ fn round_trips(kind: Policy, line: Line, rounds: u64) -> RoundTrips {
             p.init_pic(PIC_BASE, mask, 0).unwrap();
         }
         Line::Msi { .. } => p.enable_lapic().unwrap(),
+        Line::Ioapic { pin, vector } => p.take_ioapic_pin(chip, pin, vector, false).unwrap(),
     }
     p.on_interrupt(vector, eoi);
     p.repeat(rounds, |p| p.kick_and_wait(ACK, 0, Some(KICK_SLOT)))
@@ -105,12 +117,12 @@ fn round_trips(kind: Policy, line: Line, rounds: u64) -> RoundTrips {
         device_kicks,
         raised,
         guest_irqs: vm.irq_count(vector).unwrap(),
-        exits: report.exits.len(),
+        exits: report.handler_exits(),
         elapsed,
     };
     drop(ack);
     eprintln!(
-        "{kind:?} {line:?}: guest_kicks={} device_kicks={} raised={} guest_irqs={} exits={} in {:?} ({:.1} us per round trip)",
+        "{chip:?} irqchip, {kind:?} {line:?}: guest_kicks={} device_kicks={} raised={} guest_irqs={} exits={} in {:?} ({:.1} us per round trip)",
         result.guest_kicks,
         result.device_kicks,
         result.raised,
@@ -143,16 +155,38 @@ fn edge_irqfd_on_a_pic_line() {
     kvm_test!();
     let k = 5000;
     for kind in KINDS {
-        assert_all_equal(kind, &round_trips(kind, Line::Pic { irq: 4 }, k), k);
+        assert_all_equal(
+            kind,
+            &round_trips(Irqchip::Kernel, kind, Line::Pic { irq: 4 }, k),
+            k,
+        );
+    }
+}
+
+#[test]
+fn edge_irqfd_on_an_ioapic_pin_on_both_irqchips() {
+    kvm_test!();
+    let k = 3000;
+    let line = Line::Ioapic {
+        pin: 4,
+        vector: 0x34,
+    };
+    for chip in Irqchip::ALL {
+        for kind in KINDS {
+            assert_all_equal(kind, &round_trips(chip, kind, line, k), k);
+        }
     }
 }
 
 #[test]
 fn edge_irqfd_on_an_msi_route() {
     kvm_test!();
-    let k = 5000;
-    for kind in KINDS {
-        assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x41 }, k), k);
+    let k = 3000;
+    for chip in Irqchip::ALL {
+        for kind in KINDS {
+            let line = Line::Msi { vector: 0x41 };
+            assert_all_equal(kind, &round_trips(chip, kind, line, k), k);
+        }
     }
 }
 
@@ -161,7 +195,8 @@ fn ping_pong_kick_and_interrupt() {
     kvm_test!();
     let n = 20_000;
     for kind in KINDS {
-        assert_all_equal(kind, &round_trips(kind, Line::Msi { vector: 0x40 }, n), n);
+        let line = Line::Msi { vector: 0x40 };
+        assert_all_equal(kind, &round_trips(Irqchip::Kernel, kind, line, n), n);
     }
 }
 
