@@ -344,11 +344,27 @@ impl GuestProgram {
     ///
     /// [`Error::Assemble`].
     pub fn route_ioapic_pin(&mut self, pin: u8, vector: u8, level: bool) -> Result<()> {
+        self.route_ioapic_pin_to(pin, vector, level, 0)
+    }
+
+    /// As [`route_ioapic_pin`](Self::route_ioapic_pin), delivering to local APIC `apic_id`
+    /// (physical destination mode).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`].
+    pub fn route_ioapic_pin_to(
+        &mut self,
+        pin: u8,
+        vector: u8,
+        level: bool,
+        apic_id: u8,
+    ) -> Result<()> {
         let low = u64::from(vector) | if level { 1 << 15 } else { 0 };
         let select = IOAPIC;
         let window = IOAPIC + 0x10;
         self.mmio_write(select, 0x11 + 2 * u64::from(pin), 4)?;
-        self.mmio_write(window, 0, 4)?; // destination APIC 0
+        self.mmio_write(window, u64::from(apic_id) << 24, 4)?;
         self.mmio_write(select, 0x10 + 2 * u64::from(pin), 4)?;
         self.mmio_write(window, low, 4)
     }
