@@ -104,7 +104,7 @@ impl GuestInterrupt for IrqFd {
     }
 
     fn eventfd(&self) -> Result<Notifier> {
-        self.notifier().try_clone()
+        Ok(self.notifier().share())
     }
 }
 
@@ -114,7 +114,7 @@ impl GuestInterrupt for LevelIrqFd {
     }
 
     fn eventfd(&self) -> Result<Notifier> {
-        self.notifier().try_clone()
+        Ok(self.notifier().share())
     }
 
     fn deassert(&self) -> Result<bool> {
@@ -235,7 +235,7 @@ impl GuestInterrupt for RecordingInterrupt {
     }
 
     fn eventfd(&self) -> Result<Notifier> {
-        self.eventfd.try_clone()
+        Ok(self.eventfd.share())
     }
 
     fn deassert(&self) -> Result<bool> {

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE};
@@ -75,9 +76,17 @@ impl<T> Attempt<T> {
 /// assert_eq!(kicks.try_read()?, Attempt::WouldBlock);
 /// # Ok::<(), vm_notify::Error>(())
 /// ```
+///
+/// # Handles and descriptors
+///
+/// A `Notifier` is a handle to one eventfd. [`share`](Self::share) makes another handle to the
+/// same descriptor (no new descriptor; the eventfd closes when the last handle goes), which is
+/// what every registration keeps of the notifier it was made with: a queue's kick and its
+/// interrupt cost two descriptors however many registrations refer to them.
+/// [`try_clone`](Self::try_clone) makes a second descriptor, for code that needs one of its own.
 #[derive(Debug)]
 pub struct Notifier {
-    fd: EventFd,
+    fd: Arc<EventFd>,
     mode: Mode,
 }
 
@@ -93,7 +102,10 @@ impl Notifier {
             flags |= EFD_SEMAPHORE;
         }
         let fd = EventFd::new(flags).map_err(|e| Error::eventfd("create", e))?;
-        Ok(Notifier { fd, mode })
+        Ok(Notifier {
+            fd: Arc::new(fd),
+            mode,
+        })
     }
 
     /// Adopts an eventfd made elsewhere — the kick or call fd a vhost-user backend receives over
@@ -145,7 +157,10 @@ impl Notifier {
         // SAFETY: the descriptor comes from an `OwnedFd`, so it is open and owned by nothing
         // else; the `EventFd` takes that ownership.
         let fd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
-        Ok(Notifier { fd, mode })
+        Ok(Notifier {
+            fd: Arc::new(fd),
+            mode,
+        })
     }
 
     /// The read mode chosen at creation.
@@ -251,7 +266,17 @@ impl Notifier {
         Ok(self.poll(libc::POLLIN, 0)? & libc::POLLIN != 0)
     }
 
-    /// A second descriptor for the same counter, for another thread.
+    /// Another handle to the same eventfd (the same descriptor; no new one is opened), for
+    /// another thread or a registration. The descriptor closes when the last handle is dropped.
+    pub fn share(&self) -> Self {
+        Notifier {
+            fd: self.fd.clone(),
+            mode: self.mode,
+        }
+    }
+
+    /// A second descriptor for the same counter (`dup`), for code that needs a descriptor of its
+    /// own; [`share`](Self::share) costs none.
     ///
     /// # Errors
     ///
@@ -262,7 +287,7 @@ impl Notifier {
             .try_clone()
             .map_err(|e| Error::eventfd("clone", e))?;
         Ok(Notifier {
-            fd,
+            fd: Arc::new(fd),
             mode: self.mode,
         })
     }
@@ -319,8 +344,32 @@ impl AsFd for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::thread;
+
+    /// The descriptor behind a notifier is open.
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD reads the descriptor flags of `fd`, or fails with EBADF; nothing else.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags >= 0
+    }
+
+    #[test]
+    fn shared_handles_are_one_descriptor_and_one_counter() {
+        let a = Notifier::new(Mode::Counter).unwrap();
+        let b = a.share();
+        assert_eq!(a.as_raw_fd(), b.as_raw_fd(), "no new descriptor");
+        b.add(3).unwrap();
+        assert_eq!(a.read().unwrap(), 3);
+        let c = a.try_clone().unwrap();
+        assert_ne!(c.as_raw_fd(), a.as_raw_fd(), "try_clone opens one");
+        let fd = a.as_raw_fd();
+        drop(a);
+        assert!(is_open(fd), "open while a handle is left");
+        c.notify().unwrap();
+        assert_eq!(b.read().unwrap(), 1);
+        // That the last handle closes it is counted in tests/descriptors.rs, alone in its
+        // process: here another test's descriptor could take the number at once.
+    }
 
     /// A descriptor of an eventfd made elsewhere (here: a plain blocking eventfd, as a backend
     /// library might make, duplicated as if received over a socket) keeps the counter and the

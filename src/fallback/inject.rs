@@ -127,18 +127,12 @@ impl Injector {
         ioapic: Option<&Ioapic>,
     ) -> Result<u64> {
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        let level = match resample {
-            Some(r) => Some(Level {
-                resample: r.try_clone()?,
-                asserted: false,
-            }),
-            None => None,
-        };
-        let trigger_clone = trigger.try_clone()?;
-        let pin = match ioapic {
-            Some(io) => Some((io.clone(), io.attach(gsi, resample)?)),
-            None => None,
-        };
+        let level = resample.map(|r| Level {
+            resample: r.share(),
+            asserted: false,
+        });
+        let trigger_clone = trigger.share();
+        let pin = ioapic.map(|io| (io.clone(), io.attach(gsi, resample)));
         let line = Line {
             gsi,
             trigger: trigger_clone,

@@ -114,7 +114,7 @@ impl IoEvent {
         &self.placement
     }
 
-    /// The registration's own descriptor of the notifier.
+    /// The registration's handle to the notifier.
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
     }

@@ -36,14 +36,14 @@ enum Delivery {
 }
 
 impl Delivery {
-    /// A kernel irqfd: `trigger` (a descriptor of it) assigned with `KVM_IRQFD`.
+    /// A kernel irqfd: `trigger` (a handle to it) assigned with `KVM_IRQFD`.
     fn kernel(
         router: &GsiRouter,
         gsi: Gsi,
         trigger: &Notifier,
         resample: Option<&Notifier>,
     ) -> Result<Delivery> {
-        Binding::assign(router, gsi, trigger.try_clone()?, resample)
+        Binding::assign(router, gsi, trigger.share(), resample)
             .map(Delivery::Kernel)
             .map_err(|(e, _)| e)
     }
@@ -59,7 +59,7 @@ impl Delivery {
         resample: Option<&Notifier>,
         ioapic: Option<&Ioapic>,
     ) -> Result<Delivery> {
-        let trigger = trigger.try_clone()?;
+        let trigger = trigger.share();
         // Counted on the router first, then added to the injector outside the router's lock:
         // the injector thread takes its own lock and then the router's, never the other way.
         let router = match ioapic {
@@ -176,8 +176,8 @@ impl IrqFd {
         IrqFd::with_notifier(router, gsi, &Notifier::new(Mode::Counter)?)
     }
 
-    /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps its own descriptor
-    /// of the notifier. A count already in the notifier is injected at once.
+    /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps a handle to the
+    /// notifier (the same descriptor). A count already in the notifier is injected at once.
     ///
     /// # Errors
     ///
@@ -222,7 +222,7 @@ impl IrqFd {
         self.delivery.gsi()
     }
 
-    /// The irqfd's own descriptor of the notifier (clone it for another thread).
+    /// The irqfd's handle to the notifier ([`share`](Notifier::share) it for another thread).
     pub fn notifier(&self) -> &Notifier {
         self.delivery.trigger()
     }
@@ -299,7 +299,7 @@ impl LevelIrqFd {
         trigger: &Notifier,
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
-        let resample = resample.try_clone()?;
+        let resample = resample.share();
         Ok(LevelIrqFd {
             delivery: Delivery::kernel(router, gsi, trigger, Some(&resample))?,
             resample,
@@ -316,7 +316,7 @@ impl LevelIrqFd {
         ioapic: Option<&Ioapic>,
         why: Fallback,
     ) -> Result<LevelIrqFd> {
-        let resample = resample.try_clone()?;
+        let resample = resample.share();
         Ok(LevelIrqFd {
             delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample), ioapic)?,
             resample,
@@ -364,7 +364,7 @@ impl LevelIrqFd {
         self.delivery.gsi()
     }
 
-    /// The irqfd's own descriptor of the trigger notifier.
+    /// The irqfd's handle to the trigger notifier.
     pub fn notifier(&self) -> &Notifier {
         self.delivery.trigger()
     }

@@ -195,7 +195,7 @@ impl Backend {
     /// [`IoEventFd::register`].
     pub fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         let req = write.request()?;
-        let notifier = Arc::new(notifier.try_clone()?);
+        let notifier = Arc::new(notifier.share());
         let why = match (self.policy, self.gap(write.capabilities())) {
             (Policy::Userspace, _) => Fallback::Requested,
             (Policy::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {

@@ -197,18 +197,15 @@ impl Ioapic {
     }
 
     /// A source on `pin`: an edge one, or with `resample` a level one. Returns its token.
-    pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> Result<u64> {
-        let level = match resample {
-            Some(r) => Some((r.try_clone()?, false)),
-            None => None,
-        };
+    pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> u64 {
+        let level = resample.map(|r| (r.share(), false));
         let mut state = self.lock();
         let token = state.next;
         state.next += 1;
         let pin = pin as usize;
         debug_assert!(pin < IOAPIC_PINS);
         state.sources.insert(token, Source { pin, level });
-        Ok(token)
+        token
     }
 
     /// Removes source `token`; a level source's assertion goes with it.

@@ -188,7 +188,8 @@ impl fmt::Debug for IoEventFd {
 
 impl IoEventFd {
     /// Assigns `notifier` in the kernel for the guest writes `write` describes. The registration
-    /// keeps its own descriptor of the notifier; the caller keeps theirs.
+    /// keeps a handle to the notifier ([`Notifier::share`]: the same descriptor, none opened), so
+    /// the eventfd stays open while it is registered.
     ///
     /// # Errors
     ///
@@ -200,7 +201,7 @@ impl IoEventFd {
     pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEventFd> {
         let req = write.request()?;
         Capabilities::probe(vm).require(write.capabilities())?;
-        IoEventFd::assign(vm, write, req, Arc::new(notifier.try_clone()?))
+        IoEventFd::assign(vm, write, req, Arc::new(notifier.share()))
     }
 
     /// `KVM_IOEVENTFD` for a validated `write` whose capabilities the caller checked.
@@ -224,7 +225,7 @@ impl IoEventFd {
         self.write
     }
 
-    /// The registration's own descriptor of the notifier.
+    /// The registration's handle to the notifier.
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
     }

@@ -406,13 +406,13 @@ impl MsixVectors {
     pub fn notifier(&self, index: usize) -> Result<Notifier> {
         let mut v = self.inner.vector(index)?;
         match &v.line {
-            Line::Attached(b) => b.trigger().try_clone(),
-            Line::Detached(n) => n.try_clone(),
+            Line::Attached(b) => Ok(b.trigger().share()),
+            Line::Detached(n) => Ok(n.share()),
             Line::None => {
                 let n = Notifier::new(Mode::Counter)?;
-                let clone = n.try_clone()?;
+                let shared = n.share();
                 v.line = Line::Detached(n);
-                Ok(clone)
+                Ok(shared)
             }
         }
     }

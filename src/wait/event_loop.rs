@@ -122,7 +122,7 @@ impl EventLoop {
         }
     }
 
-    /// Watches `notifier` (the loop keeps its own descriptor) under `token`.
+    /// Watches `notifier` (the loop keeps a handle to it) under `token`.
     ///
     /// # Errors
     ///
@@ -133,7 +133,7 @@ impl EventLoop {
         if token == STOP_TOKEN || w.contains_key(&token) {
             return Err(Error::EventLoopToken { token });
         }
-        let n = notifier.try_clone()?;
+        let n = notifier.share();
         self.epoll
             .ctl(
                 ControlOperation::Add,

@@ -59,7 +59,7 @@ impl<F: FnMut(u32, u64)> NotifierSubscriber<F> {
         }
     }
 
-    /// Watches `notifier` (a descriptor of it is kept) under `token`. Call before the
+    /// Watches `notifier` (a handle to it is kept) under `token`. Call before the
     /// subscriber is added to the event manager, which registers everything watched then.
     ///
     /// # Errors
@@ -71,7 +71,7 @@ impl<F: FnMut(u32, u64)> NotifierSubscriber<F> {
                 token: token.into(),
             });
         }
-        self.watched.push((token, notifier.try_clone()?));
+        self.watched.push((token, notifier.share()));
         Ok(())
     }
 
