@@ -76,7 +76,9 @@ fn no_descriptor_survives_exec() {
         "the library opened {} descriptors; the exec'd child sees {child:?} (inherited on purpose by this process: {inherited:?})",
         ours.len()
     );
-    assert!(ours.len() > 15, "the library should hold many: {ours:?}");
+    // Seven notifiers, the vector's eventfd, two epoll loops with their stop eventfds, the VM, its
+    // vCPU and its memory file: at least ten, however the registrations share them.
+    assert!(ours.len() >= 10, "the library should hold many: {ours:?}");
     // ...and none reaches the child: it has its standard three, the one `ls` reads the directory
     // with, and what this process itself inherited.
     let leaked: Vec<u32> = child
