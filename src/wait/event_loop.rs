@@ -4,7 +4,9 @@
 //! and their counts (the value read: the kicks since the last read in counter mode, 1 in
 //! semaphore mode — a semaphore notifier with more pending fires again at the next wait). A
 //! [`StopHandle`] stops the loop from any thread: the wait in progress returns
-//! [`Wake::Stopped`], and so does every later one.
+//! [`Wake::Stopped`], and so does every later one. A stopped wait reads nothing: a notification
+//! that arrived with the stop stays in its notifier, for whoever serves the queue next (a device
+//! quiesced for a snapshot loses no kick).
 //!
 //! ```
 //! use std::time::Duration;
@@ -45,7 +47,7 @@ const STOP_TOKEN: u64 = u64::MAX;
 pub enum Wake {
     /// At least one notifier fired; the ready list holds them.
     Ready,
-    /// The loop was stopped.
+    /// The loop was stopped. Nothing was read: the notifiers keep their counts.
     Stopped,
     /// The timeout passed with nothing ready.
     TimedOut,
@@ -175,8 +177,10 @@ impl EventLoop {
     }
 
     /// Waits until a notifier fires, the loop is stopped, or `timeout` passes (`None`: no
-    /// timeout). `ready` is cleared and filled with `(token, count)` for each notifier read —
-    /// also when the result is [`Wake::Stopped`], if notifiers fired in the same wake-up.
+    /// timeout). `ready` is cleared and filled with `(token, count)` for each notifier read. A
+    /// stop wins over notifiers that fired in the same wake-up: the result is
+    /// [`Wake::Stopped`], `ready` stays empty and their counts stay in them, so a caller that
+    /// leaves its loop on `Stopped` drops no notification.
     ///
     /// # Errors
     ///
@@ -185,6 +189,9 @@ impl EventLoop {
         ready.clear();
         let mut tokens = Vec::new();
         let wake = self.wait_tokens(timeout, &mut tokens)?;
+        if wake == Wake::Stopped {
+            return Ok(Wake::Stopped);
+        }
         let w = self.lock();
         for token in tokens {
             if let Some(notifier) = w.get(&token) {
@@ -237,7 +244,8 @@ impl EventLoop {
         })
     }
 
-    /// Calls `on_ready(token, count)` for every notifier that fires, until the loop is stopped.
+    /// Calls `on_ready(token, count)` for every notifier that fires, until the loop is stopped
+    /// (what fired with the stop is left in the notifiers, unread).
     ///
     /// # Errors
     ///
@@ -261,6 +269,27 @@ mod tests {
     use super::*;
     use std::thread;
     use std::time::Instant;
+
+    /// A stop that comes with notifications reads none of them: they stay for the next reader.
+    #[test]
+    fn a_stopped_wait_reads_nothing() {
+        let l = EventLoop::new().unwrap();
+        let kick = Notifier::new(Mode::Counter).unwrap();
+        l.add(7, &kick).unwrap();
+        kick.add(2).unwrap();
+        l.stop_handle().stop().unwrap();
+        let mut ready = vec![(1, 1)];
+        assert_eq!(l.wait(None, &mut ready).unwrap(), Wake::Stopped);
+        assert!(ready.is_empty());
+        assert_eq!(kick.peek().unwrap(), 2, "the kicks are still there");
+        let mut calls = 0;
+        l.run(|_, _| {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((calls, kick.read().unwrap()), (0, 2));
+    }
 
     #[test]
     fn reports_which_fired_and_counts() {
