@@ -266,6 +266,32 @@ impl Notifier {
         Ok(self.poll(libc::POLLIN, 0)? & libc::POLLIN != 0)
     }
 
+    /// The counter's value, read without changing it: `/proc/self/fdinfo` shows the count the
+    /// kernel holds, taken under the eventfd's lock, so the read is atomic and nothing is written
+    /// back — a notification arriving meanwhile stays in the counter (a read followed by a
+    /// write-back could lose or reorder one against a concurrent reader). For snapshots.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if fdinfo cannot be read or shows no count.
+    pub fn peek(&self) -> Result<u64> {
+        let raw = self.fd.as_raw_fd();
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|source| {
+                Error::Notifier {
+                    op: "read fdinfo",
+                    source,
+                }
+            })?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("eventfd-count:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| Error::Notifier {
+                op: "read the count in fdinfo",
+                source: io::Error::from(io::ErrorKind::InvalidData),
+            })
+    }
+
     /// Another handle to the same eventfd (the same descriptor; no new one is opened), for
     /// another thread or a registration. The descriptor closes when the last handle is dropped.
     pub fn share(&self) -> Self {
@@ -351,6 +377,19 @@ mod tests {
         // SAFETY: F_GETFD reads the descriptor flags of `fd`, or fails with EBADF; nothing else.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         flags >= 0
+    }
+
+    #[test]
+    fn peek_reads_without_consuming() {
+        for mode in [Mode::Counter, Mode::Semaphore] {
+            let n = Notifier::new(mode).unwrap();
+            assert_eq!(n.peek().unwrap(), 0);
+            n.add(0x1234_5678_9abc).unwrap();
+            assert_eq!(n.peek().unwrap(), 0x1234_5678_9abc);
+            assert_eq!(n.peek().unwrap(), 0x1234_5678_9abc, "still there");
+            n.add(COUNTER_MAX - 0x1234_5678_9abc).unwrap();
+            assert_eq!(n.peek().unwrap(), COUNTER_MAX);
+        }
     }
 
     #[test]
