@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Where a guest write lands: the MMIO bus or the port I/O bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum IoEventAddress {
     /// A guest-physical MMIO address.
     Mmio(u64),
@@ -31,6 +32,7 @@ impl fmt::Display for IoEventAddress {
 
 /// The width of the guest writes a registration matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Width {
     /// Any write width (kernel length 0); cannot carry a datamatch. On Intel EPT hosts an
     /// any-width MMIO registration takes KVM's fast MMIO path.

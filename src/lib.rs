@@ -104,7 +104,7 @@ pub use error::{Capability, Error, Result};
 pub use fallback::{IoEvent, IrqFd, LevelIrqFd};
 pub use kvm::WriteMatch;
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
-pub use vm::Vm;
+pub use vm::{Batch, Vm};
 
 /// The README's code, compiled as a doctest.
 #[cfg(doctest)]

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use kvm_ioctls::VmFd;
 
 use crate::error::{Capability, Result};
-use crate::fallback::{Backend, ExitDispatcher, IoEvent, IrqFd, LevelIrqFd, Policy};
+use crate::fallback::{
+    Backend, ExitDispatcher, IoEvent, IrqFd, LevelIrqFd, LevelLineState, Policy,
+};
 use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage, WriteMatch};
 use crate::msix::MsixVectors;
 use crate::notifier::{Mode, Notifier};
-use crate::virtio::{MmioDevice, MmioNotify, PciLayout, PciNotify};
+use crate::virtio::{MmioDevice, MmioNotify, PciLayout, PciNotify, PciNotifyState};
 
 /// A VM's notifications, in one place: the VM descriptor, its GSI routing table and the
 /// placement policy (with its exit dispatcher and injector thread). Every registration is made
@@ -197,6 +199,75 @@ impl Vm {
         MmioNotify::new(&self.backend, &self.router, device)
     }
 
+    /// The device of a saved virtio-pci state, on this VM (see [`PciNotify::restore`]). Restore
+    /// the vCPUs' local APICs first: a pending interrupt this delivers lands in them.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`PciNotify::restore`].
+    pub fn restore_virtio_pci(&self, state: &PciNotifyState) -> Result<PciNotify> {
+        PciNotify::restore(&self.backend, &self.router, state)
+    }
+
+    /// A level line of a saved state, on this VM: a new [`LevelIrqFd`] on the same GSI (placed
+    /// by this root's policy) with the unread triggers written to it and the unread resamples to
+    /// its resample notifier, so the device reads what it had not read yet.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`level_irqfd`](Self::level_irqfd), and [`Error::Notifier`](crate::Error::Notifier).
+    pub fn restore_level_irqfd(&self, state: &LevelLineState) -> Result<LevelIrqFd> {
+        let line = self.level_irqfd(state.gsi)?;
+        if state.unread_resamples > 0 {
+            line.resample().add(state.unread_resamples)?;
+        }
+        if state.unread_triggers > 0 {
+            line.notifier().add(state.unread_triggers)?;
+        }
+        Ok(line)
+    }
+
+    /// Makes many registrations in one call: each kick in `kicks` (guest writes adding to a
+    /// notifier) registered back to back, and each interrupt in `interrupts` an MSI route — all
+    /// of them in **one** routing commit — with an irqfd on its notifier. All or nothing: on an
+    /// error what was made is undone and the error returned. The [`Batch`] tears everything down
+    /// together when dropped (or at [`Batch::teardown`]): the ioeventfds back to back, the
+    /// irqfds back to back, then every route in one commit.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ioevent`](Self::ioevent), [`Transaction::add_msi`](crate::kvm::Transaction::add_msi),
+    /// [`Transaction::commit`](crate::kvm::Transaction::commit) and
+    /// [`irqfd_with`](Self::irqfd_with).
+    pub fn batch(
+        &self,
+        kicks: &[(WriteMatch, &Notifier)],
+        interrupts: &[(MsiMessage, &Notifier)],
+    ) -> Result<Batch> {
+        let mut batch = Batch {
+            ioevents: Vec::with_capacity(kicks.len()),
+            irqfds: Vec::with_capacity(interrupts.len()),
+            gsis: Vec::new(),
+            router: self.router.clone(),
+        };
+        for &(write, notifier) in kicks {
+            batch.ioevents.push(self.ioevent(write, notifier)?);
+        }
+        if !interrupts.is_empty() {
+            let mut tx = self.router.transaction();
+            let gsis = interrupts
+                .iter()
+                .map(|&(msg, _)| tx.add_msi(msg))
+                .collect::<Result<Vec<Gsi>>>()?;
+            tx.commit()?;
+            batch.gsis = gsis;
+        }
+        for (&gsi, &(_, notifier)) in batch.gsis.clone().iter().zip(interrupts) {
+            batch.irqfds.push(self.irqfd_with(gsi, notifier)?);
+        }
+        Ok(batch)
+    }
+
     /// The notification half of a virtio-pci device whose queues interrupt on `vectors` (see
     /// [`PciNotify::new`]).
     ///
@@ -205,5 +276,68 @@ impl Vm {
     /// Those of [`PciNotify::new`].
     pub fn virtio_pci(&self, layout: &PciLayout, vectors: &MsixVectors) -> Result<PciNotify> {
         PciNotify::new(&self.backend, layout, vectors)
+    }
+}
+
+/// Registrations made together by [`Vm::batch`] and torn down together: dropping it unregisters
+/// the ioeventfds back to back, deassigns the irqfds back to back and removes their routes in one
+/// routing commit.
+#[must_use = "dropping a Batch unregisters everything in it at once"]
+pub struct Batch {
+    ioevents: Vec<IoEvent>,
+    irqfds: Vec<IrqFd>,
+    gsis: Vec<Gsi>,
+    router: GsiRouter,
+}
+
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch")
+            .field("ioevents", &self.ioevents.len())
+            .field("irqfds", &self.irqfds.len())
+            .finish()
+    }
+}
+
+impl Batch {
+    /// The kicks' registrations, in the order given.
+    pub fn ioevents(&self) -> &[IoEvent] {
+        &self.ioevents
+    }
+
+    /// The interrupts' irqfds, in the order given (each knows its GSI).
+    pub fn irqfds(&self) -> &[IrqFd] {
+        &self.irqfds
+    }
+
+    /// Tears the batch down now (as dropping it does) and reports the routing commit's error,
+    /// which a drop can only ignore.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Transaction::commit`](crate::kvm::Transaction::commit) for the route removal.
+    pub fn teardown(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        // Vec::clear drops in order: the ioeventfds back to back, then the irqfds, each
+        // deassigned before its route goes.
+        self.ioevents.clear();
+        self.irqfds.clear();
+        if self.gsis.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.router.transaction();
+        for gsi in std::mem::take(&mut self.gsis) {
+            tx.remove(gsi)?;
+        }
+        tx.commit()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = self.release();
     }
 }

@@ -233,6 +233,23 @@ impl IrqFd {
     }
 }
 
+/// A level line's notification state, saved by [`LevelIrqFd::save`] and restored by
+/// [`Vm::restore_level_irqfd`](crate::Vm::restore_level_irqfd).
+///
+/// Whether the line is asserted belongs to the device (its interrupt condition, which it
+/// re-asserts after a restore while it holds) and to the irqchip (the VM's state); what the
+/// notification layer holds in between are the two counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LevelLineState {
+    /// The GSI the line asserts.
+    pub gsi: Gsi,
+    /// Triggers written and not yet taken by the kernel or the injector.
+    pub unread_triggers: u64,
+    /// Resamples signalled and not yet read by the device.
+    pub unread_resamples: u64,
+}
+
 /// A level-triggered irqfd with a resample notifier. Dropping it deassigns the irqfd (and
 /// lowers the line).
 ///
@@ -372,5 +389,18 @@ impl LevelIrqFd {
     /// Whether KVM asserts the line (an irqfd) or the injector thread does, and why.
     pub fn placement(&self) -> &Placement {
         &self.placement
+    }
+
+    /// The line's counters, read without consuming them ([`Notifier::peek`]), for a snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`](crate::Error::Notifier) if a counter cannot be read.
+    pub fn save(&self) -> Result<LevelLineState> {
+        Ok(LevelLineState {
+            gsi: self.gsi(),
+            unread_triggers: self.notifier().peek()?,
+            unread_resamples: self.resample.peek()?,
+        })
     }
 }

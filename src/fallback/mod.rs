@@ -35,7 +35,7 @@ use kvm_ioctls::VmFd;
 
 pub use dispatch::ExitDispatcher;
 pub use ioevent::IoEvent;
-pub use irqfd::{IrqFd, LevelIrqFd};
+pub use irqfd::{IrqFd, LevelIrqFd, LevelLineState};
 pub use placement::{Fallback, Placement};
 
 #[cfg(feature = "fuzzing")]

@@ -33,6 +33,7 @@ use crate::sys::{self, Capabilities, IoEventRequest};
 /// assert!(WriteMatch::pio(0x510).width(Width::W8).validate().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct WriteMatch {
     addr: IoEventAddress,
     width: Width,

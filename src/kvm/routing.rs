@@ -65,6 +65,7 @@ impl IrqChip {
 
 /// An MSI message: what a device writes, and where, to interrupt a CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MsiMessage {
     /// The message address (`0xfee0_0000 | dest_apic_id << 12` on x86).
     pub address: u64,

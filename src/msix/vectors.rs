@@ -12,6 +12,7 @@ use crate::notifier::{Attempt, Mode, Notifier};
 
 /// One vector's state, as saved and restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VectorState {
     /// The message address and data from the table.
     pub message: MsiMessage,
@@ -34,6 +35,7 @@ impl Default for VectorState {
 
 /// The whole MSI-X state of a function, for snapshot and migration.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MsixState {
     /// Message control: MSI-X enable.
     pub enabled: bool,

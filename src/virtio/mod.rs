@@ -54,7 +54,7 @@ use crate::kvm::WriteMatch;
 use crate::notifier::{Mode, Notifier};
 
 pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
-pub use pci::{PciLayout, PciNotify, QueueVector};
+pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState, QueueVector};
 #[cfg(feature = "virtio-queue")]
 pub use serve::{Moderation, QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
 

@@ -9,14 +9,15 @@ use super::{notified_queue, Queues, VirtQueueNotify, NO_VECTOR};
 use crate::device::GuestInterrupt;
 use crate::error::{Capability, Error, Result};
 use crate::fallback::{Backend, Placement};
-use crate::kvm::{IoEventAddress, Width, WriteMatch};
-use crate::msix::MsixVectors;
+use crate::kvm::{GsiRouter, IoEventAddress, Width, WriteMatch};
+use crate::msix::{MsixState, MsixVectors};
 use crate::notifier::Notifier;
 
 /// Where a virtio-pci function's queues are notified: the arguments of
 /// [`Vm::virtio_pci`](crate::Vm::virtio_pci) and [`PciNotify::new`], as the notify capability
 /// and the common configuration state them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PciLayout {
     /// The guest-physical address of the notify region (`cap.offset` within its BAR, plus the
     /// BAR's address).
@@ -94,10 +95,39 @@ impl GuestInterrupt for QueueVector {
     }
 }
 
+/// One queue's part of a [`PciNotifyState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PciQueueState {
+    /// The guest writes its registration took.
+    pub write: WriteMatch,
+    /// Its `queue_msix_vector`.
+    pub vector: u16,
+    /// Guest notifications in its kick counter that the device had not read when it was saved.
+    pub unread_kicks: u64,
+}
+
+/// A virtio-pci device's notification state, saved by [`PciNotify::save`] and restored by
+/// [`Vm::restore_virtio_pci`](crate::Vm::restore_virtio_pci) (on a fresh VM after migration, or
+/// on the same one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PciNotifyState {
+    /// Where the queues are notified.
+    pub layout: PciLayout,
+    /// Every queue, in order.
+    pub queues: Vec<PciQueueState>,
+    /// The configuration's `config_msix_vector`.
+    pub config_vector: u16,
+    /// The function's MSI-X vectors, pending bits included.
+    pub msix: MsixState,
+}
+
 /// The notification half of a virtio-pci device: per-queue notify addresses and MSI-X vectors.
 /// Dropping it unregisters the notify addresses.
 #[derive(Debug)]
 pub struct PciNotify {
+    layout: PciLayout,
     /// Each queue's notify address, queue 0 first.
     addresses: Vec<u64>,
     queues: Queues,
@@ -149,6 +179,7 @@ impl PciNotify {
             queue_vectors.push(vector);
         }
         Ok(PciNotify {
+            layout: layout.clone(),
             addresses,
             queues,
             queue_vectors,
@@ -231,5 +262,66 @@ impl PciNotify {
     /// The function's MSI-X vectors.
     pub fn vectors(&self) -> &MsixVectors {
         &self.vectors
+    }
+
+    /// The device's notification state, for a snapshot: each queue's registration, vector and
+    /// unread kicks, the configuration vector, and the MSI-X state with its pending bits.
+    ///
+    /// Nothing is lost to a notification that arrives while it is taken: a kick counter is read
+    /// with [`Notifier::peek`] (the kernel's count, read atomically and never written back, so a
+    /// kick arriving meanwhile stays in the counter for the device), and MSI-X events sitting in a
+    /// masked vector's eventfd move into its pending bit under the vector's lock (see
+    /// [`MsixVectors::save`]). For a state that later events cannot outdate, pause the vCPUs and
+    /// the device first, as a VMM does before migrating.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Notifier`] if a counter cannot be read.
+    pub fn save(&self) -> Result<PciNotifyState> {
+        let queues = (0..self.queues.len())
+            .map(|i| {
+                let queue = self.queues.get(i).expect("index below len");
+                Ok(PciQueueState {
+                    write: self.queues.write_match(i).expect("index below len"),
+                    vector: self.queue_vectors[usize::from(i)].vector(),
+                    unread_kicks: queue.kicks().peek()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PciNotifyState {
+            layout: self.layout.clone(),
+            queues,
+            config_vector: self.config_vector.vector(),
+            msix: self.vectors.save()?,
+        })
+    }
+
+    /// The device of a saved `state`, registered with `backend` on `router`'s VM: the MSI-X
+    /// vectors restored first (every delivering vector routed in one commit, a pending bit on a
+    /// delivering vector delivered once, now; on a masked one when it is unmasked), then the
+    /// notify addresses registered, the vectors set, and each queue that had unread kicks kicked
+    /// that many times, so its device sees the work it had not read and a device that had read
+    /// everything sees nothing extra.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`MsixVectors::restore`] and [`new`](Self::new), and [`Error::Notifier`].
+    pub fn restore(
+        backend: &Backend,
+        router: &GsiRouter,
+        state: &PciNotifyState,
+    ) -> Result<PciNotify> {
+        let vectors = MsixVectors::restore(router, &state.msix)?;
+        let pci = PciNotify::new(backend, &state.layout, &vectors)?;
+        for (i, q) in state.queues.iter().enumerate() {
+            pci.set_queue_vector(i as u16, q.vector);
+            if q.unread_kicks > 0 {
+                if let Some(queue) = pci.queue(i as u16) {
+                    queue.kicks().add(q.unread_kicks)?;
+                }
+            }
+        }
+        pci.set_config_vector(state.config_vector);
+        Ok(pci)
     }
 }
