@@ -29,6 +29,7 @@ mod msix_bar;
 mod program;
 mod report;
 mod run;
+mod snapshot;
 mod virtq;
 
 pub mod layout;
@@ -38,7 +39,8 @@ pub use machine::{Irqchip, TinyVm};
 pub use msix_bar::{MsixBar, CONTROL_OFFSET, PBA_OFFSET, TABLE_OFFSET, WINDOW_LEN};
 pub use program::{AssembledProgram, Eoi, GuestProgram};
 pub use report::{Outcome, RunReport};
-pub use run::Running;
+pub use run::{Paused, Running};
+pub use snapshot::MachineState;
 pub use virtq::{
     SplitQueue, Suppression, MAX_BATCHES, MAX_BUFFER, MAX_QUEUES, MAX_SIZE, QUEUES_BASE,
     QUEUE_REGION,

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -21,8 +20,8 @@ use crate::layout::{
     self, CODE, CODE_SELECTOR, DATA_SELECTOR, GDT, IDT, IRQ_COUNTS, MEM_SIZE, PD, PDPT, PML4,
 };
 use crate::program::{AssembledProgram, GuestProgram};
-use crate::report::RunReport;
-use crate::run::{install_kick_handler, run_loop, Running};
+use crate::report::{Outcome, RunReport};
+use crate::run::{install_kick_handler, run_loop, Control, Running};
 use crate::{Error, Result};
 
 /// A tiny x86-64 VM: 4 MiB of RAM, an in-kernel irqchip (PIC, IOAPIC, LAPIC), one vCPU in long
@@ -225,6 +224,11 @@ impl TinyVm {
         Ok(tiny)
     }
 
+    /// The vCPUs not running, in order.
+    pub(crate) fn vcpu_fds(&self) -> impl Iterator<Item = &VcpuFd> {
+        self.vcpu.iter().chain(&self.others)
+    }
+
     /// How many vCPUs the machine has.
     pub fn vcpus(&self) -> usize {
         1 + self.others.len()
@@ -311,14 +315,32 @@ impl TinyVm {
         let vcpu = self.vcpu.take().ok_or(Error::AlreadyStarted)?;
         self.load(&assembled)?;
         install_kick_handler()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        self.launch(vcpu, handler)
+    }
+
+    /// Runs the vCPUs on their threads from the state they are in (no program loaded): after
+    /// [`restore`](Self::restore), the paused program goes on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyStarted`] when the vCPUs are running or gone, [`Error::Kvm`] when a vCPU
+    /// thread cannot be set up.
+    pub fn resume(&mut self, handler: impl ExitHandler) -> Result<Running> {
+        let vcpu = self.vcpu.take().ok_or(Error::AlreadyStarted)?;
+        install_kick_handler()?;
+        self.launch(vcpu, handler)
+    }
+
+    fn launch(&mut self, vcpu: VcpuFd, handler: impl ExitHandler) -> Result<Running> {
+        let control = Control::default();
         let (tx, rx) = mpsc::channel();
         let others = std::mem::take(&mut self.others);
+        control.park(1 + others.len());
         if others.is_empty() {
-            let thread = self.spawn_vcpu(vcpu, 0, handler, &stop, tx)?;
+            let thread = self.spawn_vcpu(vcpu, 0, handler, &control, tx)?;
             return Ok(Running {
                 threads: vec![thread],
-                stop,
+                control,
                 rx,
             });
         }
@@ -326,9 +348,13 @@ impl TinyVm {
         let shared = Shared(Arc::new(Mutex::new(handler)));
         let mut threads = Vec::with_capacity(1 + others.len());
         for (index, vcpu) in std::iter::once(vcpu).chain(others).enumerate() {
-            threads.push(self.spawn_vcpu(vcpu, index, shared.clone(), &stop, tx.clone())?);
+            threads.push(self.spawn_vcpu(vcpu, index, shared.clone(), &control, tx.clone())?);
         }
-        Ok(Running { threads, stop, rx })
+        Ok(Running {
+            threads,
+            control,
+            rx,
+        })
     }
 
     fn spawn_vcpu(
@@ -336,19 +362,24 @@ impl TinyVm {
         mut vcpu: VcpuFd,
         index: usize,
         handler: impl ExitHandler,
-        stop: &Arc<AtomicBool>,
+        control: &Control,
         tx: mpsc::Sender<RunReport>,
     ) -> Result<thread::JoinHandle<()>> {
-        let stop = stop.clone();
+        let control = control.clone();
         let memory = self.memory.clone();
         let vm = self.vm.clone();
         let ioapic = self.notify.ioapic().cloned();
         thread::Builder::new()
             .name(format!("tiny-vcpu{index}"))
             .spawn(move || {
-                let report = run_loop(&mut vcpu, &stop, ioapic.as_ref(), handler);
-                // The VM, its memory and the vCPU go away only after the run.
-                drop((vcpu, memory, vm));
+                let report = run_loop(&mut vcpu, &control, ioapic.as_ref(), handler);
+                if report.outcome == Outcome::Paused {
+                    control.put(index, vcpu);
+                } else {
+                    // The VM, its memory and the vCPU go away only after the run.
+                    drop(vcpu);
+                }
+                drop((memory, vm));
                 let _ = tx.send(report);
             })
             .map_err(|e| Error::Kvm {

@@ -13,6 +13,9 @@ pub enum Outcome {
     Done,
     /// The run did not end within its timeout; the vCPU was stopped.
     TimedOut,
+    /// [`Running::pause`](crate::Running::pause) stopped the vCPU, with any exit it had made
+    /// completed, so its state can be saved and the run resumed.
+    Paused,
     /// The guest stopped in a way a test program should not: an unexpected interrupt vector, a
     /// triple fault, an emulator failure. The text says which, with the guest's RIP.
     Fault(String),

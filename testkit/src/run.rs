@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,46 @@ use crate::report::{Outcome, RunReport};
 use crate::{Error, Result};
 use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
 
+/// What the run's owner tells the vCPU threads, and where paused vCPUs are handed back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Control {
+    /// Stop now (a timeout).
+    stop: Arc<AtomicBool>,
+    /// Stop with every exit completed, handing the vCPU back ([`Running::pause`]).
+    pause: Arc<AtomicBool>,
+    /// The paused vCPUs, by index.
+    parked: Arc<Mutex<Vec<Option<VcpuFd>>>>,
+}
+
+impl Control {
+    /// Room for `count` paused vCPUs.
+    pub(crate) fn park(&self, count: usize) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.clear();
+        parked.resize_with(count, || None);
+    }
+
+    /// A paused vCPU handed back.
+    pub(crate) fn put(&self, index: usize, vcpu: VcpuFd) {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(vcpu);
+    }
+}
+
 /// A program running on its vCPU threads (one per vCPU).
 #[derive(Debug)]
 pub struct Running {
     pub(crate) threads: Vec<JoinHandle<()>>,
-    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) control: Control,
     pub(crate) rx: mpsc::Receiver<RunReport>,
+}
+
+/// A run stopped by [`Running::pause`]: the vCPUs, handed back with every exit completed, and
+/// the report of the run so far. [`TinyVm::snapshot`](crate::TinyVm::snapshot) saves them.
+#[derive(Debug)]
+pub struct Paused {
+    pub(crate) vcpus: Vec<VcpuFd>,
+    /// The run so far.
+    pub report: RunReport,
 }
 
 impl Running {
@@ -30,20 +64,57 @@ impl Running {
     /// was, the first fault otherwise, every vCPU's exits (vCPU by vCPU, in the order they
     /// ended), and the longest run's time.
     pub fn wait(self, timeout: Duration) -> RunReport {
+        self.collect(timeout, false)
+    }
+
+    /// Stops every vCPU where it is, with any exit it made completed (`KVM_RUN` with
+    /// `immediate_exit`, as KVM asks before saving a vCPU), and hands the vCPUs back for
+    /// [`TinyVm::snapshot`](crate::TinyVm::snapshot). A vCPU that ends (or faults) first is not
+    /// paused.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Guest`] when a vCPU did not pause (it ended, faulted, or did not stop within
+    /// `timeout`), with the report.
+    pub fn pause(self, timeout: Duration) -> Result<Paused> {
+        let parked = self.control.parked.clone();
+        let report = self.collect(timeout, true);
+        let vcpus: Option<Vec<VcpuFd>> =
+            std::mem::take(&mut *parked.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
+        match vcpus {
+            Some(vcpus) if report.outcome == Outcome::Paused => Ok(Paused { vcpus, report }),
+            _ => Err(Error::Guest(format!("not paused: {report}"))),
+        }
+    }
+
+    fn collect(self, timeout: Duration, pause: bool) -> RunReport {
+        if pause {
+            self.control.pause.store(true, Ordering::SeqCst);
+            for thread in &self.threads {
+                let _ = thread.kill(kick_signal());
+            }
+        }
         let deadline = Instant::now() + timeout;
         let mut reports = Vec::with_capacity(self.threads.len());
-        while reports.len() < self.threads.len() {
+        // A pause does not wait for the program: it kicks until every vCPU has stopped.
+        while !pause && reports.len() < self.threads.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(report) => reports.push(report),
                 Err(_) => break,
             }
         }
-        let timed_out = reports.len() < self.threads.len();
-        if timed_out {
-            self.stop.store(true, Ordering::SeqCst);
+        let timed_out = !pause && reports.len() < self.threads.len();
+        if timed_out || pause {
+            self.control.stop.store(!pause, Ordering::SeqCst);
             // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
             while reports.len() < self.threads.len() {
+                if pause && Instant::now() > deadline {
+                    // A vCPU that does not pause is stopped instead.
+                    self.control.stop.store(true, Ordering::SeqCst);
+                }
                 for thread in &self.threads {
                     let _ = thread.kill(kick_signal());
                 }
@@ -123,15 +194,30 @@ fn ioapic_offset(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
 /// `KVM_EXIT_IOAPIC_EOI` go to the [`Ioapic`] and are recorded in the report, not handed on.
 pub(crate) fn run_loop(
     vcpu: &mut VcpuFd,
-    stop: &AtomicBool,
+    control: &Control,
     ioapic: Option<&Ioapic>,
     mut handler: impl ExitHandler,
 ) -> RunReport {
     let start = Instant::now();
     let mut exits = Vec::new();
     let outcome = loop {
-        if stop.load(Ordering::SeqCst) {
+        if control.stop.load(Ordering::SeqCst) {
             break Outcome::TimedOut;
+        }
+        if control.pause.load(Ordering::SeqCst) {
+            // Completes an exit the vCPU made (an MMIO or port read's data, a write's
+            // retirement) and returns at once.
+            vcpu.set_kvm_immediate_exit(1);
+            let completed = match vcpu.run() {
+                Err(e) if e.errno() == libc::EINTR => Ok(()),
+                Err(e) => Err(format!("KVM_RUN to complete an exit failed: {e}")),
+                Ok(exit) => Err(format!("an exit while pausing: {exit:?}")),
+            };
+            vcpu.set_kvm_immediate_exit(0);
+            match completed {
+                Ok(()) => break Outcome::Paused,
+                Err(what) => break fault(vcpu, what),
+            }
         }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoOut(DONE_PORT, _)) => break Outcome::Done,

@@ -1,0 +1,147 @@
+//! Saving a paused tiny VM and restoring it onto a fresh one: guest memory, each vCPU's
+//! registers, local APIC and pending events, and the in-kernel PIC and IOAPIC.
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::MEM_SIZE;
+use crate::machine::TinyVm;
+use crate::run::Paused;
+use crate::{Error, Result};
+
+/// One vCPU's saved state.
+#[derive(Clone)]
+struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    lapic: kvm_lapic_state,
+    events: kvm_vcpu_events,
+    mp_state: kvm_mp_state,
+}
+
+/// A paused tiny VM, saved by [`TinyVm::snapshot`]: what [`TinyVm::restore`] needs to go on
+/// running its program on a fresh VM.
+#[derive(Clone)]
+pub struct MachineState {
+    memory: Vec<u8>,
+    vcpus: Vec<VcpuState>,
+    /// PIC master, PIC slave, IOAPIC (the in-kernel irqchip only).
+    irqchip: Option<[kvm_irqchip; 3]>,
+}
+
+impl std::fmt::Debug for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineState")
+            .field("memory_bytes", &self.memory.len())
+            .field("vcpus", &self.vcpus.len())
+            .field("in_kernel_irqchip", &self.irqchip.is_some())
+            .finish()
+    }
+}
+
+const CHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+fn save_vcpu(vcpu: &VcpuFd) -> Result<VcpuState> {
+    Ok(VcpuState {
+        regs: vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?,
+        lapic: vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?,
+        events: vcpu
+            .get_vcpu_events()
+            .map_err(Error::kvm("KVM_GET_VCPU_EVENTS"))?,
+        mp_state: vcpu
+            .get_mp_state()
+            .map_err(Error::kvm("KVM_GET_MP_STATE"))?,
+    })
+}
+
+fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    vcpu.set_sregs(&s.sregs)
+        .map_err(Error::kvm("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&s.regs).map_err(Error::kvm("KVM_SET_REGS"))?;
+    vcpu.set_lapic(&s.lapic)
+        .map_err(Error::kvm("KVM_SET_LAPIC"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
+}
+
+impl TinyVm {
+    /// Saves the machine a [`Running::pause`](crate::Running::pause) stopped: its memory, every
+    /// vCPU's registers, local APIC (with the interrupts pending and in service there) and
+    /// pending events, and the in-kernel PIC and IOAPIC. The paused vCPUs are consumed; the
+    /// machine itself is left as it is (drop it, or keep it to compare).
+    ///
+    /// Notifications are not part of it: save them with vm-notify (the device's kicks, vectors
+    /// and lines), and restore them onto the new machine's [`notify`](Self::notify) root.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kvm`] naming the ioctl that failed; [`Error::Memory`].
+    pub fn snapshot(&self, paused: Paused) -> Result<MachineState> {
+        let vcpus = paused
+            .vcpus
+            .iter()
+            .map(save_vcpu)
+            .collect::<Result<Vec<_>>>()?;
+        let irqchip = if self.notify().ioapic().is_none() {
+            let mut chips = [kvm_irqchip::default(); 3];
+            for (chip, id) in chips.iter_mut().zip(CHIPS) {
+                chip.chip_id = id;
+                self.vm()
+                    .get_irqchip(chip)
+                    .map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
+            }
+            Some(chips)
+        } else {
+            None
+        };
+        let mut memory = vec![0u8; MEM_SIZE];
+        self.memory()
+            .read_slice(&mut memory, GuestAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        Ok(MachineState {
+            memory,
+            vcpus,
+            irqchip,
+        })
+    }
+
+    /// A fresh machine (a new VM, the same number of vCPUs, the same kind of irqchip) in the
+    /// state `state` saved: [`resume`](Self::resume) runs the paused program on.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`with_irqchip`](Self::with_irqchip), [`Error::Kvm`] naming the ioctl that
+    /// failed, [`Error::Memory`].
+    pub fn restore(state: &MachineState) -> Result<TinyVm> {
+        let chip = match state.irqchip {
+            Some(_) => crate::Irqchip::Kernel,
+            None => crate::Irqchip::Split,
+        };
+        let vm = TinyVm::with_irqchip(chip, state.vcpus.len())?;
+        vm.memory()
+            .write_slice(&state.memory, GuestAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        if let Some(chips) = &state.irqchip {
+            for chip in chips {
+                vm.vm()
+                    .set_irqchip(chip)
+                    .map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
+            }
+        }
+        for (vcpu, saved) in vm.vcpu_fds().zip(&state.vcpus) {
+            restore_vcpu(vcpu, saved)?;
+        }
+        Ok(vm)
+    }
+}
