@@ -1,8 +1,9 @@
 //! Descriptors per queue: a virtio-pci device with 256 queues, each notified through a kernel
 //! ioeventfd and interrupting on its own delivering MSI-X vector, costs the process exactly two
 //! descriptors a queue — the kick's eventfd and the vector's — however many registrations refer
-//! to them. Counted in `/proc/self/fd`, alone in its test binary so nothing else opens or closes
-//! descriptors meanwhile.
+//! to them. And 10^3 snapshot/restore cycles of a device leave no descriptor or route behind.
+//! Counted in `/proc/self/fd`, one test at a time, in a binary of their own so nothing else opens
+//! or closes descriptors meanwhile.
 
 use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
@@ -12,12 +13,17 @@ use vm_notify_testkit::kvm_test;
 
 const QUEUES: usize = 256;
 
+/// The tests here count the process's descriptors: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[test]
 fn a_queue_costs_two_descriptors() {
+    // Before the KVM probe, which opens and closes a descriptor.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     kvm_test!();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let fd = std::sync::Arc::new(kvm.create_vm().unwrap());
@@ -56,4 +62,61 @@ fn a_queue_costs_two_descriptors() {
         drop(msix);
     }
     assert_eq!(open_fds(), before, "every descriptor back after teardown");
+}
+
+/// 10^3 cycles of saving a device's notification state (a virtio-pci device with 8 queues and 9
+/// MSI-X vectors, one queue with an unread kick, one vector masked with its pending bit, and a
+/// level line), dropping the device and restoring it on the same VM: the descriptors and the
+/// routing table end as they were after the first cycle, and the unread kick and the pending bit
+/// come through every cycle exactly as they were, neither lost nor doubled.
+#[test]
+fn snapshot_cycles_leak_nothing() {
+    // Before the KVM probe, which opens and closes a descriptor.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    kvm_test!();
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let fd = std::sync::Arc::new(kvm.create_vm().unwrap());
+    fd.create_irq_chip().unwrap();
+    let vm = Vm::new(fd, Policy::Kernel).unwrap();
+    let msix = vm.msix(9).unwrap();
+    let entries: Vec<_> = (0..9)
+        .map(|i| (i, MsiMessage::x86(0, 0x40 + i as u8), i == 8))
+        .collect();
+    msix.configure(&entries).unwrap();
+    msix.set_enabled(true).unwrap();
+    let layout = PciLayout {
+        notify_base: 0xe000_0000,
+        notify_off_multiplier: 4,
+        queue_notify_off: (0..8).collect(),
+    };
+    let mut pci = vm.virtio_pci(&layout, &msix).unwrap();
+    for q in 0..8 {
+        pci.set_queue_vector(q, q);
+    }
+    pci.set_config_vector(8);
+    assert!(pci.signal_config().unwrap(), "pending on the masked vector");
+    pci.queue(3).unwrap().kicks().notify().unwrap();
+    drop(msix);
+    let mut line = vm.level_irqfd(5).unwrap();
+    let mut baseline = None;
+    for cycle in 0..1000 {
+        let state = pci.save().unwrap();
+        let line_state = line.save().unwrap();
+        let unread: Vec<u64> = state.queues.iter().map(|q| q.unread_kicks).collect();
+        assert_eq!(unread, [0, 0, 0, 1, 0, 0, 0, 0], "cycle {cycle}");
+        assert!(state.msix.vectors[8].pending, "cycle {cycle}");
+        drop((pci, line));
+        pci = vm.restore_virtio_pci(&state).unwrap();
+        line = vm.restore_level_irqfd(&line_state).unwrap();
+        let now = (open_fds(), vm.router().entries());
+        match baseline {
+            None => baseline = Some(now),
+            Some(b) => assert_eq!(now, b, "cycle {cycle}: descriptors and route entries"),
+        }
+    }
+    eprintln!(
+        "1000 snapshot/restore cycles: {} descriptors and {} route entries throughout",
+        baseline.unwrap().0,
+        baseline.unwrap().1
+    );
 }
