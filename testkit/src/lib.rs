@@ -90,6 +90,9 @@ pub enum Error {
     /// The run did not end at the program's `exit`.
     #[error("the guest did not finish: {0}")]
     Guest(String),
+    /// What the kit does not do yet.
+    #[error("not supported by the test kit: {0}")]
+    Unsupported(&'static str),
 }
 
 impl Error {
