@@ -124,22 +124,11 @@ impl Notifier {
     pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self> {
         use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
         let raw = fd.as_raw_fd();
-        let info =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|source| {
-                Error::Notifier {
-                    op: "read fdinfo",
-                    source,
-                }
-            })?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim_start_matches(':').trim().to_string())
-        };
-        if field("eventfd-count").is_none() {
+        let info = fdinfo(raw)?;
+        if fdinfo_field(&info, "eventfd-count").is_none() {
             return Err(Error::NotAnEventFd { fd: raw });
         }
-        let mode = match field("eventfd-semaphore").as_deref() {
+        let mode = match fdinfo_field(&info, "eventfd-semaphore") {
             Some("1") => Mode::Semaphore,
             _ => Mode::Counter,
         };
@@ -275,17 +264,9 @@ impl Notifier {
     ///
     /// [`Error::Notifier`] if fdinfo cannot be read or shows no count.
     pub fn peek(&self) -> Result<u64> {
-        let raw = self.fd.as_raw_fd();
-        let info =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|source| {
-                Error::Notifier {
-                    op: "read fdinfo",
-                    source,
-                }
-            })?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("eventfd-count:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        let info = fdinfo(self.fd.as_raw_fd())?;
+        fdinfo_field(&info, "eventfd-count")
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
             .ok_or_else(|| Error::Notifier {
                 op: "read the count in fdinfo",
                 source: io::Error::from(io::ErrorKind::InvalidData),
@@ -365,6 +346,21 @@ impl AsFd for Notifier {
         // lives.
         unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
     }
+}
+
+/// `/proc/self/fdinfo/<fd>`: what the kernel shows of a descriptor.
+fn fdinfo(fd: RawFd) -> Result<String> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).map_err(|source| Error::Notifier {
+        op: "read fdinfo",
+        source,
+    })
+}
+
+/// The value of `name` in fdinfo text (`name: value`), trimmed.
+fn fdinfo_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
-use vm_notify::virtio::PciLayout;
+use vm_notify::virtio::{PciLayout, PciNotify};
 use vm_notify::Vm;
 use vm_notify_testkit::kvm_test;
 
@@ -20,32 +20,52 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// A VM with its in-kernel irqchip.
+fn new_vm() -> Vm {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let fd = std::sync::Arc::new(kvm.create_vm().unwrap());
+    fd.create_irq_chip().unwrap();
+    Vm::new(fd, Policy::Kernel).unwrap()
+}
+
+/// A virtio-pci function on `vm` of `queues` queues on as many delivering MSI-X vectors, queue
+/// `i` on vector `i`, and a configuration vector, masked (no eventfd until it is used).
+fn device(vm: &Vm, queues: u16) -> PciNotify {
+    let count = usize::from(queues) + 1;
+    let msix = vm.msix(count).unwrap();
+    let entries: Vec<_> = (0..count)
+        .map(|i| {
+            (
+                i,
+                MsiMessage::x86(0, 0x40 + (i % 160) as u8),
+                i == count - 1,
+            )
+        })
+        .collect();
+    msix.configure(&entries).unwrap();
+    msix.set_enabled(true).unwrap();
+    let layout = PciLayout {
+        notify_base: 0xe000_0000,
+        notify_off_multiplier: 4,
+        queue_notify_off: (0..queues).collect(),
+    };
+    let pci = vm.virtio_pci(&layout, &msix).unwrap();
+    for q in 0..queues {
+        assert_eq!(pci.set_queue_vector(q, q), Some(q));
+    }
+    pci.set_config_vector(queues);
+    pci
+}
+
 #[test]
 fn a_queue_costs_two_descriptors() {
     // Before the KVM probe, which opens and closes a descriptor.
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     kvm_test!();
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let fd = std::sync::Arc::new(kvm.create_vm().unwrap());
-    fd.create_irq_chip().unwrap();
-    let vm = Vm::new(fd, Policy::Kernel).unwrap();
+    let vm = new_vm();
     let before = open_fds();
     {
-        let msix = vm.msix(QUEUES).unwrap();
-        let entries: Vec<_> = (0..QUEUES)
-            .map(|i| (i, MsiMessage::x86(0, 0x40 + (i % 160) as u8), false))
-            .collect();
-        msix.configure(&entries).unwrap();
-        msix.set_enabled(true).unwrap();
-        let layout = PciLayout {
-            notify_base: 0xe000_0000,
-            notify_off_multiplier: 4,
-            queue_notify_off: (0..QUEUES as u16).collect(),
-        };
-        let pci = vm.virtio_pci(&layout, &msix).unwrap();
-        for q in 0..QUEUES as u16 {
-            assert_eq!(pci.set_queue_vector(q, q), Some(q));
-        }
+        let pci = device(&vm, QUEUES as u16);
         // What a device thread takes per queue: its notifications, the kicks and the interrupt.
         let queues: Vec<_> = (0..QUEUES as u16).map(|q| pci.queue(q).unwrap()).collect();
         for (q, queue) in queues.iter().enumerate() {
@@ -57,9 +77,7 @@ fn a_queue_costs_two_descriptors() {
             held as f64 / QUEUES as f64
         );
         assert_eq!(held, 2 * QUEUES, "descriptors for {QUEUES} queues");
-        drop(queues);
-        drop(pci);
-        drop(msix);
+        drop((queues, pci));
     }
     assert_eq!(open_fds(), before, "every descriptor back after teardown");
 }
@@ -74,29 +92,10 @@ fn snapshot_cycles_leak_nothing() {
     // Before the KVM probe, which opens and closes a descriptor.
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     kvm_test!();
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let fd = std::sync::Arc::new(kvm.create_vm().unwrap());
-    fd.create_irq_chip().unwrap();
-    let vm = Vm::new(fd, Policy::Kernel).unwrap();
-    let msix = vm.msix(9).unwrap();
-    let entries: Vec<_> = (0..9)
-        .map(|i| (i, MsiMessage::x86(0, 0x40 + i as u8), i == 8))
-        .collect();
-    msix.configure(&entries).unwrap();
-    msix.set_enabled(true).unwrap();
-    let layout = PciLayout {
-        notify_base: 0xe000_0000,
-        notify_off_multiplier: 4,
-        queue_notify_off: (0..8).collect(),
-    };
-    let mut pci = vm.virtio_pci(&layout, &msix).unwrap();
-    for q in 0..8 {
-        pci.set_queue_vector(q, q);
-    }
-    pci.set_config_vector(8);
+    let vm = new_vm();
+    let mut pci = device(&vm, 8);
     assert!(pci.signal_config().unwrap(), "pending on the masked vector");
     pci.queue(3).unwrap().kicks().notify().unwrap();
-    drop(msix);
     let mut line = vm.level_irqfd(5).unwrap();
     let mut baseline = None;
     for cycle in 0..1000 {

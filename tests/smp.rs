@@ -8,14 +8,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use iced_x86::code_asm::qword_ptr;
 use vm_memory::{Bytes, GuestAddress};
 use vm_notify::kvm::{MsiMessage, WriteMatch};
-use vm_notify::wait::{EventLoop, Wake};
-use vm_notify::{Mode, Notifier};
+use vm_notify::wait::{EventLoop, StopHandle, Wake};
+use vm_notify::{IoEvent, Mode, Notifier, Vm};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,6 +33,74 @@ fn machine(split: bool, count: usize) -> TinyVm {
     } else {
         TinyVm::with_vcpus(count).unwrap()
     }
+}
+
+/// Each vCPU's queue: a kernel ioeventfd at `NOTIFY + 8 * i`, and one device thread that serves
+/// every queue, calling `raise(i)` for each kick of queue `i`. Returns the registrations, the
+/// device's stop handle and its thread (which returns the kicks served per queue).
+fn per_vcpu_device(
+    root: &Vm,
+    raise: impl Fn(usize) + Send + 'static,
+) -> (Vec<IoEvent>, StopHandle, JoinHandle<[u64; VCPUS]>) {
+    let kicks: Vec<Notifier> = (0..VCPUS)
+        .map(|_| Notifier::new(Mode::Counter).unwrap())
+        .collect();
+    let registrations = kicks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            root.ioevent(WriteMatch::mmio(NOTIFY + 8 * i as u64), n)
+                .unwrap()
+        })
+        .collect();
+    let events = EventLoop::new().unwrap();
+    for (i, n) in kicks.iter().enumerate() {
+        events.add(i as u64, n).unwrap();
+    }
+    let stop = events.stop_handle();
+    let device = thread::spawn(move || {
+        let mut served = [0u64; VCPUS];
+        let mut ready = Vec::new();
+        while events.wait(None, &mut ready).unwrap() == Wake::Ready {
+            for &(queue, count) in &ready {
+                served[queue as usize] += count;
+                raise(queue as usize);
+            }
+        }
+        served
+    });
+    (registrations, stop, device)
+}
+
+/// Each vCPU's part of the program: `ROUNDS` times, kick its queue and wait for an interrupt.
+fn kick_own_queue(p: &mut GuestProgram) {
+    for i in 0..VCPUS {
+        p.on_vcpu(i, |p| {
+            p.repeat(ROUNDS, |p| {
+                p.kick_and_wait(NOTIFY + 8 * i as u64, i as u32, None)
+            })
+        })
+        .unwrap();
+    }
+}
+
+/// The interrupts each vCPU (rows) took of each vCPU's vector (columns); asserts the diagonal is
+/// `ROUNDS` and everything else 0.
+fn check_per_vcpu(vm: &TinyVm) -> Vec<Vec<u64>> {
+    let counts: Vec<Vec<u64>> = (0..VCPUS)
+        .map(|cpu| {
+            (0..VCPUS)
+                .map(|v| vm.irq_count_on(cpu, VECTOR + v as u8).unwrap())
+                .collect()
+        })
+        .collect();
+    for (cpu, row) in counts.iter().enumerate() {
+        for (v, &n) in row.iter().enumerate() {
+            let expected = if cpu == v { ROUNDS } else { 0 };
+            assert_eq!(n, expected, "vCPU {cpu}, vector {v}: {counts:?}");
+        }
+    }
+    counts
 }
 
 #[test]
@@ -53,73 +121,27 @@ fn msix_to_each_vcpu(split: bool) {
         msix.set_masked(i, false).unwrap();
     }
     msix.set_enabled(true).unwrap();
-    let kicks: Vec<Notifier> = (0..VCPUS)
-        .map(|_| Notifier::new(Mode::Counter).unwrap())
-        .collect();
-    let _registrations: Vec<_> = kicks
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            root.ioevent(WriteMatch::mmio(NOTIFY + 8 * i as u64), n)
-                .unwrap()
-        })
-        .collect();
-
-    // The device: one thread, four queues; a kick from vCPU i raises vector i.
-    let events = EventLoop::new().unwrap();
-    for (i, n) in kicks.iter().enumerate() {
-        events.add(i as u64, n).unwrap();
-    }
-    let stop = events.stop_handle();
     let vectors = msix.clone();
-    let device = thread::spawn(move || {
-        let mut served = [0u64; VCPUS];
-        let mut ready = Vec::new();
-        while events.wait(None, &mut ready).unwrap() == Wake::Ready {
-            for &(queue, count) in &ready {
-                served[queue as usize] += count;
-                vectors.raise(queue as usize).unwrap();
-            }
-        }
-        served
-    });
+    let (_registrations, stop, device) =
+        per_vcpu_device(root, move |queue| vectors.raise(queue).unwrap());
 
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     for i in 0..VCPUS {
         p.on_interrupt(VECTOR + i as u8, Eoi::Lapic);
     }
-    for i in 0..VCPUS {
-        p.on_vcpu(i, |p| {
-            p.repeat(ROUNDS, |p| {
-                p.kick_and_wait(NOTIFY + 8 * i as u64, i as u32, None)
-            })
-        })
-        .unwrap();
-    }
+    kick_own_queue(&mut p);
     p.exit().unwrap();
     let report = vm.run(p, TIMEOUT).unwrap();
     stop.stop().unwrap();
     let served = device.join().unwrap();
     report.done().unwrap();
 
-    let counts: Vec<Vec<u64>> = (0..VCPUS)
-        .map(|cpu| {
-            (0..VCPUS)
-                .map(|v| vm.irq_count_on(cpu, VECTOR + v as u8).unwrap())
-                .collect()
-        })
-        .collect();
+    let counts = check_per_vcpu(&vm);
     eprintln!(
         "split irqchip {split}: kicks served per queue {served:?}; interrupts per vCPU (rows) and vector {counts:?}; {:?}",
         msix.stats()
     );
-    for (cpu, row) in counts.iter().enumerate() {
-        for (v, &n) in row.iter().enumerate() {
-            let expected = if cpu == v { ROUNDS } else { 0 };
-            assert_eq!(n, expected, "vCPU {cpu}, vector {v}");
-        }
-    }
     assert_eq!(served, [ROUNDS; VCPUS]);
 }
 
@@ -142,34 +164,9 @@ fn ioapic_pins_reach_the_vcpu_each_is_addressed_to_on_the_split_irqchip() {
             .map(|i| root.level_irqfd(u32::from(PIN) + i as u32).unwrap())
             .collect(),
     );
-    let kicks: Vec<Notifier> = (0..VCPUS)
-        .map(|_| Notifier::new(Mode::Counter).unwrap())
-        .collect();
-    let _registrations: Vec<_> = kicks
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            root.ioevent(WriteMatch::mmio(NOTIFY + 8 * i as u64), n)
-                .unwrap()
-        })
-        .collect();
-    let events = EventLoop::new().unwrap();
-    for (i, n) in kicks.iter().enumerate() {
-        events.add(i as u64, n).unwrap();
-    }
-    let stop = events.stop_handle();
     let device_lines = lines.clone();
-    let device = thread::spawn(move || {
-        let mut served = [0u64; VCPUS];
-        let mut ready = Vec::new();
-        while events.wait(None, &mut ready).unwrap() == Wake::Ready {
-            for &(queue, count) in &ready {
-                served[queue as usize] += count;
-                device_lines[queue as usize].trigger().unwrap();
-            }
-        }
-        served
-    });
+    let (_registrations, stop, device) =
+        per_vcpu_device(&root, move |queue| device_lines[queue].trigger().unwrap());
 
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
@@ -187,14 +184,7 @@ fn ioapic_pins_reach_the_vcpu_each_is_addressed_to_on_the_split_irqchip() {
         (0..VCPUS as u8).try_for_each(|i| p.route_ioapic_pin_to(PIN + i, VECTOR + i, true, i))
     })
     .unwrap();
-    for i in 0..VCPUS {
-        p.on_vcpu(i, |p| {
-            p.repeat(ROUNDS, |p| {
-                p.kick_and_wait(NOTIFY + 8 * i as u64, i as u32, None)
-            })
-        })
-        .unwrap();
-    }
+    kick_own_queue(&mut p);
     p.exit().unwrap();
     let acks = Arc::new(AtomicU64::new(0));
     let (acking, acked) = (lines.clone(), acks.clone());
@@ -212,13 +202,7 @@ fn ioapic_pins_reach_the_vcpu_each_is_addressed_to_on_the_split_irqchip() {
     let served = device.join().unwrap();
     let report = report.done().unwrap();
 
-    let counts: Vec<Vec<u64>> = (0..VCPUS)
-        .map(|cpu| {
-            (0..VCPUS)
-                .map(|v| vm.irq_count_on(cpu, VECTOR + v as u8).unwrap())
-                .collect()
-        })
-        .collect();
+    let counts = check_per_vcpu(&vm);
     let eois: Vec<usize> = (0..VCPUS)
         .map(|v| report.ioapic_eois(VECTOR + v as u8))
         .collect();
@@ -233,12 +217,6 @@ fn ioapic_pins_reach_the_vcpu_each_is_addressed_to_on_the_split_irqchip() {
     eprintln!(
         "split irqchip IOAPIC pins: kicks served {served:?}; interrupts per vCPU (rows) and vector {counts:?}; EOI exits per vector {eois:?}; resamples {resamples:?}; {stats:?}"
     );
-    for (cpu, row) in counts.iter().enumerate() {
-        for (v, &n) in row.iter().enumerate() {
-            let expected = if cpu == v { ROUNDS } else { 0 };
-            assert_eq!(n, expected, "vCPU {cpu}, vector {v}");
-        }
-    }
     let total = ROUNDS * VCPUS as u64;
     assert_eq!(served, [ROUNDS; VCPUS]);
     assert_eq!(eois, vec![ROUNDS as usize; VCPUS]);
