@@ -31,7 +31,7 @@ use vm_notify::{Attempt, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{layout, Eoi, GuestExit, GuestProgram, Irqchip, TinyVm};
 
 mod common;
-use common::median;
+use common::{median, rounds, us};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const ROUNDS: usize = 7;
@@ -135,19 +135,11 @@ fn edge(chip: Irqchip) -> Duration {
     elapsed / (EDGE_TRIPS - 1) as u32
 }
 
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 fn main() {
     if !vm_notify_testkit::kvm_or_skip("bench irqchip") {
         return;
     }
-    let rounds = if std::env::args().any(|a| a == "--quick") {
-        1
-    } else {
-        ROUNDS
-    };
+    let rounds = rounds(ROUNDS);
     let mut level_times = [Vec::new(), Vec::new()];
     let mut edge_times = [Vec::new(), Vec::new()];
     let mut eois = [0.0; 2];

@@ -39,7 +39,7 @@ use vm_notify::{Mode, Notifier, Vm, Width, WriteMatch};
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, Running, TinyVm};
 
 mod common;
-use common::median;
+use common::{median, rounds, us};
 
 const QUEUES: usize = 256;
 const ROUNDS: usize = 7;
@@ -134,10 +134,6 @@ fn first_and_second_unregistration() -> (Duration, Duration) {
     let start = Instant::now();
     drop(b);
     (first, start.elapsed())
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn per_queue(d: Duration) -> f64 {
@@ -349,11 +345,7 @@ fn main() {
     if !vm_notify_testkit::kvm_or_skip("bench scale") {
         return;
     }
-    let rounds = if std::env::args().any(|a| a == "--quick") {
-        1
-    } else {
-        ROUNDS
-    };
+    let rounds = rounds(ROUNDS);
     let mut t: [Vec<Duration>; 8] = Default::default();
     for _ in 0..rounds {
         let vm = TinyVm::new().unwrap();
