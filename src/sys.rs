@@ -205,8 +205,10 @@ pub(crate) fn set_irq_line(vm: &VmFd, gsi: u32, high: bool) -> Result<()> {
     })
 }
 
-/// `KVM_SIGNAL_MSI`: delivers one MSI with this address and data, without a route.
-pub(crate) fn signal_msi(vm: &VmFd, address: u64, data: u32) -> io::Result<()> {
+/// `KVM_SIGNAL_MSI`: delivers one MSI with this address and data, without a route. Returns
+/// whether a local APIC took it (KVM answers 0 when none did: no such destination, or its LAPIC
+/// is software-disabled).
+pub(crate) fn signal_msi(vm: &VmFd, address: u64, data: u32) -> io::Result<bool> {
     let msg = kvm_msi {
         address_lo: address as u32,
         address_hi: (address >> 32) as u32,
@@ -214,7 +216,7 @@ pub(crate) fn signal_msi(vm: &VmFd, address: u64, data: u32) -> io::Result<()> {
         ..Default::default()
     };
     vm.signal_msi(msg)
-        .map(|_| ())
+        .map(|taken| taken > 0)
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 

@@ -578,3 +578,63 @@ fn resample_on_an_msi_route_is_refused_on_both_paths() {
         "{e:?}"
     );
 }
+
+/// On the split irqchip a level interrupt no local APIC takes (the guest addressed the pin to an
+/// APIC ID that does not exist) is dropped without leaving the pin waiting for an EOI that cannot
+/// come: once the guest re-addresses the pin to its own APIC, the line still asserted is
+/// delivered, once.
+#[test]
+fn a_split_irqchip_level_interrupt_nobody_takes_does_not_wedge_the_pin() {
+    kvm_test!();
+    let (pin, vector) = (10u8, 0x3au8);
+    let mut vm = TinyVm::with_split_irqchip(1).unwrap();
+    let line = Arc::new(vm.notify().level_irqfd(pin.into()).unwrap());
+    let io = vm.notify().ioapic().unwrap().clone();
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.route_ioapic_pin_to(pin, vector, true, 7).unwrap(); // no APIC 7 here
+    p.on_interrupt_with(vector, Eoi::Lapic, |a| {
+        a.mov(rax, INTERRUPT_ACK)?;
+        a.mov(dword_ptr(rax), 1u32)?;
+        Ok(())
+    });
+    p.signal_host(1).unwrap(); // the device asserts; the IOAPIC's MSI reaches nobody
+    p.route_ioapic_pin_to(pin, vector, true, 0).unwrap();
+    p.wait_for_interrupt().unwrap();
+    p.drain_interrupts(0x30).unwrap();
+    p.exit().unwrap();
+    let (handler_line, handler_io) = (line.clone(), io.clone());
+    let report = vm
+        .start(p, move |e: &GuestExit, _: &mut [u8]| match e {
+            GuestExit::PioWrite {
+                port: layout::HOST_PORT,
+                ..
+            } => {
+                handler_line.trigger().unwrap();
+                let deadline = std::time::Instant::now() + TIMEOUT;
+                while handler_io.stats().not_taken == 0 {
+                    assert!(std::time::Instant::now() < deadline, "never sent");
+                    thread::yield_now();
+                }
+                let entry = handler_io.entry(pin.into()).unwrap();
+                assert!(
+                    !entry.remote_irr(),
+                    "an undelivered interrupt awaits no EOI"
+                );
+            }
+            GuestExit::MmioWrite {
+                addr: INTERRUPT_ACK,
+                ..
+            } => {
+                handler_line.deassert().unwrap();
+            }
+            other => panic!("unexpected exit {other:?}"),
+        })
+        .unwrap()
+        .wait(TIMEOUT);
+    report.done().unwrap();
+    let stats = io.stats();
+    eprintln!("IOAPIC after a message nobody took: {stats:?}");
+    assert_eq!(vm.irq_count(vector).unwrap(), 1);
+    assert_eq!((stats.not_taken, stats.delivered), (1, 1));
+}

@@ -15,8 +15,11 @@ use crate::sys;
 /// What the IOAPIC has done since it was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IoapicStats {
-    /// Interrupts sent to local APICs (`KVM_SIGNAL_MSI`).
+    /// Interrupts a local APIC took (`KVM_SIGNAL_MSI` answered that one did).
     pub delivered: u64,
+    /// Interrupts no local APIC took (no such destination, or its LAPIC software-disabled):
+    /// dropped, as the hardware drops them; a level pin does not wait for an EOI then.
+    pub not_taken: u64,
     /// EOIs that ended a level pin's interrupt (cleared its remote IRR).
     pub eois: u64,
     /// Resample notifications sent to level sources at those EOIs.
@@ -111,19 +114,30 @@ impl Ioapic {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `msg` for `pin`.
+    /// Sends `msg` for `pin`. A level interrupt no local APIC took (KVM answers 0, or fails)
+    /// leaves the pin not awaiting an EOI, as KVM's own IOAPIC does; only one taken is counted.
     fn deliver(&self, state: &mut State, pin: usize, msg: Option<MsiMessage>) -> Result<()> {
         let Some(msg) = msg else { return Ok(()) };
-        sys::signal_msi(&self.shared.vm, msg.address, msg.data).map_err(|source| {
-            Error::SignalMsi {
-                pin: pin as u32,
-                address: msg.address,
-                data: msg.data,
-                source,
+        match sys::signal_msi(&self.shared.vm, msg.address, msg.data) {
+            Ok(true) => {
+                state.stats.delivered += 1;
+                Ok(())
             }
-        })?;
-        state.stats.delivered += 1;
-        Ok(())
+            Ok(false) => {
+                state.regs.not_taken(pin);
+                state.stats.not_taken += 1;
+                Ok(())
+            }
+            Err(source) => {
+                state.regs.not_taken(pin);
+                Err(Error::SignalMsi {
+                    pin: pin as u32,
+                    address: msg.address,
+                    data: msg.data,
+                    source,
+                })
+            }
+        }
     }
 
     /// A guest read at `offset` from [`IOAPIC_BASE`](super::IOAPIC_BASE): fills `data`.
@@ -163,21 +177,28 @@ impl Ioapic {
     /// [`Error::Notifier`] if a resample write fails.
     pub fn end_of_interrupt(&self, vector: u8) -> Result<()> {
         let mut state = self.lock();
+        // Every state change first, then the signals: a failed write leaves nothing half-done.
+        let mut resample = Vec::new();
         for pin in state.regs.end_of_interrupt(vector) {
             state.stats.eois += 1;
-            let mut resamples = 0;
             for source in state.sources.values_mut().filter(|s| s.pin == pin) {
-                if let Some((resample, asserted)) = source.level.as_mut() {
+                if let Some((notifier, asserted)) = source.level.as_mut() {
                     *asserted = false;
-                    resample.notify()?;
-                    resamples += 1;
+                    resample.push(notifier.share());
                 }
             }
-            state.stats.resamples += resamples;
             // Lowering never delivers.
             let _ = state.regs.set_line(pin, false);
         }
-        Ok(())
+        state.stats.resamples += resample.len() as u64;
+        // A full counter (2^64 - 2 resamples unread) already tells the device to look.
+        let mut first = Ok(());
+        for notifier in resample {
+            if let (Err(e), Ok(())) = (notifier.try_add(1).map(drop), &first) {
+                first = Err(e);
+            }
+        }
+        first
     }
 
     /// Redirection entry `pin` as the guest programmed it (with the IOAPIC's remote IRR), or

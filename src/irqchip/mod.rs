@@ -21,10 +21,11 @@
 //! Polarity is kept and read back but lines are logical (asserted or not), as devices signal
 //! them. There is no 8259 PIC: on the split irqchip a guest uses the IOAPIC (or MSIs).
 //!
-//! The register file and the pin logic ([`Registers`]) are pure, unit-tested without KVM.
+//! The register file and the pin logic (the private `registers` module) are pure, unit-tested
+//! without KVM.
 
 mod ioapic;
 mod registers;
 
 pub use ioapic::{Ioapic, IoapicStats};
-pub use registers::{Redirection, Registers, Written, IOAPIC_BASE, IOAPIC_PINS, IOAPIC_SIZE};
+pub use registers::{Redirection, IOAPIC_BASE, IOAPIC_PINS, IOAPIC_SIZE};

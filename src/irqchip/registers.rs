@@ -90,7 +90,7 @@ impl Redirection {
 
 /// The IOAPIC's state as a guest and its devices see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registers {
+pub(crate) struct Registers {
     select: u8,
     id: u32,
     entries: [u64; IOAPIC_PINS],
@@ -115,7 +115,7 @@ impl Default for Registers {
 
 /// What a register write changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Written {
+pub(crate) enum Written {
     /// Nothing a route or a delivery depends on.
     Nothing,
     /// Redirection entry `pin`: its route may have changed, and an interrupt waiting on it may
@@ -125,17 +125,17 @@ pub enum Written {
 
 impl Registers {
     /// Redirection entry `pin`.
-    pub fn entry(&self, pin: usize) -> Redirection {
+    pub(crate) fn entry(&self, pin: usize) -> Redirection {
         Redirection(self.entries[pin])
     }
 
     /// Whether the line of `pin` is asserted.
-    pub fn line(&self, pin: usize) -> bool {
+    pub(crate) fn line(&self, pin: usize) -> bool {
         self.lines & (1 << pin) != 0
     }
 
     /// Whether an edge on `pin` waits for its unmask.
-    pub fn latched(&self, pin: usize) -> bool {
+    pub(crate) fn latched(&self, pin: usize) -> bool {
         self.latched & (1 << pin) != 0
     }
 
@@ -160,7 +160,7 @@ impl Registers {
 
     /// A guest read at `offset` in the MMIO window; `data` is filled (little-endian). Reads of
     /// anything but the two registers return zeros.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
+    pub(crate) fn read(&self, offset: u64, data: &mut [u8]) {
         let value = match offset {
             IOREGSEL => u32::from(self.select),
             IOWIN => self.read_register(),
@@ -174,7 +174,7 @@ impl Registers {
 
     /// A guest write at `offset` in the MMIO window (little-endian `data`, 1 to 8 bytes; the
     /// registers are 32 bits wide and take the low four).
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Written {
+    pub(crate) fn write(&mut self, offset: u64, data: &[u8]) -> Written {
         let mut buf = [0u8; 4];
         let n = data.len().min(4);
         buf[..n].copy_from_slice(&data[..n]);
@@ -218,7 +218,7 @@ impl Registers {
 
     /// Delivers what waits on `pin` if its entry now lets it: a latched edge, or an asserted
     /// level line with no remote IRR. Returns the message to send.
-    pub fn service(&mut self, pin: usize) -> Option<MsiMessage> {
+    pub(crate) fn service(&mut self, pin: usize) -> Option<MsiMessage> {
         let e = self.entry(pin);
         if e.masked() {
             return None;
@@ -240,7 +240,7 @@ impl Registers {
     /// Sets the line of `pin` (the OR of its level sources). Returns the message to send: on a
     /// level entry when the line is asserted, unmasked and not awaiting an EOI; on an edge entry
     /// at a rising edge (latched instead while masked).
-    pub fn set_line(&mut self, pin: usize, high: bool) -> Option<MsiMessage> {
+    pub(crate) fn set_line(&mut self, pin: usize, high: bool) -> Option<MsiMessage> {
         let was = self.line(pin);
         if high {
             self.lines |= 1 << pin;
@@ -261,7 +261,7 @@ impl Registers {
     /// One edge on `pin` from an edge source (the line itself does not stay up). On an edge
     /// entry it is delivered, or latched while masked; on a level entry it is delivered as a
     /// line raised and lowered at once, if the entry is unmasked and not awaiting an EOI.
-    pub fn pulse(&mut self, pin: usize) -> Option<MsiMessage> {
+    pub(crate) fn pulse(&mut self, pin: usize) -> Option<MsiMessage> {
         let e = self.entry(pin);
         if e.level() {
             if e.masked() || e.remote_irr() {
@@ -276,7 +276,7 @@ impl Registers {
 
     /// The guest's local APIC took an EOI for `vector`: clears the remote IRR of each level
     /// entry with that vector and returns those pins, whose lines the caller then resamples.
-    pub fn end_of_interrupt(&mut self, vector: u8) -> Vec<usize> {
+    pub(crate) fn end_of_interrupt(&mut self, vector: u8) -> Vec<usize> {
         (0..IOAPIC_PINS)
             .filter(|&pin| {
                 let e = self.entry(pin);
@@ -289,9 +289,16 @@ impl Registers {
             .collect()
     }
 
+    /// A level interrupt on `pin` that no local APIC took: it awaits no EOI (KVM's IOAPIC sets
+    /// remote IRR only for an interrupt delivered), so the line is served again at the next
+    /// change.
+    pub(crate) fn not_taken(&mut self, pin: usize) {
+        self.entries[pin] &= !REMOTE_IRR;
+    }
+
     /// The route KVM must have for `pin` on the split irqchip: the entry's message for a level
     /// entry (so KVM reports the EOI of its vector), none for an edge one.
-    pub fn route(&self, pin: usize) -> Option<MsiMessage> {
+    pub(crate) fn route(&self, pin: usize) -> Option<MsiMessage> {
         let e = self.entry(pin);
         e.level().then(|| e.message())
     }
