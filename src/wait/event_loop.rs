@@ -124,7 +124,9 @@ impl EventLoop {
         }
     }
 
-    /// Watches `notifier` (the loop keeps a handle to it) under `token`.
+    /// Watches `notifier` (the loop keeps a handle to it) under `token`. The same notifier may
+    /// be watched under several tokens: epoll takes a descriptor once, so a second watch of one
+    /// costs a descriptor of its own (a `dup`); the first costs none.
     ///
     /// # Errors
     ///
@@ -135,14 +137,18 @@ impl EventLoop {
         if token == STOP_TOKEN || w.contains_key(&token) {
             return Err(Error::EventLoopToken { token });
         }
-        let n = notifier.share();
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                n.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(epoll_error("add"))?;
+        let event = EpollEvent::new(EventSet::IN, token);
+        let mut n = notifier.share();
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, n.as_raw_fd(), event) {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(epoll_error("add")(e));
+            }
+            // Already watched under another token: watch a descriptor of its own.
+            n = notifier.try_clone()?;
+            self.epoll
+                .ctl(ControlOperation::Add, n.as_raw_fd(), event)
+                .map_err(epoll_error("add"))?;
+        }
         w.insert(token, n);
         Ok(())
     }
@@ -269,6 +275,23 @@ mod tests {
     use super::*;
     use std::thread;
     use std::time::Instant;
+
+    /// One notifier under two tokens: both watches are taken (the second on a descriptor of its
+    /// own), and a write is read once, under one of them.
+    #[test]
+    fn one_notifier_under_two_tokens() {
+        let l = EventLoop::new().unwrap();
+        let n = Notifier::new(Mode::Counter).unwrap();
+        l.add(1, &n).unwrap();
+        l.add(2, &n).unwrap();
+        n.add(3).unwrap();
+        let mut ready = Vec::new();
+        assert_eq!(l.wait(None, &mut ready).unwrap(), Wake::Ready);
+        assert!(ready == [(1, 3)] || ready == [(2, 3)], "{ready:?}");
+        l.remove(1).unwrap();
+        l.remove(2).unwrap();
+        assert!(l.is_empty());
+    }
 
     /// A stop that comes with notifications reads none of them: they stay for the next reader.
     #[test]

@@ -27,6 +27,7 @@
 //! ```
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -60,7 +61,8 @@ impl<F: FnMut(u32, u64)> NotifierSubscriber<F> {
     }
 
     /// Watches `notifier` (a handle to it is kept) under `token`. Call before the
-    /// subscriber is added to the event manager, which registers everything watched then.
+    /// subscriber is added to the event manager, which registers everything watched then. A
+    /// notifier watched a second time gets a descriptor of its own (epoll takes one once).
     ///
     /// # Errors
     ///
@@ -71,7 +73,16 @@ impl<F: FnMut(u32, u64)> NotifierSubscriber<F> {
                 token: token.into(),
             });
         }
-        self.watched.push((token, notifier.share()));
+        let seen = self
+            .watched
+            .iter()
+            .any(|(_, n)| n.as_raw_fd() == notifier.as_raw_fd());
+        let n = if seen {
+            notifier.try_clone()?
+        } else {
+            notifier.share()
+        };
+        self.watched.push((token, n));
         Ok(())
     }
 
