@@ -262,7 +262,7 @@ impl Vm {
             tx.commit()?;
             batch.gsis = gsis;
         }
-        for (&gsi, &(_, notifier)) in batch.gsis.clone().iter().zip(interrupts) {
+        for (&gsi, &(_, notifier)) in batch.gsis.iter().zip(interrupts) {
             batch.irqfds.push(self.irqfd_with(gsi, notifier)?);
         }
         Ok(batch)
@@ -328,11 +328,16 @@ impl Batch {
         if self.gsis.is_empty() {
             return Ok(());
         }
+        // A route that cannot go (another irqfd bound to it meanwhile) is kept; the others go
+        // in one commit, and the first refusal is reported.
         let mut tx = self.router.transaction();
+        let mut first = Ok(());
         for gsi in std::mem::take(&mut self.gsis) {
-            tx.remove(gsi)?;
+            if let (Err(e), Ok(())) = (tx.remove(gsi), &first) {
+                first = Err(e);
+            }
         }
-        tx.commit()
+        tx.commit().and(first)
     }
 }
 
