@@ -342,6 +342,12 @@ pub enum Error {
         /// The errno.
         source: io::Error,
     },
+    /// A saved state that does not fit itself (restored before anything is made).
+    #[error("saved state refused: {what}")]
+    SavedState {
+        /// What does not fit.
+        what: String,
+    },
     /// Any other errno from `KVM_IRQFD`.
     #[error("GSI {gsi}: KVM_IRQFD failed: {source}")]
     IrqFd {

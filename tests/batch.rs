@@ -105,28 +105,40 @@ fn a_batch_registers_and_tears_down_every_queue_together() {
     a_refused_batch_leaves_nothing();
 }
 
-/// All or nothing: a batch whose last kick overlaps an earlier one is refused, and what it had
-/// made is undone. (Called by the test above: one test in this binary, which counts descriptors.)
+/// All or nothing: a batch refused at its last kick (an overlap), or at its last interrupt (a
+/// notifier already an irqfd, after every route was committed), undoes what it had made: every
+/// route removed, every address free again. (Called by the test above: one test in this binary,
+/// which counts descriptors.)
 fn a_refused_batch_leaves_nothing() {
     let vm = TinyVm::new().unwrap();
     let root = vm.notify();
     let (kicks, calls) = (notifiers(4), notifiers(4));
-    let mut kick_list: Vec<_> = kicks
+    let kick_list: Vec<_> = kicks
         .iter()
         .enumerate()
         .map(|(i, n)| (WriteMatch::mmio(NOTIFY + 8 * i as u64), n))
         .collect();
-    kick_list[3].0 = WriteMatch::mmio(NOTIFY);
     let call_list: Vec<_> = calls
         .iter()
         .map(|n| (MsiMessage::x86(0, VECTOR), n))
         .collect();
     let entries = root.router().entries();
-    let e = root.batch(&kick_list, &call_list).unwrap_err();
+    let mut overlapping = kick_list.clone();
+    overlapping[3].0 = WriteMatch::mmio(NOTIFY);
+    let e = root.batch(&overlapping, &call_list).unwrap_err();
     assert!(matches!(e, vm_notify::Error::IoEventExists { .. }), "{e:?}");
     assert_eq!(root.router().entries(), entries);
-    // Every address is free again.
-    let again = root.batch(&kick_list[..3], &call_list).unwrap();
-    assert_eq!(again.ioevents().len(), 3);
+    let mut busy = call_list.clone();
+    busy[3].1 = &calls[0];
+    let e = root.batch(&kick_list, &busy).unwrap_err();
+    assert!(matches!(e, vm_notify::Error::IrqFdBusy { .. }), "{e:?}");
+    assert_eq!(
+        root.router().entries(),
+        entries,
+        "the committed routes removed"
+    );
+    // Every address and notifier is free again.
+    let again = root.batch(&kick_list, &call_list).unwrap();
+    assert_eq!(again.ioevents().len(), 4);
     assert_eq!(again.irqfds().len(), 4);
 }

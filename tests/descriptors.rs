@@ -84,9 +84,10 @@ fn a_queue_costs_two_descriptors() {
 
 /// 10^3 cycles of saving a device's notification state (a virtio-pci device with 8 queues and 9
 /// MSI-X vectors, one queue with an unread kick, one vector masked with its pending bit, and a
-/// level line), dropping the device and restoring it on the same VM: the descriptors and the
-/// routing table end as they were after the first cycle, and the unread kick and the pending bit
-/// come through every cycle exactly as they were, neither lost nor doubled.
+/// level line with an unread resample), dropping the device and restoring it on the same VM: the
+/// descriptors and the routing table end as they were after the first cycle, and the unread kick,
+/// the pending bit and the resample come through every cycle exactly as they were, neither lost
+/// nor doubled. Then two states that do not fit themselves are refused, leaving nothing made.
 #[test]
 fn snapshot_cycles_leak_nothing() {
     // Before the KVM probe, which opens and closes a descriptor.
@@ -96,7 +97,9 @@ fn snapshot_cycles_leak_nothing() {
     let mut pci = device(&vm, 8);
     assert!(pci.signal_config().unwrap(), "pending on the masked vector");
     pci.queue(3).unwrap().kicks().notify().unwrap();
+    // A resample the device had not read yet.
     let mut line = vm.level_irqfd(5).unwrap();
+    line.resample().notify().unwrap();
     let mut baseline = None;
     for cycle in 0..1000 {
         let state = pci.save().unwrap();
@@ -104,6 +107,7 @@ fn snapshot_cycles_leak_nothing() {
         let unread: Vec<u64> = state.queues.iter().map(|q| q.unread_kicks).collect();
         assert_eq!(unread, [0, 0, 0, 1, 0, 0, 0, 0], "cycle {cycle}");
         assert!(state.msix.vectors[8].pending, "cycle {cycle}");
+        assert_eq!(line_state.unread_resamples, 1, "cycle {cycle}");
         drop((pci, line));
         pci = vm.restore_virtio_pci(&state).unwrap();
         line = vm.restore_level_irqfd(&line_state).unwrap();
@@ -112,6 +116,16 @@ fn snapshot_cycles_leak_nothing() {
             None => baseline = Some(now),
             Some(b) => assert_eq!(now, b, "cycle {cycle}: descriptors and route entries"),
         }
+    }
+    // A state that does not fit itself is refused before anything is made.
+    let mut bad = pci.save().unwrap();
+    bad.queues.push(bad.queues[0]);
+    let mut far = pci.save().unwrap();
+    far.queues[2].vector = 9;
+    for state in [bad, far] {
+        let e = vm.restore_virtio_pci(&state).unwrap_err();
+        assert!(matches!(e, vm_notify::Error::SavedState { .. }), "{e:?}");
+        assert_eq!((open_fds(), vm.router().entries()), baseline.unwrap());
     }
     eprintln!(
         "1000 snapshot/restore cycles: {} descriptors and {} route entries throughout",

@@ -99,7 +99,9 @@ impl GuestInterrupt for QueueVector {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PciQueueState {
-    /// The guest writes its registration took.
+    /// The guest writes its registration took. For the record: a restore registers from the
+    /// layout again, which gives the same match unless the new host lacks
+    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`.
     pub write: WriteMatch,
     /// Its `queue_msix_vector`.
     pub vector: u16,
@@ -278,12 +280,16 @@ impl PciNotify {
     ///
     /// [`Error::Notifier`] if a counter cannot be read.
     pub fn save(&self) -> Result<PciNotifyState> {
-        let queues = (0..self.queues.len())
-            .map(|i| {
-                let queue = self.queues.get(i).expect("index below len");
+        let queues = self
+            .queues
+            .handles
+            .iter()
+            .zip(&self.queues.registrations)
+            .zip(&self.queue_vectors)
+            .map(|((queue, registration), vector)| {
                 Ok(PciQueueState {
-                    write: self.queues.write_match(i).expect("index below len"),
-                    vector: self.queue_vectors[usize::from(i)].vector(),
+                    write: registration.write_match(),
+                    vector: vector.vector(),
                     unread_kicks: queue.kicks().peek()?,
                 })
             })
@@ -305,12 +311,35 @@ impl PciNotify {
     ///
     /// # Errors
     ///
-    /// Those of [`MsixVectors::restore`] and [`new`](Self::new), and [`Error::Notifier`].
+    /// [`Error::SavedState`] when the state does not fit itself (a queue count other than the
+    /// layout's, a vector past the table), before anything is made; those of
+    /// [`MsixVectors::restore`] and [`new`](Self::new), and [`Error::Notifier`].
     pub fn restore(
         backend: &Backend,
         router: &GsiRouter,
         state: &PciNotifyState,
     ) -> Result<PciNotify> {
+        let (queues, table) = (
+            state.layout.queue_notify_off.len(),
+            state.msix.vectors.len(),
+        );
+        if state.queues.len() != queues {
+            return Err(Error::SavedState {
+                what: format!(
+                    "{} queue states for a layout of {queues} queues",
+                    state.queues.len()
+                ),
+            });
+        }
+        let vectors = state.queues.iter().map(|q| q.vector);
+        if let Some(v) = vectors
+            .chain([state.config_vector])
+            .find(|&v| v != NO_VECTOR && usize::from(v) >= table)
+        {
+            return Err(Error::SavedState {
+                what: format!("vector {v} in a table of {table}"),
+            });
+        }
         let vectors = MsixVectors::restore(router, &state.msix)?;
         let pci = PciNotify::new(backend, &state.layout, &vectors)?;
         for (i, q) in state.queues.iter().enumerate() {
