@@ -138,7 +138,6 @@ fn split_irqchip_refusals_are_typed() {
             router.set_msi(pin, MsiMessage::x86(0, 0x40)).unwrap_err()
         ));
         assert!(pinned(router.remove(pin).unwrap_err()));
-        assert_eq!(router.irqfds(pin), 0);
     }
     // Above the pins, MSI routes work as on the in-kernel irqchip.
     let gsi = split.notify().route_msi(MsiMessage::x86(0, 0x40)).unwrap();

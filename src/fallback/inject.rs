@@ -127,6 +127,7 @@ impl Injector {
         ioapic: Option<&Ioapic>,
     ) -> Result<u64> {
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        // On a pin, `level` only marks the line a level one: its state is the IOAPIC's.
         let level = resample.map(|r| Level {
             resample: r.share(),
             asserted: false,

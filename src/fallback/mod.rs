@@ -44,7 +44,7 @@ pub(crate) use dispatch::Registered;
 
 use crate::error::{Capability, Error, Result};
 use crate::irqchip::Ioapic;
-use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch, IRQCHIP_GSIS};
+use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch};
 use crate::notifier::Notifier;
 use crate::sys::Capabilities;
 use inject::Injector;
@@ -137,7 +137,7 @@ impl Backend {
     /// The IOAPIC to serve `gsi` through: `Some` for a pin of the split irqchip, `None` for any
     /// other GSI. [`Error::IoapicPin`] for a pin when this backend has no IOAPIC.
     fn pin_of(&self, router: &GsiRouter, gsi: Gsi) -> Result<Option<&Ioapic>> {
-        if !router.is_split() || gsi >= IRQCHIP_GSIS {
+        if !router.is_pin(gsi) {
             return Ok(None);
         }
         self.ioapic

@@ -270,9 +270,14 @@ impl GsiRouter {
         self.shared.split
     }
 
+    /// Whether `gsi` is a pin of the split irqchip's IOAPIC.
+    pub(crate) fn is_pin(&self, gsi: Gsi) -> bool {
+        self.shared.split && gsi < IRQCHIP_GSIS
+    }
+
     /// [`Error::IoapicPin`] for a pin of the split irqchip's IOAPIC.
     fn refuse_pin(&self, gsi: Gsi) -> Result<()> {
-        if self.shared.split && gsi < IRQCHIP_GSIS {
+        if self.is_pin(gsi) {
             return Err(Error::IoapicPin { gsi });
         }
         Ok(())
@@ -361,7 +366,9 @@ impl GsiRouter {
         self.lock().entries
     }
 
-    /// The number of irqfds (kernel or injected) bound to `gsi` through this router.
+    /// The number of irqfds (kernel or injected) bound to `gsi` through this router. The split
+    /// irqchip's IOAPIC pins are not bound here: the [`Ioapic`](crate::irqchip::Ioapic) keeps
+    /// their sources.
     pub fn irqfds(&self, gsi: Gsi) -> usize {
         self.lock().irqfds.get(&gsi).copied().unwrap_or(0)
     }

@@ -54,11 +54,10 @@ impl GuestExit {
     /// Whether this is an exit the kit serves for the split irqchip's IOAPIC: an access to its
     /// registers or an EOI KVM reported for it.
     pub fn is_ioapic(&self) -> bool {
-        let window = IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE;
         match *self {
             GuestExit::IoapicEoi { .. } => true,
             GuestExit::MmioWrite { addr, .. } | GuestExit::MmioRead { addr, .. } => {
-                window.contains(&addr)
+                ioapic_offset(addr).is_some()
             }
             _ => false,
         }
@@ -102,6 +101,12 @@ impl GuestExit {
             _ => Ok(false),
         }
     }
+}
+
+/// `addr`'s offset in the IOAPIC's register window, if it is in it.
+pub(crate) fn ioapic_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(IOAPIC_BASE)
+        .filter(|&offset| offset < IOAPIC_SIZE)
 }
 
 /// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,

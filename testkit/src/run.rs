@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::exit::{ExitHandler, GuestExit};
+use crate::exit::{ioapic_offset, ExitHandler, GuestExit};
 use crate::layout::{DONE_PORT, UNEXPECTED_VECTOR_PORT};
 use crate::report::{Outcome, RunReport};
 use crate::{Error, Result};
-use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
+use vm_notify::irqchip::Ioapic;
 
 /// What the run's owner tells the vCPU threads, and where paused vCPUs are handed back.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +108,9 @@ impl Running {
         }
         let timed_out = !pause && reports.len() < self.threads.len();
         if timed_out || pause {
-            self.control.stop.store(!pause, Ordering::SeqCst);
+            if timed_out {
+                self.control.stop.store(true, Ordering::SeqCst);
+            }
             // The kick only interrupts KVM_RUN if it lands while the vCPU is inside it: repeat.
             while reports.len() < self.threads.len() {
                 if pause && Instant::now() > deadline {
@@ -182,11 +184,9 @@ fn le_value(data: &[u8]) -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// Whether `addr` is in the IOAPIC's window; its offset there.
-fn ioapic_offset(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
-    let io = ioapic?;
-    let offset = addr.checked_sub(IOAPIC_BASE)?;
-    (offset < IOAPIC_SIZE).then_some((io, offset))
+/// The IOAPIC, and `addr`'s offset in its window, when there is one and `addr` is in it.
+fn ioapic_access(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
+    Some((ioapic?, ioapic_offset(addr)?))
 }
 
 /// Runs the vCPU until the program ends, handing each exit to `handler`. On the split irqchip
@@ -252,7 +252,7 @@ pub(crate) fn run_loop(
                     data: le_value(data),
                     len: data.len() as u8,
                 };
-                match ioapic_offset(ioapic, addr) {
+                match ioapic_access(ioapic, addr) {
                     Some((io, offset)) => {
                         if let Err(e) = io.mmio_write(offset, data) {
                             break fault(vcpu, format!("IOAPIC write: {e}"));
@@ -268,7 +268,7 @@ pub(crate) fn run_loop(
                     len: data.len() as u8,
                 };
                 data.fill(0);
-                match ioapic_offset(ioapic, addr) {
+                match ioapic_access(ioapic, addr) {
                     Some((io, offset)) => io.mmio_read(offset, data),
                     None => handler.handle(&exit, data),
                 }
