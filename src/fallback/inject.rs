@@ -133,7 +133,10 @@ impl Injector {
             asserted: false,
         });
         let trigger_clone = trigger.share();
-        let pin = ioapic.map(|io| (io.clone(), io.attach(gsi, resample)));
+        let pin = match ioapic {
+            Some(io) => Some((io.clone(), io.attach(gsi, resample)?)),
+            None => None,
+        };
         let line = Line {
             gsi,
             trigger: trigger_clone,

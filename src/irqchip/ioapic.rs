@@ -158,19 +158,31 @@ impl Ioapic {
         let Written::Entry(pin) = state.regs.write(offset, data) else {
             return Ok(());
         };
-        let route = state.regs.route(pin);
+        self.sync_route(&mut state, pin)?;
+        let msg = state.regs.service(pin);
+        self.deliver(&mut state, pin, msg)
+    }
+
+    /// Commits the route `pin` needs now (see the module docs), if it changed.
+    fn sync_route(&self, state: &mut State, pin: usize) -> Result<()> {
+        let resampled = state
+            .sources
+            .values()
+            .any(|s| s.pin == pin && s.level.is_some());
+        let route = state.regs.route(pin, resampled);
         if route != state.routes[pin] {
             self.shared.router.set_pin_routes(&[(pin as Gsi, route)])?;
             state.routes[pin] = route;
             state.stats.route_commits += 1;
         }
-        let msg = state.regs.service(pin);
-        self.deliver(&mut state, pin, msg)
+        Ok(())
     }
 
     /// `KVM_EXIT_IOAPIC_EOI` for `vector`: each level pin awaiting that EOI has its remote IRR
     /// cleared, its line lowered and each of its sources' resample notifiers signalled (the
-    /// device re-asserts while its condition holds).
+    /// device re-asserts while its condition holds). An edge pin with that vector and level
+    /// sources is acknowledged the same way (lowered, resampled), as KVM's IOAPIC acknowledges
+    /// every pin of the vector.
     ///
     /// # Errors
     ///
@@ -179,7 +191,14 @@ impl Ioapic {
         let mut state = self.lock();
         // Every state change first, then the signals: a failed write leaves nothing half-done.
         let mut resample = Vec::new();
-        for pin in state.regs.end_of_interrupt(vector) {
+        let mut pins = state.regs.end_of_interrupt(vector);
+        pins.extend(state.regs.edge_pins(vector).into_iter().filter(|&pin| {
+            state
+                .sources
+                .values()
+                .any(|s| s.pin == pin && s.level.is_some())
+        }));
+        for pin in pins {
             state.stats.eois += 1;
             for source in state.sources.values_mut().filter(|s| s.pin == pin) {
                 if let Some((notifier, asserted)) = source.level.as_mut() {
@@ -217,25 +236,41 @@ impl Ioapic {
         self.lock().stats
     }
 
-    /// A source on `pin`: an edge one, or with `resample` a level one. Returns its token.
-    pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> u64 {
+    /// A source on `pin`: an edge one, or with `resample` a level one (whose pin then reports
+    /// its EOIs, whatever the guest programs). Returns its token.
+    ///
+    /// # Errors
+    ///
+    /// Those of the routing commit a level source's first EOI report needs.
+    pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> Result<u64> {
         let level = resample.map(|r| (r.share(), false));
+        let is_level = level.is_some();
         let mut state = self.lock();
         let token = state.next;
         state.next += 1;
         let pin = pin as usize;
         debug_assert!(pin < IOAPIC_PINS);
         state.sources.insert(token, Source { pin, level });
-        token
+        if is_level {
+            if let Err(e) = self.sync_route(&mut state, pin) {
+                state.sources.remove(&token);
+                return Err(e);
+            }
+        }
+        Ok(token)
     }
 
-    /// Removes source `token`; a level source's assertion goes with it.
+    /// Removes source `token`; a level source's assertion goes with it, and the pin's EOI report
+    /// with its last level source (on an edge entry).
     pub(crate) fn detach(&self, token: u64) {
         let mut state = self.lock();
         if let Some(s) = state.sources.remove(&token) {
             if matches!(s.level, Some((_, true))) {
                 let held = state.held(s.pin, token);
                 let _ = state.regs.set_line(s.pin, held);
+            }
+            if s.level.is_some() {
+                let _ = self.sync_route(&mut state, s.pin);
             }
         }
     }

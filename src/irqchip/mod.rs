@@ -14,7 +14,8 @@
 //! * level pins: delivered while asserted and not awaiting an EOI (remote IRR); at the EOI the
 //!   line is lowered and every level source on the pin gets a resample, as KVM's resampler does
 //!   for a kernel resample irqfd — so [`LevelIrqFd`](crate::LevelIrqFd)'s device code and its
-//!   exact counts are the same on both irqchips;
+//!   exact counts are the same on both irqchips (also on a pin the guest programmed
+//!   edge-triggered, which KVM acknowledges at its vector's EOI too);
 //! * each delivery is the MSI the entry makes (destination in the address, vector, delivery
 //!   mode and trigger mode in the data), sent with `KVM_SIGNAL_MSI`.
 //!

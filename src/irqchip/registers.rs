@@ -296,11 +296,25 @@ impl Registers {
         self.entries[pin] &= !REMOTE_IRR;
     }
 
-    /// The route KVM must have for `pin` on the split irqchip: the entry's message for a level
-    /// entry (so KVM reports the EOI of its vector), none for an edge one.
-    pub(crate) fn route(&self, pin: usize) -> Option<MsiMessage> {
+    /// The edge entries that deliver `vector`: an EOI of it acknowledges them too, which a level
+    /// source on such a pin (a resample irqfd on an edge-programmed pin) is told of, as KVM's
+    /// IOAPIC tells a pin's ack notifiers whatever its trigger mode.
+    pub(crate) fn edge_pins(&self, vector: u8) -> Vec<usize> {
+        (0..IOAPIC_PINS)
+            .filter(|&pin| {
+                let e = self.entry(pin);
+                !e.level() && e.vector() == vector
+            })
+            .collect()
+    }
+
+    /// The route KVM must have for `pin` on the split irqchip so that it reports the EOIs of the
+    /// pin's vector: the entry's message marked level-triggered, for a level entry or when
+    /// `resampled` (level sources wait for the pin's EOIs); none otherwise (an edge pin's EOIs
+    /// need not exit).
+    pub(crate) fn route(&self, pin: usize, resampled: bool) -> Option<MsiMessage> {
         let e = self.entry(pin);
-        e.level().then(|| e.message())
+        (e.level() || resampled).then(|| Redirection(e.0 | LEVEL).message())
     }
 }
 
@@ -430,9 +444,17 @@ mod tests {
             "edge entries never set remote IRR"
         );
         assert!(r.end_of_interrupt(0x23).is_empty());
-        assert_eq!(r.route(3), None, "no EOI report for an edge entry");
+        assert_eq!(r.route(3, false), None, "no EOI report for an edge entry");
+        let reported = r.route(3, true).unwrap();
+        assert_eq!(
+            reported.data,
+            0x23 | (1 << 14) | (1 << 15),
+            "marked level for KVM"
+        );
+        assert_eq!(r.edge_pins(0x23), vec![3]);
         program(&mut r, 3, 0x23 | (1 << 15), 1);
-        assert_eq!(r.route(3), Some(r.entry(3).message()));
+        assert_eq!(r.route(3, false), Some(r.entry(3).message()));
+        assert!(r.edge_pins(0x23).is_empty());
     }
 
     #[test]
