@@ -8,8 +8,6 @@
 //! write is taken, or on any notifier's count. Any panic inside the library would surface the
 //! same way.
 
-use std::sync::Arc;
-
 use crate::error::Error;
 use crate::fallback::{ExitDispatcher, Key};
 use crate::kvm::{Width, WriteMatch};
@@ -22,7 +20,7 @@ struct Reg {
     len: u32,
     datamatch: Option<u64>,
     in_kernel: bool,
-    notifier: Arc<Notifier>,
+    notifier: Notifier,
     key: Key,
     expected: u64,
     live: bool,
@@ -120,8 +118,8 @@ pub fn dispatcher(data: &[u8]) {
                     m = m.datamatch(v);
                 }
                 let in_kernel = op % 4 == 3;
-                let notifier = Arc::new(Notifier::new(Mode::Counter).expect("eventfd"));
-                let got = d.insert(&m, notifier.clone(), in_kernel);
+                let notifier = Notifier::new(Mode::Counter).expect("eventfd");
+                let got = d.insert(&m, notifier.share(), in_kernel);
                 match m.validate() {
                     Err(e) => assert!(
                         got.as_ref().is_err_and(|g| g.to_string() == e.to_string()),

@@ -57,7 +57,7 @@ impl Key {
 }
 
 struct Entry {
-    notifier: Arc<Notifier>,
+    notifier: Notifier,
     /// Held by the kernel: recorded for the overlap rule only, never matched here.
     in_kernel: bool,
 }
@@ -99,7 +99,7 @@ impl ExitDispatcher {
     pub(crate) fn insert(
         &self,
         write: &WriteMatch,
-        notifier: Arc<Notifier>,
+        notifier: Notifier,
         in_kernel: bool,
     ) -> Result<Key> {
         write.validate()?;
@@ -222,7 +222,7 @@ impl Registered {
     pub(crate) fn insert(
         dispatcher: &ExitDispatcher,
         write: &WriteMatch,
-        notifier: Arc<Notifier>,
+        notifier: Notifier,
         in_kernel: bool,
     ) -> Result<Registered> {
         let key = dispatcher.insert(write, notifier, in_kernel)?;
@@ -245,37 +245,37 @@ mod tests {
     use crate::bus::Width;
     use crate::notifier::{Attempt, Mode};
 
-    fn counter() -> Arc<Notifier> {
-        Arc::new(Notifier::new(Mode::Counter).unwrap())
+    fn counter() -> Notifier {
+        Notifier::new(Mode::Counter).unwrap()
     }
 
     #[test]
     fn matches_by_the_kernel_rules() {
         let d = ExitDispatcher::new();
         let (any, w4, q1, q2, port) = (counter(), counter(), counter(), counter(), counter());
-        d.insert(&WriteMatch::mmio(0x1000), any.clone(), false)
+        d.insert(&WriteMatch::mmio(0x1000), any.share(), false)
             .unwrap();
         d.insert(
             &WriteMatch::mmio(0x2000).width(Width::W4),
-            w4.clone(),
+            w4.share(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::mmio(0x3000).width(Width::W2).datamatch(1),
-            q1.clone(),
+            q1.share(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::mmio(0x3000).width(Width::W2).datamatch(2),
-            q2.clone(),
+            q2.share(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::pio(0x1000).width(Width::W1),
-            port.clone(),
+            port.share(),
             false,
         )
         .unwrap();
@@ -313,28 +313,28 @@ mod tests {
         let d = ExitDispatcher::new();
         let n = counter();
         let w4 = WriteMatch::mmio(0x50).width(Width::W4);
-        d.insert(&w4.datamatch(1), n.clone(), false).unwrap();
+        d.insert(&w4.datamatch(1), n.share(), false).unwrap();
         for clash in [w4, w4.datamatch(1), WriteMatch::mmio(0x50)] {
             assert!(
                 matches!(
-                    d.insert(&clash, n.clone(), false),
+                    d.insert(&clash, n.share(), false),
                     Err(Error::IoEventExists { .. })
                 ),
                 "{clash:?}"
             );
         }
-        d.insert(&w4.datamatch(2), n.clone(), false).unwrap();
+        d.insert(&w4.datamatch(2), n.share(), false).unwrap();
         d.insert(
             &WriteMatch::mmio(0x50).width(Width::W2).datamatch(1),
-            n.clone(),
+            n.share(),
             false,
         )
         .unwrap();
-        d.insert(&WriteMatch::pio(0x50), n.clone(), false).unwrap();
+        d.insert(&WriteMatch::pio(0x50), n.share(), false).unwrap();
         // Kernel-held entries count for overlaps but are never matched here.
-        d.insert(&WriteMatch::mmio(0x60), n.clone(), true).unwrap();
+        d.insert(&WriteMatch::mmio(0x60), n.share(), true).unwrap();
         assert!(matches!(
-            d.insert(&WriteMatch::mmio(0x60).width(Width::W1), n.clone(), false),
+            d.insert(&WriteMatch::mmio(0x60).width(Width::W1), n.share(), false),
             Err(Error::IoEventExists { .. })
         ));
         assert!(!d.mmio_write(0x60, &[0]).unwrap());
@@ -345,10 +345,10 @@ mod tests {
     fn removal_frees_the_address() {
         let d = ExitDispatcher::new();
         let n = counter();
-        let key = d.insert(&WriteMatch::mmio(0x50), n.clone(), false).unwrap();
+        let key = d.insert(&WriteMatch::mmio(0x50), n.share(), false).unwrap();
         d.remove(&key);
         assert!(!d.mmio_write(0x50, &[0]).unwrap());
         assert!(d.is_empty());
-        d.insert(&WriteMatch::mmio(0x50), n.clone(), false).unwrap();
+        d.insert(&WriteMatch::mmio(0x50), n.share(), false).unwrap();
     }
 }

@@ -35,7 +35,7 @@ use crate::notifier::Notifier;
 pub struct IoEvent {
     write: WriteMatch,
     placement: Placement,
-    notifier: Arc<Notifier>,
+    notifier: Notifier,
     _place: Place,
 }
 
@@ -80,7 +80,7 @@ impl IoEvent {
         IoEvent {
             write: reg.write_match(),
             placement: Placement::Kernel,
-            notifier: reg.shared_notifier().clone(),
+            notifier: reg.shared_notifier().share(),
             _place: Place::Kernel {
                 _reg: reg,
                 _shadow: shadow,
@@ -92,10 +92,10 @@ impl IoEvent {
     pub(crate) fn dispatched(
         dispatcher: &ExitDispatcher,
         write: WriteMatch,
-        notifier: Arc<Notifier>,
+        notifier: Notifier,
         placement: Placement,
     ) -> Result<IoEvent> {
-        let entry = Registered::insert(dispatcher, &write, notifier.clone(), false)?;
+        let entry = Registered::insert(dispatcher, &write, notifier.share(), false)?;
         Ok(IoEvent {
             write,
             placement,

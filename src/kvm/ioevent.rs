@@ -175,7 +175,7 @@ pub struct IoEventFd {
     vm: Arc<VmFd>,
     write: WriteMatch,
     req: IoEventRequest,
-    notifier: Arc<Notifier>,
+    notifier: Notifier,
 }
 
 impl fmt::Debug for IoEventFd {
@@ -202,7 +202,7 @@ impl IoEventFd {
     pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEventFd> {
         let req = write.request()?;
         Capabilities::probe(vm).require(write.capabilities())?;
-        IoEventFd::assign(vm, write, req, Arc::new(notifier.share()))
+        IoEventFd::assign(vm, write, req, notifier.share())
     }
 
     /// `KVM_IOEVENTFD` for a validated `write` whose capabilities the caller checked.
@@ -210,7 +210,7 @@ impl IoEventFd {
         vm: &Arc<VmFd>,
         write: WriteMatch,
         req: IoEventRequest,
-        notifier: Arc<Notifier>,
+        notifier: Notifier,
     ) -> Result<IoEventFd> {
         sys::assign_ioevent(vm, &notifier, &req)?;
         Ok(IoEventFd {
@@ -232,7 +232,7 @@ impl IoEventFd {
     }
 
     /// The notifier, shared.
-    pub(crate) fn shared_notifier(&self) -> &Arc<Notifier> {
+    pub(crate) fn shared_notifier(&self) -> &Notifier {
         &self.notifier
     }
 }
