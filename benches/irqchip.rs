@@ -70,7 +70,7 @@ fn level(chip: Irqchip) -> (Duration, f64) {
     p.repeat(LEVEL_TRIPS, |p| p.wait_for_interrupt()).unwrap();
     p.exit().unwrap();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let device_acks = acks.try_clone().unwrap();
+    let device_acks = acks.dup().unwrap();
     let device = thread::spawn(move || {
         ready_rx.recv_timeout(TIMEOUT).unwrap();
         let start = Instant::now();

@@ -392,7 +392,7 @@ fn kicks(kicks: u64, target: Target, register: bool) -> f64 {
         _ => WriteMatch::mmio(NOTIFY),
     };
     let _reg = register.then(|| IoEvent::register(vm.vm(), at, &n).unwrap());
-    let vmm = n.try_clone().unwrap();
+    let vmm = n.dup().unwrap();
     let pinned = OnVcpuCpu::new();
     let running = vm
         .start(
@@ -479,7 +479,7 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
         };
     }
     let _reg = IoEvent::register(vm.vm(), WriteMatch::mmio(NOTIFY), &kicks).unwrap();
-    let wake = kicks.try_clone().unwrap();
+    let wake = kicks.dup().unwrap();
     let idle_started = Arc::new(AtomicBool::new(false));
     let device = {
         let idle_started = idle_started.clone();

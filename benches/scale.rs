@@ -208,7 +208,7 @@ fn vms_in_this_process(vms: usize) -> Scale {
         events.add(token as u64, n).unwrap();
     }
     let stop = events.stop_handle();
-    let raise: Vec<Notifier> = calls.iter().map(Notifier::share).collect();
+    let raise: Vec<Notifier> = calls.to_vec();
     let device = thread::spawn(move || {
         let mut served = 0u64;
         let mut ready = Vec::new();

@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The device thread: `queue.kicks().read()?` waits for the guest's notify writes to
     // 0xe000_0000 and returns how many came; after serving the queue, one interrupt.
     let queue = pci.queue(0).ok_or("no queue 0")?;
-    assert!(queue.signal_used()?, "vector 0x40 on CPU 0");
+    assert!(queue.trigger()?, "vector 0x40 on CPU 0");
     println!(
         "queue 0: notify at {:#x}, {:?}",
         layout.notify_base,

@@ -3,7 +3,7 @@
 //! The device thread waits on its queue's kick notifier (an ioeventfd on QueueNotify) and on the
 //! interrupt's resample notifier with an `EventLoop`; on a kick it pops every available descriptor
 //! chain with the rust-vmm `virtio-queue` crate, fills the buffers with random bytes, adds them to
-//! the used ring and calls `signal_used` (InterruptStatus bit 0, level line asserted). The guest is
+//! the used ring and calls `trigger` (InterruptStatus bit 0, level line asserted). The guest is
 //! the driver: it makes a descriptor available, kicks, waits for the interrupt, reads
 //! InterruptStatus and acknowledges it in its handler, checks the used ring, and repeats.
 //!

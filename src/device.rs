@@ -1,28 +1,35 @@
-//! What a device sees: two traits, implemented by every delivery kind, and recording
-//! implementations for tests that run without `/dev/kvm`.
+//! The device contract: what a device depends on, and nothing of KVM.
 //!
-//! * [`GuestInterrupt`]: "interrupt the guest". Implemented by [`IrqFd`] (edge, a GSI or MSI
-//!   route), [`LevelIrqFd`] (a level pin with resample), [`MsixVector`] (one vector of a function's
-//!   MSI-X table, with mask and pending bits) and [`MmioInterrupt`](crate::virtio::MmioInterrupt)
-//!   (a virtio-mmio device's `InterruptStatus` and its line), each on the kernel or the userspace
-//!   path. A VMM can put its own interrupt source behind it.
-//! * [`QueueKicks`]: "the notifier a device waits on for the guest's kicks". Implemented by
-//!   [`Notifier`] itself, [`IoEvent`], [`IoEventFd`] and
-//!   [`VirtQueueNotify`](crate::virtio::VirtQueueNotify).
+//! * [`GuestInterrupt`]: "interrupt the guest", one method ([`trigger`](GuestInterrupt::trigger))
+//!   and three capabilities a delivery kind may have: an eventfd another writer can add to
+//!   ([`eventfd`](GuestInterrupt::eventfd)), a level line with its resample
+//!   ([`level`](GuestInterrupt::level) → [`LevelInterrupt`]) and a mask
+//!   ([`mask`](GuestInterrupt::mask) → [`MaskableInterrupt`]). A capability a kind lacks is
+//!   `None` by default, so a VMM's own interrupt source implements `trigger` and nothing else.
+//! * [`QueueKicks`]: "the notifier a device waits on for the guest's kicks".
 //!
-//! The virtio transports hold their interrupts as `Arc<dyn GuestInterrupt>`, so a device crate's
-//! notification logic can run against a [`RecordingInterrupt`] in a plain unit test:
+//! Both live at the bottom of the crate with [`Notifier`]: a device crate depends on
+//! `vm-notify` with `default-features = false` and gets them without kvm-ioctls, kvm-bindings
+//! or vm-memory in its tree. The KVM deliveries (feature `kvm`, on by default) implement them:
+//! `IrqFd` (edge, a GSI or an MSI route), `LevelIrqFd` (a level pin with resample),
+//! `MsixVector` (one vector of a function's MSI-X table, maskable), and the virtio transports'
+//! queue interrupts. The edge kinds implement [`vm_superio::Trigger`] too, so a vm-superio
+//! device (a serial port, an i8042) takes them as they are.
+//!
+//! With the feature `test-utils`, [`RecordingInterrupt`] records what a device asked for, for
+//! unit tests without `/dev/kvm`:
 //!
 //! ```
+//! # #[cfg(feature = "test-utils")] {
 //! use std::sync::Arc;
 //! use vm_notify::device::RecordingInterrupt;
 //! use vm_notify::virtio::VirtQueueNotify;
 //! use vm_notify::{Mode, Notifier, QueueKicks};
 //!
-//! /// The device under test: serves every kick, then signals used buffers once per wake-up.
+//! /// The device under test: serves every kick, then interrupts once per wake-up.
 //! fn serve(queue: &VirtQueueNotify) -> vm_notify::Result<u64> {
 //!     let kicks = queue.kicks().read()?;
-//!     queue.signal_used()?;
+//!     queue.trigger()?;
 //!     Ok(kicks)
 //! }
 //!
@@ -31,65 +38,97 @@
 //! // What the guest's three queue notifications would have done through an ioeventfd:
 //! queue.kicks().add(3)?;
 //! assert_eq!(serve(&queue)?, 3);
-//! assert_eq!(irq.signals(), 1, "one interrupt for three coalesced kicks");
+//! assert_eq!(irq.triggers(), 1, "one interrupt for three coalesced kicks");
+//! # }
 //! # Ok::<(), vm_notify::Error>(())
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
-use crate::fallback::{IoEvent, IrqFd, LevelIrqFd};
-use crate::kvm::IoEventFd;
-use crate::msix::MsixVector;
-use crate::notifier::{Attempt, Mode, Notifier};
+use crate::notifier::Notifier;
 
 /// Interrupts the guest. Every delivery kind implements it; devices and transports hold it as
-/// `Arc<dyn GuestInterrupt>`.
+/// `Arc<dyn GuestInterrupt>`, so a VMM can put its own interrupt source behind a device.
 ///
-/// The contract, the same for every implementation:
+/// Only [`trigger`](Self::trigger) is required. The other methods are capabilities, `None`
+/// where the delivery kind does not have them:
 ///
-/// * [`signal`](Self::signal) asks for an interrupt: an edge injection, a level line asserted, an
-///   MSI-X vector raised (or held pending while masked).
-/// * [`eventfd`](Self::eventfd) gives a descriptor that another writer (a vhost-user backend's
-///   call fd, a VFIO interrupt) adds to with the same effect as `signal`.
-/// * Level lines only: [`deassert`](Self::deassert) when the device's condition clears, and
-///   [`resample_notifier`](Self::resample_notifier), signalled when the line is lowered, on which
-///   the device signals again if its condition still holds.
+/// * [`eventfd`](Self::eventfd): a notifier another writer (a vhost-user backend's call fd, a
+///   VFIO interrupt) adds to with the same effect as `trigger`;
+/// * [`level`](Self::level): a level line, which the device lowers when its condition clears
+///   and re-asserts on the resample notifier;
+/// * [`mask`](Self::mask): the interrupt can be masked, holding what is triggered meanwhile
+///   pending until unmasked.
 pub trait GuestInterrupt: Send + Sync + fmt::Debug {
-    /// Interrupts the guest. Returns whether this asked for a new interrupt: `false` where the
-    /// request folded into one still outstanding (a virtio-mmio status bit not yet acknowledged)
-    /// or there is nothing to raise (a virtio-pci queue without a vector).
+    /// Interrupts the guest: an edge injection, a level line asserted, an MSI-X vector raised
+    /// (or held pending while masked). Returns whether this asked for a new interrupt: `false`
+    /// where the request folded into one still outstanding (a virtio-mmio status bit not yet
+    /// acknowledged) or there is nothing to interrupt with (a virtio-pci queue without a
+    /// vector).
     ///
     /// # Errors
     ///
-    /// [`Error::Notifier`](crate::Error::Notifier) if the eventfd write fails.
-    fn signal(&self) -> Result<bool>;
+    /// [`Error::Notifier`](crate::Error::Notifier) if the eventfd write fails; an
+    /// implementation's own errors otherwise.
+    fn trigger(&self) -> Result<bool>;
 
-    /// A descriptor of the eventfd that delivers this interrupt, for a writer outside this
-    /// process's signal path: a write to it interrupts the guest as [`signal`](Self::signal) does.
+    /// Capability: a handle to the eventfd that delivers this interrupt. A write to it
+    /// interrupts the guest as [`trigger`](Self::trigger) does. `Ok(None)` where no such eventfd
+    /// exists (a virtio-mmio interrupt, whose status the VMM keeps; a virtio-pci queue without a
+    /// vector).
     ///
     /// # Errors
     ///
-    /// [`Error::FdExhausted`](crate::Error::FdExhausted) when no descriptor is left;
-    /// [`Error::NoEventFd`](crate::Error::NoEventFd) where no such eventfd exists (a virtio-mmio
-    /// interrupt, whose status the VMM keeps; a virtio-pci queue without a vector).
-    fn eventfd(&self) -> Result<Notifier>;
-
-    /// Level lines: the device's condition cleared. Returns whether a line was lowered here
-    /// (edge interrupts and kernel level irqfds have nothing to lower).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`LevelIrqFd::deassert`].
-    fn deassert(&self) -> Result<bool> {
-        Ok(false)
+    /// [`Error::FdExhausted`](crate::Error::FdExhausted) where the eventfd is opened on demand
+    /// (an MSI-X vector that has none yet) and no descriptor is left.
+    fn eventfd(&self) -> Result<Option<Notifier>> {
+        Ok(None)
     }
 
-    /// Level lines: the notifier signalled when the line is lowered. `None` for edge interrupts.
-    fn resample_notifier(&self) -> Option<&Notifier> {
+    /// Capability: the level line behind this interrupt. `None` for edge interrupts.
+    fn level(&self) -> Option<&dyn LevelInterrupt> {
         None
     }
+
+    /// Capability: the mask of this interrupt. `None` where it cannot be masked from the
+    /// device's side.
+    fn mask(&self) -> Option<&dyn MaskableInterrupt> {
+        None
+    }
+}
+
+/// A level-triggered line: asserted by [`GuestInterrupt::trigger`], lowered by the device when
+/// its condition clears, and resampled at the guest's end of interrupt.
+pub trait LevelInterrupt: Send + Sync + fmt::Debug {
+    /// The device's condition cleared. Returns whether a line was lowered here (a kernel level
+    /// irqfd is lowered by KVM at the EOI, not here).
+    ///
+    /// # Errors
+    ///
+    /// An implementation's own (an ioctl that lowers the line).
+    fn deassert(&self) -> Result<bool>;
+
+    /// The notifier signalled when the line is lowered at the guest's EOI; on it the device
+    /// triggers again if its condition still holds.
+    fn resample(&self) -> &Notifier;
+}
+
+/// An interrupt the device side can mask. While masked, a trigger is held pending and delivered
+/// once at unmask, as an MSI-X vector's pending bit does.
+pub trait MaskableInterrupt: Send + Sync + fmt::Debug {
+    /// Masks (`true`) or unmasks (`false`) the interrupt; unmasking delivers what is pending.
+    ///
+    /// # Errors
+    ///
+    /// An implementation's own (a routing change, a delivery at unmask).
+    fn set_masked(&self, masked: bool) -> Result<()>;
+
+    /// Whether the interrupt is masked.
+    fn is_masked(&self) -> bool;
+
+    /// Whether a trigger is held pending while masked.
+    fn is_pending(&self) -> bool;
 }
 
 /// The notifier a device waits on for the guest's queue notifications.
@@ -98,152 +137,14 @@ pub trait QueueKicks: Send + Sync + fmt::Debug {
     fn kicks(&self) -> &Notifier;
 }
 
-impl GuestInterrupt for IrqFd {
-    fn signal(&self) -> Result<bool> {
-        self.trigger().map(|()| true)
-    }
-
-    fn eventfd(&self) -> Result<Notifier> {
-        Ok(self.notifier().share())
-    }
-}
-
-impl GuestInterrupt for LevelIrqFd {
-    fn signal(&self) -> Result<bool> {
-        self.trigger().map(|()| true)
-    }
-
-    fn eventfd(&self) -> Result<Notifier> {
-        Ok(self.notifier().share())
-    }
-
-    fn deassert(&self) -> Result<bool> {
-        LevelIrqFd::deassert(self)
-    }
-
-    fn resample_notifier(&self) -> Option<&Notifier> {
-        Some(self.resample())
-    }
-}
-
-impl GuestInterrupt for MsixVector {
-    fn signal(&self) -> Result<bool> {
-        self.raise().map(|()| true)
-    }
-
-    fn eventfd(&self) -> Result<Notifier> {
-        self.notifier()
-    }
-}
-
 impl QueueKicks for Notifier {
     fn kicks(&self) -> &Notifier {
         self
     }
 }
 
-impl QueueKicks for IoEvent {
-    fn kicks(&self) -> &Notifier {
-        self.notifier()
-    }
-}
-
-impl QueueKicks for IoEventFd {
-    fn kicks(&self) -> &Notifier {
-        self.notifier()
-    }
-}
-
-/// A [`GuestInterrupt`] that records what the device asked for, for unit tests without
-/// `/dev/kvm`. Its eventfd is a real one: writes to it by another party are counted by
-/// [`eventfd_writes`](Self::eventfd_writes).
-#[derive(Debug)]
-pub struct RecordingInterrupt {
-    signals: AtomicU64,
-    deasserts: AtomicU64,
-    eventfd: Notifier,
-    resample: Option<Notifier>,
-}
-
-impl RecordingInterrupt {
-    /// An edge interrupt.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Notifier::new`].
-    pub fn edge() -> Result<Self> {
-        Ok(RecordingInterrupt {
-            signals: AtomicU64::new(0),
-            deasserts: AtomicU64::new(0),
-            eventfd: Notifier::new(Mode::Counter)?,
-            resample: None,
-        })
-    }
-
-    /// A level line with a resample notifier ([`eoi`](Self::eoi) signals it).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Notifier::new`].
-    pub fn level() -> Result<Self> {
-        Ok(RecordingInterrupt {
-            resample: Some(Notifier::new(Mode::Counter)?),
-            ..RecordingInterrupt::edge()?
-        })
-    }
-
-    /// How many times the device called [`signal`](GuestInterrupt::signal).
-    pub fn signals(&self) -> u64 {
-        self.signals.load(Ordering::Relaxed)
-    }
-
-    /// How many times the device called [`deassert`](GuestInterrupt::deassert).
-    pub fn deasserts(&self) -> u64 {
-        self.deasserts.load(Ordering::Relaxed)
-    }
-
-    /// What other writers added to the eventfd since the last call (read and cleared).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Notifier::try_read`].
-    pub fn eventfd_writes(&self) -> Result<u64> {
-        Ok(match self.eventfd.try_read()? {
-            Attempt::Done(n) => n,
-            Attempt::WouldBlock => 0,
-        })
-    }
-
-    /// What the guest's EOI of a level line does: adds 1 to the resample notifier. Does nothing
-    /// on an edge interrupt.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Notifier::notify`].
-    pub fn eoi(&self) -> Result<()> {
-        match &self.resample {
-            Some(r) => r.notify(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl GuestInterrupt for RecordingInterrupt {
-    fn signal(&self) -> Result<bool> {
-        self.signals.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    fn eventfd(&self) -> Result<Notifier> {
-        Ok(self.eventfd.share())
-    }
-
-    fn deassert(&self) -> Result<bool> {
-        self.deasserts.fetch_add(1, Ordering::Relaxed);
-        Ok(self.resample.is_some())
-    }
-
-    fn resample_notifier(&self) -> Option<&Notifier> {
-        self.resample.as_ref()
-    }
-}
+#[cfg(any(test, feature = "test-utils"))]
+mod recording;
+#[cfg(any(test, feature = "test-utils"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-utils")))]
+pub use recording::RecordingInterrupt;

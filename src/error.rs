@@ -30,6 +30,7 @@ pub enum Capability {
 }
 
 impl Capability {
+    #[cfg(feature = "kvm")]
     /// Every capability, in declaration order (so `cap as usize` indexes it).
     pub(crate) const ALL: [Capability; 7] = [
         Capability::IoEventFd,
@@ -375,7 +376,7 @@ impl Error {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kvm"))]
 mod tests {
     use super::*;
 

@@ -119,7 +119,7 @@ pub fn dispatcher(data: &[u8]) {
                 }
                 let in_kernel = op % 4 == 3;
                 let notifier = Notifier::new(Mode::Counter).expect("eventfd");
-                let got = d.insert(&m, notifier.share(), in_kernel);
+                let got = d.insert(&m, notifier.clone(), in_kernel);
                 match m.validate() {
                     Err(e) => assert!(
                         got.as_ref().is_err_and(|g| g.to_string() == e.to_string()),

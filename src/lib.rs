@@ -79,16 +79,27 @@
 mod bus;
 mod error;
 mod notifier;
+#[cfg(feature = "kvm")]
 mod sys;
+#[cfg(feature = "kvm")]
 mod vm;
 
 pub mod device;
-pub mod fallback;
-pub mod irqchip;
-pub mod kvm;
-pub mod msix;
 pub mod virtio;
 pub mod wait;
+
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub mod fallback;
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub mod irqchip;
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub mod kvm;
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub mod msix;
 
 #[cfg(feature = "vhost-user")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vhost-user")))]
@@ -101,9 +112,13 @@ pub mod fuzz;
 pub use bus::Width;
 pub use device::{GuestInterrupt, QueueKicks};
 pub use error::{Capability, Error, Result};
-pub use fallback::{IoEvent, IrqFd, LevelIrqFd};
-pub use kvm::WriteMatch;
 pub use notifier::{Attempt, Mode, Notifier, COUNTER_MAX};
+
+#[cfg(feature = "kvm")]
+pub use fallback::{IoEvent, IrqFd, LevelIrqFd};
+#[cfg(feature = "kvm")]
+pub use kvm::WriteMatch;
+#[cfg(feature = "kvm")]
 pub use vm::{Batch, Vm};
 
 /// The README's code, compiled as a doctest.
@@ -111,7 +126,7 @@ pub use vm::{Batch, Vm};
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kvm"))]
 mod tests {
     use super::*;
 

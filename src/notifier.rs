@@ -79,12 +79,12 @@ impl<T> Attempt<T> {
 ///
 /// # Handles and descriptors
 ///
-/// A `Notifier` is a handle to one eventfd. [`share`](Self::share) makes another handle to the
+/// A `Notifier` is a handle to one eventfd. [`clone`](Clone::clone) makes another handle to the
 /// same descriptor (no new descriptor; the eventfd closes when the last handle goes), which is
 /// what every registration keeps of the notifier it was made with: a queue's kick and its
 /// interrupt cost two descriptors however many registrations refer to them.
-/// [`try_clone`](Self::try_clone) makes a second descriptor, for code that needs one of its own.
-#[derive(Debug)]
+/// [`dup`](Self::dup) makes a second descriptor, for code that needs one of its own.
+#[derive(Debug, Clone)]
 pub struct Notifier {
     fd: Arc<EventFd>,
     mode: Mode,
@@ -273,22 +273,13 @@ impl Notifier {
             })
     }
 
-    /// Another handle to the same eventfd (the same descriptor; no new one is opened), for
-    /// another thread or a registration. The descriptor closes when the last handle is dropped.
-    pub fn share(&self) -> Self {
-        Notifier {
-            fd: self.fd.clone(),
-            mode: self.mode,
-        }
-    }
-
     /// A second descriptor for the same counter (`dup`), for code that needs a descriptor of its
-    /// own; [`share`](Self::share) costs none.
+    /// own (to set flags on, or to hand to a process); [`clone`](Clone::clone) costs none.
     ///
     /// # Errors
     ///
     /// [`Error::FdExhausted`] when no descriptor is left, [`Error::Notifier`] otherwise.
-    pub fn try_clone(&self) -> Result<Self> {
+    pub fn dup(&self) -> Result<Self> {
         let fd = self
             .fd
             .try_clone()
@@ -391,12 +382,12 @@ mod tests {
     #[test]
     fn shared_handles_are_one_descriptor_and_one_counter() {
         let a = Notifier::new(Mode::Counter).unwrap();
-        let b = a.share();
+        let b = a.clone();
         assert_eq!(a.as_raw_fd(), b.as_raw_fd(), "no new descriptor");
         b.add(3).unwrap();
         assert_eq!(a.read().unwrap(), 3);
-        let c = a.try_clone().unwrap();
-        assert_ne!(c.as_raw_fd(), a.as_raw_fd(), "try_clone opens one");
+        let c = a.dup().unwrap();
+        assert_ne!(c.as_raw_fd(), a.as_raw_fd(), "dup opens one");
         let fd = a.as_raw_fd();
         drop(a);
         assert!(is_open(fd), "open while a handle is left");
@@ -505,7 +496,7 @@ mod tests {
     #[test]
     fn blocking_read_waits_for_a_write() {
         let n = Notifier::new(Mode::Counter).unwrap();
-        let writer = n.try_clone().unwrap();
+        let writer = n.dup().unwrap();
         let t = thread::spawn(move || {
             thread::sleep(Duration::from_millis(30));
             writer.add(4).unwrap();
@@ -533,7 +524,7 @@ mod tests {
     #[test]
     fn clone_shares_the_counter_and_mode() {
         let a = Notifier::new(Mode::Semaphore).unwrap();
-        let b = a.try_clone().unwrap();
+        let b = a.dup().unwrap();
         assert_ne!(a.as_raw_fd(), b.as_raw_fd());
         a.add(2).unwrap();
         assert_eq!(b.mode(), Mode::Semaphore);
@@ -554,7 +545,7 @@ mod tests {
     #[test]
     fn descriptors_are_close_on_exec() {
         let n = Notifier::new(Mode::Counter).unwrap();
-        let c = n.try_clone().unwrap();
+        let c = n.dup().unwrap();
         for fd in [n.as_raw_fd(), c.as_fd().as_raw_fd()] {
             // SAFETY: F_GETFD on a descriptor we own reads its flags and changes nothing.
             let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };

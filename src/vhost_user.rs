@@ -32,6 +32,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::{GuestInterrupt, QueueKicks};
 use crate::error::{Error, Result};
+use crate::notifier::Notifier;
 use crate::virtio::VringLayout;
 
 /// A started queue: what the frontend owns for it.
@@ -63,18 +64,21 @@ impl fmt::Debug for VhostUserFrontend {
     }
 }
 
-/// A backend's calls can only be edge interrupts: a level line it asserted would stay high, as
-/// nothing in the VMM sees the backend's condition clear to deassert it.
-fn refuse_level(call: &dyn GuestInterrupt) -> Result<()> {
-    match call.resample_notifier() {
-        Some(_) => Err(Error::VhostUser {
+/// The eventfd a backend's calls go to. Only an edge interrupt with an eventfd can take them: a
+/// level line the backend asserted would stay high, as nothing in the VMM sees the backend's
+/// condition clear to deassert it.
+fn call_eventfd(call: &dyn GuestInterrupt) -> Result<Notifier> {
+    if call.level().is_some() {
+        return Err(Error::VhostUser {
             op: "SET_VRING_CALL",
             reason: "a level interrupt cannot take a backend's calls (nothing would deassert \
                      it); use an edge irqfd or an MSI-X vector"
                 .into(),
-        }),
-        None => Ok(()),
+        });
     }
+    call.eventfd()?.ok_or(Error::NoEventFd {
+        what: "this interrupt (a backend's calls need an edge irqfd or an MSI-X vector)",
+    })
 }
 
 fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
@@ -181,7 +185,7 @@ impl VhostUserFrontend {
         kick: impl QueueKicks + 'static,
         call: impl GuestInterrupt + 'static,
     ) -> Result<()> {
-        refuse_level(&call)?;
+        let call_fd = call_eventfd(&call)?;
         let host = |gpa: u64| {
             self.memory
                 .get_host_address(GuestAddress(gpa))
@@ -208,7 +212,7 @@ impl VhostUserFrontend {
             .map_err(vhost_err("SET_VRING_ADDR"))?;
         f.set_vring_base(index, 0)
             .map_err(vhost_err("SET_VRING_BASE"))?;
-        f.set_vring_call(index, call.eventfd()?.as_event_fd())
+        f.set_vring_call(index, call_fd.as_event_fd())
             .map_err(vhost_err("SET_VRING_CALL"))?;
         f.set_vring_kick(index, kick.kicks().as_event_fd())
             .map_err(vhost_err("SET_VRING_KICK"))?;
@@ -241,7 +245,7 @@ impl VhostUserFrontend {
     ///
     /// [`Error::VhostUser`] for a queue not started or a failed `SET_VRING_CALL`.
     pub fn set_call(&mut self, index: u16, call: impl GuestInterrupt + 'static) -> Result<()> {
-        refuse_level(&call)?;
+        let call_fd = call_eventfd(&call)?;
         if !self.queues.contains_key(&index) {
             return Err(Error::VhostUser {
                 op: "SET_VRING_CALL",
@@ -249,7 +253,7 @@ impl VhostUserFrontend {
             });
         }
         self.frontend
-            .set_vring_call(index.into(), call.eventfd()?.as_event_fd())
+            .set_vring_call(index.into(), call_fd.as_event_fd())
             .map_err(vhost_err("SET_VRING_CALL"))?;
         // SET_VRING_CALL has no reply unless REPLY_ACK is negotiated, and a backend may call the
         // old eventfd until it has read it. A request with a reply behind it on the same

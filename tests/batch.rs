@@ -54,7 +54,7 @@ fn a_batch_registers_and_tears_down_every_queue_together() {
         events.add(i as u64, n).unwrap();
     }
     let stop = events.stop_handle();
-    let raise: Vec<Notifier> = calls.iter().map(Notifier::share).collect();
+    let raise: Vec<Notifier> = calls.to_vec();
     let device = thread::spawn(move || {
         let mut served = [0u64; QUEUES];
         let mut ready = Vec::new();

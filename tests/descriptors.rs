@@ -69,7 +69,7 @@ fn a_queue_costs_two_descriptors() {
         // What a device thread takes per queue: its notifications, the kicks and the interrupt.
         let queues: Vec<_> = (0..QUEUES as u16).map(|q| pci.queue(q).unwrap()).collect();
         for (q, queue) in queues.iter().enumerate() {
-            assert!(queue.signal_used().unwrap(), "queue {q} delivers");
+            assert!(queue.trigger().unwrap(), "queue {q} delivers");
         }
         let held = open_fds() - before;
         eprintln!(
@@ -95,7 +95,10 @@ fn snapshot_cycles_leak_nothing() {
     kvm_test!();
     let vm = new_vm();
     let mut pci = device(&vm, 8);
-    assert!(pci.signal_config().unwrap(), "pending on the masked vector");
+    assert!(
+        pci.trigger_config().unwrap(),
+        "pending on the masked vector"
+    );
     pci.queue(3).unwrap().kicks().notify().unwrap();
     // A resample the device had not read yet.
     let mut line = vm.level_irqfd(5).unwrap();

@@ -340,7 +340,7 @@ fn a_vector_past_the_table_is_refused() {
     let vm = TinyVm::new().unwrap();
     let v = vm_notify::msix::MsixVectors::new(vm.router(), 2).unwrap();
     for r in [
-        v.raise(2),
+        v.trigger(2),
         v.set_masked(7, false),
         v.set_message(2, MsiMessage::x86(0, 0x40)),
     ] {

@@ -401,7 +401,7 @@ fn dropping_the_guard_unregisters() {
         p.exit().unwrap();
 
         let slot = Arc::new(Mutex::new(Some(reg)));
-        let kicks2 = kicks.try_clone().unwrap();
+        let kicks2 = kicks.dup().unwrap();
         let seen_by_phase = Arc::new(Mutex::new(vec![0u64; 4]));
         let (slot2, seen2, backend2) = (slot.clone(), seen_by_phase.clone(), backend.clone());
         let (mut dispatch, unhandled) = dispatching(&backend);

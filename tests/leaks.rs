@@ -96,7 +96,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
             v.configure(&[(0, MsiMessage::x86(0, 0x41), false)])
                 .unwrap();
             v.set_enabled(true).unwrap();
-            v.raise(0).unwrap();
+            v.trigger(0).unwrap();
         }),
     ));
     let ioevent_time = report[0].2;

@@ -587,7 +587,7 @@ fn resample_on_an_msi_route_is_refused_on_both_paths() {
     let vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     let n = Notifier::new(Mode::Counter).unwrap();
-    let e = LevelIrqFd::with_notifiers(vm.router(), gsi, &n, &n.try_clone().unwrap()).unwrap_err();
+    let e = LevelIrqFd::with_notifiers(vm.router(), gsi, &n, &n.dup().unwrap()).unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),
         "{e:?}"

@@ -58,7 +58,7 @@ fn raise_in_lockstep(
             let mut progress = false;
             for v in 0..targets.len() {
                 if raised[v] < targets[v] && count(&guest_vector(v)) == raised[v] {
-                    msix.raise(v).unwrap();
+                    msix.trigger(v).unwrap();
                     raised[v] += 1;
                     progress = true;
                 }
@@ -231,8 +231,8 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
                 } = e
                 {
                     let m = inner.vectors();
-                    m.raise(2).unwrap();
-                    m.raise(2).unwrap();
+                    m.trigger(2).unwrap();
+                    m.trigger(2).unwrap();
                     external.add(3).unwrap(); // sits in the detached eventfd's counter
                     tx.send(m.save().unwrap()).unwrap();
                 }
@@ -351,7 +351,7 @@ fn table_and_pba_follow_the_pci_rules() {
 
     // PBA: raises while disabled set pending bits; bits past vector 69 read 0; writes ignored.
     for i in [0usize, 63, 64, 69] {
-        msix.raise(i).unwrap();
+        msix.trigger(i).unwrap();
     }
     let mut q = [0u8; 8];
     msix.pba_read(0, &mut q).unwrap();
@@ -380,7 +380,7 @@ fn table_and_pba_follow_the_pci_rules() {
         Err(Error::MsixVectorCount { count: 0 })
     ));
     assert!(matches!(
-        msix.raise(70),
+        msix.trigger(70),
         Err(Error::MsixVectorIndex {
             index: 70,
             count: 70
@@ -454,7 +454,7 @@ fn unmask_delivers_exactly_one_pending_interrupt() {
             {
                 cycle += 1;
                 for _ in 0..=cycle % 3 {
-                    inner.vectors().raise(0).unwrap();
+                    inner.vectors().trigger(0).unwrap();
                 }
             }
         })

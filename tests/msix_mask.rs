@@ -160,7 +160,7 @@ fn storm(mask: Mask) {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 memory.write_obj(n, GuestAddress(slot(STARTED))).unwrap();
-                msix.raise(0).unwrap();
+                msix.trigger(0).unwrap();
                 memory.write_obj(n, GuestAddress(slot(DONE))).unwrap();
             }
             n
@@ -186,7 +186,7 @@ fn storm(mask: Mask) {
                     let raised = device.lock().unwrap().take().unwrap().join().unwrap();
                     let n = raised + 1;
                     memory.write_obj(n, GuestAddress(slot(STARTED))).unwrap();
-                    bar.vectors().raise(0).unwrap();
+                    bar.vectors().trigger(0).unwrap();
                     memory.write_obj(n, GuestAddress(slot(DONE))).unwrap();
                     *last_raise.lock().unwrap() = n;
                 }

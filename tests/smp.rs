@@ -123,7 +123,7 @@ fn msix_to_each_vcpu(split: bool) {
     msix.set_enabled(true).unwrap();
     let vectors = msix.clone();
     let (_registrations, stop, device) =
-        per_vcpu_device(root, move |queue| vectors.raise(queue).unwrap());
+        per_vcpu_device(root, move |queue| vectors.trigger(queue).unwrap());
 
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
@@ -317,7 +317,7 @@ fn retarget_storm(split: bool) {
             assert!(std::time::Instant::now() < deadline, "the mover stalled");
             thread::yield_now();
         }
-        msix.raise(0).unwrap();
+        msix.trigger(0).unwrap();
         while read(total) < raise {
             assert!(
                 std::time::Instant::now() < deadline,

@@ -84,7 +84,7 @@ fn spawn(
                 assert_eq!(count, 1, "queue {token}: kicks ran ahead of answers");
                 device.served[token].fetch_add(count, Ordering::SeqCst);
                 assert!(
-                    queues[token].signal_used().unwrap(),
+                    queues[token].trigger().unwrap(),
                     "queue {token} has a vector"
                 );
             }
@@ -175,7 +175,7 @@ fn a_device_snapshot_mid_storm_restores_onto_a_fresh_vm_exactly() {
     }
     pci.set_config_vector(CONFIG as u16);
     // A configuration change while its vector is masked: the pending bit.
-    assert!(pci.signal_config().unwrap());
+    assert!(pci.trigger_config().unwrap());
     let line = Arc::new(root.level_irqfd(IRQ.into()).unwrap());
 
     let (ready_tx, ready_rx) = mpsc::channel();

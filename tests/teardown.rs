@@ -91,7 +91,7 @@ fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
         let irq: IrqFd = backend
             .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
             .unwrap();
-        let trigger = irq.notifier().try_clone().unwrap();
+        let trigger = irq.notifier().dup().unwrap();
         irqs.push(irq);
         let events = EventLoop::new().unwrap();
         events.add(q, &kicks).unwrap();

@@ -250,8 +250,8 @@ fn ack_rules(kind: Policy) {
             data: 1,
             ..
         } => {
-            assert!(vmm.queue(0).unwrap().signal_used().unwrap());
-            assert!(vmm.interrupt().signal_config().unwrap());
+            assert!(vmm.queue(0).unwrap().trigger().unwrap());
+            assert!(vmm.interrupt().trigger_config().unwrap());
         }
         GuestExit::PioWrite {
             port: layout::HOST_PORT,
@@ -378,8 +378,8 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
                 ..
             } => {
                 let raised = (
-                    vmm.queue(0).unwrap().signal_used().unwrap(),
-                    vmm.queue(1).unwrap().signal_used().unwrap(),
+                    vmm.queue(0).unwrap().trigger().unwrap(),
+                    vmm.queue(1).unwrap().trigger().unwrap(),
                 );
                 tx.send(raised).unwrap();
             }

@@ -59,7 +59,7 @@ pub struct DeviceStats {
     pub requests: AtomicU64,
     /// Bytes moved between the device and guest buffers.
     pub bytes: AtomicU64,
-    /// `signal_used` calls (one per used buffer the driver asked to hear of).
+    /// `trigger` calls (one per used buffer the driver asked to hear of).
     pub signals: AtomicU64,
     /// Time the device thread spent completing chains, in nanoseconds.
     pub busy_ns: AtomicU64,
@@ -556,7 +556,7 @@ fn serve<D: VirtioDevice>(
                 // whole batch: the guest starts on this buffer while the next one is served.
                 if ring.needs_notification(&mem).unwrap_or(true) {
                     stats.signals.fetch_add(1, Ordering::Relaxed);
-                    let _ = queue.signal_used();
+                    let _ = queue.trigger();
                 }
             }
             // Kicks back on; a buffer made available meanwhile is served now, not at a kick.

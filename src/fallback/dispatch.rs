@@ -253,29 +253,29 @@ mod tests {
     fn matches_by_the_kernel_rules() {
         let d = ExitDispatcher::new();
         let (any, w4, q1, q2, port) = (counter(), counter(), counter(), counter(), counter());
-        d.insert(&WriteMatch::mmio(0x1000), any.share(), false)
+        d.insert(&WriteMatch::mmio(0x1000), any.clone(), false)
             .unwrap();
         d.insert(
             &WriteMatch::mmio(0x2000).width(Width::W4),
-            w4.share(),
+            w4.clone(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::mmio(0x3000).width(Width::W2).datamatch(1),
-            q1.share(),
+            q1.clone(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::mmio(0x3000).width(Width::W2).datamatch(2),
-            q2.share(),
+            q2.clone(),
             false,
         )
         .unwrap();
         d.insert(
             &WriteMatch::pio(0x1000).width(Width::W1),
-            port.share(),
+            port.clone(),
             false,
         )
         .unwrap();
@@ -313,28 +313,28 @@ mod tests {
         let d = ExitDispatcher::new();
         let n = counter();
         let w4 = WriteMatch::mmio(0x50).width(Width::W4);
-        d.insert(&w4.datamatch(1), n.share(), false).unwrap();
+        d.insert(&w4.datamatch(1), n.clone(), false).unwrap();
         for clash in [w4, w4.datamatch(1), WriteMatch::mmio(0x50)] {
             assert!(
                 matches!(
-                    d.insert(&clash, n.share(), false),
+                    d.insert(&clash, n.clone(), false),
                     Err(Error::IoEventExists { .. })
                 ),
                 "{clash:?}"
             );
         }
-        d.insert(&w4.datamatch(2), n.share(), false).unwrap();
+        d.insert(&w4.datamatch(2), n.clone(), false).unwrap();
         d.insert(
             &WriteMatch::mmio(0x50).width(Width::W2).datamatch(1),
-            n.share(),
+            n.clone(),
             false,
         )
         .unwrap();
-        d.insert(&WriteMatch::pio(0x50), n.share(), false).unwrap();
+        d.insert(&WriteMatch::pio(0x50), n.clone(), false).unwrap();
         // Kernel-held entries count for overlaps but are never matched here.
-        d.insert(&WriteMatch::mmio(0x60), n.share(), true).unwrap();
+        d.insert(&WriteMatch::mmio(0x60), n.clone(), true).unwrap();
         assert!(matches!(
-            d.insert(&WriteMatch::mmio(0x60).width(Width::W1), n.share(), false),
+            d.insert(&WriteMatch::mmio(0x60).width(Width::W1), n.clone(), false),
             Err(Error::IoEventExists { .. })
         ));
         assert!(!d.mmio_write(0x60, &[0]).unwrap());
@@ -345,10 +345,10 @@ mod tests {
     fn removal_frees_the_address() {
         let d = ExitDispatcher::new();
         let n = counter();
-        let key = d.insert(&WriteMatch::mmio(0x50), n.share(), false).unwrap();
+        let key = d.insert(&WriteMatch::mmio(0x50), n.clone(), false).unwrap();
         d.remove(&key);
         assert!(!d.mmio_write(0x50, &[0]).unwrap());
         assert!(d.is_empty());
-        d.insert(&WriteMatch::mmio(0x50), n.share(), false).unwrap();
+        d.insert(&WriteMatch::mmio(0x50), n.clone(), false).unwrap();
     }
 }

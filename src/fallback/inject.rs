@@ -129,10 +129,10 @@ impl Injector {
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
         // On a pin, `level` only marks the line a level one: its state is the IOAPIC's.
         let level = resample.map(|r| Level {
-            resample: r.share(),
+            resample: r.clone(),
             asserted: false,
         });
-        let trigger_clone = trigger.share();
+        let trigger_clone = trigger.clone();
         let pin = match ioapic {
             Some(io) => Some((io.clone(), io.attach(gsi, resample)?)),
             None => None,

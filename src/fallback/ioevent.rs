@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
+use crate::device::QueueKicks;
 use crate::error::Result;
 use crate::fallback::dispatch::{ExitDispatcher, Registered};
 use crate::fallback::placement::Placement;
@@ -80,7 +81,7 @@ impl IoEvent {
         IoEvent {
             write: reg.write_match(),
             placement: Placement::Kernel,
-            notifier: reg.shared_notifier().share(),
+            notifier: reg.shared_notifier().clone(),
             _place: Place::Kernel {
                 _reg: reg,
                 _shadow: shadow,
@@ -95,7 +96,7 @@ impl IoEvent {
         notifier: Notifier,
         placement: Placement,
     ) -> Result<IoEvent> {
-        let entry = Registered::insert(dispatcher, &write, notifier.share(), false)?;
+        let entry = Registered::insert(dispatcher, &write, notifier.clone(), false)?;
         Ok(IoEvent {
             write,
             placement,
@@ -117,5 +118,11 @@ impl IoEvent {
     /// The registration's handle to the notifier.
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+}
+
+impl QueueKicks for IoEvent {
+    fn kicks(&self) -> &Notifier {
+        self.notifier()
     }
 }

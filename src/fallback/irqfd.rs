@@ -11,7 +11,8 @@
 
 use std::fmt;
 
-use crate::error::Result;
+use crate::device::{GuestInterrupt, LevelInterrupt};
+use crate::error::{Error, Result};
 use crate::fallback::inject::Injector;
 use crate::fallback::placement::{Fallback, Placement};
 use crate::irqchip::Ioapic;
@@ -43,7 +44,7 @@ impl Delivery {
         trigger: &Notifier,
         resample: Option<&Notifier>,
     ) -> Result<Delivery> {
-        Binding::assign(router, gsi, trigger.share(), resample)
+        Binding::assign(router, gsi, trigger.clone(), resample)
             .map(Delivery::Kernel)
             .map_err(|(e, _)| e)
     }
@@ -59,7 +60,7 @@ impl Delivery {
         resample: Option<&Notifier>,
         ioapic: Option<&Ioapic>,
     ) -> Result<Delivery> {
-        let trigger = trigger.share();
+        let trigger = trigger.clone();
         // Counted on the router first, then added to the injector outside the router's lock:
         // the injector thread takes its own lock and then the router's, never the other way.
         let router = match ioapic {
@@ -222,7 +223,7 @@ impl IrqFd {
         self.delivery.gsi()
     }
 
-    /// The irqfd's handle to the notifier ([`share`](Notifier::share) it for another thread).
+    /// The irqfd's handle to the notifier (clone it for another thread: a clone is the same descriptor).
     pub fn notifier(&self) -> &Notifier {
         self.delivery.trigger()
     }
@@ -316,7 +317,7 @@ impl LevelIrqFd {
         trigger: &Notifier,
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
-        let resample = resample.share();
+        let resample = resample.clone();
         Ok(LevelIrqFd {
             delivery: Delivery::kernel(router, gsi, trigger, Some(&resample))?,
             resample,
@@ -333,7 +334,7 @@ impl LevelIrqFd {
         ioapic: Option<&Ioapic>,
         why: Fallback,
     ) -> Result<LevelIrqFd> {
-        let resample = resample.share();
+        let resample = resample.clone();
         Ok(LevelIrqFd {
             delivery: Delivery::injected(injector, router, gsi, trigger, Some(&resample), ioapic)?,
             resample,
@@ -402,5 +403,47 @@ impl LevelIrqFd {
             unread_triggers: self.notifier().peek()?,
             unread_resamples: self.resample.peek()?,
         })
+    }
+}
+
+impl GuestInterrupt for IrqFd {
+    fn trigger(&self) -> Result<bool> {
+        IrqFd::trigger(self).map(|()| true)
+    }
+
+    fn eventfd(&self) -> Result<Option<Notifier>> {
+        Ok(Some(self.notifier().clone()))
+    }
+}
+
+impl vm_superio::Trigger for IrqFd {
+    type E = Error;
+
+    fn trigger(&self) -> Result<()> {
+        IrqFd::trigger(self)
+    }
+}
+
+impl GuestInterrupt for LevelIrqFd {
+    fn trigger(&self) -> Result<bool> {
+        LevelIrqFd::trigger(self).map(|()| true)
+    }
+
+    fn eventfd(&self) -> Result<Option<Notifier>> {
+        Ok(Some(self.notifier().clone()))
+    }
+
+    fn level(&self) -> Option<&dyn LevelInterrupt> {
+        Some(self)
+    }
+}
+
+impl LevelInterrupt for LevelIrqFd {
+    fn deassert(&self) -> Result<bool> {
+        LevelIrqFd::deassert(self)
+    }
+
+    fn resample(&self) -> &Notifier {
+        &self.resample
     }
 }

@@ -195,7 +195,7 @@ impl Backend {
     /// [`IoEventFd::register`].
     pub fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         let req = write.request()?;
-        let notifier = notifier.share();
+        let notifier = notifier.clone();
         let why = match (self.policy, self.gap(write.capabilities())) {
             (Policy::Userspace, _) => Fallback::Requested,
             (Policy::Kernel, Some(Fallback::Disabled(c) | Fallback::MissingCapability(c))) => {
@@ -211,8 +211,8 @@ impl Backend {
             }
             (Policy::Auto, None) => {
                 // Recorded first, so an overlap is refused the same way on both paths.
-                let shadow = Registered::insert(&self.dispatcher, &write, notifier.share(), true)?;
-                match IoEventFd::assign(&self.vm, write, req, notifier.share()) {
+                let shadow = Registered::insert(&self.dispatcher, &write, notifier.clone(), true)?;
+                match IoEventFd::assign(&self.vm, write, req, notifier.clone()) {
                     Ok(reg) => return Ok(IoEvent::kernel(reg, Some(shadow))),
                     Err(e) => {
                         drop(shadow);

@@ -203,7 +203,7 @@ impl Ioapic {
             for source in state.sources.values_mut().filter(|s| s.pin == pin) {
                 if let Some((notifier, asserted)) = source.level.as_mut() {
                     *asserted = false;
-                    resample.push(notifier.share());
+                    resample.push(notifier.clone());
                 }
             }
             // Lowering never delivers.
@@ -243,7 +243,7 @@ impl Ioapic {
     ///
     /// Those of the routing commit a level source's first EOI report needs.
     pub(crate) fn attach(&self, pin: Gsi, resample: Option<&Notifier>) -> Result<u64> {
-        let level = resample.map(|r| (r.share(), false));
+        let level = resample.map(|r| (r.clone(), false));
         let is_level = level.is_some();
         let mut state = self.lock();
         let token = state.next;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use kvm_ioctls::VmFd;
 
 use crate::bus::{IoEventAddress, Width};
+use crate::device::QueueKicks;
 use crate::error::{Capability, Error, Result};
 use crate::notifier::Notifier;
 use crate::sys::{self, Capabilities, IoEventRequest};
@@ -189,7 +190,7 @@ impl fmt::Debug for IoEventFd {
 
 impl IoEventFd {
     /// Assigns `notifier` in the kernel for the guest writes `write` describes. The registration
-    /// keeps a handle to the notifier ([`Notifier::share`]: the same descriptor, none opened), so
+    /// keeps a handle to the notifier (a [`Notifier`] clone: the same descriptor, none opened), so
     /// the eventfd stays open while it is registered.
     ///
     /// # Errors
@@ -202,7 +203,7 @@ impl IoEventFd {
     pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEventFd> {
         let req = write.request()?;
         Capabilities::probe(vm).require(write.capabilities())?;
-        IoEventFd::assign(vm, write, req, notifier.share())
+        IoEventFd::assign(vm, write, req, notifier.clone())
     }
 
     /// `KVM_IOEVENTFD` for a validated `write` whose capabilities the caller checked.
@@ -243,6 +244,12 @@ impl Drop for IoEventFd {
         // registration. Nothing useful can be done with an error in drop: the kernel drops the
         // registration anyway when the VM closes.
         let _ = sys::deassign_ioevent(&self.vm, &self.notifier, &self.req);
+    }
+}
+
+impl QueueKicks for IoEventFd {
+    fn kicks(&self) -> &Notifier {
+        self.notifier()
     }
 }
 

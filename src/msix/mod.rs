@@ -9,12 +9,12 @@
 //! # Masking without loss
 //!
 //! Masking a vector (or the function) **detaches** its irqfd: the irqfd is deassigned and the
-//! eventfd is kept. Every state change of a vector — raise, mask, unmask, message change — runs
+//! eventfd is kept. Every state change of a vector — trigger, mask, unmask, message change — runs
 //! under that vector's lock, so they happen in one order:
 //!
-//! * **raise** while delivering writes the eventfd; KVM injects at once (the write's wakeup runs
+//! * **trigger** while delivering writes the eventfd; KVM injects at once (the write's wakeup runs
 //!   the injection before the write returns, or queues work that deassignment flushes). While not
-//!   delivering, raise sets the pending bit instead.
+//!   delivering, a trigger sets the pending bit instead.
 //! * **mask** deassigns the irqfd. When `KVM_IRQFD` returns, everything written before is
 //!   injected and nothing written after can be. The counter is then read, and anything in it
 //!   (written by a holder of [`MsixVectors::notifier`], such as a vhost-user backend) becomes the
@@ -22,9 +22,9 @@
 //! * **unmask** first drains the counter into the pending bit, then assigns the irqfd on an
 //!   empty counter (so KVM's assign-time injection, which does not consume the counter, never
 //!   fires), then — if the pending bit was set — clears it and writes the eventfd once: exactly one
-//!   interrupt, injected by the same path as any raise.
+//!   interrupt, injected by the same path as any trigger.
 //!
-//! Hence no interrupt reaches the guest from a masked vector after the mask returns, no raise is
+//! Hence no interrupt reaches the guest from a masked vector after the mask returns, no trigger is
 //! lost (it is injected, or pending and injected at unmask), and none is doubled (the pending bit
 //! is consumed under the same lock that set it). An external writer that writes the eventfd
 //! without the lock gets the same guarantees except in one window: a write landing between the

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::device::{GuestInterrupt, MaskableInterrupt};
 use crate::error::{Error, Result};
 use crate::kvm::irqfd::Binding;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage};
@@ -48,7 +49,7 @@ pub struct MsixState {
 /// Counters of what the vectors did, for reports and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MsixStats {
-    /// Calls of [`MsixVectors::raise`].
+    /// Calls of [`MsixVectors::trigger`].
     pub raised: u64,
     /// Raises injected at once (the vector was delivering).
     pub delivered: u64,
@@ -78,7 +79,7 @@ enum Line {
 
 struct Vector {
     state: VectorState,
-    /// Copy of the function's "enabled and not function-masked", so `raise` needs one lock.
+    /// Copy of the function's "enabled and not function-masked", so `trigger` needs one lock.
     function_open: bool,
     /// The vector's MSI route and the message committed in it.
     route: Option<(Gsi, MsiMessage)>,
@@ -282,9 +283,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// msix.set_masked(0, false)?;
 /// msix.set_enabled(true)?;
 /// // The device:
-/// msix.raise(0)?; // injected
+/// msix.trigger(0)?; // injected
 /// msix.set_masked(0, true)?;
-/// msix.raise(0)?; // held: the PBA bit is set
+/// msix.trigger(0)?; // held: the PBA bit is set
 /// assert!(msix.is_pending(0)?);
 /// msix.set_masked(0, false)?; // exactly one interrupt now
 /// assert!(!msix.is_pending(0)?);
@@ -379,12 +380,12 @@ impl MsixVectors {
         self.inner.vectors.is_empty()
     }
 
-    /// Raises vector `index`: injected now if it delivers, else its pending bit is set.
+    /// Triggers vector `index`: injected now if it delivers, else its pending bit is set.
     ///
     /// # Errors
     ///
     /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if the eventfd write fails.
-    pub fn raise(&self, index: usize) -> Result<()> {
+    pub fn trigger(&self, index: usize) -> Result<()> {
         let c = &self.inner.counters;
         c.raised.fetch_add(1, Ordering::Relaxed);
         let mut v = self.inner.vector(index)?;
@@ -398,7 +399,7 @@ impl MsixVectors {
         Ok(())
     }
 
-    /// A descriptor of vector `index`'s eventfd, for a writer outside this process's raise path
+    /// A handle to vector `index`'s eventfd, for a writer outside this process's trigger path
     /// (a vhost-user backend's call fd, a VFIO interrupt). Writes to it deliver while the vector
     /// delivers and become the pending bit while it does not.
     ///
@@ -408,11 +409,11 @@ impl MsixVectors {
     pub fn notifier(&self, index: usize) -> Result<Notifier> {
         let mut v = self.inner.vector(index)?;
         match &v.line {
-            Line::Attached(b) => Ok(b.trigger().share()),
-            Line::Detached(n) => Ok(n.share()),
+            Line::Attached(b) => Ok(b.trigger().clone()),
+            Line::Detached(n) => Ok(n.clone()),
             Line::None => {
                 let n = Notifier::new(Mode::Counter)?;
-                let shared = n.share();
+                let shared = n.clone();
                 v.line = Line::Detached(n);
                 Ok(shared)
             }
@@ -616,8 +617,8 @@ impl MsixVectors {
         table::check_access(offset, data.len(), self.pba_len())
     }
 
-    /// A handle on vector `index`, for a device that raises one vector (it implements
-    /// [`GuestInterrupt`](crate::GuestInterrupt)).
+    /// A handle on vector `index`, for a device that triggers one vector (it implements
+    /// [`GuestInterrupt`]).
     ///
     /// # Errors
     ///
@@ -669,7 +670,8 @@ impl MsixVectors {
     }
 }
 
-/// One vector of a function's [`MsixVectors`]: what a device holds to raise it. Cheap to clone.
+/// One vector of a function's [`MsixVectors`]: what a device holds to trigger it, as a
+/// [`GuestInterrupt`] that has an eventfd and can be masked. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct MsixVector {
     vectors: MsixVectors,
@@ -687,13 +689,13 @@ impl MsixVector {
         &self.vectors
     }
 
-    /// Raises the vector (see [`MsixVectors::raise`]).
+    /// Triggers the vector (see [`MsixVectors::trigger`]).
     ///
     /// # Errors
     ///
-    /// Those of [`MsixVectors::raise`].
-    pub fn raise(&self) -> Result<()> {
-        self.vectors.raise(self.index)
+    /// Those of [`MsixVectors::trigger`].
+    pub fn trigger(&self) -> Result<()> {
+        self.vectors.trigger(self.index)
     }
 
     /// A descriptor of the vector's eventfd (see [`MsixVectors::notifier`]).
@@ -703,5 +705,41 @@ impl MsixVector {
     /// Those of [`MsixVectors::notifier`].
     pub fn notifier(&self) -> Result<Notifier> {
         self.vectors.notifier(self.index)
+    }
+}
+
+impl GuestInterrupt for MsixVector {
+    fn trigger(&self) -> Result<bool> {
+        MsixVector::trigger(self).map(|()| true)
+    }
+
+    fn eventfd(&self) -> Result<Option<Notifier>> {
+        self.notifier().map(Some)
+    }
+
+    fn mask(&self) -> Option<&dyn MaskableInterrupt> {
+        Some(self)
+    }
+}
+
+impl MaskableInterrupt for MsixVector {
+    fn set_masked(&self, masked: bool) -> Result<()> {
+        self.vectors.set_masked(self.index, masked)
+    }
+
+    fn is_masked(&self) -> bool {
+        self.vectors.vector(self.index).is_ok_and(|v| v.masked)
+    }
+
+    fn is_pending(&self) -> bool {
+        self.vectors.is_pending(self.index).unwrap_or(false)
+    }
+}
+
+impl vm_superio::Trigger for MsixVector {
+    type E = Error;
+
+    fn trigger(&self) -> Result<()> {
+        MsixVector::trigger(self)
     }
 }

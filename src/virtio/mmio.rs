@@ -63,26 +63,26 @@ impl MmioInterrupt {
     ///
     /// # Errors
     ///
-    /// Those of the line's [`signal`](GuestInterrupt::signal).
-    pub fn raise(&self, bits: u32) -> Result<bool> {
+    /// Those of the line's [`trigger`](GuestInterrupt::trigger).
+    pub fn trigger_status(&self, bits: u32) -> Result<bool> {
         let mut status = lock(&self.status);
         let new = *status & bits != bits;
         let was_clear = *status == 0;
         *status |= bits;
         if was_clear {
-            self.line.signal()?;
+            self.line.trigger()?;
         }
         Ok(new)
     }
 
-    /// Notifies the guest of a configuration change ([`INT_CONFIG`]); returns whether the bit was
-    /// newly set (as [`VirtQueueNotify::signal_used`]).
+    /// Interrupts the guest for a configuration change ([`INT_CONFIG`]); returns whether the
+    /// bit was newly set (as [`VirtQueueNotify::trigger`]).
     ///
     /// # Errors
     ///
-    /// Those of the line's [`signal`](GuestInterrupt::signal).
-    pub fn signal_config(&self) -> Result<bool> {
-        self.raise(INT_CONFIG)
+    /// Those of the line's [`trigger`](GuestInterrupt::trigger).
+    pub fn trigger_config(&self) -> Result<bool> {
+        self.trigger_status(INT_CONFIG)
     }
 
     /// `InterruptStatus` now.
@@ -94,12 +94,12 @@ impl MmioInterrupt {
     ///
     /// # Errors
     ///
-    /// Those of the line's [`deassert`](GuestInterrupt::deassert).
+    /// Those of the line's [`deassert`](crate::device::LevelInterrupt::deassert).
     pub fn ack(&self, bits: u32) -> Result<()> {
         let mut status = lock(&self.status);
         *status &= !bits;
-        if *status == 0 {
-            self.line.deassert()?;
+        if let (0, Some(line)) = (*status, self.line.level()) {
+            line.deassert()?;
         }
         Ok(())
     }
@@ -108,7 +108,7 @@ impl MmioInterrupt {
     /// the device's loop waits on it and calls [`on_resample`](Self::on_resample). `None` only
     /// for a line that is not level-triggered.
     pub fn resample(&self) -> Option<&Notifier> {
-        self.line.resample_notifier()
+        self.line.level().map(|l| l.resample())
     }
 
     /// After a resample: asserts the line again if a status bit is still set. Returns whether it
@@ -116,13 +116,13 @@ impl MmioInterrupt {
     ///
     /// # Errors
     ///
-    /// Those of the line's [`signal`](GuestInterrupt::signal).
+    /// Those of the line's [`trigger`](GuestInterrupt::trigger).
     pub fn on_resample(&self) -> Result<bool> {
         let status = lock(&self.status);
         if *status == 0 {
             return Ok(false);
         }
-        self.line.signal()
+        self.line.trigger()
     }
 
     /// The level line.
@@ -131,23 +131,14 @@ impl MmioInterrupt {
     }
 }
 
+/// Triggering sets [`INT_VRING`] (see [`trigger_status`](MmioInterrupt::trigger_status)). It has
+/// no eventfd: a write to the line's eventfd would raise the line without setting
+/// `InterruptStatus`, and the guest's driver would find nothing to do. Its line is lowered by the
+/// guest's acknowledge ([`ack`](MmioInterrupt::ack)), not by the device, so it has no
+/// [`level`](GuestInterrupt::level) capability of its own.
 impl GuestInterrupt for MmioInterrupt {
-    /// Sets [`INT_VRING`] (see [`raise`](MmioInterrupt::raise)).
-    fn signal(&self) -> Result<bool> {
-        self.raise(INT_VRING)
-    }
-
-    /// [`Error::NoEventFd`](crate::Error::NoEventFd): a write to the line's eventfd would raise
-    /// the line without setting `InterruptStatus`, and the guest's driver would find nothing to
-    /// do. A backend that signals the guest directly needs an edge irqfd or an MSI-X vector.
-    fn eventfd(&self) -> Result<Notifier> {
-        Err(crate::error::Error::NoEventFd {
-            what: "a virtio-mmio interrupt (InterruptStatus is kept by the VMM)",
-        })
-    }
-
-    fn resample_notifier(&self) -> Option<&Notifier> {
-        self.line.resample_notifier()
+    fn trigger(&self) -> Result<bool> {
+        self.trigger_status(INT_VRING)
     }
 }
 
@@ -281,22 +272,22 @@ mod tests {
     fn status_drives_the_line() {
         let line = Arc::new(RecordingInterrupt::level().unwrap());
         let irq = MmioInterrupt::new(line.clone());
-        assert!(irq.raise(INT_VRING).unwrap());
-        assert!(!irq.raise(INT_VRING).unwrap(), "already set");
-        assert!(irq.signal_config().unwrap());
-        assert_eq!(line.signals(), 1, "one assertion while any bit is set");
+        assert!(irq.trigger_status(INT_VRING).unwrap());
+        assert!(!irq.trigger_status(INT_VRING).unwrap(), "already set");
+        assert!(irq.trigger_config().unwrap());
+        assert_eq!(line.triggers(), 1, "one assertion while any bit is set");
         irq.ack(INT_VRING).unwrap();
         assert_eq!(line.deasserts(), 0, "INT_CONFIG still set");
         assert!(irq.on_resample().unwrap());
-        assert_eq!(line.signals(), 2);
+        assert_eq!(line.triggers(), 2);
         irq.ack(INT_CONFIG).unwrap();
         assert_eq!(line.deasserts(), 1);
         assert!(!irq.on_resample().unwrap());
-        assert_eq!(line.signals(), 2);
+        assert_eq!(line.triggers(), 2);
         assert!(irq.resample().is_some());
-        assert!(matches!(
-            irq.eventfd(),
-            Err(crate::error::Error::NoEventFd { .. })
-        ));
+        assert!(
+            irq.eventfd().unwrap().is_none(),
+            "InterruptStatus is the VMM's"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The device side is the same for both: per queue a [`VirtQueueNotify`] with the notifier the
 //! guest's queue notifications add to ([`kicks`](VirtQueueNotify::kicks)) and
-//! [`signal_used`](VirtQueueNotify::signal_used), which signals the queue's
+//! [`trigger`](VirtQueueNotify::trigger), which signals the queue's
 //! [`GuestInterrupt`]. Neither transport's device side names a concrete
 //! delivery type, so a device can be unit-tested against
 //! [`RecordingInterrupt`](crate::device::RecordingInterrupt) and a VMM can put its own interrupt
@@ -12,7 +12,7 @@
 //! * **virtio-mmio** ([`MmioNotify`]): one ioeventfd per queue on `QueueNotify` (offset `0x050`,
 //!   4-byte writes, the queue index as datamatch), and one level interrupt line tied to
 //!   `InterruptStatus` / `InterruptACK` (offsets `0x060` / `0x064`). The line is asserted while any
-//!   status bit is set: `signal_used` sets bit 0 ([`INT_VRING`]) and asserts, an ACK clears the
+//!   status bit is set: `trigger` sets bit 0 ([`INT_VRING`]) and asserts, an ACK clears the
 //!   bits it names and, when none is left, the line drops; an ACK that leaves a bit set keeps it
 //!   asserted, so the guest takes another interrupt. The VMM's MMIO exit handler passes reads and
 //!   writes of the two registers to [`MmioNotify::read`] / [`MmioNotify::write`]; the device's
@@ -35,26 +35,39 @@
 //! virtio-pci address, each such kick costs an exit.
 //!
 //! Coalescing, as the virtio spec allows it: used-buffer notifications are not counted. On
-//! virtio-mmio a `signal_used` while bit 0 is still set (not yet acknowledged) adds no interrupt;
+//! virtio-mmio a `trigger` while bit 0 is still set (not yet acknowledged) adds no interrupt;
 //! on virtio-pci the vector's irqfd coalesces writes made before its injection. A driver must
 //! therefore process every used buffer per interrupt, which virtio drivers do.
 
+#[cfg(feature = "kvm")]
 mod mmio;
+#[cfg(feature = "kvm")]
 mod pci;
+mod queue;
 #[cfg(feature = "virtio-queue")]
 mod serve;
 
-use std::fmt;
+#[cfg(feature = "kvm")]
 use std::sync::Arc;
 
-use crate::device::{GuestInterrupt, QueueKicks};
+#[cfg(feature = "kvm")]
+use crate::device::GuestInterrupt;
+#[cfg(feature = "kvm")]
 use crate::error::Result;
+#[cfg(feature = "kvm")]
 use crate::fallback::{Backend, IoEvent, Placement};
+#[cfg(feature = "kvm")]
 use crate::kvm::WriteMatch;
+#[cfg(feature = "kvm")]
 use crate::notifier::{Mode, Notifier};
 
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState, QueueVector};
+pub use queue::{VirtQueueNotify, VringLayout};
 #[cfg(feature = "virtio-queue")]
 pub use serve::{Moderation, QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
 
@@ -75,6 +88,7 @@ pub const NO_VECTOR: u16 = 0xffff;
 /// index alone.
 pub const VIRTIO_F_NOTIFICATION_DATA: u64 = 1 << 38;
 
+#[cfg(feature = "kvm")]
 /// The queue a notify write names: its low 16 bits, with `VIRTIO_F_NOTIFICATION_DATA` or without
 /// (without it the write is the index alone). `None` for a write of another size than 2 or 4
 /// bytes.
@@ -85,94 +99,7 @@ fn notified_queue(data: &[u8]) -> Option<u16> {
     }
 }
 
-/// A split virtqueue's layout in guest memory, as the driver configured it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VringLayout {
-    /// The queue's index.
-    pub index: u16,
-    /// Its size (descriptors).
-    pub size: u16,
-    /// Guest-physical address of the descriptor table.
-    pub desc_table: u64,
-    /// Guest-physical address of the available ring.
-    pub avail_ring: u64,
-    /// Guest-physical address of the used ring.
-    pub used_ring: u64,
-}
-
-/// One queue's notifications, device side: the kick notifier to wait on and the interrupt that
-/// tells the guest of used buffers. Cheap to clone; hand clones to device threads.
-#[derive(Clone)]
-pub struct VirtQueueNotify {
-    inner: Arc<QueueInner>,
-}
-
-struct QueueInner {
-    index: u16,
-    kicks: Notifier,
-    interrupt: Arc<dyn GuestInterrupt>,
-}
-
-impl fmt::Debug for VirtQueueNotify {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtQueueNotify")
-            .field("index", &self.inner.index)
-            .field("kicks", &self.inner.kicks)
-            .field("interrupt", &self.inner.interrupt)
-            .finish()
-    }
-}
-
-impl VirtQueueNotify {
-    /// Queue `index`'s notifications from their parts: the notifier the guest's kicks add to and
-    /// the interrupt for used buffers. The transports make these; a device's unit test makes
-    /// one with a [`RecordingInterrupt`](crate::device::RecordingInterrupt).
-    pub fn new(index: u16, kicks: Notifier, interrupt: Arc<dyn GuestInterrupt>) -> Self {
-        VirtQueueNotify {
-            inner: Arc::new(QueueInner {
-                index,
-                kicks,
-                interrupt,
-            }),
-        }
-    }
-
-    /// The queue's index.
-    pub fn index(&self) -> u16 {
-        self.inner.index
-    }
-
-    /// The notifier the guest's queue notifications add to (through an ioeventfd, or the
-    /// userspace path of the [`Backend`] that registered it).
-    pub fn kicks(&self) -> &Notifier {
-        &self.inner.kicks
-    }
-
-    /// The queue's interrupt.
-    pub fn interrupt(&self) -> &Arc<dyn GuestInterrupt> {
-        &self.inner.interrupt
-    }
-
-    /// Notifies the guest of used buffers: on virtio-mmio sets [`INT_VRING`] and asserts the line;
-    /// on virtio-pci raises the queue's MSI-X vector. Returns whether this asked for a new
-    /// interrupt: `false` on virtio-pci for a queue with [`NO_VECTOR`], and on virtio-mmio when
-    /// `INT_VRING` was still set (the guest finds these buffers with the interrupt it has yet to
-    /// acknowledge).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Notifier`](crate::Error::Notifier) if the notifier write fails.
-    pub fn signal_used(&self) -> Result<bool> {
-        self.inner.interrupt.signal()
-    }
-}
-
-impl QueueKicks for VirtQueueNotify {
-    fn kicks(&self) -> &Notifier {
-        &self.inner.kicks
-    }
-}
-
+#[cfg(feature = "kvm")]
 /// A device's queues: the device-side handles and their notify registrations, index for index.
 #[derive(Debug, Default)]
 struct Queues {
@@ -180,6 +107,7 @@ struct Queues {
     registrations: Vec<IoEvent>,
 }
 
+#[cfg(feature = "kvm")]
 impl Queues {
     /// Registers the next queue's notifications, the guest writes `at` describes, with
     /// `backend`; its used buffers go to `interrupt`.

@@ -42,7 +42,7 @@ impl PciLayout {
 }
 
 /// A virtio-pci queue's interrupt: the MSI-X vector the guest chose in `queue_msix_vector`
-/// (or `config_msix_vector`), raised on the function's vectors.
+/// (or `config_msix_vector`), triggered on the function's vectors.
 #[derive(Debug)]
 pub struct QueueVector {
     vectors: MsixVectors,
@@ -76,21 +76,19 @@ impl QueueVector {
 }
 
 impl GuestInterrupt for QueueVector {
-    /// Raises the vector; `false` without one ([`NO_VECTOR`]).
-    fn signal(&self) -> Result<bool> {
+    /// Triggers the vector; `false` without one ([`NO_VECTOR`]).
+    fn trigger(&self) -> Result<bool> {
         match self.vector() {
             NO_VECTOR => Ok(false),
-            v => self.vectors.raise(v.into()).map(|()| true),
+            v => self.vectors.trigger(v.into()).map(|()| true),
         }
     }
 
-    /// The current vector's eventfd; [`Error::NoEventFd`] for [`NO_VECTOR`].
-    fn eventfd(&self) -> Result<Notifier> {
+    /// The current vector's eventfd; `None` for [`NO_VECTOR`].
+    fn eventfd(&self) -> Result<Option<Notifier>> {
         match self.vector() {
-            NO_VECTOR => Err(Error::NoEventFd {
-                what: "a virtio-pci queue without an MSI-X vector",
-            }),
-            v => self.vectors.notifier(v.into()),
+            NO_VECTOR => Ok(None),
+            v => self.vectors.notifier(v.into()).map(Some),
         }
     }
 }
@@ -256,9 +254,9 @@ impl PciNotify {
     ///
     /// # Errors
     ///
-    /// Those of [`MsixVectors::raise`].
-    pub fn signal_config(&self) -> Result<bool> {
-        self.config_vector.signal()
+    /// Those of [`MsixVectors::trigger`].
+    pub fn trigger_config(&self) -> Result<bool> {
+        self.config_vector.trigger()
     }
 
     /// The function's MSI-X vectors.

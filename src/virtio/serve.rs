@@ -53,7 +53,7 @@
 //! let mut server = QueueServer::new(notify, queue);
 //! // A wake-up with nothing available serves nothing and raises nothing.
 //! assert_eq!(server.serve(&mem, |_chain| 0)?, 0);
-//! assert_eq!(interrupt.signals(), 0);
+//! assert_eq!(interrupt.triggers(), 0);
 //! # Ok::<(), vm_notify::Error>(())
 //! ```
 
@@ -173,7 +173,7 @@ impl QueueServer {
     ///
     /// # Errors
     ///
-    /// Those of [`VirtQueueNotify::signal_used`], sending what was held.
+    /// Those of [`VirtQueueNotify::trigger`], sending what was held.
     pub fn moderate(&mut self, moderation: Option<Moderation>) -> Result<()> {
         self.flush(Flush::Dry)?;
         self.held = moderation.map(|config| Held {
@@ -224,7 +224,7 @@ impl QueueServer {
     /// # Errors
     ///
     /// [`Error::Virtqueue`] when the rings cannot be read, and those of
-    /// [`VirtQueueNotify::signal_used`].
+    /// [`VirtQueueNotify::trigger`].
     pub fn used_added<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
         // Also the full fence between the used ring's writes and the reads of the driver's wish.
         let crossed = self
@@ -250,7 +250,7 @@ impl QueueServer {
             return Ok(false);
         }
         if self.held.is_none() {
-            self.signal()?;
+            self.interrupt()?;
             return Ok(true);
         }
         // Hold it while more work waits in the ring (the next completion comes without the
@@ -295,11 +295,11 @@ impl QueueServer {
         }
         held.count = 0;
         held.since = None;
-        self.signal()
+        self.interrupt()
     }
 
-    fn signal(&mut self) -> Result<()> {
-        self.notify.signal_used()?;
+    fn interrupt(&mut self) -> Result<()> {
+        self.notify.trigger()?;
         self.stats.interrupts += 1;
         Ok(())
     }
@@ -313,7 +313,7 @@ impl QueueServer {
     /// # Errors
     ///
     /// [`Error::Virtqueue`] when the rings cannot be read or written, and those of
-    /// [`VirtQueueNotify::signal_used`].
+    /// [`VirtQueueNotify::trigger`].
     pub fn serve<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -583,11 +583,11 @@ mod tests {
         assert_eq!(served, 3);
         assert_eq!(flags_seen, [NO_NOTIFY; 3], "no kicks wanted while serving");
         assert_eq!(driver.u16_at(USED) & NO_NOTIFY, 0, "kicks wanted again");
-        assert_eq!(irq.signals(), 3);
+        assert_eq!(irq.triggers(), 3);
         driver.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
         driver.submit(2);
         assert_eq!(server.serve(&driver.mem, |_| 64).unwrap(), 2);
-        assert_eq!(irq.signals(), 3, "the driver asked for none");
+        assert_eq!(irq.triggers(), 3, "the driver asked for none");
         let stats = server.stats();
         assert_eq!(
             (stats.chains, stats.interrupts, stats.suppressed),
@@ -608,23 +608,23 @@ mod tests {
         let mut signals_at = Vec::new();
         server
             .serve(&driver.mem, |_| {
-                signals_at.push(irq.signals());
+                signals_at.push(irq.triggers());
                 64
             })
             .unwrap();
         // Signals seen before completing each of the five chains: the third's raised one.
         assert_eq!(signals_at, [0, 0, 0, 1, 1]);
-        assert_eq!(irq.signals(), 1);
+        assert_eq!(irq.triggers(), 1);
         assert_eq!(driver.u16_at(USED + 4 + 8 * u64::from(SIZE)), 5);
         driver.set_used_event(driver.used_idx().wrapping_sub(1));
         assert!(driver.submit(1), "avail_event asks for the next kick");
         server.serve(&driver.mem, |_| 64).unwrap();
-        assert_eq!(irq.signals(), 1, "used_event 4 was crossed already");
+        assert_eq!(irq.triggers(), 1, "used_event 4 was crossed already");
         // Interrupt when the next buffer is used (the used index moves past 6).
         driver.set_used_event(driver.used_idx());
         driver.submit(1);
         server.serve(&driver.mem, |_| 64).unwrap();
-        assert_eq!(irq.signals(), 2);
+        assert_eq!(irq.triggers(), 2);
         assert_eq!(server.stats().interrupts, 2);
         assert_eq!(server.stats().suppressed, 5);
     }
@@ -663,7 +663,7 @@ mod tests {
         for round in 1..=3 {
             driver.submit(1);
             server.serve(&driver.mem, |_| 64).unwrap();
-            assert_eq!(irq.signals(), round);
+            assert_eq!(irq.triggers(), round);
         }
         assert_eq!(server.stats().held, 0);
         assert_eq!(server.stats().flushed_dry, 3);
@@ -690,7 +690,7 @@ mod tests {
         let mem = driver.mem.clone(); // the same mapping; the closure borrows the driver
         server
             .serve(&mem, |_| {
-                signals_before.push(irq.signals());
+                signals_before.push(irq.triggers());
                 if left > 0 {
                     left -= 1;
                     driver.submit(1);
@@ -700,7 +700,7 @@ mod tests {
             .unwrap();
         assert_eq!(signals_before.len(), 40);
         let stats = server.stats();
-        assert_eq!(irq.signals(), 8, "{stats:?}");
+        assert_eq!(irq.triggers(), 8, "{stats:?}");
         assert_eq!((stats.flushed_full, stats.flushed_dry), (7, 1), "{stats:?}");
         assert_eq!(
             signals_before[1], 1,
@@ -711,7 +711,7 @@ mod tests {
         server.moderate(None).unwrap();
         driver.submit(3);
         server.serve(&driver.mem, |_| 64).unwrap();
-        assert_eq!(irq.signals(), 11);
+        assert_eq!(irq.triggers(), 11);
     }
 
     /// Moderation when completions are slow: what is held goes when the oldest reaches the
@@ -736,7 +736,7 @@ mod tests {
         assert!(stats.flushed_late >= 1, "{stats:?}");
         assert!(server.moderation_target().unwrap() <= 2, "{stats:?}");
         // Nothing is left held: every chain's interrupt went out, at most one per chain.
-        assert!(irq.signals() >= 3 && irq.signals() <= 6, "{stats:?}");
+        assert!(irq.triggers() >= 3 && irq.triggers() <= 6, "{stats:?}");
     }
 
     /// An interrupt that stamps when it is signalled.
@@ -744,14 +744,9 @@ mod tests {
     struct Stamped(std::sync::Mutex<Vec<Instant>>);
 
     impl crate::device::GuestInterrupt for Stamped {
-        fn signal(&self) -> Result<bool> {
+        fn trigger(&self) -> Result<bool> {
             self.0.lock().unwrap().push(Instant::now());
             Ok(true)
-        }
-        fn eventfd(&self) -> Result<Notifier> {
-            Err(Error::NoEventFd {
-                what: "a test's stamped interrupt",
-            })
         }
     }
 
@@ -808,7 +803,7 @@ mod tests {
         // K goes 1, 2, 4: full after chains 1 and 3; chains 4 and 5 are held until the stop.
         let (served, more) = server.serve_at_most(&driver.mem, 5, |_| 64).unwrap();
         assert_eq!((served, more), (5, true));
-        assert_eq!(irq.signals(), 3, "{:?}", server.stats());
+        assert_eq!(irq.triggers(), 3, "{:?}", server.stats());
         assert_eq!(
             (server.stats().flushed_full, server.stats().flushed_dry),
             (2, 1)
@@ -849,10 +844,10 @@ mod tests {
                     for i in 0..batch {
                         server.queue_mut().add_used(&driver.mem, i, 64).unwrap();
                     }
-                    let before = irq.signals();
+                    let before = irq.triggers();
                     // A decision covers the buffers used since the last one.
                     server.used_added(&driver.mem).unwrap();
-                    let signalled = irq.signals() > before;
+                    let signalled = irq.triggers() > before;
                     let new = start.wrapping_add(batch);
                     assert_eq!(
                         signalled,
@@ -885,7 +880,7 @@ mod tests {
             ),
             "{e:?}"
         );
-        assert_eq!(irq.signals(), 0);
+        assert_eq!(irq.triggers(), 0);
     }
 
     /// A driver thread submits 20000 buffers a few at a time and kicks only when the device asks
@@ -898,7 +893,7 @@ mod tests {
             const TOTAL: u64 = 20_000;
             let mut driver = Driver::new(event_idx);
             let (mut server, _irq) = server(&driver);
-            let kicks = server.notify().kicks().try_clone().unwrap();
+            let kicks = server.notify().kicks().dup().unwrap();
             let mem = driver.mem.clone();
             let done = Arc::new(AtomicBool::new(false));
             let stop = done.clone();

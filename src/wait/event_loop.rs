@@ -138,13 +138,13 @@ impl EventLoop {
             return Err(Error::EventLoopToken { token });
         }
         let event = EpollEvent::new(EventSet::IN, token);
-        let mut n = notifier.share();
+        let mut n = notifier.clone();
         if let Err(e) = self.epoll.ctl(ControlOperation::Add, n.as_raw_fd(), event) {
             if e.raw_os_error() != Some(libc::EEXIST) {
                 return Err(epoll_error("add")(e));
             }
             // Already watched under another token: watch a descriptor of its own.
-            n = notifier.try_clone()?;
+            n = notifier.dup()?;
             self.epoll
                 .ctl(ControlOperation::Add, n.as_raw_fd(), event)
                 .map_err(epoll_error("add"))?;

@@ -153,7 +153,7 @@ mod tests {
         // Kicks 1 ms after each wait starts: each blocking wait is under `max`, so it grows.
         for _ in 0..6 {
             let writer = {
-                let n = n.try_clone().unwrap();
+                let n = n.dup().unwrap();
                 thread::spawn(move || {
                     thread::sleep(Duration::from_millis(1));
                     n.notify().unwrap();
@@ -167,7 +167,7 @@ mod tests {
         // Idle: every wait outlasts `max`, so the window halves each time, down to zero.
         for _ in 0..20 {
             let writer = {
-                let n = n.try_clone().unwrap();
+                let n = n.dup().unwrap();
                 thread::spawn(move || {
                     thread::sleep(Duration::from_millis(60));
                     n.notify().unwrap();

@@ -78,9 +78,9 @@ impl<F: FnMut(u32, u64)> NotifierSubscriber<F> {
             .iter()
             .any(|(_, n)| n.as_raw_fd() == notifier.as_raw_fd());
         let n = if seen {
-            notifier.try_clone()?
+            notifier.dup()?
         } else {
-            notifier.share()
+            notifier.clone()
         };
         self.watched.push((token, n));
         Ok(())

@@ -24,9 +24,9 @@ pub struct RngStats {
     pub kicks: u64,
     /// Kick wake-ups: how many times a kick notifier was found written.
     pub wakeups: u64,
-    /// `signal_used` calls, and how many asked for a new interrupt.
+    /// `trigger` calls, and how many asked for a new interrupt.
     pub signals: u64,
-    /// Of `signals`, those that asked for a new interrupt (see `VirtQueueNotify::signal_used`).
+    /// Of `signals`, those that asked for a new interrupt (see `VirtQueueNotify::trigger`).
     pub new_interrupts: u64,
     /// Resample wake-ups, and those that re-asserted the line.
     pub resamples: u64,
@@ -192,7 +192,7 @@ impl RngDevice {
         }
         if used > 0 {
             self.stats.signals += 1;
-            if notify.signal_used().unwrap() {
+            if notify.trigger().unwrap() {
                 self.stats.new_interrupts += 1;
             }
         }
