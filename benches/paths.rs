@@ -42,6 +42,7 @@ fn dispatch(d: &ExitDispatcher, addr: u64) -> Duration {
 fn ping_pong(kind: Policy) -> Duration {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let _kick = backend
         .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
@@ -87,6 +88,7 @@ fn main() {
     for n in [1u64, 100, 1000] {
         let backend_vm = TinyVm::new().unwrap();
         let backend = Backend::new(backend_vm.vm().clone(), Policy::Userspace);
+        backend_vm.run_injector(&backend).unwrap();
         let notifiers: Vec<_> = (0..n)
             .map(|_| Notifier::new(Mode::Counter).unwrap())
             .collect();

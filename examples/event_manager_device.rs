@@ -43,6 +43,9 @@ struct Figures {
 fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let backend = Backend::new(vm.vm().clone(), kind);
+    // The VMM runs the injector of the interrupts it places in userspace (the test kit's
+    // machine does it here, on a thread it stops when it drops).
+    vm.run_injector(&backend)?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
     let irq: IrqFd = backend.irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
     let irq_path = format!("{:?}", irq.placement());

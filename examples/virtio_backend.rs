@@ -38,6 +38,7 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
         gsi: IRQ.into(),
     };
     let root = vm.notify().with_policy(Policy::Auto);
+    vm.run_injector(root.backend())?;
     let notify = Arc::new(root.virtio_mmio(&device)?);
     let queue = SplitQueue::new(0, 16, &LENGTHS)?;
     queue.lay_out(&vm)?;

@@ -256,7 +256,7 @@ pub enum Error {
     /// An epoll call of an [`EventLoop`](crate::wait::EventLoop) failed.
     #[error("event loop: epoll {op} failed: {source}")]
     EventLoop {
-        /// The operation: "create", "add", "delete", "wait", or "spawn the injector thread".
+        /// The operation: "create", "add", "delete", "wait", "spawn the injector thread" or "join the injector thread".
         op: &'static str,
         /// The errno.
         source: io::Error,
@@ -306,7 +306,7 @@ pub enum Error {
         /// The count given.
         count: usize,
     },
-    /// `KVM_IRQ_LINE` failed while the injector thread changed a line's level.
+    /// `KVM_IRQ_LINE` failed while the injector changed a line's level.
     #[error("GSI {gsi}: KVM_IRQ_LINE failed: {source}")]
     IrqLine {
         /// The GSI of the line.

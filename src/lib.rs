@@ -24,7 +24,7 @@
 //! * [`msix`]: a function's MSI-X vectors with mask and pending bits that lose and double nothing,
 //!   and the table and PBA for a VMM to emulate;
 //! * [`fallback`]: the placement policy ([`Backend`](fallback::Backend)): the same registrations
-//!   in the kernel or in userspace (an exit dispatcher, an injector thread), chosen per
+//!   in the kernel or in userspace (an exit dispatcher, an injector the VMM runs), chosen per
 //!   registration, behind [`IoEvent`], [`IrqFd`] and [`LevelIrqFd`];
 //! * [`device`]: what devices see — [`GuestInterrupt`] and [`QueueKicks`], implemented by every
 //!   delivery kind, with [`RecordingInterrupt`](device::RecordingInterrupt) for tests without KVM;

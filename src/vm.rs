@@ -7,7 +7,7 @@ use kvm_ioctls::VmFd;
 
 use crate::error::{Capability, Result};
 use crate::fallback::{
-    Backend, ExitDispatcher, IoEvent, IrqFd, LevelIrqFd, LevelLineState, Policy,
+    Backend, ExitDispatcher, Injector, IoEvent, IrqFd, LevelIrqFd, LevelLineState, Policy,
 };
 use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage, WriteMatch};
@@ -16,7 +16,7 @@ use crate::notifier::{Mode, Notifier};
 use crate::virtio::{MmioDevice, MmioNotify, PciLayout, PciNotify, PciNotifyState};
 
 /// A VM's notifications, in one place: the VM descriptor, its GSI routing table and the
-/// placement policy (with its exit dispatcher and injector thread). Every registration is made
+/// placement policy (with its exit dispatcher and the injector the VMM runs). Every registration is made
 /// from here and holds what it needs, so the order of drops does not matter. Cheap to clone.
 ///
 /// ```
@@ -94,7 +94,7 @@ impl Vm {
     }
 
     /// A root for the same VM and routing table with another placement policy (its own exit
-    /// dispatcher and injector thread): for a VMM that places some devices differently, and for
+    /// dispatcher and injector, which the VMM runs too): for a VMM that places some devices differently, and for
     /// tests that run one device on each path.
     pub fn with_policy(&self, policy: Policy) -> Vm {
         let mut backend = Backend::new(self.fd().clone(), policy);
@@ -111,6 +111,17 @@ impl Vm {
     pub fn disable(mut self, cap: Capability) -> Vm {
         self.backend = self.backend.disable(cap);
         self
+    }
+
+    /// The injector of the interrupts this root places in userspace (see
+    /// [`Backend::injector`]): the VMM runs it, as with `vm.injector()?.spawn()?`, when it uses
+    /// [`Policy::Userspace`] or [`Policy::Auto`], or the split irqchip's pins.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Backend::injector`].
+    pub fn injector(&self) -> Result<Injector> {
+        self.backend.injector(&self.router)
     }
 
     /// The VM descriptor.

@@ -41,6 +41,7 @@ fn no_descriptor_survives_exec() {
     let kick = n();
     let _kernel = IoEvent::register(vm.vm(), WriteMatch::mmio(0xd000_0050), &kick).unwrap();
     let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    vm.run_injector(&user).unwrap();
     let _user = user.register(WriteMatch::mmio(0xd000_0060), &n()).unwrap();
     let _edge = IrqFd::with_notifier(vm.router(), 4, &n()).unwrap();
     let _injected = user.irqfd(vm.router(), 3, &n()).unwrap();

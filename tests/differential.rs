@@ -140,6 +140,7 @@ struct Observed {
 fn run(case: &Case, kind: Policy) -> Observed {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     let notifiers: Vec<Notifier> = case
         .registrations
         .iter()

@@ -389,6 +389,7 @@ fn fd_exhaustion_child() {
     let vm = TinyVm::new().unwrap();
     let n = notifier();
     let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    vm.run_injector(&user).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     let vectors = MsixVectors::new(vm.router(), 1).unwrap();
     vectors.set_message(0, MsiMessage::x86(0, 0x41)).unwrap();

@@ -34,6 +34,7 @@ fn missing_ioeventfd_capability_falls_back_and_counts() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IoEventFd);
+    vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
         .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
@@ -65,6 +66,7 @@ fn kernel_refusal_falls_back_with_the_reason() {
     )
     .unwrap();
     let backend = Backend::new(vm.vm().clone(), Policy::Auto);
+    vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
         .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
@@ -97,6 +99,7 @@ fn missing_irqfd_capability_falls_back_to_the_injector() {
     const ROUNDS: u64 = 1000;
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFd);
+    vm.run_injector(&backend).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x45)).unwrap();
     let irq = backend
         .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())

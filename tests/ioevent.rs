@@ -32,6 +32,7 @@ fn emit_write(p: &mut GuestProgram, addr: IoEventAddress, width: Width, value: u
 fn setup(kind: Policy) -> (TinyVm, Backend) {
     let vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     (vm, backend)
 }
 

@@ -45,6 +45,7 @@ struct RoundTrips {
 fn round_trips(chip: Irqchip, kind: Policy, line: Line, rounds: u64) -> RoundTrips {
     let mut vm = TinyVm::with_irqchip(chip, 1).unwrap();
     let backend = vm.notify().with_policy(kind).backend().clone();
+    vm.run_injector(&backend).unwrap();
     let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
         Line::Pic { irq } => (irq.into(), PIC_BASE + irq, Eoi::PicMaster),
         Line::Msi { vector } => {

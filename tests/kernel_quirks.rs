@@ -44,6 +44,7 @@ fn any_width_count(kind: Policy, pio: bool, order: [usize; 3]) -> u64 {
     ];
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     let notifiers: Vec<_> = matches
         .iter()
         .map(|_| Notifier::new(Mode::Counter).unwrap())

@@ -42,6 +42,9 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
     let before = open_fds();
 
     let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    // The injector's thread, as a VMM runs it: stopped and joined when the handle drops, with
+    // its descriptors (the epoll and its stop notifier).
+    let injector = user.injector(vm.router()).unwrap().spawn().unwrap();
     let resample = Notifier::new(Mode::Counter).unwrap();
     let entries = vm.router().entries();
     let mut report = Vec::new();
@@ -113,7 +116,7 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         ));
     }
     drop(held);
-    drop((user, resample));
+    drop((injector, user, resample));
     let after = open_fds();
     for (kind, n, each) in &report {
         eprintln!("{n} register/drop cycles of {kind}: {each:?} each");

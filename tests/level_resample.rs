@@ -49,7 +49,9 @@ const ROUNDS: u64 = 2000;
 /// The backend with `policy` that serves the machine's lines (on the split irqchip, one that
 /// has its IOAPIC).
 fn backend(vm: &TinyVm, policy: Policy) -> Backend {
-    vm.notify().with_policy(policy).backend().clone()
+    let backend = vm.notify().with_policy(policy).backend().clone();
+    vm.run_injector(&backend).unwrap();
+    backend
 }
 
 /// How the device raises, and what the handler does.
@@ -360,6 +362,7 @@ fn auto_level_line_falls_back_without_resample() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let auto = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFdResample);
+    vm.run_injector(&auto).unwrap();
     let n = Notifier::new(Mode::Counter).unwrap();
     let probe = auto.level_irqfd(vm.router(), 5, &n, &n).unwrap();
     assert_eq!(
@@ -372,6 +375,7 @@ fn auto_level_line_falls_back_without_resample() {
 
     let vm = TinyVm::new().unwrap();
     let auto = Backend::new(vm.vm().clone(), Policy::Auto);
+    vm.run_injector(&auto).unwrap();
     let level = auto.level_irqfd(vm.router(), 10, &n, &n).unwrap();
     assert_eq!(level.placement(), &Placement::Kernel);
     assert!(!level.deassert().unwrap());
@@ -485,6 +489,7 @@ fn shared_line(kind: Policy) {
     const SHARED_ROUNDS: u64 = 500;
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     let Line::Pic { irq } = PIC_LINE else {
         unreachable!()
     };
@@ -594,6 +599,7 @@ fn resample_on_an_msi_route_is_refused_on_both_paths() {
     );
     assert_eq!(vm.router().irqfds(gsi), 0);
     let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    vm.run_injector(&user).unwrap();
     let e = user.level_irqfd(vm.router(), gsi, &n, &n).unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),

@@ -24,6 +24,7 @@ const WRITES: u64 = 20_000;
 fn drop_while_writing(kind: Policy) {
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), kind);
+    vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
         .register(WriteMatch::mmio(ADDR).width(Width::W4), &kicks)
@@ -76,6 +77,7 @@ fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let backend = Backend::new(vm.vm().clone(), Policy::Auto);
+    vm.run_injector(&backend).unwrap();
     let mut regs = Vec::new();
     let mut irqs = Vec::new();
     let mut stops = Vec::new();

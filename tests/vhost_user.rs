@@ -359,6 +359,7 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     queue.lay_out(&vm).unwrap();
     let backend = vhost_backend::Backend::start("cycles");
     let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    vm.run_injector(&user).unwrap();
     let kick = Notifier::new(Mode::Counter).unwrap();
     let call = Notifier::new(Mode::Counter).unwrap();
     let entries = vm.router().entries();

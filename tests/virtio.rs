@@ -54,6 +54,7 @@ fn mmio_device(vm: &TinyVm, kind: Policy, queues: u16) -> (Vm, Arc<MmioNotify>) 
         gsi: IRQ.into(),
     };
     let root = vm.notify().with_policy(kind);
+    vm.run_injector(root.backend()).unwrap();
     let notify = Arc::new(root.virtio_mmio(&device).unwrap());
     (root, notify)
 }
@@ -316,6 +317,7 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
     const VECTORS: [u8; 2] = [0x45, 0x46];
     let mut vm = TinyVm::new().unwrap();
     let root = vm.notify().with_policy(kind);
+    vm.run_injector(root.backend()).unwrap();
     let vectors = root.msix(2).unwrap();
     for (i, v) in VECTORS.iter().enumerate() {
         vectors.set_message(i, MsiMessage::x86(0, *v)).unwrap();

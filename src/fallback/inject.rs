@@ -1,5 +1,7 @@
-//! The interrupt fallback: where an irqfd cannot be used, a thread reads the device's trigger
-//! notifiers and injects with `KVM_IRQ_LINE` or `KVM_SIGNAL_MSI`.
+//! The interrupt fallback: where an irqfd cannot be used, an [`Injector`] reads the device's
+//! trigger notifiers and injects with `KVM_IRQ_LINE` or `KVM_SIGNAL_MSI`. The library starts no
+//! thread for it: the VMM runs it, on a thread it spawns ([`Injector::spawn`], or
+//! [`Injector::run`] on a thread of its own making), as it runs its device threads.
 //!
 //! The device-facing contract is the irqfd one:
 //!
@@ -9,9 +11,9 @@
 //! * **level, irqchip route**: a wake-up asserts the line (`KVM_IRQ_LINE` high) and the line
 //!   *stays* high: the irqchip re-delivers at each EOI while it is. With an in-kernel irqchip
 //!   userspace sees no EOI, so the line is lowered when the device says its condition cleared
-//!   ([`Injector::deassert`]); that lowering also drains a trigger not yet taken and adds 1 to
-//!   the resample notifier, so a device written for KVM's resampler (re-assert on resample
-//!   while the condition holds) runs unchanged.
+//!   ([`LevelIrqFd::deassert`](crate::LevelIrqFd::deassert)); that lowering also drains a trigger
+//!   not yet taken and adds 1 to the resample notifier, so a device written for KVM's resampler
+//!   (re-assert on resample while the condition holds) runs unchanged.
 //! * **a pin of the split irqchip's IOAPIC**: a wake-up pulses the pin (edge) or asserts it
 //!   (level) on the VM's [`Ioapic`], which delivers, and at the guest's EOI lowers a level pin
 //!   and signals its resample notifiers.
@@ -21,6 +23,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use kvm_ioctls::VmFd;
 
@@ -57,26 +60,36 @@ struct Shared {
     next: AtomicU64,
 }
 
-struct Worker {
-    stop: StopHandle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A thread injecting interrupts for the notifiers registered with it. Cheap to clone; the
-/// thread stops when the last clone and the last line go.
+/// Serves the interrupts a [`Backend`](super::Backend) placed in userspace: it waits on their
+/// trigger notifiers and injects (the contract is in the [`fallback`](super) docs). Cheap to clone.
+///
+/// The library starts no thread: until the VMM runs it, triggers wait in their notifiers (none
+/// is lost; each is injected once the injector runs). [`spawn`](Self::spawn) starts a thread and
+/// returns its handle, which stops and joins it when dropped; [`run`](Self::run) is the loop
+/// itself, for a thread the VMM makes; [`serve_pending`](Self::serve_pending) is one pass
+/// without waiting, for a VMM loop that polls. Stopping is final: a stopped injector injects no
+/// more.
+///
+/// ```
+/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// use std::sync::Arc;
+/// use vm_notify::fallback::Policy;
+/// use vm_notify::Vm;
+///
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let fd = Arc::new(kvm.create_vm()?);
+/// fd.create_irq_chip()?;
+/// let vm = Vm::new(fd, Policy::Userspace)?;
+/// // The VMM's thread for interrupts placed in userspace, stopped and joined when dropped:
+/// let injector = vm.injector()?.spawn()?;
+/// let irq = vm.irqfd(4)?;
+/// irq.trigger()?; // the injector pulses GSI 4
+/// injector.stop()?; // or drop it
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
-pub(crate) struct Injector {
+pub struct Injector {
     shared: Arc<Shared>,
-    _worker: Arc<Worker>,
 }
 
 impl fmt::Debug for Injector {
@@ -87,32 +100,117 @@ impl fmt::Debug for Injector {
     }
 }
 
+/// A thread running an [`Injector`], as [`Injector::spawn`] started it. Dropping it stops the
+/// injector and joins the thread.
+#[derive(Debug)]
+#[must_use = "dropping the handle stops the injector"]
+pub struct InjectorThread {
+    stop: StopHandle,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl InjectorThread {
+    /// Stops the injector and joins its thread; returns how its loop ended.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Injector::run`], and [`Error::EventLoop`] if the thread panicked.
+    pub fn stop(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.stop.stop()?;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(ended)) => ended,
+            Some(Err(_)) => Err(Error::EventLoop {
+                op: "join the injector thread",
+                source: std::io::Error::other("the injector thread panicked"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InjectorThread {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
 impl Injector {
     pub(crate) fn new(vm: Arc<VmFd>, router: GsiRouter) -> Result<Injector> {
-        let shared = Arc::new(Shared {
-            vm,
-            router,
-            events: EventLoop::new()?,
-            lines: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(0),
-        });
-        let stop = shared.events.stop_handle();
-        let thread = {
-            let shared = shared.clone();
-            thread::Builder::new()
-                .name("vm-notify-inject".into())
-                .spawn(move || shared.run())
-                .map_err(|source| Error::EventLoop {
-                    op: "spawn the injector thread",
-                    source,
-                })?
-        };
         Ok(Injector {
-            shared,
-            _worker: Arc::new(Worker {
-                stop,
-                thread: Some(thread),
+            shared: Arc::new(Shared {
+                vm,
+                router,
+                events: EventLoop::new()?,
+                lines: Mutex::new(HashMap::new()),
+                next: AtomicU64::new(0),
             }),
+        })
+    }
+
+    /// Serves until stopped (by [`stop_handle`](Self::stop_handle)): the injector's loop, for a
+    /// thread the VMM makes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoop`] when epoll fails; the loop ends then.
+    pub fn run(&self) -> Result<()> {
+        let mut ready = Vec::new();
+        loop {
+            if self.shared.events.wait_tokens(None, &mut ready)? == Wake::Stopped {
+                return Ok(());
+            }
+            self.shared.fire_all(&ready);
+        }
+    }
+
+    /// One pass without waiting: injects for every trigger written since the last pass, and
+    /// returns how many lines fired. For a VMM loop that polls instead of giving the injector a
+    /// thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoop`] when epoll fails.
+    pub fn serve_pending(&self) -> Result<usize> {
+        let mut ready = Vec::new();
+        if self
+            .shared
+            .events
+            .wait_tokens(Some(Duration::ZERO), &mut ready)?
+            == Wake::Stopped
+        {
+            return Ok(0);
+        }
+        self.shared.fire_all(&ready);
+        Ok(ready.len())
+    }
+
+    /// A handle that stops [`run`](Self::run) from any thread (for good: see the type's docs).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.shared.events.stop_handle()
+    }
+
+    /// Runs the injector on a new thread named `vm-notify-inject`; the handle stops and joins
+    /// it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EventLoop`] if the thread cannot be spawned.
+    pub fn spawn(&self) -> Result<InjectorThread> {
+        let injector = self.clone();
+        let thread = thread::Builder::new()
+            .name("vm-notify-inject".into())
+            .spawn(move || injector.run())
+            .map_err(|source| Error::EventLoop {
+                op: "spawn the injector thread",
+                source,
+            })?;
+        Ok(InjectorThread {
+            stop: self.stop_handle(),
+            thread: Some(thread),
         })
     }
 
@@ -221,17 +319,10 @@ impl Shared {
         self.lines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(&self) {
-        let mut ready = Vec::new();
-        loop {
-            match self.events.wait_tokens(None, &mut ready) {
-                Ok(Wake::Stopped) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let mut lines = self.lock();
-            for &token in &ready {
-                self.fire(&mut lines, token);
-            }
+    fn fire_all(&self, ready: &[u64]) {
+        let mut lines = self.lock();
+        for &token in ready {
+            self.fire(&mut lines, token);
         }
     }
 

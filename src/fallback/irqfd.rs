@@ -1,5 +1,5 @@
 //! [`IrqFd`] and [`LevelIrqFd`]: a device adds to a [`Notifier`] and the guest is interrupted —
-//! by KVM (a kernel irqfd) or by the injector thread (`KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`).
+//! by KVM (a kernel irqfd) or by the backend's [`Injector`](super::Injector) (`KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`).
 //!
 //! An edge irqfd injects its GSI once per write (writes made before the injection coalesce). A
 //! level irqfd asserts an irqchip pin and keeps it asserted; when the guest EOIs the pin KVM
@@ -24,7 +24,7 @@ use crate::notifier::{Mode, Notifier};
 enum Delivery {
     /// Assigned with `KVM_IRQFD`.
     Kernel(Binding),
-    /// Read by the injector thread, which calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`.
+    /// Read by the injector, which calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI`.
     Injected {
         injector: Injector,
         /// The router the binding is counted on; `None` for a pin of the split irqchip's
@@ -142,7 +142,7 @@ impl fmt::Debug for Delivery {
 /// Dropping it deassigns the irqfd.
 ///
 /// Made by [`IrqFd::new`] it is a kernel irqfd; a [`Backend`](super::Backend) can make one that
-/// an injector thread serves instead ([`placement`](Self::placement) says which). The device's
+/// the backend's injector serves instead ([`placement`](Self::placement) says which). The device's
 /// side is the same.
 ///
 /// ```
@@ -228,7 +228,7 @@ impl IrqFd {
         self.delivery.trigger()
     }
 
-    /// Whether KVM injects (an irqfd) or the injector thread does, and why.
+    /// Whether KVM injects (an irqfd) or the injector does, and why.
     pub fn placement(&self) -> &Placement {
         &self.placement
     }
@@ -263,7 +263,7 @@ pub struct LevelLineState {
 ///
 /// Made by [`LevelIrqFd::new`] it is a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`: the pin stays
 /// asserted until the guest EOIs it, then KVM lowers it and adds 1 to `resample`, and `deassert`
-/// has nothing to do. A [`Backend`](super::Backend) can make one that its injector thread serves
+/// has nothing to do. A [`Backend`](super::Backend) can make one that its injector serves
 /// instead ([`placement`](Self::placement) says which): the injector raises the pin with
 /// `KVM_IRQ_LINE` and holds it high — the irqchip re-delivers at each EOI while it is — until
 /// `deassert` lowers it and adds 1 to `resample`. There userspace sees no EOI, so `deassert` is
@@ -271,7 +271,7 @@ pub struct LevelLineState {
 /// delivery.
 ///
 /// On the split irqchip a level line on a pin (GSI below 24) is a source of the VM's userspace
-/// [`Ioapic`](crate::irqchip::Ioapic), served by the injector thread whatever the policy: the
+/// [`Ioapic`](crate::irqchip::Ioapic), served by the injector whatever the policy: the
 /// pin is asserted at `trigger` and lowered at the guest's EOI (`KVM_EXIT_IOAPIC_EOI`), which adds
 /// 1 to `resample` — the kernel path's contract, with the same counts. `deassert` there stops this
 /// source holding the pin (so a masked pin does not fire at unmask for a cleared condition) and
@@ -387,7 +387,7 @@ impl LevelIrqFd {
         self.delivery.trigger()
     }
 
-    /// Whether KVM asserts the line (an irqfd) or the injector thread does, and why.
+    /// Whether KVM asserts the line (an irqfd) or the injector does, and why.
     pub fn placement(&self) -> &Placement {
         &self.placement
     }

@@ -5,8 +5,8 @@
 //! notifications ([`IoEvent`]), edge and level interrupts
 //! ([`IrqFd`], [`LevelIrqFd`]) — either in the kernel
 //! (`KVM_IOEVENTFD`, `KVM_IRQFD`) or in userspace: its [`ExitDispatcher`] takes the guest writes
-//! that exit, and an injector thread reads trigger notifiers and calls `KVM_IRQ_LINE` /
-//! `KVM_SIGNAL_MSI`. With [`Policy::Auto`] it chooses per registration: the kernel where it has
+//! that exit, and its [`Injector`] reads trigger notifiers and calls `KVM_IRQ_LINE` /
+//! `KVM_SIGNAL_MSI` on a thread the VMM runs ([`Injector::spawn`]): the library starts none. With [`Policy::Auto`] it chooses per registration: the kernel where it has
 //! the capability and accepts the registration, userspace otherwise, with the reason kept in the
 //! registration's [`Placement`]. The device gets the same notifier counts either way.
 //!
@@ -34,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 use kvm_ioctls::VmFd;
 
 pub use dispatch::ExitDispatcher;
+pub use inject::{Injector, InjectorThread};
 pub use ioevent::IoEvent;
 pub use irqfd::{IrqFd, LevelIrqFd, LevelLineState};
 pub use placement::{Fallback, Placement};
@@ -47,7 +48,6 @@ use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch};
 use crate::notifier::Notifier;
 use crate::sys::Capabilities;
-use inject::Injector;
 
 /// Where a [`Backend`] puts registrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,14 +56,14 @@ pub enum Policy {
     /// split irqchip's IOAPIC have no kernel path: every policy serves them through the VM's
     /// [`Ioapic`].)
     Kernel,
-    /// Only in userspace, through the backend's [`ExitDispatcher`] and injector thread.
+    /// Only in userspace, through the backend's [`ExitDispatcher`] and [`Injector`].
     Userspace,
     /// In the kernel where it can be, else in userspace, per registration.
     Auto,
 }
 
 /// Registers guest-write notifications and interrupts in the kernel, in userspace, or either per
-/// registration. Cheap to clone: clones share the dispatcher and the injector thread. Use one
+/// registration. Cheap to clone: clones share the dispatcher and the injector. Use one
 /// backend per VM ([`Vm`](crate::Vm) holds it), so overlaps are checked across every
 /// registration it made.
 ///
@@ -224,8 +224,20 @@ impl Backend {
         IoEvent::dispatched(&self.dispatcher, write, notifier, Placement::Userspace(why))
     }
 
-    /// The injector thread of this backend, started on first use.
-    fn injector(&self, router: &GsiRouter) -> Result<&Injector> {
+    /// The injector of this backend's userspace interrupts, made on first use (its epoll
+    /// descriptor; no thread). The VMM runs it ([`Injector::spawn`]) when it places any
+    /// interrupt in userspace: on [`Policy::Userspace`], on [`Policy::Auto`] where the kernel
+    /// cannot take one, and for the split irqchip's pins on every policy. Until it runs, those
+    /// interrupts wait in their notifiers.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`EventLoop::new`](crate::wait::EventLoop::new), the first time.
+    pub fn injector(&self, router: &GsiRouter) -> Result<Injector> {
+        self.injector_ref(router).cloned()
+    }
+
+    fn injector_ref(&self, router: &GsiRouter) -> Result<&Injector> {
         if let Some(i) = self.injector.get() {
             return Ok(i);
         }
@@ -259,11 +271,11 @@ impl Backend {
     }
 
     /// An edge interrupt on `gsi` that `notifier` triggers: a kernel irqfd, or on the userspace
-    /// path the injector thread (`KVM_IRQ_LINE` pulse for irqchip routes, `KVM_SIGNAL_MSI` for MSI
+    /// path the injector (`KVM_IRQ_LINE` pulse for irqchip routes, `KVM_SIGNAL_MSI` for MSI
     /// routes). One injection per wake-up of the notifier either way.
     ///
     /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
-    /// policy: the injector thread pulses it on the backend's [`Ioapic`], which delivers as the
+    /// policy: the injector pulses it on the backend's [`Ioapic`], which delivers as the
     /// guest programmed the pin ([`Fallback::SplitIrqchip`]).
     ///
     /// # Errors
@@ -272,7 +284,7 @@ impl Backend {
     /// [`Error::IoapicPin`] for a pin of the split irqchip on a backend without its IOAPIC.
     pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
         if let Some(io) = self.pin_of(router, gsi)? {
-            let injector = self.injector(router)?;
+            let injector = self.injector_ref(router)?;
             return IrqFd::injected(
                 injector,
                 router,
@@ -285,17 +297,17 @@ impl Backend {
         match self.place_irq(false, || IrqFd::with_notifier(router, gsi, notifier))? {
             Chosen::Kernel(irq) => Ok(irq),
             Chosen::Userspace(why) => {
-                IrqFd::injected(self.injector(router)?, router, gsi, notifier, None, why)
+                IrqFd::injected(self.injector_ref(router)?, router, gsi, notifier, None, why)
             }
         }
     }
 
     /// A level interrupt on `gsi` with resample: a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`, or
-    /// on the userspace path the injector thread, which holds the line high with `KVM_IRQ_LINE`
+    /// on the userspace path the injector, which holds the line high with `KVM_IRQ_LINE`
     /// until [`LevelIrqFd::deassert`] (see [`LevelIrqFd`] for the device's side, the same on both).
     ///
     /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
-    /// policy: the injector thread asserts it on the backend's [`Ioapic`], which lowers it and
+    /// policy: the injector asserts it on the backend's [`Ioapic`], which lowers it and
     /// signals `resample` at the guest's EOI, as a kernel resample irqfd does
     /// ([`Fallback::SplitIrqchip`]).
     ///
@@ -311,7 +323,7 @@ impl Backend {
         resample: &Notifier,
     ) -> Result<LevelIrqFd> {
         if let Some(io) = self.pin_of(router, gsi)? {
-            let injector = self.injector(router)?;
+            let injector = self.injector_ref(router)?;
             let why = Fallback::SplitIrqchip;
             return LevelIrqFd::injected(injector, router, gsi, trigger, resample, Some(io), why);
         }
@@ -319,7 +331,7 @@ impl Backend {
         match self.place_irq(true, kernel)? {
             Chosen::Kernel(irq) => Ok(irq),
             Chosen::Userspace(why) => {
-                let injector = self.injector(router)?;
+                let injector = self.injector_ref(router)?;
                 LevelIrqFd::injected(injector, router, gsi, trigger, resample, None, why)
             }
         }

@@ -31,7 +31,7 @@ pub enum Placement {
     /// In the kernel: matching writes never leave it, triggers are injected by KVM.
     Kernel,
     /// In userspace: matching writes exit and the dispatcher signals the notifier; triggers are
-    /// read and injected by the injector thread.
+    /// read and injected by the backend's injector (run by the VMM).
     Userspace(Fallback),
 }
 

@@ -1,4 +1,4 @@
-//! Waiting on notifiers: what a device thread (and the injector thread) blocks or polls on.
+//! Waiting on notifiers: what a device thread (and the injector) blocks or polls on.
 //!
 //! * [`EventLoop`]: one epoll over many notifiers, each under a token, with a [`StopHandle`] that
 //!   wakes and ends the wait from another thread.
@@ -7,7 +7,7 @@
 //!   `event-manager` loop.
 //!
 //! This layer sits right above the notifier itself, below the registrations: the fallback's
-//! injector thread is a waiter too.
+//! injector is a waiter too.
 
 mod event_loop;
 mod poll;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vm_notify::fallback::Policy;
+use vm_notify::fallback::{Backend, InjectorThread, Policy};
 use vm_notify::kvm::GsiRouter;
 use vm_notify::Vm;
 
@@ -44,6 +44,9 @@ use crate::{Error, Result};
 /// # Ok::<(), vm_notify_testkit::Error>(())
 /// ```
 pub struct TinyVm {
+    /// The injectors this machine runs, as a VMM would (its own root's on the split irqchip,
+    /// and those given to [`run_injector`](Self::run_injector)); stopped first when it drops.
+    injectors: Mutex<Vec<InjectorThread>>,
     vm: Arc<VmFd>,
     notify: Vm,
     memory: GuestMemoryMmap,
@@ -207,7 +210,14 @@ impl TinyVm {
             all.push(vcpu);
         }
         let mut all = all.into_iter();
+        // The split irqchip's pins are served by the root's injector whatever the policy: this
+        // machine, the VMM here, runs it.
+        let injectors = match irqchip {
+            Irqchip::Kernel => Vec::new(),
+            Irqchip::Split => vec![notify.injector()?.spawn()?],
+        };
         let tiny = TinyVm {
+            injectors: Mutex::new(injectors),
             vm,
             notify,
             memory,
@@ -227,6 +237,25 @@ impl TinyVm {
     /// The vCPUs not running, in order.
     pub(crate) fn vcpu_fds(&self) -> impl Iterator<Item = &VcpuFd> {
         self.vcpu.iter().chain(&self.others)
+    }
+
+    /// Runs `backend`'s [`Injector`](vm_notify::fallback::Injector) on a thread for as long as
+    /// this machine lives, as a VMM runs the injector of the interrupts it places in userspace.
+    /// A test that makes a backend of its own with [`Policy::Userspace`] or [`Policy::Auto`], or
+    /// one on the split irqchip, calls this for it. (A second thread on the same injector is
+    /// harmless: each trigger is read once, under the injector's lock.)
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Backend::injector`](vm_notify::fallback::Backend::injector) and
+    /// [`Injector::spawn`](vm_notify::fallback::Injector::spawn).
+    pub fn run_injector(&self, backend: &Backend) -> Result<()> {
+        let thread = backend.injector(self.notify.router())?.spawn()?;
+        self.injectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(thread);
+        Ok(())
     }
 
     /// How many vCPUs the machine has.
