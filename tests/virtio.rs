@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use common::virtio_rng::{RngDevice, RngStats};
 use iced_x86::code_asm::*;
+use vm_device::bus::{MmioAddress, MmioRange};
+use vm_device::device_manager::{IoManager, MmioManager};
 use vm_notify::fallback::Policy;
+use vm_notify::io::IoRegion;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::virtio::{
     MmioDevice, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
@@ -372,6 +375,16 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
     p.exit().unwrap();
 
     let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    // The notify region as the VMM routes it: an `IoRegion` in its `IoManager`, over the queues'
+    // addresses (the writes that exit reach their queues through vm-device's dispatch).
+    let region = Arc::new(IoRegion::pci_notify(notify.clone()));
+    let mut io = IoManager::new();
+    let span = NOTIFY_BASE..NOTIFY_BASE + step + 4;
+    io.register_mmio(
+        MmioRange::new(MmioAddress(span.start), span.end - span.start).unwrap(),
+        region.clone(),
+    )
+    .unwrap();
     let (tx, rx) = mpsc::channel();
     let report = vm
         .start(p, move |e: &GuestExit, _: &mut [u8]| match *e {
@@ -388,7 +401,8 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
             GuestExit::MmioWrite { addr, data, len } => {
                 if !e.dispatch(&dispatcher).unwrap() {
                     let bytes = &data.to_le_bytes()[..usize::from(len)];
-                    assert!(vmm.write(addr, bytes).unwrap(), "{e:?} is no notify write");
+                    assert!(span.contains(&addr), "{e:?} is no notify write");
+                    io.mmio_write(MmioAddress(addr), bytes).unwrap();
                 }
             }
             ref other => panic!("unexpected exit {other:?}"),
@@ -416,6 +430,7 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
     );
     let queue0 = if multiplier > 0 { STRAY } else { 0 };
     assert_eq!(kicks, [PCI_KICKS[0] + queue0, PCI_KICKS[1]]);
+    assert!(region.take_error().is_none());
     assert_eq!(rx.try_recv().unwrap(), (true, false));
     assert_eq!(irqs, [1, 0]);
     // A stray write exits unless an any-width ioeventfd in the kernel takes it.

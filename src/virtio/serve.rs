@@ -1,6 +1,7 @@
 //! Serving a split virtqueue with notifications suppressed both ways (feature `virtio-queue`).
 //!
-//! [`QueueServer`] joins a queue's [`VirtQueueNotify`] to rust-vmm's `virtio-queue` `Queue`, and
+//! [`QueueServer`] joins a queue's [`VirtQueueNotify`] to a rust-vmm `virtio-queue` queue (any
+//! [`QueueT`]: `Queue`, `QueueSync`), and
 //! adds what that crate leaves to the device:
 //!
 //! * **Interrupts only when the driver wants them** ([`QueueServer::used_added`]): with
@@ -128,15 +129,17 @@ pub struct ServeStats {
     pub flushed_dry: u64,
 }
 
-/// One split virtqueue served with event suppression both ways (see the module docs).
-pub struct QueueServer {
+/// One split virtqueue served with event suppression both ways (see the module docs). Generic
+/// over virtio-queue's [`QueueT`]: a [`Queue`] (the default) for a device that owns its queue, a
+/// `QueueSync` for one that shares it between threads.
+pub struct QueueServer<Q: QueueT = Queue> {
     notify: VirtQueueNotify,
-    queue: Queue,
+    queue: Q,
     stats: ServeStats,
     held: Option<Held>,
 }
 
-impl fmt::Debug for QueueServer {
+impl<Q: QueueT> fmt::Debug for QueueServer<Q> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueServer")
             .field("index", &self.notify.index())
@@ -156,10 +159,10 @@ fn queue_error(op: &'static str) -> impl Fn(virtio_queue::Error) -> Error {
     }
 }
 
-impl QueueServer {
+impl<Q: QueueT> QueueServer<Q> {
     /// Serves `queue` (configured and ready, EVENT_IDX set as the driver negotiated it), with
     /// `notify`'s kicks and interrupt.
-    pub fn new(notify: VirtQueueNotify, queue: Queue) -> Self {
+    pub fn new(notify: VirtQueueNotify, queue: Q) -> Self {
         QueueServer {
             notify,
             queue,
@@ -201,12 +204,12 @@ impl QueueServer {
     }
 
     /// The queue.
-    pub fn queue(&self) -> &Queue {
+    pub fn queue(&self) -> &Q {
         &self.queue
     }
 
     /// The queue, to change (for example after a device reset).
-    pub fn queue_mut(&mut self) -> &mut Queue {
+    pub fn queue_mut(&mut self) -> &mut Q {
         &mut self.queue
     }
 
@@ -504,8 +507,8 @@ mod tests {
             }
         }
 
-        fn queue(&self) -> Queue {
-            let mut q = Queue::new(SIZE).unwrap();
+        fn queue<Q: QueueT>(&self) -> Q {
+            let mut q = Q::new(SIZE).unwrap();
             q.set_desc_table_address(Some(DESC as u32), Some(0));
             q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
             q.set_used_ring_address(Some(USED as u32), Some(0));
@@ -563,6 +566,23 @@ mod tests {
         let irq = Arc::new(RecordingInterrupt::edge().unwrap());
         let notify = VirtQueueNotify::new(0, Notifier::new(Mode::Counter).unwrap(), irq.clone());
         (QueueServer::new(notify, driver.queue()), irq)
+    }
+
+    /// The server is generic over virtio-queue's `QueueT`: a `QueueSync` (a queue shared between
+    /// threads) is served with the same suppression.
+    #[test]
+    fn a_queue_sync_is_served_the_same_way() {
+        let mut driver = Driver::new(false);
+        let irq = Arc::new(RecordingInterrupt::edge().unwrap());
+        let notify = VirtQueueNotify::new(0, Notifier::new(Mode::Counter).unwrap(), irq.clone());
+        let mut server = QueueServer::new(notify, driver.queue::<virtio_queue::QueueSync>());
+        driver.submit(3);
+        assert_eq!(server.serve(&driver.mem, |_| 64).unwrap(), 3);
+        driver.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        driver.submit(2);
+        assert_eq!(server.serve(&driver.mem, |_| 64).unwrap(), 2);
+        assert_eq!((driver.used_idx(), irq.triggers()), (5, 3));
+        assert_eq!(server.stats().suppressed, 2);
     }
 
     /// Without EVENT_IDX: an interrupt per used buffer while `VRING_AVAIL_F_NO_INTERRUPT` is
@@ -759,7 +779,7 @@ mod tests {
         let stamped = Arc::new(Stamped::default());
         let notify =
             VirtQueueNotify::new(0, Notifier::new(Mode::Counter).unwrap(), stamped.clone());
-        let mut server = QueueServer::new(notify, driver.queue());
+        let mut server = QueueServer::new(notify, driver.queue::<Queue>());
         let budget = Duration::from_millis(50);
         server
             .moderate(Some(Moderation {

@@ -21,7 +21,7 @@ use crate::layout::{
 };
 use crate::program::{AssembledProgram, GuestProgram};
 use crate::report::{Outcome, RunReport};
-use crate::run::{install_kick_handler, run_loop, Control, Running};
+use crate::run::{install_kick_handler, run_loop, Control, IoapicBus, Running};
 use crate::{Error, Result};
 
 /// A tiny x86-64 VM: 4 MiB of RAM, an in-kernel irqchip (PIC, IOAPIC, LAPIC), one vCPU in long
@@ -397,7 +397,7 @@ impl TinyVm {
         let control = control.clone();
         let memory = self.memory.clone();
         let vm = self.vm.clone();
-        let ioapic = self.notify.ioapic().cloned();
+        let ioapic = self.notify.ioapic().and_then(IoapicBus::new);
         thread::Builder::new()
             .name(format!("tiny-vcpu{index}"))
             .spawn(move || {

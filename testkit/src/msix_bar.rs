@@ -5,6 +5,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::exit::GuestExit;
+use vm_device::bus::{MmioAddress, MmioRange};
+use vm_device::device_manager::{IoManager, MmioManager};
+use vm_notify::io::IoRegion;
 use vm_notify::msix::MsixVectors;
 
 /// Offset of the MSI-X table in the window (room for 2048 entries).
@@ -25,6 +28,8 @@ pub const WINDOW_LEN: u64 = 0xa000;
 pub struct MsixBar {
     vectors: MsixVectors,
     base: u64,
+    region: Arc<IoRegion>,
+    io: Arc<IoManager>,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -40,9 +45,18 @@ impl fmt::Debug for MsixBar {
 impl MsixBar {
     /// A window at guest-physical `base` for `vectors`.
     pub fn new(vectors: MsixVectors, base: u64) -> Self {
+        let region = Arc::new(IoRegion::msix(&vectors, TABLE_OFFSET, PBA_OFFSET));
+        let mut io = IoManager::new();
+        // The table and PBA part of the window (message control above them is the kit's own).
+        // A range of a nonzero size at a base that cannot wrap is always taken.
+        if let Ok(range) = MmioRange::new(MmioAddress(base), CONTROL_OFFSET) {
+            let _ = io.register_mmio(range, region.clone());
+        }
         MsixBar {
             vectors,
             base,
+            region,
+            io: Arc::new(io),
             errors: Arc::default(),
         }
     }
@@ -91,6 +105,9 @@ impl MsixBar {
         let v = &self.vectors;
         let bytes = write.map(|d| d.to_le_bytes());
         let data = bytes.as_ref().map(|b| &b[..len.min(8)]);
+        // Message control lives in config space on real hardware; the kit keeps it in the
+        // window. The table and the PBA go through the library's `IoRegion` in an `IoManager`,
+        // as a VMM routes them.
         let result = match (offset, data) {
             (o, Some(d)) if o >= CONTROL_OFFSET => {
                 v.write_message_control(d[0] as u16 | (d.get(1).copied().unwrap_or(0) as u16) << 8)
@@ -102,10 +119,16 @@ impl MsixBar {
                 }
                 Ok(())
             }
-            (o, Some(d)) if o >= PBA_OFFSET => v.pba_write(o - PBA_OFFSET, d),
-            (o, None) if o >= PBA_OFFSET => v.pba_read(o - PBA_OFFSET, reply),
-            (o, Some(d)) => v.table_write(o - TABLE_OFFSET, d),
-            (o, None) => v.table_read(o - TABLE_OFFSET, reply),
+            (_, Some(d)) => {
+                let at = MmioAddress(addr);
+                let _ = self.io.mmio_write(at, d);
+                self.region.take_error().map_or(Ok(()), Err)
+            }
+            (_, None) => {
+                let at = MmioAddress(addr);
+                let _ = self.io.mmio_read(at, reply);
+                self.region.take_error().map_or(Ok(()), Err)
+            }
         };
         if let Err(e) = result {
             if let Ok(mut errors) = self.errors.lock() {

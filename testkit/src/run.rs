@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::exit::{ioapic_offset, ExitHandler, GuestExit};
+use crate::exit::{ExitHandler, GuestExit};
 use crate::layout::{DONE_PORT, UNEXPECTED_VECTOR_PORT};
 use crate::report::{Outcome, RunReport};
 use crate::{Error, Result};
-use vm_notify::irqchip::Ioapic;
+use vm_device::bus::{MmioAddress, MmioRange};
+use vm_device::device_manager::{IoManager, MmioManager};
+use vm_notify::io::IoRegion;
+use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
 
 /// What the run's owner tells the vCPU threads, and where paused vCPUs are handed back.
 #[derive(Debug, Clone, Default)]
@@ -184,9 +187,41 @@ fn le_value(data: &[u8]) -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// The IOAPIC, and `addr`'s offset in its window, when there is one and `addr` is in it.
-fn ioapic_access(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
-    Some((ioapic?, ioapic_offset(addr)?))
+/// The split irqchip's IOAPIC as a VMM wires it: its window an [`IoRegion`] in an [`IoManager`]
+/// (every guest access to it goes through vm-device's dispatch), its EOIs handed to it.
+pub(crate) struct IoapicBus {
+    ioapic: Ioapic,
+    region: Arc<IoRegion>,
+    io: IoManager,
+}
+
+impl IoapicBus {
+    pub(crate) fn new(ioapic: &Ioapic) -> Option<IoapicBus> {
+        let region = Arc::new(IoRegion::ioapic(ioapic));
+        let mut io = IoManager::new();
+        let range = MmioRange::new(MmioAddress(IOAPIC_BASE), IOAPIC_SIZE).ok()?;
+        io.register_mmio(range, region.clone()).ok()?;
+        Some(IoapicBus {
+            ioapic: ioapic.clone(),
+            region,
+            io,
+        })
+    }
+
+    /// A guest write: `None` when `addr` is not in the window; else what the IOAPIC said.
+    fn write(&self, addr: u64, data: &[u8]) -> Option<std::result::Result<(), String>> {
+        self.io.mmio_write(MmioAddress(addr), data).ok()?;
+        Some(
+            self.region
+                .take_error()
+                .map_or(Ok(()), |e| Err(e.to_string())),
+        )
+    }
+
+    /// A guest read: `false` when `addr` is not in the window.
+    fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.io.mmio_read(MmioAddress(addr), data).is_ok()
+    }
 }
 
 /// Runs the vCPU until the program ends, handing each exit to `handler`. On the split irqchip
@@ -195,7 +230,7 @@ fn ioapic_access(ioapic: Option<&Ioapic>, addr: u64) -> Option<(&Ioapic, u64)> {
 pub(crate) fn run_loop(
     vcpu: &mut VcpuFd,
     control: &Control,
-    ioapic: Option<&Ioapic>,
+    ioapic: Option<&IoapicBus>,
     mut handler: impl ExitHandler,
 ) -> RunReport {
     let start = Instant::now();
@@ -252,12 +287,9 @@ pub(crate) fn run_loop(
                     data: le_value(data),
                     len: data.len() as u8,
                 };
-                match ioapic_access(ioapic, addr) {
-                    Some((io, offset)) => {
-                        if let Err(e) = io.mmio_write(offset, data) {
-                            break fault(vcpu, format!("IOAPIC write: {e}"));
-                        }
-                    }
+                match ioapic.and_then(|io| io.write(addr, data)) {
+                    Some(Err(e)) => break fault(vcpu, format!("IOAPIC write: {e}")),
+                    Some(Ok(())) => {}
                     None => handler.handle(&exit, &mut []),
                 }
                 exit
@@ -268,9 +300,8 @@ pub(crate) fn run_loop(
                     len: data.len() as u8,
                 };
                 data.fill(0);
-                match ioapic_access(ioapic, addr) {
-                    Some((io, offset)) => io.mmio_read(offset, data),
-                    None => handler.handle(&exit, data),
+                if !ioapic.is_some_and(|io| io.read(addr, data)) {
+                    handler.handle(&exit, data);
                 }
                 exit
             }
@@ -278,7 +309,7 @@ pub(crate) fn run_loop(
                 let exit = GuestExit::IoapicEoi { vector };
                 match ioapic {
                     Some(io) => {
-                        if let Err(e) = io.end_of_interrupt(vector) {
+                        if let Err(e) = io.ioapic.end_of_interrupt(vector) {
                             break fault(vcpu, format!("IOAPIC EOI: {e}"));
                         }
                     }
