@@ -6,26 +6,32 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::pci::{DeviceStats, VirtioDevice};
+use crate::virtio_pci::{DeviceStats, VirtioDevice, QUEUE_MAX};
 
 const SECTOR: u64 = 512;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const T_IN: u32 = VIRTIO_BLK_T_IN;
+const T_OUT: u32 = VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = VIRTIO_BLK_T_GET_ID;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 /// VIRTIO_BLK_F_SEG_MAX: requests of up to `SEG_MAX` data segments (without it Linux sends one).
 /// A chain holds the segments plus the header and the status, and fits the queue.
-const F_SEG_MAX: u64 = 1 << 2;
-const SEG_MAX: u32 = crate::pci::QUEUE_MAX as u32 - 2;
+const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
+const SEG_MAX: u32 = QUEUE_MAX as u32 - 2;
 /// VIRTIO_BLK_F_FLUSH: the driver sends flushes, which become `fdatasync` of the file.
-const F_FLUSH: u64 = 1 << 9;
-const ID: &[u8; 20] = b"vm-notify-blk\0\0\0\0\0\0\0";
+const F_FLUSH: u64 = 1 << VIRTIO_BLK_F_FLUSH;
+const ID: &[u8; VIRTIO_BLK_ID_BYTES as usize] = b"vm-notify-blk\0\0\0\0\0\0\0";
 
 /// A block device backed by `file`; its capacity is the file's size in sectors.
 pub struct Blk {
@@ -112,7 +118,7 @@ impl Blk {
 }
 
 impl VirtioDevice for Blk {
-    const TYPE: u16 = 2;
+    const TYPE: u32 = VIRTIO_ID_BLOCK;
     const NAME: &'static str = "virtio-blk";
 
     fn features(&self) -> u64 {

@@ -1,0 +1,667 @@
+//! A modern virtio-pci function with one queue, for any [`VirtioDevice`]: its config space (the
+//! virtio capabilities and MSI-X), and its BAR 0 as three vm-device regions — the registers
+//! (common configuration, ISR, device configuration), the notify region and the MSI-X table and
+//! PBA, the last two vm-notify's own `IoRegion`s.
+//!
+//! What vm-notify does here: the queue's notify address is an ioeventfd (`PciNotify`), its
+//! interrupt and the configuration interrupt are MSI-X vectors (`MsixVectors`), and the device
+//! thread — started when the driver readies the queue, stopped and joined at the end — serves
+//! the ring with `QueueServer`, which suppresses kicks and interrupts as the driver asks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::DeviceMmio;
+use vm_memory::GuestMemoryMmap;
+use vm_notify::io::IoRegion;
+use vm_notify::msix::{MsixStats, MsixVectors};
+use vm_notify::virtio::{PciLayout, PciNotify, QueueServer, NO_VECTOR};
+use vm_notify::wait::{EventLoop, StopHandle, Wake};
+use vm_notify::Vm;
+
+use crate::lock;
+use crate::pci::PciFunction;
+
+/// Each function's BAR 0 (the first at `BAR0_BASE`, the next `BAR0_SIZE` above).
+pub const BAR0_BASE: u64 = 0xe000_0000;
+pub const BAR0_SIZE: u64 = 0x4000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x1400;
+const DEVICE_CFG_LEN: u64 = 0x100;
+const NOTIFY: u64 = 0x2000;
+const NOTIFY_LEN: u64 = 0x1000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x3000;
+const MSIX_PBA: u64 = 0x3800;
+const MSIX_LEN: u64 = 0x1000;
+/// Two vectors: Linux puts the configuration interrupt on one and the queue on the other.
+const VECTORS: usize = 2;
+pub const QUEUE_MAX: u16 = 256;
+/// Where the MSI-X capability sits in config space (message control at +2).
+const MSIX_CAP: usize = 0x84;
+/// The virtio PCI capability types (virtio 1.x, 4.1.4).
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+/// VIRTIO_F_VERSION_1 and VIRTIO_RING_F_EVENT_IDX as feature bits.
+pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+
+/// What a device did, counted by its thread.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// Guest notifications read from the kick notifier (after coalescing).
+    pub kicks: AtomicU64,
+    /// Descriptor chains completed.
+    pub requests: AtomicU64,
+    /// Bytes moved between the device and guest buffers.
+    pub bytes: AtomicU64,
+    /// Chains the device could not complete (malformed), returned with nothing written.
+    pub malformed: AtomicU64,
+    /// Time the device thread spent completing chains, in nanoseconds.
+    pub busy_ns: AtomicU64,
+    /// Page faults the device thread took meanwhile (touching guest memory for the first time).
+    pub faults: AtomicU64,
+}
+
+/// The calling thread's page faults so far (minor and major).
+fn thread_faults() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value; getrusage fills it or fails and leaves it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage for the call.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (usage.ru_minflt + usage.ru_majflt) as u64
+}
+
+/// A virtio device behind a [`VirtioPci`] function: a new device is one file implementing this.
+pub trait VirtioDevice: Send + 'static {
+    /// The virtio device ID (`virtio_bindings::virtio_ids`).
+    const TYPE: u32;
+    /// Its name in reports.
+    const NAME: &'static str;
+    /// The features it offers beyond VERSION_1 and EVENT_IDX.
+    fn features(&self) -> u64;
+    /// Its device configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Completes one descriptor chain: returns the bytes written into the chain's writable
+    /// buffers (the used length), or `None` for a chain it cannot serve (returned empty).
+    fn complete(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        stats: &DeviceStats,
+    ) -> Option<u32>;
+}
+
+/// The common configuration of the one queue and the device.
+struct Common {
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_vector: u16,
+    queue_select: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_vector: NO_VECTOR,
+            queue_select: 0,
+            size: QUEUE_MAX,
+            ready: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+}
+
+/// The device thread, once the driver readied the queue.
+struct Worker {
+    stop: StopHandle,
+    thread: JoinHandle<Result<(), String>>,
+}
+
+/// What the guest changes.
+struct State<D> {
+    /// The device until its thread takes it.
+    device: Option<D>,
+    /// The device's features, kept when its thread takes it.
+    offered_at_start: u64,
+    bar0: u64,
+    /// Which BAR 0 dword was last written all-ones (the size probe).
+    bar0_probe: [bool; 2],
+    common: Common,
+    worker: Option<Worker>,
+    /// When set, an external vhost-user backend serves the queue instead of the device thread.
+    #[cfg(feature = "vhost-user")]
+    vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
+    vhost_started: bool,
+}
+
+/// A modern virtio-pci function serving one queue of device `D`.
+pub struct VirtioPci<D: VirtioDevice> {
+    state: Mutex<State<D>>,
+    config: [u8; 256],
+    device_config: Vec<u8>,
+    /// Whether VIRTIO_RING_F_EVENT_IDX is offered.
+    event_idx: bool,
+    msix: MsixVectors,
+    notify: Arc<PciNotify>,
+    mem: GuestMemoryMmap,
+    stats: Arc<DeviceStats>,
+    /// Queue notifications that exited to the VMM (the kernel's ioeventfd takes every one, so
+    /// this stays 0 unless a kick took the slow path).
+    notify_exits: Arc<AtomicU64>,
+}
+
+fn put16(c: &mut [u8], at: usize, v: u16) {
+    c[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put32(c: &mut [u8], at: usize, v: u32) {
+    c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// A virtio PCI capability at `at`: `cfg_type` in BAR 0 at `offset`, `length` bytes.
+fn virtio_cap(
+    c: &mut [u8],
+    at: usize,
+    next: usize,
+    len: u8,
+    cfg_type: u8,
+    offset: u64,
+    length: u64,
+) {
+    c[at] = 0x09; // vendor-specific
+    c[at + 1] = next as u8;
+    c[at + 2] = len;
+    c[at + 3] = cfg_type;
+    c[at + 4] = 0; // BAR 0
+    put32(c, at + 8, offset as u32);
+    put32(c, at + 12, length as u32);
+}
+
+impl<D: VirtioDevice> VirtioPci<D> {
+    /// The function with its BAR 0 at `bar0`, its notify address registered and its vectors
+    /// made on `vm`; `event_idx` says whether VIRTIO_RING_F_EVENT_IDX is offered.
+    pub fn new(
+        vm: &Vm,
+        mem: GuestMemoryMmap,
+        bar0: u64,
+        device: D,
+        event_idx: bool,
+    ) -> vm_notify::Result<Self> {
+        let msix = vm.msix(VECTORS)?;
+        let layout = PciLayout {
+            notify_base: bar0 + NOTIFY,
+            notify_off_multiplier: NOTIFY_MULTIPLIER,
+            queue_notify_off: vec![0],
+        };
+        let notify = Arc::new(vm.virtio_pci(&layout, &msix)?);
+        let mut c = [0u8; 256];
+        let kind = D::TYPE as u16;
+        put16(&mut c, 0x00, 0x1af4); // virtio
+        put16(&mut c, 0x02, 0x1040 + kind); // modern virtio, the device type
+        put16(&mut c, 0x06, 1 << 4); // status: capabilities list
+        c[0x08] = 1; // revision
+        c[0x0a] = 0x80; // class: other
+        c[0x0b] = 0xff; // (unassigned base class)
+        put16(&mut c, 0x2c, 0x1af4);
+        put16(&mut c, 0x2e, kind);
+        c[0x34] = 0x40;
+        virtio_cap(&mut c, 0x40, 0x50, 16, CAP_COMMON, COMMON, COMMON_LEN);
+        virtio_cap(&mut c, 0x50, 0x64, 20, CAP_NOTIFY, NOTIFY, NOTIFY_LEN);
+        put32(&mut c, 0x50 + 16, NOTIFY_MULTIPLIER);
+        virtio_cap(&mut c, 0x64, 0x74, 16, CAP_ISR, ISR, 4);
+        virtio_cap(
+            &mut c,
+            0x74,
+            MSIX_CAP,
+            16,
+            CAP_DEVICE,
+            DEVICE_CFG,
+            DEVICE_CFG_LEN,
+        );
+        c[MSIX_CAP] = 0x11; // MSI-X, last in the list
+        put32(&mut c, MSIX_CAP + 4, MSIX_TABLE as u32); // table, BIR 0
+        put32(&mut c, MSIX_CAP + 8, MSIX_PBA as u32); // PBA, BIR 0
+        let device_config = device.config();
+        Ok(VirtioPci {
+            state: Mutex::new(State {
+                offered_at_start: device.features(),
+                device: Some(device),
+                bar0,
+                bar0_probe: [false; 2],
+                common: Common::default(),
+                worker: None,
+                #[cfg(feature = "vhost-user")]
+                vhost: None,
+                vhost_started: false,
+            }),
+            device_config,
+            config: c,
+            event_idx,
+            msix,
+            notify,
+            mem,
+            stats: Arc::default(),
+            notify_exits: Arc::default(),
+        })
+    }
+
+    /// Hands the queue to the vhost-user backend behind `frontend` when the driver enables it:
+    /// the queue's own kick ioeventfd and its MSI-X vector's eventfd go to the backend, and no
+    /// VMM thread is in the path. The guest is offered what the frontend negotiated.
+    #[cfg(feature = "vhost-user")]
+    pub fn with_vhost(self, frontend: vm_notify::vhost_user::VhostUserFrontend) -> Self {
+        lock(&self.state).vhost = Some(frontend);
+        self
+    }
+
+    /// Whether a vhost-user backend serves the queue.
+    pub fn is_vhost(&self) -> bool {
+        #[cfg(feature = "vhost-user")]
+        return lock(&self.state).vhost.is_some();
+        #[cfg(not(feature = "vhost-user"))]
+        false
+    }
+
+    /// BAR 0's base now.
+    pub fn bar0(&self) -> u64 {
+        lock(&self.state).bar0
+    }
+
+    /// The features the driver accepted.
+    pub fn driver_features(&self) -> u64 {
+        lock(&self.state).common.driver_features
+    }
+
+    /// The queue's MSI-X vector, the configuration vector, and what the vectors did.
+    pub fn vectors(&self) -> (u16, u16, MsixStats) {
+        let queue = self.notify.queue_vector(0).unwrap_or(NO_VECTOR);
+        let config = lock(&self.state).common.config_vector;
+        (queue, config, self.msix.stats())
+    }
+
+    /// The function's MSI-X vectors.
+    pub fn msix(&self) -> &MsixVectors {
+        &self.msix
+    }
+
+    /// What the device thread did.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
+    }
+
+    /// Queue notifications that exited to the VMM.
+    pub fn notify_exits(&self) -> u64 {
+        self.notify_exits.load(Ordering::Relaxed)
+    }
+
+    /// BAR 0's parts as vm-device regions: (offset in BAR 0, length, device). The VMM registers
+    /// each at BAR 0's base plus its offset in its `IoManager`.
+    pub fn regions(self: &Arc<Self>) -> Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)> {
+        let notify = NotifyRegion {
+            region: IoRegion::pci_notify(self.notify.clone()),
+            exits: self.notify_exits.clone(),
+        };
+        let msix = IoRegion::msix(&self.msix, 0, MSIX_PBA - MSIX_TABLE);
+        vec![
+            (0, NOTIFY, Arc::new(Registers(self.clone())) as _),
+            (NOTIFY, NOTIFY_LEN, Arc::new(notify) as _),
+            (MSIX_TABLE, MSIX_LEN, Arc::new(msix) as _),
+        ]
+    }
+
+    /// Stops the device thread, if it runs, and joins it: how it ended.
+    pub fn stop(&self) -> Result<(), String> {
+        let Some(worker) = lock(&self.state).worker.take() else {
+            return Ok(());
+        };
+        worker.stop.stop().map_err(|e| e.to_string())?;
+        worker
+            .thread
+            .join()
+            .map_err(|_| format!("the {} thread panicked", D::NAME))?
+    }
+
+    /// Every feature offered.
+    fn offered(&self, state: &State<D>) -> u64 {
+        let event_idx = if self.event_idx { F_EVENT_IDX } else { 0 };
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = &state.vhost {
+            return frontend.features() & (F_VERSION_1 | event_idx);
+        }
+        F_VERSION_1 | event_idx | state.offered_at_start
+    }
+
+    fn registers_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset < COMMON_LEN {
+            let n = data.len().min(8);
+            let value = self.common_read(&lock(&self.state), offset);
+            data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+        } else if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&offset) {
+            let at = (offset - DEVICE_CFG) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.device_config.get(at + i).copied().unwrap_or(0);
+            }
+        }
+        // ISR reads 0: the interrupts are MSI-X, never INTx.
+    }
+
+    fn registers_write(&self, offset: u64, data: &[u8]) {
+        if offset >= COMMON_LEN {
+            return;
+        }
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let value = u64::from_le_bytes(b);
+        let mut state = lock(&self.state);
+        self.common_write(&mut state, offset, value);
+    }
+
+    fn common_read(&self, state: &State<D>, offset: u64) -> u64 {
+        let c = &state.common;
+        let queue0 = c.queue_select == 0;
+        match offset {
+            0x00 => c.device_feature_select.into(),
+            0x04 => {
+                (self.offered(state) >> (32 * u64::from(c.device_feature_select.min(2))))
+                    & 0xffff_ffff
+            }
+            0x08 => c.driver_feature_select.into(),
+            0x0c => {
+                (c.driver_features >> (32 * u64::from(c.driver_feature_select.min(1))))
+                    & 0xffff_ffff
+            }
+            0x10 => c.config_vector.into(),
+            0x12 => 1, // num_queues
+            0x14 => c.status.into(),
+            0x15 => 0, // config_generation
+            0x16 => c.queue_select.into(),
+            0x18 if queue0 => c.size.into(),
+            0x1a if queue0 => self.notify.queue_vector(0).unwrap_or(NO_VECTOR).into(),
+            0x1c if queue0 => c.ready.into(),
+            0x1e => 0, // queue_notify_off
+            0x20 => c.desc & 0xffff_ffff,
+            0x24 => c.desc >> 32,
+            0x28 => c.driver & 0xffff_ffff,
+            0x2c => c.driver >> 32,
+            0x30 => c.device & 0xffff_ffff,
+            0x34 => c.device >> 32,
+            0x1a => NO_VECTOR.into(),
+            _ => 0,
+        }
+    }
+
+    fn common_write(&self, state: &mut State<D>, offset: u64, value: u64) {
+        let lo = |old: u64| (old & !0xffff_ffff) | (value & 0xffff_ffff);
+        let hi = |old: u64| (old & 0xffff_ffff) | (value << 32);
+        let queue0 = state.common.queue_select == 0;
+        let running = state.worker.is_some() || state.vhost_started;
+        match offset {
+            0x10 => state.common.config_vector = self.notify.set_config_vector(value as u16),
+            0x1a if queue0 => {
+                let _ = self.notify.set_queue_vector(0, value as u16);
+            }
+            0x1c if queue0 && value == 1 => {
+                state.common.ready = true;
+                self.start(state);
+            }
+            0x14 if value == 0 && !running => {
+                // A reset before the queue ran: back to the initial configuration. (A reset of a
+                // running queue is not supported; Linux resets at probe time, before.)
+                state.common = Common::default();
+                let _ = self.notify.set_queue_vector(0, NO_VECTOR);
+            }
+            _ => {
+                let offered = self.offered(state);
+                let c = &mut state.common;
+                match offset {
+                    0x00 => c.device_feature_select = value as u32,
+                    0x08 => c.driver_feature_select = value as u32,
+                    0x0c if c.driver_feature_select == 0 => {
+                        c.driver_features = lo(c.driver_features) & offered
+                    }
+                    0x0c if c.driver_feature_select == 1 => {
+                        c.driver_features = hi(c.driver_features) & offered
+                    }
+                    0x14 => c.status = value as u8,
+                    0x16 => c.queue_select = value as u16,
+                    0x18 if queue0 => c.size = (value as u16).clamp(1, QUEUE_MAX),
+                    0x20 if queue0 => c.desc = lo(c.desc),
+                    0x24 if queue0 => c.desc = hi(c.desc),
+                    0x28 if queue0 => c.driver = lo(c.driver),
+                    0x2c if queue0 => c.driver = hi(c.driver),
+                    0x30 if queue0 => c.device = lo(c.device),
+                    0x34 if queue0 => c.device = hi(c.device),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The queue is ready: the vhost-user backend or the device thread starts serving it.
+    fn start(&self, state: &mut State<D>) {
+        if state.worker.is_some() || state.vhost_started {
+            return;
+        }
+        let Some(queue) = self.notify.queue(0) else {
+            return;
+        };
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = state.vhost.as_mut() {
+            let c = &state.common;
+            let vector = self.notify.queue_vector(0).unwrap_or(NO_VECTOR);
+            let Ok(call) = self.msix.handle(vector.into()) else {
+                return;
+            };
+            let layout = vm_notify::virtio::VringLayout {
+                index: 0,
+                size: c.size,
+                desc_table: c.desc,
+                avail_ring: c.driver,
+                used_ring: c.device,
+            };
+            // The backend learns what the driver accepted (EVENT_IDX among it) before the queue.
+            if let Err(e) = frontend.set_acked_features(c.driver_features) {
+                eprintln!("linux_vmm: vhost-user SET_FEATURES: {e}");
+                return;
+            }
+            match frontend.start_queue(layout, queue, call) {
+                Ok(()) => state.vhost_started = true,
+                Err(e) => eprintln!("linux_vmm: vhost-user start_queue: {e}"),
+            }
+            return;
+        }
+        let Some(device) = state.device.take() else {
+            return;
+        };
+        let ring = match self.ring(&state.common) {
+            Ok(ring) => ring,
+            Err(e) => {
+                eprintln!("linux_vmm: {}: queue: {e}", D::NAME);
+                return;
+            }
+        };
+        let events = match EventLoop::new() {
+            Ok(events) => events,
+            Err(e) => {
+                eprintln!("linux_vmm: {}: event loop: {e}", D::NAME);
+                return;
+            }
+        };
+        let stop = events.stop_handle();
+        let server = QueueServer::new(queue, ring);
+        let (mem, stats) = (self.mem.clone(), self.stats.clone());
+        let spawned = thread::Builder::new()
+            .name(D::NAME.into())
+            .spawn(move || serve(device, server, &mem, &events, &stats).map_err(|e| e.to_string()));
+        match spawned {
+            Ok(thread) => state.worker = Some(Worker { stop, thread }),
+            Err(e) => eprintln!("linux_vmm: {}: spawn: {e}", D::NAME),
+        }
+    }
+
+    /// The device's view of the queue the driver configured.
+    fn ring(&self, c: &Common) -> Result<Queue, virtio_queue::Error> {
+        let mut ring = Queue::new(QUEUE_MAX)?;
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        ring.set_size(c.size);
+        let (lo, hi) = split(c.desc);
+        ring.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(c.driver);
+        ring.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(c.device);
+        ring.set_used_ring_address(lo, hi);
+        ring.set_event_idx(c.driver_features & F_EVENT_IDX != 0);
+        ring.set_ready(true);
+        Ok(ring)
+    }
+}
+
+impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
+    fn config_read(&self, reg: usize) -> u32 {
+        let state = lock(&self.state);
+        let plain = u32::from_le_bytes([
+            self.config[reg],
+            self.config[reg + 1],
+            self.config[reg + 2],
+            self.config[reg + 3],
+        ]);
+        match reg {
+            0x10 if state.bar0_probe[0] => !(BAR0_SIZE as u32 - 1) | 0b100,
+            0x10 => (state.bar0 as u32 & !0xf) | 0b100,
+            0x14 if state.bar0_probe[1] => 0xffff_ffff,
+            0x14 => (state.bar0 >> 32) as u32,
+            MSIX_CAP => (plain & 0xffff) | u32::from(self.msix.message_control()) << 16,
+            _ => plain,
+        }
+    }
+
+    fn config_write(&self, reg: usize, value: u32, mask: u32) -> Option<(u64, u64)> {
+        let merged = (self.config_read(reg) & !mask) | (value & mask);
+        let mut state = lock(&self.state);
+        match reg {
+            0x10 | 0x14 => {
+                let half = (reg - 0x10) / 4;
+                // The size probe writes all ones; anything else is an address.
+                let probe = if half == 0 {
+                    merged | 0xf == 0xffff_ffff
+                } else {
+                    merged == 0xffff_ffff
+                };
+                state.bar0_probe[half] = probe;
+                let old = state.bar0;
+                if !probe {
+                    state.bar0 = if half == 0 {
+                        (old & !0xffff_ffff) | u64::from(merged & !(BAR0_SIZE as u32 - 1))
+                    } else {
+                        (old & 0xffff_ffff) | (u64::from(merged) << 32)
+                    };
+                }
+                (state.bar0 != old).then_some((old, state.bar0))
+            }
+            MSIX_CAP if mask & 0xffff_0000 != 0 => {
+                if let Err(e) = self.msix.write_message_control((merged >> 16) as u16) {
+                    eprintln!("linux_vmm: {}: MSI-X message control: {e}", D::NAME);
+                }
+                None
+            }
+            // The command register (decoding is always on) and everything else is read-only.
+            _ => None,
+        }
+    }
+}
+
+/// BAR 0's registers: common configuration, ISR and device configuration.
+struct Registers<D: VirtioDevice>(Arc<VirtioPci<D>>);
+
+impl<D: VirtioDevice> DeviceMmio for Registers<D> {
+    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.0.registers_read(offset, data);
+    }
+
+    fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.0.registers_write(offset, data);
+    }
+}
+
+/// The notify region: vm-notify's `IoRegion` (the writes that exit reach their queue), counted.
+struct NotifyRegion {
+    region: IoRegion,
+    exits: Arc<AtomicU64>,
+}
+
+impl DeviceMmio for NotifyRegion {
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.region.mmio_read(base, offset, data);
+    }
+
+    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+        self.region.mmio_write(base, offset, data);
+        if let Some(e) = self.region.take_error() {
+            eprintln!("linux_vmm: queue notify: {e}");
+        }
+    }
+}
+
+/// The device thread: on each wake-up of the kick notifier, `QueueServer` completes every
+/// available chain with kicks suppressed meanwhile and interrupts as the driver asks; it ends
+/// when the VMM stops the loop.
+fn serve<D: VirtioDevice>(
+    mut device: D,
+    mut server: QueueServer,
+    mem: &GuestMemoryMmap,
+    events: &EventLoop,
+    stats: &DeviceStats,
+) -> vm_notify::Result<()> {
+    const KICK: u64 = 0;
+    events.add(KICK, server.notify().kicks())?;
+    let mut ready = Vec::new();
+    loop {
+        if events.wait(None, &mut ready)? == Wake::Stopped {
+            return Ok(());
+        }
+        for &(_, kicks) in &ready {
+            stats.kicks.fetch_add(kicks, Ordering::Relaxed);
+        }
+        let served = server.serve(mem, |chain| {
+            let (started, faults) = (std::time::Instant::now(), thread_faults());
+            let len = device.complete(mem, chain, stats);
+            let busy = started.elapsed().as_nanos() as u64;
+            stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+            stats
+                .faults
+                .fetch_add(thread_faults() - faults, Ordering::Relaxed);
+            len.unwrap_or_else(|| {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                0
+            })
+        })?;
+        stats.requests.fetch_add(served, Ordering::Relaxed);
+    }
+}
