@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         queue_notify_off: vec![0],
     };
     let pci = vm.virtio_pci(&layout, &msix)?;
-    // What the guest's driver programs (a VMM passes its MMIO writes to `msix.table_write` and
+    // What the guest's driver programs (a VMM routes its MMIO writes to an `IoRegion::msix` and
     // the common configuration's `queue_msix_vector` to `pci.set_queue_vector`):
     msix.set_message(0, MsiMessage::x86(0, 0x40))?;
     msix.set_masked(0, false)?;

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_rng::RngDevice;
+use vm_device::bus::{MmioAddress, MmioRange};
+use vm_device::device_manager::{IoManager, MmioManager};
 use vm_notify::fallback::{Placement, Policy};
+use vm_notify::io::IoRegion;
 use vm_notify::virtio::{MmioDevice, INT_VRING, MMIO_QUEUE_NOTIFY};
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
@@ -65,13 +68,20 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     )
     .spawn();
 
-    // The VMM's exit handler: the interrupt registers; queue notifications on the userspace path.
-    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    // The VMM's exits, routed once through its `IoManager`: the device's notification registers
+    // (QueueNotify to InterruptACK) are vm-notify's `IoRegion`; on the userspace path the queue
+    // notification is the dispatcher's first.
+    let mut io = IoManager::new();
+    io.register_mmio(
+        MmioRange::new(MmioAddress(BASE + MMIO_QUEUE_NOTIFY), 0x18)?,
+        Arc::new(IoRegion::mmio_notify(notify.clone())),
+    )?;
+    let dispatcher = root.dispatcher().clone();
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
             // Other reads read as 0 (the run loop zeroes `data`); other writes are dropped.
-            if !e.serve_virtio_mmio(&vmm, data).unwrap_or(false) {
-                let _ = e.dispatch(&dispatcher);
+            if !e.dispatch(&dispatcher).unwrap_or(false) {
+                e.route(&io, data);
             }
         })?
         .wait(TIMEOUT);

@@ -48,30 +48,15 @@ pub enum Width {
 }
 
 impl Width {
-    /// The kernel's length for this width: 0 for [`Width::Any`], else the byte count.
-    pub fn len(&self) -> u32 {
+    /// The kernel's length for this width: 0 for [`Width::Any`] (any width), else the byte
+    /// count.
+    pub fn bytes(&self) -> u32 {
         match self {
             Width::Any => 0,
             Width::W1 => 1,
             Width::W2 => 2,
             Width::W4 => 4,
             Width::W8 => 8,
-        }
-    }
-
-    /// Whether this is [`Width::Any`] (kernel length 0).
-    pub fn is_empty(&self) -> bool {
-        *self == Width::Any
-    }
-
-    /// The width of a write of `bytes` bytes, if it is one KVM can match.
-    pub fn from_len(bytes: usize) -> Option<Width> {
-        match bytes {
-            1 => Some(Width::W1),
-            2 => Some(Width::W2),
-            4 => Some(Width::W4),
-            8 => Some(Width::W8),
-            _ => None,
         }
     }
 }

@@ -8,9 +8,10 @@
 //! write is taken, or on any notifier's count. Any panic inside the library would surface the
 //! same way.
 
+use crate::bus::Width;
 use crate::error::Error;
 use crate::fallback::{ExitDispatcher, Key};
-use crate::kvm::{Width, WriteMatch};
+use crate::kvm::WriteMatch;
 use crate::notifier::{Attempt, Mode, Notifier};
 
 /// A registration as the model keeps it.
@@ -126,7 +127,7 @@ pub fn dispatcher(data: &[u8]) {
                         "{m:?}: validation said {e}, insert said {got:?}"
                     ),
                     Ok(()) => {
-                        let len = width.len();
+                        let len = width.bytes();
                         let exists = regs.iter().any(|r| collides(r, pio, addr, len, datamatch));
                         match got {
                             Err(Error::IoEventExists { .. }) => {

@@ -6,6 +6,7 @@
 //! | an MSI-X table and PBA (in a BAR) | vector entries, mask bits, pending bits | [`IoRegion::msix`] |
 //! | the split irqchip's IOAPIC window | `IOREGSEL`, `IOWIN`, the redirection table | [`IoRegion::ioapic`] |
 //! | a virtio-pci device's notify region | queue notifications that exit (a shared address with `VIRTIO_F_NOTIFICATION_DATA`, a userspace placement) | [`IoRegion::pci_notify`] |
+//! | a virtio-mmio device's `QueueNotify` to `InterruptACK` registers (offsets `0x050`–`0x067`) | notifications that exit, `InterruptStatus`, `InterruptACK` | [`IoRegion::mmio_notify`] |
 //! | the ranges of userspace ioeventfds | guest writes that match a registration of the [`ExitDispatcher`] | [`IoRegion::dispatcher`] |
 //!
 //! `vm-device`'s `DeviceMmio`/`DevicePio` return nothing, so a region keeps what went wrong: an
@@ -49,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::fallback::ExitDispatcher;
 use crate::irqchip::Ioapic;
 use crate::msix::MsixVectors;
-use crate::virtio::PciNotify;
+use crate::virtio::{MmioNotify, PciNotify};
 
 /// What an [`IoRegion`] serves.
 enum Target {
@@ -60,6 +61,7 @@ enum Target {
     },
     Ioapic(Ioapic),
     PciNotify(Arc<PciNotify>),
+    MmioNotify(Arc<MmioNotify>),
     Dispatcher(ExitDispatcher),
 }
 
@@ -80,6 +82,7 @@ impl fmt::Debug for IoRegion {
             }
             Target::Ioapic(_) => "IOAPIC window".into(),
             Target::PciNotify(_) => "virtio-pci notify region".into(),
+            Target::MmioNotify(_) => "virtio-mmio notify and interrupt registers".into(),
             Target::Dispatcher(_) => "exit dispatcher".into(),
         };
         f.debug_struct("IoRegion")
@@ -122,6 +125,14 @@ impl IoRegion {
         IoRegion::new(Target::PciNotify(notify))
     }
 
+    /// A virtio-mmio device's notification registers: register it at the device's base plus
+    /// [`MMIO_QUEUE_NOTIFY`](crate::virtio::MMIO_QUEUE_NOTIFY) over 0x18 bytes (through
+    /// `InterruptACK`), and the rest of the device's window as the VMM's own device. Reads of
+    /// `InterruptStatus` and writes of `InterruptACK` and `QueueNotify` go to the [`MmioNotify`].
+    pub fn mmio_notify(notify: Arc<MmioNotify>) -> Self {
+        IoRegion::new(Target::MmioNotify(notify))
+    }
+
     /// The exit dispatcher of a [`Backend`](crate::fallback::Backend): register it over the
     /// ranges of the ioeventfds placed in userspace (an [`IoEvent`](crate::IoEvent)'s
     /// [`write_match`](crate::IoEvent::write_match) says where). Addresses are absolute: the
@@ -150,7 +161,7 @@ impl IoRegion {
         }
     }
 
-    fn read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+    fn read(&self, addr: u64, offset: u64, data: &mut [u8]) -> Result<()> {
         data.fill(0);
         match &self.target {
             Target::Msix {
@@ -164,6 +175,10 @@ impl IoRegion {
             },
             Target::Ioapic(ioapic) => {
                 ioapic.mmio_read(offset, data);
+                Ok(())
+            }
+            Target::MmioNotify(notify) => {
+                notify.read(addr, data);
                 Ok(())
             }
             // Notify registers read as zero; nothing of the dispatcher is readable.
@@ -184,6 +199,7 @@ impl IoRegion {
             },
             Target::Ioapic(ioapic) => ioapic.mmio_write(offset, data),
             Target::PciNotify(notify) => notify.write(addr, data).map(drop),
+            Target::MmioNotify(notify) => notify.write(addr, data).map(drop),
             Target::Dispatcher(d) => d.mmio_write(addr, data).map(drop),
         }
     }
@@ -205,8 +221,8 @@ fn msix_part(vectors: &MsixVectors, table: u64, pba: u64, offset: u64) -> Option
 }
 
 impl DeviceMmio for IoRegion {
-    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        self.keep(self.read(offset, data));
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.keep(self.read(base.0.wrapping_add(offset), offset, data));
     }
 
     fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {

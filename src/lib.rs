@@ -18,8 +18,8 @@
 //! * the ground: [`Notifier`] (eventfd semantics, over vmm-sys-util's `EventFd`) and [`Error`];
 //! * [`wait`]: [`EventLoop`](wait::EventLoop), [`AdaptivePoll`](wait::AdaptivePoll) and the
 //!   event-manager adapter, what device threads block or poll on;
-//! * [`kvm`]: the registrations the kernel holds — kernel ioeventfds ([`WriteMatch`],
-//!   [`IoEventFd`](kvm::IoEventFd)), the GSI routing table ([`GsiRouter`](kvm::GsiRouter)) and the
+//! * [`kvm`]: the registrations the kernel holds — kernel ioeventfds ([`WriteMatch`]), the GSI
+//!   routing table ([`GsiRouter`](kvm::GsiRouter)) and the
 //!   irqfd bindings;
 //! * [`msix`]: a function's MSI-X vectors with mask and pending bits that lose and double nothing,
 //!   and the table and PBA for a VMM to emulate;

@@ -52,11 +52,6 @@ impl<T> Attempt<T> {
             Attempt::WouldBlock => None,
         }
     }
-
-    /// Whether the operation would have blocked.
-    pub fn would_block(&self) -> bool {
-        matches!(self, Attempt::WouldBlock)
-    }
 }
 
 /// An eventfd counter: the handle both directions of notification are made of.
@@ -447,7 +442,7 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(n.try_read().unwrap(), Attempt::Done(1));
         }
-        assert!(n.try_read().unwrap().would_block());
+        assert!(n.try_read().unwrap().done().is_none());
     }
 
     #[test]
@@ -472,7 +467,7 @@ mod tests {
             other => panic!("expected NotifierValue, got {other:?}"),
         }
         // Nothing was added.
-        assert!(n.try_read().unwrap().would_block());
+        assert!(n.try_read().unwrap().done().is_none());
     }
 
     #[test]
@@ -512,7 +507,8 @@ mod tests {
         assert!(n
             .read_timeout(Duration::from_millis(20))
             .unwrap()
-            .would_block());
+            .done()
+            .is_none());
         assert!(start.elapsed() >= Duration::from_millis(20));
         n.notify().unwrap();
         assert_eq!(

@@ -91,7 +91,7 @@ fn generate(seed: u64, scratch: &Backend) -> Case {
                 let r = rng.pick(&registrations);
                 let width = match r.write_width() {
                     Width::Any => rng.pick(widths_for(r.address())),
-                    w => w.len() as usize,
+                    w => w.bytes() as usize,
                 };
                 let value = match r.data() {
                     Some(v) if rng.below(3) > 0 => v,
@@ -125,7 +125,7 @@ fn shadows(others: &[WriteMatch], m: &WriteMatch) -> bool {
             && sized.write_width() != Width::Any
             && any.write_width() == Width::Any
             && b < a
-            && b + u64::from(sized.write_width().len()) >= a
+            && b + u64::from(sized.write_width().bytes()) >= a
     };
     others.iter().any(|o| reaches(o, m) || reaches(m, o))
 }

@@ -23,7 +23,7 @@ fn emit_write(p: &mut GuestProgram, addr: IoEventAddress, width: Width, value: u
     let bytes = match (width, addr) {
         (Width::Any, IoEventAddress::Mmio(_)) => 8,
         (Width::Any | Width::W8, IoEventAddress::Pio(_)) => 4,
-        (w, _) => w.len() as usize,
+        (w, _) => w.bytes() as usize,
     };
     p.write_to(addr, value, bytes).unwrap();
 }
@@ -118,7 +118,7 @@ fn write_loop(kind: Policy, addr: IoEventAddress, width: Width, mode: Mode) -> (
             }
         }
         // Nothing more arrives after the guest's N writes.
-        assert!(kicks.try_read().unwrap().would_block());
+        assert!(kicks.try_read().unwrap().done().is_none());
         (total, reads)
     });
     let (report, unhandled) = run(&mut vm, &backend, p);
@@ -266,7 +266,7 @@ fn width_selects_the_registration() {
     const ANY: u64 = MMIO + 0x2000; // one any-width registration
     const ONLY4: u64 = MMIO + 0x3000; // only a 4-byte registration
     let widths = [Width::W1, Width::W2, Width::W4, Width::W8];
-    let times = |w: Width| 100 * u64::from(w.len()); // 100, 200, 400, 800 writes
+    let times = |w: Width| 100 * u64::from(w.bytes()); // 100, 200, 400, 800 writes
 
     for kind in KINDS {
         let (mut vm, backend) = setup(kind);
@@ -357,7 +357,7 @@ fn width_selects_the_registration() {
             pio_all += times(w);
         }
         assert!(
-            only4.try_read().unwrap().would_block(),
+            only4.try_read().unwrap().done().is_none(),
             "2-byte writes must not match width 4"
         );
         assert_eq!(unhandled.len(), 5, "{unhandled:?}");

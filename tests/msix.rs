@@ -5,7 +5,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{qword_ptr, rax};
+use vm_device::bus::MmioAddress;
+use vm_device::DeviceMmio;
 use vm_memory::{Bytes, GuestAddress};
+use vm_notify::io::IoRegion;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::msix::{MsixState, MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use vm_notify::Error;
@@ -280,11 +283,35 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
     }
 }
 
+/// Where the PBA sits in the test's BAR: the table is at 0.
+const PBA: u64 = 0x800;
+
+/// A function's MSI-X table and PBA as a VMM reaches them: vm-notify's `IoRegion`, with the
+/// error it keeps for each access.
+struct Bar(IoRegion);
+
+impl Bar {
+    fn new(msix: &MsixVectors) -> Bar {
+        Bar(IoRegion::msix(msix, 0, PBA))
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), Error> {
+        self.0.mmio_read(MmioAddress(0), offset, data);
+        self.0.take_error().map_or(Ok(()), Err)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.0.mmio_write(MmioAddress(0), offset, data);
+        self.0.take_error().map_or(Ok(()), Err)
+    }
+}
+
 #[test]
 fn table_and_pba_follow_the_pci_rules() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
     let msix = MsixVectors::new(vm.router(), 70).unwrap();
+    let bar = Bar::new(&msix);
     assert_eq!(msix.table_len(), 70 * 16);
     assert_eq!(msix.pba_len(), 16, "70 bits in two QWORDs");
     assert_eq!(
@@ -295,18 +322,18 @@ fn table_and_pba_follow_the_pci_rules() {
 
     // Reset state: every vector masked, message 0.
     let mut word = [0u8; 4];
-    msix.table_read(12, &mut word).unwrap();
+    bar.read(12, &mut word).unwrap();
     assert_eq!(u32::from_le_bytes(word), 1);
 
     // 4-byte writes: address bits 0-1 and vector control bits 1-31 are reserved.
-    msix.table_write(16, &0xfee0_1003u32.to_le_bytes()).unwrap();
-    msix.table_write(20, &0x1u32.to_le_bytes()).unwrap();
-    msix.table_write(24, &0x4041u32.to_le_bytes()).unwrap();
-    msix.table_write(28, &0xffff_fffeu32.to_le_bytes()).unwrap();
+    bar.write(16, &0xfee0_1003u32.to_le_bytes()).unwrap();
+    bar.write(20, &0x1u32.to_le_bytes()).unwrap();
+    bar.write(24, &0x4041u32.to_le_bytes()).unwrap();
+    bar.write(28, &0xffff_fffeu32.to_le_bytes()).unwrap();
     let mut entry = [0u8; 8];
-    msix.table_read(16, &mut entry).unwrap();
+    bar.read(16, &mut entry).unwrap();
     assert_eq!(u64::from_le_bytes(entry), 0x1_fee0_1000);
-    msix.table_read(24, &mut entry).unwrap();
+    bar.read(24, &mut entry).unwrap();
     assert_eq!(
         u64::from_le_bytes(entry),
         0x4041,
@@ -323,21 +350,15 @@ fn table_and_pba_follow_the_pci_rules() {
     assert!(!v.masked);
 
     // 8-byte write of data + control.
-    msix.table_write(40, &(0x1_0000_0042u64).to_le_bytes())
-        .unwrap();
+    bar.write(40, &(0x1_0000_0042u64).to_le_bytes()).unwrap();
     assert!(msix.vector(2).unwrap().masked);
     assert_eq!(msix.vector(2).unwrap().message.data, 0x42);
 
-    // Malformed accesses are refused with the offset, and change nothing.
-    for (offset, len) in [
-        (2u64, 4usize),
-        (4, 8),
-        (0, 2),
-        (0, 1),
-        (70 * 16, 4),
-        (16 * 69 + 12, 8),
-    ] {
-        let e = msix.table_write(offset, &vec![0xff; len]).unwrap_err();
+    // Malformed accesses are refused with the offset, and change nothing; an access between
+    // the table and the PBA reaches neither and is ignored, as a BAR's reserved space is.
+    bar.write(70 * 16, &[0xff; 4]).unwrap();
+    for (offset, len) in [(2u64, 4usize), (4, 8), (0, 2), (0, 1), (16 * 69 + 12, 8)] {
+        let e = bar.write(offset, &vec![0xff; len]).unwrap_err();
         assert!(
             matches!(e, Error::MsixAccess { offset: o, len: l, .. } if o == offset && l == len),
             "{e:?}"
@@ -345,7 +366,7 @@ fn table_and_pba_follow_the_pci_rules() {
     }
     assert_eq!(msix.vector(1).unwrap().message.data, 0x4041);
     assert!(matches!(
-        msix.pba_read(16, &mut [0u8; 4]),
+        bar.read(PBA + 12, &mut [0u8; 8]),
         Err(Error::MsixAccess { .. })
     ));
 
@@ -354,14 +375,14 @@ fn table_and_pba_follow_the_pci_rules() {
         msix.trigger(i).unwrap();
     }
     let mut q = [0u8; 8];
-    msix.pba_read(0, &mut q).unwrap();
+    bar.read(PBA, &mut q).unwrap();
     assert_eq!(u64::from_le_bytes(q), 1 | 1 << 63);
-    msix.pba_read(8, &mut q).unwrap();
+    bar.read(PBA + 8, &mut q).unwrap();
     assert_eq!(u64::from_le_bytes(q), 1 | 1 << 5);
     let mut d = [0u8; 4];
-    msix.pba_read(12, &mut d).unwrap();
+    bar.read(PBA + 12, &mut d).unwrap();
     assert_eq!(u32::from_le_bytes(d), 0);
-    msix.pba_write(0, &[0u8; 8]).unwrap();
+    bar.write(PBA, &[0u8; 8]).unwrap();
     assert!(msix.is_pending(0).unwrap(), "the PBA is read-only");
 
     // Message control: enable and function mask apply; the table size is read-only.

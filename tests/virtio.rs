@@ -48,6 +48,16 @@ struct Outcome {
     status_at_exit: u32,
 }
 
+/// The device's notification registers (QueueNotify to InterruptACK) as the VMM routes them:
+/// vm-notify's `IoRegion` in an `IoManager`.
+fn notify_io(notify: &Arc<MmioNotify>) -> (IoManager, Arc<IoRegion>) {
+    let region = Arc::new(IoRegion::mmio_notify(notify.clone()));
+    let mut io = IoManager::new();
+    let window = MmioRange::new(MmioAddress(BASE + MMIO_QUEUE_NOTIFY), 0x18).unwrap();
+    io.register_mmio(window, region.clone()).unwrap();
+    (io, region)
+}
+
 /// The rng device's notification half on `vm`, with `queues` queues, placed by `kind`; with the
 /// root that placed it (its dispatcher takes the userspace path's kicks).
 fn mmio_device(vm: &TinyVm, kind: Policy, queues: u16) -> (Vm, Arc<MmioNotify>) {
@@ -108,12 +118,13 @@ fn rng(chip: Irqchip, kind: Policy, queues: u16, rounds: u64) -> Outcome {
         Some(notify.interrupt().clone()),
     )
     .spawn();
-    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    // The notification registers as the VMM routes them; the userspace path's kicks go to the
+    // dispatcher.
+    let (io, region) = notify_io(&notify);
+    let dispatcher = root.dispatcher().clone();
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
-            // The interrupt registers, or (userspace path) a queue notification.
-            let served =
-                e.serve_virtio_mmio(&vmm, data).unwrap() || e.dispatch(&dispatcher).unwrap();
+            let served = e.dispatch(&dispatcher).unwrap() || e.route(&io, data);
             assert!(served, "unexpected exit {e:?}");
         })
         .unwrap()
@@ -123,6 +134,7 @@ fn rng(chip: Irqchip, kind: Policy, queues: u16, rounds: u64) -> Outcome {
     stop.stop().unwrap();
     let stats = device.join().unwrap();
     let status_at_exit = notify.interrupt().status();
+    assert!(region.take_error().is_none());
 
     // Every request completed with the right length, and the bytes are not constant.
     for (_, q) in &layouts {
@@ -248,6 +260,7 @@ fn ack_rules(kind: Policy) {
         RngDevice::new(vm.memory().clone(), &[], Some(notify.interrupt().clone())).spawn();
     let (tx, rx) = mpsc::channel();
     let (vmm, raw) = (notify.clone(), vm.vm().clone());
+    let (io, region) = notify_io(&notify);
     vm.start(p, move |e: &GuestExit, data: &mut [u8]| match *e {
         GuestExit::PioWrite {
             port: layout::HOST_PORT,
@@ -272,15 +285,13 @@ fn ack_rules(kind: Policy) {
             tx.send((vmm.interrupt().status(), irr & (1 << IRQ)))
                 .unwrap();
         }
-        ref other => assert!(
-            other.serve_virtio_mmio(&vmm, data).unwrap(),
-            "unexpected exit {other:?}"
-        ),
+        ref other => assert!(other.route(&io, data), "unexpected exit {other:?}"),
     })
     .unwrap()
     .wait(TIMEOUT)
     .done()
     .unwrap();
+    assert!(region.take_error().is_none());
     stop.stop().unwrap();
     let stats = device.join().unwrap();
     let (status, pin_requested) = rx.try_recv().unwrap();
@@ -483,20 +494,19 @@ fn mmio_notification_data(kind: Policy) -> (Vec<u64>, usize) {
         .unwrap();
     }
     p.exit().unwrap();
-    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    let dispatcher = root.dispatcher().clone();
+    let (io, region) = notify_io(&notify);
     let report = vm
         .start(p, move |e: &GuestExit, data: &mut [u8]| {
             if !e.dispatch(&dispatcher).unwrap() {
-                assert!(
-                    e.serve_virtio_mmio(&vmm, data).unwrap(),
-                    "unexpected exit {e:?}"
-                );
+                assert!(e.route(&io, data), "unexpected exit {e:?}");
             }
         })
         .unwrap()
         .wait(TIMEOUT)
         .done()
         .unwrap();
+    assert!(region.take_error().is_none());
     let kicks = (0..2)
         .map(|q| {
             let queue = notify.queue(q).unwrap();

@@ -38,7 +38,7 @@ impl Key {
         Key {
             pio: matches!(write.address(), IoEventAddress::Pio(_)),
             addr: write.address().raw(),
-            len: write.write_width().len(),
+            len: write.write_width().bytes(),
             datamatch: write.data(),
         }
     }

@@ -63,12 +63,40 @@ impl fmt::Debug for IoEvent {
 }
 
 impl IoEvent {
-    /// Registers `notifier` in the kernel for the guest writes `write` describes: the
-    /// [`IoEventFd`] alone, with no userspace fallback.
+    /// Registers `notifier` in the kernel for the guest writes `write` describes, with no
+    /// userspace fallback: a kernel ioeventfd, whose matching writes add 1 to the notifier without
+    /// the vCPU leaving the kernel. Dropping it deassigns it (`KVM_IOEVENTFD` with the exact
+    /// eventfd, address, length and datamatch it was assigned with). The registration keeps a
+    /// clone of the notifier (the same descriptor, none opened).
+    /// [`Vm::ioevent`](crate::Vm::ioevent) is where a VMM usually makes one, placed by its policy.
+    ///
+    /// ```
+    /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
+    /// use std::sync::Arc;
+    /// use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
+    ///
+    /// let kvm = kvm_ioctls::Kvm::new()?;
+    /// let vm = Arc::new(kvm.create_vm()?);
+    /// let kicks = Notifier::new(Mode::Counter)?;
+    /// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
+    /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
+    /// drop(reg); // the same writes now exit to userspace
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     ///
-    /// Those of [`IoEventFd::register`].
+    /// The validation errors of [`WriteMatch::validate`]; [`Error::MissingCapability`] without
+    /// `KVM_CAP_IOEVENTFD` (or `KVM_CAP_IOEVENTFD_ANY_LENGTH` for
+    /// [`Width::Any`](crate::Width::Any)); [`Error::IoEventExists`] when an overlapping
+    /// registration exists; [`Error::IoBusFull`] when the kernel bus is full;
+    /// [`Error::FdExhausted`] when no descriptor is left; [`Error::IoEvent`] for other errnos.
+    ///
+    /// [`Error::MissingCapability`]: crate::Error::MissingCapability
+    /// [`Error::IoEventExists`]: crate::Error::IoEventExists
+    /// [`Error::IoBusFull`]: crate::Error::IoBusFull
+    /// [`Error::FdExhausted`]: crate::Error::FdExhausted
+    /// [`Error::IoEvent`]: crate::Error::IoEvent
     pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         Ok(IoEvent::kernel(
             IoEventFd::register(vm, write, notifier)?,
@@ -81,7 +109,7 @@ impl IoEvent {
         IoEvent {
             write: reg.write_match(),
             placement: Placement::Kernel,
-            notifier: reg.shared_notifier().clone(),
+            notifier: reg.notifier().clone(),
             _place: Place::Kernel {
                 _reg: reg,
                 _shadow: shadow,

@@ -169,7 +169,7 @@ impl Backend {
     }
 
     /// Whether `cap` is there to use: KVM has it and this backend has not disabled it.
-    pub fn has(&self, cap: Capability) -> bool {
+    pub(crate) fn has(&self, cap: Capability) -> bool {
         self.gap([cap]).is_none()
     }
 
@@ -192,7 +192,7 @@ impl Backend {
     ///
     /// The validation errors of [`WriteMatch::validate`]; [`Error::IoEventExists`] for an
     /// overlap with a registration of this backend; for [`Policy::Kernel`], the errors of
-    /// [`IoEventFd::register`].
+    /// [`IoEvent::register`].
     pub fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         let req = write.request()?;
         let notifier = notifier.clone();

@@ -69,8 +69,8 @@ struct Shared {
 /// pin is lowered and the resample notifier signalled — the contract of a kernel resample irqfd,
 /// with exact counts. The VMM's vCPU loop gives it two things:
 ///
-/// * the guest's MMIO accesses to [`IOAPIC_BASE`](super::IOAPIC_BASE)`..+`[`IOAPIC_SIZE`](super::IOAPIC_SIZE):
-///   [`mmio_read`](Self::mmio_read) and [`mmio_write`](Self::mmio_write);
+/// * the guest's MMIO accesses to [`IOAPIC_BASE`](super::IOAPIC_BASE)`..+`[`IOAPIC_SIZE`](super::IOAPIC_SIZE),
+///   through an [`IoRegion::ioapic`](crate::io::IoRegion::ioapic) in its `IoManager`;
 /// * `KVM_EXIT_IOAPIC_EOI`: [`end_of_interrupt`](Self::end_of_interrupt).
 ///
 /// KVM reports the EOI of a vector only when a route on a pin below the reserved count is a
@@ -141,7 +141,7 @@ impl Ioapic {
     }
 
     /// A guest read at `offset` from [`IOAPIC_BASE`](super::IOAPIC_BASE): fills `data`.
-    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+    pub(crate) fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         self.lock().regs.read(offset, data);
     }
 
@@ -153,7 +153,7 @@ impl Ioapic {
     ///
     /// Those of a routing commit ([`Error::SetRouting`], [`Error::RouteTableFull`]) and
     /// [`Error::SignalMsi`]. The register keeps the guest's value either way.
-    pub fn mmio_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn mmio_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let mut state = self.lock();
         let Written::Entry(pin) = state.regs.write(offset, data) else {
             return Ok(());

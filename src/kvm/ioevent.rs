@@ -15,7 +15,6 @@ use std::sync::Arc;
 use kvm_ioctls::VmFd;
 
 use crate::bus::{IoEventAddress, Width};
-use crate::device::QueueKicks;
 use crate::error::{Capability, Error, Result};
 use crate::notifier::Notifier;
 use crate::sys::{self, Capabilities, IoEventRequest};
@@ -23,7 +22,8 @@ use crate::sys::{self, Capabilities, IoEventRequest};
 /// Which guest writes a registration matches: address, width and optional datamatch.
 ///
 /// ```
-/// use vm_notify::kvm::{IoEventAddress, Width, WriteMatch};
+/// use vm_notify::kvm::{IoEventAddress, WriteMatch};
+/// use vm_notify::Width;
 ///
 /// // virtio-mmio QueueNotify of queue 1: a 4-byte write of the value 1 at base + 0x50.
 /// let notify = WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(1);
@@ -111,7 +111,7 @@ impl WriteMatch {
 
     pub(crate) fn request(&self) -> Result<IoEventRequest> {
         let addr = self.addr;
-        let len = self.width.len();
+        let len = self.width.bytes();
         if let Some(value) = self.datamatch {
             if self.width == Width::Any {
                 return Err(Error::DatamatchWithoutWidth { addr });
@@ -150,29 +150,10 @@ impl WriteMatch {
     }
 }
 
-/// A kernel ioeventfd: guest writes matching its [`WriteMatch`] add 1 to its notifier without the
-/// vCPU leaving the kernel. Dropping it deassigns it (`KVM_IOEVENTFD` with the exact eventfd,
-/// address, length and datamatch it was assigned with).
-///
-/// This is the kernel registration alone. [`IoEvent`](crate::IoEvent) wraps it with the
-/// userspace fallback; [`Vm::ioevent`](crate::Vm::ioevent) is where a VMM usually makes one.
-///
-/// ```
-/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
-/// use std::sync::Arc;
-/// use vm_notify::kvm::{IoEventFd, Width, WriteMatch};
-/// use vm_notify::{Mode, Notifier};
-///
-/// let kvm = kvm_ioctls::Kvm::new()?;
-/// let vm = Arc::new(kvm.create_vm()?);
-/// let kicks = Notifier::new(Mode::Counter)?;
-/// let reg = IoEventFd::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
-/// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
-/// drop(reg); // the same writes now exit to userspace
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
+/// A kernel ioeventfd: `notifier` assigned for the guest writes a [`WriteMatch`] describes,
+/// deassigned on drop. [`IoEvent`](crate::IoEvent) is its public face.
 #[must_use = "dropping an IoEventFd deassigns it at once"]
-pub struct IoEventFd {
+pub(crate) struct IoEventFd {
     vm: Arc<VmFd>,
     write: WriteMatch,
     req: IoEventRequest,
@@ -200,7 +181,11 @@ impl IoEventFd {
     /// [`Error::IoEventExists`] when an overlapping registration exists; [`Error::IoBusFull`]
     /// when the kernel bus is full; [`Error::FdExhausted`] when no descriptor is left;
     /// [`Error::IoEvent`] for other errnos.
-    pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEventFd> {
+    pub(crate) fn register(
+        vm: &Arc<VmFd>,
+        write: WriteMatch,
+        notifier: &Notifier,
+    ) -> Result<IoEventFd> {
         let req = write.request()?;
         Capabilities::probe(vm).require(write.capabilities())?;
         IoEventFd::assign(vm, write, req, notifier.clone())
@@ -223,17 +208,12 @@ impl IoEventFd {
     }
 
     /// What this registration matches.
-    pub fn write_match(&self) -> WriteMatch {
+    pub(crate) fn write_match(&self) -> WriteMatch {
         self.write
     }
 
     /// The registration's handle to the notifier.
-    pub fn notifier(&self) -> &Notifier {
-        &self.notifier
-    }
-
-    /// The notifier, shared.
-    pub(crate) fn shared_notifier(&self) -> &Notifier {
+    pub(crate) fn notifier(&self) -> &Notifier {
         &self.notifier
     }
 }
@@ -244,12 +224,6 @@ impl Drop for IoEventFd {
         // registration. Nothing useful can be done with an error in drop: the kernel drops the
         // registration anyway when the VM closes.
         let _ = sys::deassign_ioevent(&self.vm, &self.notifier, &self.req);
-    }
-}
-
-impl QueueKicks for IoEventFd {
-    fn kicks(&self) -> &Notifier {
-        self.notifier()
     }
 }
 
@@ -266,13 +240,8 @@ mod tests {
             (Width::W4, 4),
             (Width::W8, 8),
         ] {
-            assert_eq!(w.len(), l);
-            if l > 0 {
-                assert_eq!(Width::from_len(l as usize), Some(w));
-            }
+            assert_eq!(w.bytes(), l);
         }
-        assert_eq!(Width::from_len(3), None);
-        assert!(Width::Any.is_empty());
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! registration, checks it as KVM would before asking, and undoes it on drop. Nothing here
 //! chooses between the kernel and userspace; [`fallback`](crate::fallback) does, on top of this.
 //!
-//! * [`WriteMatch`], [`Width`], [`IoEventAddress`]: which guest writes an ioeventfd matches, and
-//!   [`IoEventFd`], one assigned in the kernel.
+//! * [`WriteMatch`] and [`IoEventAddress`]: which guest writes an ioeventfd matches (with a
+//!   [`Width`](crate::Width)); [`IoEvent::register`](crate::IoEvent::register) assigns one in the
+//!   kernel.
 //! * [`GsiRouter`] and [`Transaction`]: the VM's routing table, owned in one place (see the
 //!   `routing` section below).
 //!
@@ -30,8 +31,9 @@ mod ioevent;
 pub(crate) mod irqfd;
 mod routing;
 
-pub use crate::bus::{IoEventAddress, Width};
-pub use ioevent::{IoEventFd, WriteMatch};
+pub use crate::bus::IoEventAddress;
+pub(crate) use ioevent::IoEventFd;
+pub use ioevent::WriteMatch;
 pub use routing::{
     Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
     ROUTE_TABLE_LIMIT,

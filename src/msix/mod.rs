@@ -33,10 +33,9 @@
 //!
 //! # Guest-visible table
 //!
-//! [`MsixVectors::table_read`], [`table_write`](MsixVectors::table_write),
-//! [`pba_read`](MsixVectors::pba_read) and
-//! [`write_message_control`](MsixVectors::write_message_control) emulate the MSI-X table, the PBA
-//! and the capability's message control for a VMM that traps them.
+//! An [`IoRegion::msix`](crate::io::IoRegion::msix) in the VMM's `IoManager` emulates the MSI-X
+//! table and the PBA, and [`write_message_control`](MsixVectors::write_message_control) the
+//! capability's message control, for a VMM that traps them.
 //!
 //! The table, PBA and message-control encoding is a pure codec (no KVM), tested on its own; the
 //! vector state machine in [`MsixVectors`] applies what it decodes.

@@ -560,7 +560,7 @@ impl MsixVectors {
     ///
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table; `data`
     /// is then left as it was.
-    pub fn table_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+    pub(crate) fn table_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.table_len())?;
         let s = self.inner.vector(table::entry_index(offset))?.state;
         let entry = Entry {
@@ -580,7 +580,7 @@ impl MsixVectors {
     ///
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the table (nothing
     /// is written then), and the errors of applying the change.
-    pub fn table_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn table_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.table_len())?;
         let mut v = self.inner.vector(table::entry_index(offset))?;
         let before = Entry {
@@ -603,7 +603,7 @@ impl MsixVectors {
     /// # Errors
     ///
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the PBA.
-    pub fn pba_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+    pub(crate) fn pba_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.pba_len())?;
         table::read_pba(self.len(), offset, data, |i| self.is_pending(i))
     }
@@ -613,7 +613,7 @@ impl MsixVectors {
     /// # Errors
     ///
     /// [`Error::MsixAccess`] for a malformed access.
-    pub fn pba_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn pba_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.pba_len())
     }
 

@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{notified_queue, Queues, VirtQueueNotify, INT_CONFIG, INT_VRING};
 use super::{MMIO_INTERRUPT_ACK, MMIO_INTERRUPT_STATUS, MMIO_QUEUE_NOTIFY};
+use crate::bus::Width;
 use crate::device::GuestInterrupt;
 use crate::error::Result;
 use crate::fallback::{Backend, Placement};
-use crate::kvm::{Gsi, GsiRouter, Width, WriteMatch};
+use crate::kvm::{Gsi, GsiRouter, WriteMatch};
 use crate::notifier::{Mode, Notifier};
 
 /// Where a virtio-mmio device sits and what it has: the arguments of
@@ -223,7 +224,7 @@ impl MmioNotify {
 
     /// A guest read at `addr`: fills `data` with `InterruptStatus` (little-endian) and returns
     /// `true` for a 4-byte read of it; returns `false` for any other address, for the VMM.
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+    pub(crate) fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         if addr != self.base + MMIO_INTERRUPT_STATUS || data.len() != 4 {
             return false;
         }
@@ -242,7 +243,7 @@ impl MmioNotify {
     ///
     /// Those of [`MmioInterrupt::ack`], and [`Error::Notifier`](crate::Error::Notifier) when the
     /// kick's notifier write fails.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
+    pub(crate) fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return Ok(false);
         };

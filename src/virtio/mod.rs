@@ -14,8 +14,9 @@
 //!   `InterruptStatus` / `InterruptACK` (offsets `0x060` / `0x064`). The line is asserted while any
 //!   status bit is set: `trigger` sets bit 0 ([`INT_VRING`]) and asserts, an ACK clears the
 //!   bits it names and, when none is left, the line drops; an ACK that leaves a bit set keeps it
-//!   asserted, so the guest takes another interrupt. The VMM's MMIO exit handler passes reads and
-//!   writes of the two registers to [`MmioNotify::read`] / [`MmioNotify::write`]; the device's
+//!   asserted, so the guest takes another interrupt. The VMM routes the guest's accesses to
+//!   `QueueNotify`..`InterruptACK` to an [`IoRegion::mmio_notify`](crate::io::IoRegion::mmio_notify)
+//!   in its `IoManager`; the device's
 //!   loop passes resample wake-ups to [`MmioInterrupt::on_resample`].
 //! * **virtio-pci** ([`PciNotify`]): each queue's notify address is `notify_base +
 //!   queue_notify_off * notify_off_multiplier`, and each queue's interrupt is the MSI-X vector
@@ -29,8 +30,8 @@
 //! **`VIRTIO_F_NOTIFICATION_DATA`** ([`VIRTIO_F_NOTIFICATION_DATA`]): the driver's notify write
 //! becomes 32 bits, the queue index in the low 16 and the next available position above, so a
 //! datamatch on the index misses it and the write exits to the VMM. Both transports take such a
-//! write where it lands — [`MmioNotify::write`] and [`PciNotify::write`] read the queue from its
-//! low 16 bits and add the kick — so no kick is lost whichever features the driver negotiates:
+//! write where it lands — their [`IoRegion`](crate::io::IoRegion)s read the queue from its low 16
+//! bits and add the kick — so no kick is lost whichever features the driver negotiates:
 //! on virtio-pci with an address per queue it never exits; on virtio-mmio, and at a shared
 //! virtio-pci address, each such kick costs an exit.
 //!

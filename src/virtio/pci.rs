@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use super::{notified_queue, Queues, VirtQueueNotify, NO_VECTOR};
+use crate::bus::{IoEventAddress, Width};
 use crate::device::GuestInterrupt;
 use crate::error::{Capability, Error, Result};
 use crate::fallback::{Backend, Placement};
-use crate::kvm::{GsiRouter, IoEventAddress, Width, WriteMatch};
+use crate::kvm::{GsiRouter, WriteMatch};
 use crate::msix::{MsixState, MsixVectors};
 use crate::notifier::Notifier;
 
@@ -203,7 +204,7 @@ impl PciNotify {
     /// # Errors
     ///
     /// [`Error::Notifier`] when the kick's notifier write fails.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
+    pub(crate) fn write(&self, addr: u64, data: &[u8]) -> Result<bool> {
         if !self.addresses.contains(&addr) {
             return Ok(false);
         }

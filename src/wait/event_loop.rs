@@ -32,7 +32,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -193,23 +193,31 @@ impl EventLoop {
     /// [`Error::EventLoop`] if `epoll_wait` fails, [`Error::Notifier`] if a read fails.
     pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<(u64, u64)>) -> Result<Wake> {
         ready.clear();
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut tokens = Vec::new();
-        let wake = self.wait_tokens(timeout, &mut tokens)?;
-        if wake == Wake::Stopped {
-            return Ok(Wake::Stopped);
-        }
-        let w = self.lock();
-        for token in tokens {
-            if let Some(notifier) = w.get(&token) {
-                if let Attempt::Done(count) = notifier.try_read()? {
-                    ready.push((token, count));
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let wake = self.wait_tokens(left, &mut tokens)?;
+            if wake != Wake::Ready {
+                return Ok(wake);
+            }
+            let w = self.lock();
+            for &token in &tokens {
+                if let Some(notifier) = w.get(&token) {
+                    if let Attempt::Done(count) = notifier.try_read()? {
+                        ready.push((token, count));
+                    }
                 }
             }
+            // Every notifier that fired was read by another reader first: wait again (until the
+            // deadline, if there is one), so `TimedOut` only ever means the timeout passed.
+            if !ready.is_empty() {
+                return Ok(Wake::Ready);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Wake::TimedOut);
+            }
         }
-        Ok(match wake {
-            Wake::Ready if ready.is_empty() => Wake::TimedOut,
-            other => other,
-        })
     }
 
     /// Like [`wait`](Self::wait), but only reports which tokens are readable, without reading
@@ -356,6 +364,40 @@ mod tests {
             l.wait(Some(Duration::from_millis(10)), &mut ready).unwrap(),
             Wake::TimedOut
         );
+    }
+
+    /// A notifier another reader empties between the wake-up and the read: a wait without a
+    /// timeout waits on (here until it is stopped), and never says it timed out.
+    #[test]
+    fn a_wait_without_timeout_never_times_out_when_another_reader_wins() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let n = Notifier::new(Mode::Counter).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let thief = {
+            let (n, done) = (n.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    let _ = n.try_read();
+                }
+            })
+        };
+        let mut ready = Vec::new();
+        for _ in 0..100 {
+            let l = EventLoop::new().unwrap();
+            l.add(1, &n).unwrap();
+            let stop = l.stop_handle();
+            let stopper = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2));
+                stop.stop().unwrap();
+            });
+            n.notify().unwrap();
+            let wake = l.wait(None, &mut ready).unwrap();
+            assert_ne!(wake, Wake::TimedOut, "no timeout was given");
+            assert_eq!(wake == Wake::Ready, !ready.is_empty());
+            stopper.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        thief.join().unwrap();
     }
 
     #[test]

@@ -197,6 +197,6 @@ mod tests {
                 ..PollStats::default()
             }
         );
-        assert!(n.try_read().unwrap().would_block());
+        assert!(n.try_read().unwrap().done().is_none());
     }
 }

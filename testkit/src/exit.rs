@@ -1,8 +1,9 @@
 //! [`GuestExit`]: what reaches userspace from the guest, and the [`ExitHandler`] that serves it.
 
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_notify::fallback::ExitDispatcher;
 use vm_notify::irqchip::{IOAPIC_BASE, IOAPIC_SIZE};
-use vm_notify::virtio::MmioNotify;
 
 /// An exit the kernel did not absorb: the guest touched a port or an MMIO address that nothing
 /// in the kernel handles.
@@ -81,24 +82,31 @@ impl GuestExit {
         }
     }
 
-    /// Serves the guest's access to a virtio-mmio device's interrupt registers: an
-    /// `InterruptStatus` read (fills `data`) or an `InterruptACK` write. Returns whether this exit
-    /// was one.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`MmioNotify::write`].
-    pub fn serve_virtio_mmio(
-        &self,
-        notify: &MmioNotify,
-        data: &mut [u8],
-    ) -> vm_notify::Result<bool> {
+    /// Routes this exit through `io`, as a rust-vmm VMM routes every exit: an MMIO or port read
+    /// fills `data` from the device at its address, a write goes to it. Returns whether a device
+    /// took it (`false` where no device is registered at the address, or for an exit that is
+    /// not an access).
+    pub fn route(&self, io: &IoManager, data: &mut [u8]) -> bool {
         match *self {
-            GuestExit::MmioRead { addr, .. } => Ok(notify.read(addr, data)),
-            GuestExit::MmioWrite { addr, data, len } => {
-                notify.write(addr, &data.to_le_bytes()[..usize::from(len).min(8)])
+            GuestExit::MmioRead { addr, .. } => io.mmio_read(MmioAddress(addr), data).is_ok(),
+            GuestExit::MmioWrite {
+                addr,
+                data: value,
+                len,
+            } => {
+                let bytes = &value.to_le_bytes()[..usize::from(len).min(8)];
+                io.mmio_write(MmioAddress(addr), bytes).is_ok()
             }
-            _ => Ok(false),
+            GuestExit::PioRead { port, .. } => io.pio_read(PioAddress(port), data).is_ok(),
+            GuestExit::PioWrite {
+                port,
+                data: value,
+                len,
+            } => {
+                let bytes = &value.to_le_bytes()[..usize::from(len).min(4)];
+                io.pio_write(PioAddress(port), bytes).is_ok()
+            }
+            _ => false,
         }
     }
 }
