@@ -3,7 +3,9 @@
 //!
 //! The device has four queues on one virtio-mmio style QueueNotify register (4-byte writes, the
 //! queue index as datamatch). Its `NotifierSubscriber` gets `(queue, kicks)` from the loop and
-//! answers every wake-up with one used-buffer interrupt on an MSI vector. The guest kicks queue
+//! answers every wake-up with one used-buffer interrupt on an MSI vector. On the userspace path
+//! the backend's `Injector` is a subscriber of the same loop: the VMM's one thread serves the
+//! device and injects its interrupts. The guest kicks queue
 //! `q` and waits for the interrupt, round-robin over the queues, and counts both in its memory.
 //!
 //! Run: `cargo run --release --features event-manager --example event_manager_device [rounds]`
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_notify::fallback::{Backend, Policy};
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::NotifierSubscriber;
@@ -43,9 +45,9 @@ struct Figures {
 fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let backend = Backend::new(vm.vm().clone(), kind);
-    // The VMM runs the injector of the interrupts it places in userspace (the test kit's
-    // machine does it here, on a thread it stops when it drops).
-    vm.run_injector(&backend)?;
+    // The injector of the interrupts placed in userspace joins the device in the VMM's one
+    // event-manager loop below: no thread of its own.
+    let injector = backend.injector(vm.router())?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
     let irq: IrqFd = backend.irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
     let irq_path = format!("{:?}", irq.placement());
@@ -77,9 +79,10 @@ fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>>
     let device = {
         let stop = stop.clone();
         thread::spawn(move || -> Result<(), String> {
-            let mut manager =
-                EventManager::<NotifierSubscriber<_>>::new().map_err(|e| format!("{e:?}"))?;
-            manager.add_subscriber(subscriber);
+            let mut manager = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+                .map_err(|e| format!("{e:?}"))?;
+            manager.add_subscriber(Box::new(subscriber));
+            manager.add_subscriber(Box::new(injector));
             while !stop.load(Ordering::Relaxed) {
                 manager.run_with_timeout(50).map_err(|e| format!("{e:?}"))?;
             }

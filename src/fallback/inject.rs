@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -67,8 +68,9 @@ struct Shared {
 /// is lost; each is injected once the injector runs). [`spawn`](Self::spawn) starts a thread and
 /// returns its handle, which stops and joins it when dropped; [`run`](Self::run) is the loop
 /// itself, for a thread the VMM makes; [`serve_pending`](Self::serve_pending) is one pass
-/// without waiting, for a VMM loop that polls. Stopping is final: a stopped injector injects no
-/// more.
+/// without waiting, for a VMM loop that polls its descriptor (`AsRawFd`), and with the feature
+/// `event-manager` the injector is a `MutEventSubscriber` for the VMM's `EventManager`. Stopping
+/// is final: a stopped injector injects no more.
 ///
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
@@ -97,6 +99,35 @@ impl fmt::Debug for Injector {
         f.debug_struct("Injector")
             .field("lines", &self.shared.lock().len())
             .finish()
+    }
+}
+
+/// The injector's descriptor: readable while a trigger waits to be injected, for a VMM that
+/// serves the injector from a loop of its own (epoll, event-manager) with
+/// [`serve_pending`](Injector::serve_pending) when it fires.
+impl AsRawFd for Injector {
+    fn as_raw_fd(&self) -> RawFd {
+        self.shared.events.as_raw_fd()
+    }
+}
+
+/// The injector as a rust-vmm `event-manager` subscriber (feature `event-manager`): added to the
+/// VMM's `EventManager`, it injects on the loop's thread, and no thread of its own runs.
+#[cfg(feature = "event-manager")]
+#[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]
+impl event_manager::MutEventSubscriber for Injector {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        // An epoll failure has no caller here; the next wake-up tries again.
+        let _ = self.serve_pending();
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        // A failed add leaves the injector unserved, as a VMM that never ran it would; the
+        // interrupts wait in their notifiers.
+        let _ = ops.add(event_manager::Events::new(
+            self,
+            event_manager::EventSet::IN,
+        ));
     }
 }
 

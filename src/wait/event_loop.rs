@@ -278,6 +278,15 @@ impl EventLoop {
     }
 }
 
+/// The loop's epoll descriptor: readable while any watched notifier is (or the loop is
+/// stopped), so a VMM can nest the loop in an epoll of its own (an event-manager loop) and call
+/// [`wait`](EventLoop::wait) with a zero timeout when it fires.
+impl AsRawFd for EventLoop {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
