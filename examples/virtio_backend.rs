@@ -22,7 +22,7 @@ use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
 use vm_notify::fallback::{Placement, Policy};
 use vm_notify::io::IoRegion;
-use vm_notify::virtio::{MmioDevice, INT_VRING, MMIO_QUEUE_NOTIFY};
+use vm_notify::virtio::{MmioLayout, INT_VRING, MMIO_QUEUE_NOTIFY};
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const BASE: u64 = 0xd000_0000;
@@ -35,7 +35,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
-    let device = MmioDevice {
+    let device = MmioLayout {
         base: BASE,
         queues: 1,
         gsi: IRQ.into(),

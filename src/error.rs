@@ -12,6 +12,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// A KVM capability the library needs for an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Capability {
     /// `KVM_CAP_IOEVENTFD`: guest writes can signal an eventfd in the kernel.
     IoEventFd,

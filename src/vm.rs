@@ -13,7 +13,7 @@ use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage, WriteMatch};
 use crate::msix::MsixVectors;
 use crate::notifier::{Mode, Notifier};
-use crate::virtio::{MmioDevice, MmioNotify, PciLayout, PciNotify, PciNotifyState};
+use crate::virtio::{MmioLayout, MmioNotify, PciLayout, PciNotify, PciNotifyState};
 
 /// A VM's notifications, in one place: the VM descriptor, its GSI routing table and the
 /// placement policy (with its exit dispatcher and the injector the VMM runs). Every registration is made
@@ -206,7 +206,7 @@ impl Vm {
     /// # Errors
     ///
     /// Those of [`MmioNotify::new`].
-    pub fn virtio_mmio(&self, device: &MmioDevice) -> Result<MmioNotify> {
+    pub fn virtio_mmio(&self, device: &MmioLayout) -> Result<MmioNotify> {
         MmioNotify::new(&self.backend, &self.router, device)
     }
 

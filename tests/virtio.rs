@@ -18,7 +18,7 @@ use vm_notify::fallback::Policy;
 use vm_notify::io::IoRegion;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::virtio::{
-    MmioDevice, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
+    MmioLayout, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
 };
 use vm_notify::{Notifier, Vm};
 use vm_notify::{Width, WriteMatch};
@@ -61,7 +61,7 @@ fn notify_io(notify: &Arc<MmioNotify>) -> (IoManager, Arc<IoRegion>) {
 /// The rng device's notification half on `vm`, with `queues` queues, placed by `kind`; with the
 /// root that placed it (its dispatcher takes the userspace path's kicks).
 fn mmio_device(vm: &TinyVm, kind: Policy, queues: u16) -> (Vm, Arc<MmioNotify>) {
-    let device = MmioDevice {
+    let device = MmioLayout {
         base: BASE,
         queues,
         gsi: IRQ.into(),

@@ -6,6 +6,7 @@ use crate::error::Capability;
 
 /// Why a registration is served in userspace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Fallback {
     /// The backend's policy is [`Policy::Userspace`](super::Policy::Userspace).
     Requested,

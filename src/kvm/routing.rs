@@ -85,6 +85,7 @@ impl MsiMessage {
 
 /// One entry of the routing table for a GSI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Route {
     /// To a pin of an in-kernel interrupt controller.
     Irqchip {

@@ -15,7 +15,7 @@ use crate::notifier::{Mode, Notifier};
 /// Where a virtio-mmio device sits and what it has: the arguments of
 /// [`Vm::virtio_mmio`](crate::Vm::virtio_mmio) and [`MmioNotify::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MmioDevice {
+pub struct MmioLayout {
     /// The guest-physical base of the device's register window.
     pub base: u64,
     /// How many queues it has.
@@ -161,7 +161,7 @@ impl MmioNotify {
     /// # Errors
     ///
     /// Those of [`Backend::register`] and [`Backend::level_irqfd`].
-    pub fn new(backend: &Backend, router: &GsiRouter, device: &MmioDevice) -> Result<MmioNotify> {
+    pub fn new(backend: &Backend, router: &GsiRouter, device: &MmioLayout) -> Result<MmioNotify> {
         let line = backend.level_irqfd(
             router,
             device.gsi,
@@ -181,7 +181,7 @@ impl MmioNotify {
     /// Those of [`Backend::register`].
     pub fn with_line(
         backend: &Backend,
-        device: &MmioDevice,
+        device: &MmioLayout,
         line: Arc<dyn GuestInterrupt>,
     ) -> Result<MmioNotify> {
         let irq = Arc::new(MmioInterrupt::new(line));

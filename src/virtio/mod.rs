@@ -64,7 +64,7 @@ use crate::notifier::{Mode, Notifier};
 
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
-pub use mmio::{MmioDevice, MmioInterrupt, MmioNotify};
+pub use mmio::{MmioInterrupt, MmioLayout, MmioNotify};
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState, QueueVector};
