@@ -93,17 +93,15 @@ impl Vm {
         self.backend.ioapic()
     }
 
-    /// A root for the same VM and routing table with another placement policy (its own exit
-    /// dispatcher and injector, which the VMM runs too): for a VMM that places some devices differently, and for
-    /// tests that run one device on each path.
+    /// A root for the same VM with another placement policy, for a VMM that places some devices
+    /// differently (and tests that run one device on each path). It shares everything else with
+    /// this root: the routing table, the exit dispatcher (so overlaps are refused across both
+    /// roots, and the vCPU loop consults one dispatcher), the injector (one for the VM, which the
+    /// VMM runs once) and the split irqchip's IOAPIC.
     pub fn with_policy(&self, policy: Policy) -> Vm {
-        let mut backend = Backend::new(self.fd().clone(), policy);
-        if let Some(io) = self.ioapic() {
-            backend = backend.with_ioapic(io.clone());
-        }
         Vm {
             router: self.router.clone(),
-            backend,
+            backend: self.backend.with_policy(policy),
         }
     }
 

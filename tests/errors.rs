@@ -91,6 +91,36 @@ fn invalid_matches_are_refused_before_kvm() {
     }
 }
 
+/// Roots made with `Vm::with_policy` share the VM's one exit dispatcher: an overlap between
+/// them is refused, as within one root, so the one dispatcher the vCPU loop consults takes every
+/// userspace registration.
+#[test]
+fn roots_of_one_vm_refuse_each_others_overlaps() {
+    kvm_test!();
+    let vm = TinyVm::new().unwrap();
+    let (a, b) = (
+        vm.notify().with_policy(Policy::Userspace),
+        vm.notify().with_policy(Policy::Userspace),
+    );
+    let at = WriteMatch::mmio(0xd000_0050).width(Width::W4);
+    let _first = a.ioevent(at, &notifier()).unwrap();
+    assert!(matches!(
+        b.ioevent(at, &notifier()),
+        Err(Error::IoEventExists { .. })
+    ));
+    // The write reaches the first registration through the root's own dispatcher.
+    let kicks = notifier();
+    let _second = b
+        .ioevent(WriteMatch::mmio(0xd000_0060).width(Width::W4), &kicks)
+        .unwrap();
+    assert!(vm
+        .notify()
+        .dispatcher()
+        .mmio_write(0xd000_0060, &0u32.to_le_bytes())
+        .unwrap());
+    assert_eq!(kicks.read().unwrap(), 1);
+}
+
 #[test]
 fn router_without_irqchip_is_refused() {
     kvm_test!();

@@ -146,6 +146,15 @@ impl Backend {
             .ok_or(Error::IoapicPin { gsi })
     }
 
+    /// This backend with `policy`, sharing its dispatcher, its injector and its IOAPIC
+    /// ([`Vm::with_policy`](crate::Vm::with_policy)).
+    pub(crate) fn with_policy(&self, policy: Policy) -> Self {
+        Backend {
+            policy,
+            ..self.clone()
+        }
+    }
+
     /// Treats `cap` as missing from KVM: for hosts where a capability exists but must not be
     /// used, and for testing the fallback.
     pub fn disable(mut self, cap: Capability) -> Self {
