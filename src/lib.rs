@@ -22,7 +22,7 @@
 //!   routing table ([`GsiRouter`](kvm::GsiRouter)) and the
 //!   irqfd bindings;
 //! * [`msix`]: a function's MSI-X vectors with mask and pending bits that lose and double nothing,
-//!   and the table and PBA for a VMM to emulate;
+//!   whose table and PBA a VMM emulates through [`io::IoRegion`];
 //! * [`fallback`]: the placement policy ([`Backend`](fallback::Backend)): the same registrations
 //!   in the kernel or in userspace (an exit dispatcher, an injector the VMM runs), chosen per
 //!   registration, behind [`IoEvent`], [`IrqFd`] and [`LevelIrqFd`];

@@ -30,6 +30,8 @@ use crate::virtio::{MmioLayout, MmioNotify, PciLayout, PciNotify, PciNotifyState
 /// let fd = Arc::new(kvm.create_vm()?);
 /// fd.create_irq_chip()?;
 /// let vm = Vm::new(fd, Policy::Auto)?;
+/// // Interrupts `Auto` places in userspace are injected by the VMM's injector thread.
+/// let _injector = vm.injector()?.spawn()?;
 /// let kicks = Notifier::new(Mode::Counter)?;
 /// let _notify = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// let irq = vm.irqfd(vm.route_msi(MsiMessage::x86(0, 0x40))?)?;

@@ -200,3 +200,72 @@ fn the_dispatcher_serves_exits_from_an_io_manager() {
     assert!(region.take_error().is_none());
     assert_eq!(region.error_count(), 0);
 }
+
+/// The injector is the VMM's to run, and a run can follow a stopped one: 100 round trips on each
+/// of a spawned thread (stopped and joined), the VMM's own thread running `Injector::run` (then
+/// stopped), one-pass `serve_pending` calls when the injector's descriptor is readable, and a
+/// thread spawned again. The guest waits for every interrupt, so a run that did not serve would
+/// stall it; the counts are exact.
+#[test]
+fn the_injector_runs_again_after_a_stop_on_every_path() {
+    use std::os::fd::AsRawFd;
+    kvm_test!();
+    const PER_PHASE: u64 = 100;
+    const PHASES: u64 = 4;
+    let mut vm = TinyVm::new().unwrap();
+    let backend = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let injector = backend.injector(vm.router()).unwrap();
+    let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x46)).unwrap();
+    let irq = backend
+        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
+        .unwrap();
+    let kicks = Notifier::new(Mode::Counter).unwrap();
+    let _kick =
+        IoEvent::register(vm.vm(), WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks).unwrap();
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt(0x46, Eoi::Lapic);
+    p.repeat(PER_PHASE * PHASES, |p| p.kick_and_wait(NOTIFY, 0, None))
+        .unwrap();
+    p.exit().unwrap();
+    let device = std::thread::spawn(move || {
+        let rounds = |n: u64, after_trigger: &dyn Fn()| {
+            for _ in 0..n {
+                kicks.read().unwrap();
+                irq.trigger().unwrap();
+                after_trigger();
+            }
+        };
+        // A spawned thread, stopped and joined.
+        let thread = injector.spawn().unwrap();
+        rounds(PER_PHASE, &|| {});
+        thread.stop().unwrap();
+        // The VMM's own thread running the loop, stopped through its handle.
+        let own = {
+            let injector = injector.clone();
+            std::thread::spawn(move || injector.run())
+        };
+        rounds(PER_PHASE, &|| {});
+        injector.stop_handle().stop().unwrap();
+        own.join().unwrap().unwrap();
+        // One pass each time the injector's descriptor is readable, as from the VMM's epoll.
+        rounds(PER_PHASE, &|| {
+            let mut pfd = libc::pollfd {
+                fd: injector.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            assert_eq!(ready, 1, "trigger pending");
+            assert_eq!(injector.serve_pending().unwrap(), 1);
+        });
+        // A thread spawned again.
+        let again = injector.spawn().unwrap();
+        rounds(PER_PHASE, &|| {});
+        drop(again);
+    });
+    assert_eq!(run(&mut vm, &backend, p), 0);
+    device.join().unwrap();
+    assert_eq!(vm.irq_count(0x46).unwrap(), PER_PHASE * PHASES);
+}

@@ -111,15 +111,14 @@ fn args() -> Result<Args, Error> {
     Ok(a)
 }
 
-/// Registers a function's BAR 0 parts at `bar0` (or, with `remove`, takes them out).
-fn map_bar(io: &mut IoManager, bar0: u64, regions: &Regions, remove: bool) -> Result<(), Error> {
+/// Registers a function's BAR 0 parts at `bar0` (where they stay: see `VirtioPci`'s config
+/// space).
+fn map_bar(io: &mut IoManager, bar0: u64, regions: &Regions) -> Result<(), Error> {
     for (offset, len, device) in regions {
-        let at = MmioAddress(bar0 + offset);
-        if remove {
-            io.deregister_mmio(at);
-        } else {
-            io.register_mmio(MmioRange::new(at, *len)?, device.clone())?;
-        }
+        io.register_mmio(
+            MmioRange::new(MmioAddress(bar0 + offset), *len)?,
+            device.clone(),
+        )?;
     }
     Ok(())
 }
@@ -178,6 +177,7 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
             }),
             "queue_notify_exits": self.notify_exits(),
             "thread": match thread {
+                Ok(()) if self.is_vhost() => "none: the vhost-user backend served the queue".to_string(),
                 Ok(()) => "stopped and joined".to_string(),
                 Err(e) => format!("error: {e}"),
             },
@@ -325,7 +325,7 @@ fn main() -> Result<(), Error> {
         pci.clone(),
     )?;
     for (f, regions) in &functions {
-        map_bar(&mut io, f.bar0(), regions, false)?;
+        map_bar(&mut io, f.bar0(), regions)?;
     }
 
     eprintln!(
@@ -350,11 +350,6 @@ fn main() -> Result<(), Error> {
                 pio_exits += 1;
                 // A port no device claims takes writes and drops them.
                 let _ = io.pio_write(PioAddress(port), data);
-                for moved in pci.take_moves() {
-                    let regions = &functions[moved.index].1;
-                    map_bar(&mut io, moved.from, regions, true)?;
-                    map_bar(&mut io, moved.to, regions, false)?;
-                }
             }
             VcpuExit::IoIn(port, data) => {
                 pio_exits += 1;

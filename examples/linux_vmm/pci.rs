@@ -17,24 +17,14 @@ pub const MMIO_WINDOW: (u32, u32) = (0xe000_0000, 0xfebf_ffff);
 pub trait PciFunction: Send + Sync {
     /// Config space dword `reg` (4-aligned) as the guest reads it.
     fn config_read(&self, reg: usize) -> u32;
-    /// A guest write of `value` to the bytes of dword `reg` that `mask` selects. Returns BAR 0's
-    /// old and new base when the write moved it.
-    fn config_write(&self, reg: usize, value: u32, mask: u32) -> Option<(u64, u64)>;
-}
-
-/// A BAR that moved: function `index` (in the bus's list), from and to.
-#[derive(Debug, Clone, Copy)]
-pub struct BarMove {
-    pub index: usize,
-    pub from: u64,
-    pub to: u64,
+    /// A guest write of `value` to the bytes of dword `reg` that `mask` selects.
+    fn config_write(&self, reg: usize, value: u32, mask: u32);
 }
 
 /// Configuration mechanism #1 over bus 0.
 pub struct PciBus {
     address: Mutex<u32>,
     functions: Vec<Arc<dyn PciFunction>>,
-    moves: Mutex<Vec<BarMove>>,
 }
 
 impl PciBus {
@@ -43,13 +33,7 @@ impl PciBus {
         PciBus {
             address: Mutex::new(0),
             functions,
-            moves: Mutex::default(),
         }
-    }
-
-    /// The BARs the guest moved since the last call: the VMM maps them again.
-    pub fn take_moves(&self) -> Vec<BarMove> {
-        std::mem::take(&mut *lock(&self.moves))
     }
 
     /// The function and dword the config data port at `offset` (4-7) reaches, with the byte
@@ -125,12 +109,6 @@ impl DevicePio for PciBus {
             (1u32 << (8 * n)) - 1
         };
         let (value, mask) = (u32::from_le_bytes(v) << shift, mask << shift);
-        if let Some((from, to)) = function.config_write(reg, value, mask) {
-            lock(&self.moves).push(BarMove {
-                index: device - 1,
-                from,
-                to,
-            });
-        }
+        function.config_write(reg, value, mask);
     }
 }

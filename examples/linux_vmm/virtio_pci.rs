@@ -333,11 +333,17 @@ impl<D: VirtioDevice> VirtioPci<D> {
         ]
     }
 
-    /// Stops the device thread, if it runs, and joins it: how it ended.
+    /// Stops the device thread and joins it: how it ended (an error too when it never started,
+    /// unless a vhost-user backend served the queue).
     pub fn stop(&self) -> Result<(), String> {
-        let Some(worker) = lock(&self.state).worker.take() else {
-            return Ok(());
+        let mut state = lock(&self.state);
+        let Some(worker) = state.worker.take() else {
+            return match state.vhost_started {
+                true => Ok(()),
+                false => Err("the device thread never started".into()),
+            };
         };
+        drop(state);
         worker.stop.stop().map_err(|e| e.to_string())?;
         worker
             .thread
@@ -387,10 +393,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let queue0 = c.queue_select == 0;
         match offset {
             0x00 => c.device_feature_select.into(),
-            0x04 => {
-                (self.offered(state) >> (32 * u64::from(c.device_feature_select.min(2))))
-                    & 0xffff_ffff
-            }
+            0x04 => match c.device_feature_select {
+                0 => self.offered(state) & 0xffff_ffff,
+                1 => self.offered(state) >> 32,
+                _ => 0,
+            },
             0x08 => c.driver_feature_select.into(),
             0x0c => {
                 (c.driver_features >> (32 * u64::from(c.driver_feature_select.min(1))))
@@ -496,9 +503,6 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             return;
         }
-        let Some(device) = state.device.take() else {
-            return;
-        };
         let ring = match self.ring(&state.common) {
             Ok(ring) => ring,
             Err(e) => {
@@ -512,6 +516,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 eprintln!("linux_vmm: {}: event loop: {e}", D::NAME);
                 return;
             }
+        };
+        let Some(device) = state.device.take() else {
+            return;
         };
         let stop = events.stop_handle();
         let server = QueueServer::new(queue, ring);
@@ -561,37 +568,29 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
         }
     }
 
-    fn config_write(&self, reg: usize, value: u32, mask: u32) -> Option<(u64, u64)> {
+    /// BAR 0 stays where the VMM put it: the queue's notify ioeventfd is registered at its
+    /// address. The size probe (all ones) is answered; an address written back is ignored (Linux
+    /// writes back the one it read, as the BAR lies in the host bridge's window).
+    fn config_write(&self, reg: usize, value: u32, mask: u32) {
         let merged = (self.config_read(reg) & !mask) | (value & mask);
         let mut state = lock(&self.state);
         match reg {
             0x10 | 0x14 => {
                 let half = (reg - 0x10) / 4;
                 // The size probe writes all ones; anything else is an address.
-                let probe = if half == 0 {
+                state.bar0_probe[half] = if half == 0 {
                     merged | 0xf == 0xffff_ffff
                 } else {
                     merged == 0xffff_ffff
                 };
-                state.bar0_probe[half] = probe;
-                let old = state.bar0;
-                if !probe {
-                    state.bar0 = if half == 0 {
-                        (old & !0xffff_ffff) | u64::from(merged & !(BAR0_SIZE as u32 - 1))
-                    } else {
-                        (old & 0xffff_ffff) | (u64::from(merged) << 32)
-                    };
-                }
-                (state.bar0 != old).then_some((old, state.bar0))
             }
             MSIX_CAP if mask & 0xffff_0000 != 0 => {
                 if let Err(e) = self.msix.write_message_control((merged >> 16) as u16) {
                     eprintln!("linux_vmm: {}: MSI-X message control: {e}", D::NAME);
                 }
-                None
             }
             // The command register (decoding is always on) and everything else is read-only.
-            _ => None,
+            _ => {}
         }
     }
 }

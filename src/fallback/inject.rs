@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -69,8 +69,9 @@ struct Shared {
 /// returns its handle, which stops and joins it when dropped; [`run`](Self::run) is the loop
 /// itself, for a thread the VMM makes; [`serve_pending`](Self::serve_pending) is one pass
 /// without waiting, for a VMM loop that polls its descriptor (`AsRawFd`), and with the feature
-/// `event-manager` the injector is a `MutEventSubscriber` for the VMM's `EventManager`. Stopping
-/// is final: a stopped injector injects no more.
+/// `event-manager` the injector is a `MutEventSubscriber` for the VMM's `EventManager`. A
+/// stopped run can be followed by another: a VMM that pauses (for a snapshot, say) stops its
+/// thread and spawns one again; triggers written meanwhile wait in their notifiers.
 ///
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
@@ -131,12 +132,14 @@ impl event_manager::MutEventSubscriber for Injector {
     }
 }
 
-/// A thread running an [`Injector`], as [`Injector::spawn`] started it. Dropping it stops the
-/// injector and joins the thread.
+/// A thread running an [`Injector`], as [`Injector::spawn`] started it. Dropping it stops that
+/// thread and joins it; other runs of the injector go on.
 #[derive(Debug)]
 #[must_use = "dropping the handle stops the injector"]
 pub struct InjectorThread {
-    stop: StopHandle,
+    injector: Injector,
+    /// Set to stop this thread (the event loop's stop only wakes it).
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -151,15 +154,24 @@ impl InjectorThread {
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.stop.stop()?;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(ended)) => ended,
-            Some(Err(_)) => Err(Error::EventLoop {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.stopping.store(true, Ordering::Release);
+        let events = &self.injector.shared.events;
+        // Wake the thread until it has gone: another run may take the stop back first.
+        while !thread.is_finished() {
+            events.stop_handle().stop()?;
+            thread::sleep(Duration::from_millis(1));
+        }
+        // The stop was for this thread alone: take it back, so the injector runs on.
+        events.rearm()?;
+        thread.join().unwrap_or_else(|_| {
+            Err(Error::EventLoop {
                 op: "join the injector thread",
                 source: std::io::Error::other("the injector thread panicked"),
-            }),
-            None => Ok(()),
-        }
+            })
+        })
     }
 }
 
@@ -183,43 +195,55 @@ impl Injector {
     }
 
     /// Serves until stopped (by [`stop_handle`](Self::stop_handle)): the injector's loop, for a
-    /// thread the VMM makes.
+    /// thread the VMM makes. It takes the stop back as it returns, so the injector can run again;
+    /// run one such loop at a time ([`spawn`](Self::spawn) for more).
     ///
     /// # Errors
     ///
     /// [`Error::EventLoop`] when epoll fails; the loop ends then.
     pub fn run(&self) -> Result<()> {
+        self.run_until(None)
+    }
+
+    /// The loop: serves until a stop, which ends it when it is for every run (`stopping` is
+    /// `None`) or for this one (its flag set).
+    fn run_until(&self, stopping: Option<&AtomicBool>) -> Result<()> {
+        let events = &self.shared.events;
         let mut ready = Vec::new();
         loop {
-            if self.shared.events.wait_tokens(None, &mut ready)? == Wake::Stopped {
-                return Ok(());
-            }
+            let wake = events.wait_tokens(None, &mut ready)?;
             self.shared.fire_all(&ready);
+            if wake != Wake::Stopped {
+                continue;
+            }
+            match stopping {
+                None => return events.rearm(),
+                Some(flag) if flag.load(Ordering::Acquire) => return Ok(()),
+                // Another thread's stop: it is taken back once that thread has gone.
+                Some(_) => thread::sleep(Duration::from_millis(1)),
+            }
         }
     }
 
     /// One pass without waiting: injects for every trigger written since the last pass, and
-    /// returns how many lines fired. For a VMM loop that polls instead of giving the injector a
-    /// thread.
+    /// returns how many trigger notifiers were ready. For a VMM loop that polls the injector's
+    /// descriptor instead of giving it a thread.
     ///
     /// # Errors
     ///
     /// [`Error::EventLoop`] when epoll fails.
     pub fn serve_pending(&self) -> Result<usize> {
         let mut ready = Vec::new();
-        if self
+        // A stop is for the runs that loop; this pass serves what is ready whatever it says.
+        let _ = self
             .shared
             .events
-            .wait_tokens(Some(Duration::ZERO), &mut ready)?
-            == Wake::Stopped
-        {
-            return Ok(0);
-        }
+            .wait_tokens(Some(Duration::ZERO), &mut ready)?;
         self.shared.fire_all(&ready);
         Ok(ready.len())
     }
 
-    /// A handle that stops [`run`](Self::run) from any thread (for good: see the type's docs).
+    /// A handle that stops [`run`](Self::run) from any thread.
     pub fn stop_handle(&self) -> StopHandle {
         self.shared.events.stop_handle()
     }
@@ -232,15 +256,18 @@ impl Injector {
     /// [`Error::EventLoop`] if the thread cannot be spawned.
     pub fn spawn(&self) -> Result<InjectorThread> {
         let injector = self.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
         let thread = thread::Builder::new()
             .name("vm-notify-inject".into())
-            .spawn(move || injector.run())
+            .spawn(move || injector.run_until(Some(&flag)))
             .map_err(|source| Error::EventLoop {
                 op: "spawn the injector thread",
                 source,
             })?;
         Ok(InjectorThread {
-            stop: self.stop_handle(),
+            injector: self.clone(),
+            stopping,
             thread: Some(thread),
         })
     }

@@ -62,7 +62,7 @@ impl Delivery {
     ) -> Result<Delivery> {
         let trigger = trigger.clone();
         // Counted on the router first, then added to the injector outside the router's lock:
-        // the injector thread takes its own lock and then the router's, never the other way.
+        // the injector takes its own lock and then the router's, never the other way.
         let router = match ioapic {
             Some(_) => None,
             None => {

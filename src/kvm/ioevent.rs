@@ -1,4 +1,5 @@
-//! [`IoEventFd`]: guest writes to an address signal a [`Notifier`] inside the kernel.
+//! [`WriteMatch`], and the kernel ioeventfd behind [`IoEvent`](crate::IoEvent): guest writes to
+//! an address signal a [`Notifier`] inside the kernel.
 //!
 //! A registration names a bus and address ([`IoEventAddress`]), a write width ([`Width`]) and
 //! optionally a value the write must carry (datamatch). KVM then adds 1 to the notifier for every

@@ -117,6 +117,12 @@ impl EventLoop {
         self.watched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes back a stop, so the loop can be waited on again (for the injector, which a VMM
+    /// may stop and run again).
+    pub(crate) fn rearm(&self) -> Result<()> {
+        self.stop.try_read().map(drop)
+    }
+
     /// A handle that stops this loop.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
@@ -228,7 +234,12 @@ impl EventLoop {
         tokens: &mut Vec<u64>,
     ) -> Result<Wake> {
         tokens.clear();
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // Rounded up: a remaining time under a millisecond still waits, so a timeout never ends
+        // before its deadline.
+        let ms = timeout.map_or(-1, |t| {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            ms.min(i32::MAX as u128) as i32
+        });
         let mut events = [EpollEvent::default(); 64];
         let n = loop {
             match self.epoll.wait(ms, &mut events) {

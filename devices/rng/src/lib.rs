@@ -1,9 +1,12 @@
 //! A virtio entropy device (virtio-rng, one request queue) written against vm-notify's device
 //! contract alone, the way a device crate would be: it depends on `vm-notify` with
 //! `default-features = false`, so kvm-ioctls, kvm-bindings and every KVM registration stay out
-//! of its tree. The VMM hands it a [`VirtQueueNotify`] (its kicks and its interrupt, whatever
-//! the transport and the interrupt kind) and it serves the queue with [`QueueServer`], which
-//! suppresses kicks and interrupts as the driver asks.
+//! of its tree. The VMM hands it a [`VirtQueueNotify`] (its kicks and its interrupt: an edge
+//! irqfd or an MSI-X vector, or the VMM's own source) and it serves the queue with
+//! [`QueueServer`], which suppresses kicks and interrupts as the driver asks. (A virtio-mmio
+//! device on a level line also waits on the line's resample notifier and re-asserts while
+//! `InterruptStatus` is set, `MmioInterrupt::on_resample`; that loop is the transport's, outside
+//! the contract this crate uses.)
 //!
 //! Its tests run without `/dev/kvm`: virtio-queue's mock rings stand in for the driver and
 //! vm-notify's `RecordingInterrupt` (feature `test-utils`) for the interrupt.
@@ -76,13 +79,19 @@ impl<R: Read> RngDevice<R> {
                 let mut addr = desc.addr();
                 while left > 0 {
                     let n = left.min(buf.len() as u32) as usize;
+                    // A chain's used length is a u32: buffers past it (aliased, from a driver
+                    // that lists one buffer many times) are not filled.
+                    let Some(total) = written.checked_add(n as u32) else {
+                        *bytes += u64::from(written);
+                        return written;
+                    };
                     if source.read_exact(&mut buf[..n]).is_err()
                         || mem.write_slice(&buf[..n], addr).is_err()
                     {
                         *bytes += u64::from(written);
                         return written;
                     }
-                    written += n as u32;
+                    written = total;
                     left -= n as u32;
                     addr = vm_memory::GuestAddress(addr.0 + n as u64);
                 }
@@ -220,8 +229,14 @@ mod tests {
         let stats = std::thread::scope(|s| {
             let served = s.spawn(|| rng.run(&mem, &events).unwrap());
             kicks.notify().unwrap();
-            // Stop once the device has served the kick (its interrupts are the sign).
+            // Stop once the device has served the kick (its interrupts are the sign); a device
+            // that never does fails here rather than hanging the test.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while irq.triggers() < 4 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the device served no kick"
+                );
                 std::thread::yield_now();
             }
             stop.stop().unwrap();
