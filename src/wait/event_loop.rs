@@ -119,6 +119,7 @@ impl EventLoop {
 
     /// Takes back a stop, so the loop can be waited on again (for the injector, which a VMM
     /// may stop and run again).
+    #[cfg(feature = "kvm")]
     pub(crate) fn rearm(&self) -> Result<()> {
         self.stop.try_read().map(drop)
     }
