@@ -58,7 +58,7 @@ impl GuestExit {
         match *self {
             GuestExit::IoapicEoi { .. } => true,
             GuestExit::MmioWrite { addr, .. } | GuestExit::MmioRead { addr, .. } => {
-                ioapic_offset(addr).is_some()
+                (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(&addr)
             }
             _ => false,
         }
@@ -109,12 +109,6 @@ impl GuestExit {
             _ => false,
         }
     }
-}
-
-/// `addr`'s offset in the IOAPIC's register window, if it is in it.
-pub(crate) fn ioapic_offset(addr: u64) -> Option<u64> {
-    addr.checked_sub(IOAPIC_BASE)
-        .filter(|&offset| offset < IOAPIC_SIZE)
 }
 
 /// Called on the vCPU thread for every [`GuestExit`], before the guest resumes. For reads,
