@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vm_notify::kvm::{GsiRouter, MsiMessage};
 use vm_notify::msix::MsixVectors;
-use vm_notify::{IrqFd, Mode, Notifier};
+use vm_notify::{Mode, Notifier, Vm};
 use vm_notify_testkit::TinyVm;
 
 mod common;
@@ -50,9 +50,10 @@ fn remove_routes(router: &GsiRouter, gsis: Vec<u32>) {
     tx.commit().unwrap();
 }
 
-fn configure_batched(router: &GsiRouter) -> Duration {
-    let msix = MsixVectors::new(router, VECTORS).unwrap();
-    msix.set_enabled(true).unwrap();
+fn configure_batched(vm: &Vm) -> Duration {
+    let msix = vm.msix(VECTORS).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let entries: Vec<_> = (0..VECTORS).map(|i| (i, message(i), false)).collect();
     let start = Instant::now();
     msix.configure(&entries).unwrap();
@@ -61,9 +62,10 @@ fn configure_batched(router: &GsiRouter) -> Duration {
     t
 }
 
-fn configure_one_by_one(router: &GsiRouter) -> Duration {
-    let msix = MsixVectors::new(router, VECTORS).unwrap();
-    msix.set_enabled(true).unwrap();
+fn configure_one_by_one(vm: &Vm) -> Duration {
+    let msix = vm.msix(VECTORS).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let start = Instant::now();
     for i in 0..VECTORS {
         msix.set_message(i, message(i)).unwrap();
@@ -98,7 +100,8 @@ fn routes_one_by_one(router: &GsiRouter) -> Duration {
 
 /// Assigning 1024 irqfds on committed routes, eventfds created beforehand: the part of a batched
 /// configuration that batching the routes cannot remove.
-fn irqfds_alone(router: &GsiRouter) -> Duration {
+fn irqfds_alone(vm: &Vm) -> Duration {
+    let router = vm.router();
     let gsis = add_routes(router, VECTORS);
     let notifiers: Vec<_> = (0..VECTORS)
         .map(|_| Notifier::new(Mode::Counter).unwrap())
@@ -107,7 +110,7 @@ fn irqfds_alone(router: &GsiRouter) -> Duration {
     let irqfds: Vec<_> = gsis
         .iter()
         .zip(&notifiers)
-        .map(|(&gsi, n)| IrqFd::with_notifier(router, gsi, n).unwrap())
+        .map(|(&gsi, n)| vm.irqfd_with(gsi, n).unwrap())
         .collect();
     let t = start.elapsed();
     drop(irqfds);
@@ -142,15 +145,16 @@ fn one_commit(router: &GsiRouter, extra: usize) -> Duration {
 }
 
 /// One vector, unmasked and enabled: delivering.
-fn delivering_vector(router: &GsiRouter) -> MsixVectors {
-    let msix = MsixVectors::new(router, 1).unwrap();
+fn delivering_vector(vm: &Vm) -> MsixVectors {
+    let msix = vm.msix(1).unwrap();
     msix.configure(&[(0, message(0), false)]).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     msix
 }
 
-fn mask_unmask(router: &GsiRouter) -> Duration {
-    let msix = delivering_vector(router);
+fn mask_unmask(vm: &Vm) -> Duration {
+    let msix = delivering_vector(vm);
     let start = Instant::now();
     for _ in 0..MASK_PAIRS {
         msix.set_masked(0, true).unwrap();
@@ -161,8 +165,8 @@ fn mask_unmask(router: &GsiRouter) -> Duration {
 
 /// One retarget of a delivering vector (its message's destination moved between APIC 0 and 1):
 /// the time per `set_message`, which is one routing commit.
-fn retarget(router: &GsiRouter) -> Duration {
-    let msix = delivering_vector(router);
+fn retarget(vm: &Vm) -> Duration {
+    let msix = delivering_vector(vm);
     let start = Instant::now();
     for i in 0..MASK_PAIRS {
         msix.set_message(0, MsiMessage::x86((i % 2) as u8, 0x40))
@@ -191,15 +195,15 @@ fn main() {
     let mut eventfds = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
-        batched.push(configure_batched(router));
-        single.push(configure_one_by_one(router));
+        batched.push(configure_batched(vm.notify()));
+        single.push(configure_one_by_one(vm.notify()));
         routes_tx.push(routes_batched(router));
         routes_single.push(routes_one_by_one(router));
         commit_small.push(one_commit(router, 1));
         commit_large.push(one_commit(router, VECTORS));
-        pairs.push(mask_unmask(router));
-        retargets.push(retarget(router));
-        irqfds.push(irqfds_alone(router));
+        pairs.push(mask_unmask(vm.notify()));
+        retargets.push(retarget(vm.notify()));
+        irqfds.push(irqfds_alone(vm.notify()));
         eventfds.push(eventfds_alone());
     }
     let (b, s) = (median(batched), median(single));

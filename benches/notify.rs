@@ -38,7 +38,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit, VcpuFd};
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::{AdaptivePoll, EventLoop};
-use vm_notify::{Attempt, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Attempt, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -391,7 +391,7 @@ fn kicks(kicks: u64, target: Target, register: bool) -> f64 {
         Target::Pio => WriteMatch::pio(NOTIFY_PORT.into()),
         _ => WriteMatch::mmio(NOTIFY),
     };
-    let _reg = register.then(|| IoEvent::register(vm.vm(), at, &n).unwrap());
+    let _reg = register.then(|| vm.notify().ioevent(at, &n).unwrap());
     let vmm = n.dup().unwrap();
     let pinned = OnVcpuCpu::new();
     let running = vm
@@ -447,7 +447,7 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
     let mut vm = TinyVm::new().unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi).unwrap();
+    let irq = vm.notify().irqfd(gsi).unwrap();
     let guest = ping_pong_guest(round_trips);
     if wait == DeviceWait::Exit {
         let mut gaps = Vec::with_capacity(round_trips as usize);
@@ -478,7 +478,10 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
             cpu_idle: f64::NAN,
         };
     }
-    let _reg = IoEvent::register(vm.vm(), WriteMatch::mmio(NOTIFY), &kicks).unwrap();
+    let _reg = vm
+        .notify()
+        .ioevent(WriteMatch::mmio(NOTIFY), &kicks)
+        .unwrap();
     let wake = kicks.dup().unwrap();
     let idle_started = Arc::new(AtomicBool::new(false));
     let device = {
@@ -559,7 +562,7 @@ fn ping_pong(round_trips: u64, wait: DeviceWait, idle: Duration) -> PingPong {
 fn interrupt_throughput(interrupts: u64) -> (f64, u64, u64) {
     let mut vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi).unwrap();
+    let irq = vm.notify().irqfd(gsi).unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(VECTOR, Eoi::Lapic);
@@ -605,7 +608,7 @@ fn registration(n: usize) -> (f64, f64) {
         .enumerate()
         .map(|(i, notifier)| {
             let m = WriteMatch::mmio(0xd100_0000 + 8 * i as u64).width(Width::W4);
-            IoEvent::register(vm.vm(), m, notifier).unwrap()
+            vm.notify().ioevent(m, notifier).unwrap()
         })
         .collect();
     let reg = start.elapsed();

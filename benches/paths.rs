@@ -14,7 +14,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vm_notify::fallback::{Backend, ExitDispatcher, Policy};
+use vm_notify::fallback::{ExitDispatcher, Policy};
 use vm_notify::kvm::MsiMessage;
 use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
@@ -41,16 +41,14 @@ fn dispatch(d: &ExitDispatcher, addr: u64) -> Duration {
 /// Microseconds per kick → interrupt round trip on `kind`'s path.
 fn ping_pong(kind: Policy) -> Duration {
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let _kick = backend
-        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
-    let irq = backend
-        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
-        .unwrap();
+    let irq = backend.irqfd(gsi).unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x40, Eoi::Lapic);
@@ -87,7 +85,7 @@ fn main() {
     println!("|---|---|");
     for n in [1u64, 100, 1000] {
         let backend_vm = TinyVm::new().unwrap();
-        let backend = Backend::new(backend_vm.vm().clone(), Policy::Userspace);
+        let backend = backend_vm.notify().with_policy(Policy::Userspace);
         backend_vm.run_injector(&backend).unwrap();
         let notifiers: Vec<_> = (0..n)
             .map(|_| Notifier::new(Mode::Counter).unwrap())
@@ -97,7 +95,7 @@ fn main() {
             .enumerate()
             .map(|(i, notifier)| {
                 let m = WriteMatch::mmio(BASE + 8 * i as u64).width(Width::W4);
-                backend.register(m, notifier).unwrap()
+                backend.ioevent(m, notifier).unwrap()
             })
             .collect();
         let d = backend.dispatcher();

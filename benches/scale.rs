@@ -92,7 +92,7 @@ fn one_by_one(root: &Vm) -> (Duration, Duration) {
     let queues: Vec<_> = (0..QUEUES)
         .map(|i| {
             let kick = root.ioevent(kick_match(i), &kicks[i]).unwrap();
-            let gsi = root.route_msi(message(i)).unwrap();
+            let gsi = root.router().route_msi(message(i)).unwrap();
             (kick, root.irqfd_with(gsi, &calls[i]).unwrap(), gsi)
         })
         .collect();

@@ -19,7 +19,7 @@ use std::thread;
 use std::time::Duration;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::NotifierSubscriber;
 use vm_notify::{IrqFd, Mode, Notifier, Width, WriteMatch};
@@ -44,12 +44,12 @@ struct Figures {
 
 fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     // The injector of the interrupts placed in userspace joins the device in the VMM's one
     // event-manager loop below: no thread of its own.
-    let injector = backend.injector(vm.router())?;
+    let injector = backend.injector()?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
-    let irq: IrqFd = backend.irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter)?)?;
+    let irq: IrqFd = backend.irqfd(gsi)?;
     let irq_path = format!("{:?}", irq.placement());
 
     // The device: one subscriber watching every queue; its callback is all the device code.
@@ -70,7 +70,7 @@ fn run(kind: Policy, rounds: u64) -> Result<Figures, Box<dyn std::error::Error>>
         let notify = WriteMatch::mmio(QUEUE_NOTIFY)
             .width(Width::W4)
             .datamatch(q.into());
-        registrations.push(backend.register(notify, &kicks)?);
+        registrations.push(backend.ioevent(notify, &kicks)?);
         subscriber.watch(q, &kicks)?;
     }
     let queue_path = format!("{:?}", registrations[0].placement());

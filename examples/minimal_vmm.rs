@@ -20,7 +20,7 @@ use std::time::Duration;
 use iced_x86::code_asm::{dword_ptr, eax, rdi};
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::EventLoop;
-use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, TinyVm};
 
 /// The device's registers: a virtio-mmio style window; QueueNotify at +0x50.
@@ -62,15 +62,14 @@ fn guest_program(rounds: u64) -> Result<GuestProgram, vm_notify_testkit::Error> 
 fn run_with_notifiers(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let kicks = Notifier::new(Mode::Counter)?;
-    let _notify = IoEvent::register(
-        vm.vm(),
+    let _notify = vm.notify().ioevent(
         WriteMatch::mmio(QUEUE_NOTIFY)
             .width(Width::W4)
             .datamatch(QUEUE),
         &kicks,
     )?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
-    let irq = IrqFd::new(vm.router(), gsi)?;
+    let irq = vm.notify().irqfd(gsi)?;
 
     // The device thread waits on its queue notifiers with the event loop; each wake-up gives
     // the kicks since the last one. The device processes its queue and signals used buffers
@@ -113,7 +112,7 @@ fn run_with_notifiers(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>
 fn run_with_exits(rounds: u64) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut vm = TinyVm::new()?;
     let gsi = vm.router().route_msi(MsiMessage::x86(0, VECTOR))?;
-    let irq = IrqFd::new(vm.router(), gsi)?;
+    let irq = vm.notify().irqfd(gsi)?;
     let run = vm.start(
         guest_program(rounds)?,
         move |e: &GuestExit, _: &mut [u8]| {
@@ -154,8 +153,7 @@ fn kick_cost(
     let counter = Notifier::new(Mode::Counter)?;
     let _notify = registered
         .then(|| {
-            IoEvent::register(
-                vm.vm(),
+            vm.notify().ioevent(
                 WriteMatch::mmio(QUEUE_NOTIFY)
                     .width(Width::W4)
                     .datamatch(QUEUE),

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
+use vm_notify::msix::MSIX_ENABLE;
 use vm_notify::virtio::PciLayout;
 use vm_notify::Vm;
 
@@ -22,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the common configuration's `queue_msix_vector` to `pci.set_queue_vector`):
     msix.set_message(0, MsiMessage::x86(0, 0x40))?;
     msix.set_masked(0, false)?;
-    msix.set_enabled(true)?;
+    msix.write_message_control(MSIX_ENABLE)?;
     pci.set_queue_vector(0, 0);
 
     // The device thread: `queue.kicks().read()?` waits for the guest's notify writes to

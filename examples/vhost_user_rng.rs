@@ -19,11 +19,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vm_notify::vhost_user::VhostUserFrontend;
-use vm_notify::virtio::MMIO_QUEUE_NOTIFY;
-use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const BASE: u64 = 0xd000_0000;
+/// virtio-mmio `QueueNotify`, from virtio-bindings.
+const MMIO_QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 const IRQ: u8 = 6;
 const VECTOR: u8 = 0x20 + IRQ;
 const LENGTHS: [u32; 4] = [16, 64, 256, 512];
@@ -36,14 +37,13 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
     queue.lay_out(&vm)?;
     let backend = vhost_backend::Backend::start("example");
     let mut frontend = VhostUserFrontend::connect(&backend.socket, 1, vm.memory(), FEATURES)?;
-    let kick = IoEvent::register(
-        vm.vm(),
+    let kick = vm.notify().ioevent(
         WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
             .width(Width::W4)
             .datamatch(0),
         &Notifier::new(Mode::Counter)?,
     )?;
-    let call = IrqFd::new(vm.router(), IRQ.into())?;
+    let call = vm.notify().irqfd(IRQ.into())?;
     frontend.start_queue(queue.vring(0), kick, call)?;
 
     let mut p = GuestProgram::new()?;

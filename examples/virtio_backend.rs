@@ -22,10 +22,14 @@ use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
 use vm_notify::fallback::{Placement, Policy};
 use vm_notify::io::IoRegion;
-use vm_notify::virtio::{MmioLayout, INT_VRING, MMIO_QUEUE_NOTIFY};
+use vm_notify::virtio::MmioLayout;
 use vm_notify_testkit::{Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const BASE: u64 = 0xd000_0000;
+/// virtio-mmio `QueueNotify`, from virtio-bindings.
+const MMIO_QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+/// `InterruptStatus` bit: a used buffer was added.
+const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 const IRQ: u8 = 5;
 const VECTOR: u8 = 0x20 + IRQ;
 const SEEN_SLOT: usize = 0;
@@ -41,7 +45,7 @@ fn run(requests: u64) -> Result<bool, Box<dyn std::error::Error>> {
         gsi: IRQ.into(),
     };
     let root = vm.notify().with_policy(Policy::Auto);
-    vm.run_injector(root.backend())?;
+    vm.run_injector(&root)?;
     let notify = Arc::new(root.virtio_mmio(&device)?);
     let queue = SplitQueue::new(0, 16, &LENGTHS)?;
     queue.lay_out(&vm)?;

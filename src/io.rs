@@ -126,14 +126,14 @@ impl IoRegion {
     }
 
     /// A virtio-mmio device's notification registers: register it at the device's base plus
-    /// [`MMIO_QUEUE_NOTIFY`](crate::virtio::MMIO_QUEUE_NOTIFY) over 0x18 bytes (through
+    /// `VIRTIO_MMIO_QUEUE_NOTIFY` (0x50) over 0x18 bytes (through
     /// `InterruptACK`), and the rest of the device's window as the VMM's own device. Reads of
     /// `InterruptStatus` and writes of `InterruptACK` and `QueueNotify` go to the [`MmioNotify`].
     pub fn mmio_notify(notify: Arc<MmioNotify>) -> Self {
         IoRegion::new(Target::MmioNotify(notify))
     }
 
-    /// The exit dispatcher of a [`Backend`](crate::fallback::Backend): register it over the
+    /// The exit dispatcher of a [`Vm`](crate::Vm) ([`Vm::dispatcher`](crate::Vm::dispatcher)): register it over the
     /// ranges of the ioeventfds placed in userspace (an [`IoEvent`](crate::IoEvent)'s
     /// [`write_match`](crate::IoEvent::write_match) says where). Addresses are absolute: the
     /// range's base plus the offset.

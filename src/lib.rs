@@ -23,7 +23,7 @@
 //!   irqfd bindings;
 //! * [`msix`]: a function's MSI-X vectors with mask and pending bits that lose and double nothing,
 //!   whose table and PBA a VMM emulates through [`io::IoRegion`];
-//! * [`fallback`]: the placement policy ([`Backend`](fallback::Backend)): the same registrations
+//! * [`fallback`]: the placement policy ([`Policy`](fallback::Policy)): the same registrations
 //!   in the kernel or in userspace (an exit dispatcher, an injector the VMM runs), chosen per
 //!   registration, behind [`IoEvent`], [`IrqFd`] and [`LevelIrqFd`];
 //! * [`device`]: what devices see — [`GuestInterrupt`] and [`QueueKicks`], implemented by every
@@ -59,7 +59,7 @@
 //! let _notify = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0), &kicks)?;
 //!
 //! // device -> guest
-//! let irq = vm.irqfd(vm.route_msi(MsiMessage::x86(0, 0x40))?)?;
+//! let irq = vm.irqfd(vm.router().route_msi(MsiMessage::x86(0, 0x40))?)?;
 //!
 //! // The device thread (here no guest runs, so nothing has kicked yet):
 //! match kicks.try_read()? {
@@ -127,7 +127,8 @@ pub use vm::{Batch, Vm};
 /// The README's code, compiled as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
+#[allow(dead_code)]
+struct ReadmeDoctests;
 
 #[cfg(all(test, feature = "kvm"))]
 mod tests {

@@ -258,7 +258,7 @@ impl Notifier {
     /// # Errors
     ///
     /// [`Error::Notifier`] if fdinfo cannot be read or shows no count.
-    pub fn peek(&self) -> Result<u64> {
+    pub(crate) fn peek(&self) -> Result<u64> {
         let info = fdinfo(self.fd.as_raw_fd())?;
         fdinfo_field(&info, "eventfd-count")
             .and_then(|v| u64::from_str_radix(v, 16).ok())
@@ -285,8 +285,8 @@ impl Notifier {
         })
     }
 
-    /// The underlying vmm-sys-util eventfd, for APIs that take one.
-    pub fn as_event_fd(&self) -> &EventFd {
+    /// The underlying vmm-sys-util eventfd, for the code in this crate that hands it to KVM.
+    pub(crate) fn as_event_fd(&self) -> &EventFd {
         &self.fd
     }
 
@@ -323,6 +323,13 @@ impl Notifier {
 impl AsRawFd for Notifier {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// The underlying vmm-sys-util eventfd, for APIs that take one (vhost's `set_vring_call`, say).
+impl AsRef<EventFd> for Notifier {
+    fn as_ref(&self) -> &EventFd {
+        &self.fd
     }
 }
 

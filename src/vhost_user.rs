@@ -11,7 +11,7 @@
 //! dropping the frontend unregisters both (and closes the connection).
 //!
 //! MSI-X with an external writer: the backend holds the vector's own eventfd
-//! ([`MsixVectors::notifier`](crate::msix::MsixVectors::notifier)), and masking detaches the irqfd but keeps that eventfd, so a call
+//! ([`MsixVector::notifier`](crate::msix::MsixVector::notifier)), and masking detaches the irqfd but keeps that eventfd, so a call
 //! made while masked stays in its counter — the pending bit the guest reads in the PBA — and is
 //! delivered on unmask. When the guest moves the queue to another vector,
 //! [`VhostUserFrontend::set_call`] hands the backend the new vector's eventfd.

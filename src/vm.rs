@@ -11,7 +11,7 @@ use crate::fallback::{
 };
 use crate::irqchip::Ioapic;
 use crate::kvm::{Gsi, GsiRouter, MsiMessage, WriteMatch};
-use crate::msix::MsixVectors;
+use crate::msix::{MsixState, MsixVectors};
 use crate::notifier::{Mode, Notifier};
 use crate::virtio::{MmioLayout, MmioNotify, PciLayout, PciNotify, PciNotifyState};
 
@@ -34,7 +34,7 @@ use crate::virtio::{MmioLayout, MmioNotify, PciLayout, PciNotify, PciNotifyState
 /// let _injector = vm.injector()?.spawn()?;
 /// let kicks = Notifier::new(Mode::Counter)?;
 /// let _notify = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
-/// let irq = vm.irqfd(vm.route_msi(MsiMessage::x86(0, 0x40))?)?;
+/// let irq = vm.irqfd(vm.router().route_msi(MsiMessage::x86(0, 0x40))?)?;
 /// irq.trigger()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -59,7 +59,8 @@ impl Vm {
     ///
     /// # Errors
     ///
-    /// Those of [`GsiRouter::new`].
+    /// [`Error::MissingCapability`](crate::Error::MissingCapability) when the VM has no
+    /// in-kernel irqchip or KVM lacks `KVM_CAP_IRQ_ROUTING`.
     pub fn new(fd: Arc<VmFd>, policy: Policy) -> Result<Vm> {
         Ok(Vm {
             router: GsiRouter::new(fd.clone())?,
@@ -77,7 +78,8 @@ impl Vm {
     /// # Errors
     ///
     /// [`Error::SplitIrqchip`](crate::Error::SplitIrqchip) when KVM refuses the mode, and
-    /// those of [`GsiRouter::split`].
+    /// [`Error::MissingCapability`](crate::Error::MissingCapability) when KVM lacks
+    /// `KVM_CAP_IRQ_ROUTING` or `KVM_CAP_SPLIT_IRQCHIP`.
     pub fn with_split_irqchip(fd: Arc<VmFd>, policy: Policy) -> Result<Vm> {
         crate::sys::enable_split_irqchip(&fd, crate::kvm::IRQCHIP_GSIS)?;
         let router = GsiRouter::split(fd.clone())?;
@@ -107,19 +109,25 @@ impl Vm {
         }
     }
 
-    /// Treats `cap` as missing from KVM (see [`Backend::disable`]).
+    /// Treats `cap` as missing from KVM: for hosts where a capability exists but must not be
+    /// used, and for testing the fallback. Registrations this root makes afterwards fall back (or,
+    /// on [`Policy::Kernel`], fail with [`Error::MissingCapability`](crate::Error::MissingCapability))
+    /// as they would on a host without it.
     pub fn disable(mut self, cap: Capability) -> Vm {
         self.backend = self.backend.disable(cap);
         self
     }
 
-    /// The injector of the interrupts this root places in userspace (see
-    /// [`Backend::injector`]): the VMM runs it, as with `vm.injector()?.spawn()?`, when it uses
-    /// [`Policy::Userspace`] or [`Policy::Auto`], or the split irqchip's pins.
+    /// The injector of the interrupts this VM places in userspace, made on first use (its epoll
+    /// descriptor; no thread). The VMM runs it, as with `vm.injector()?.spawn()?`, when it places
+    /// any interrupt in userspace: on [`Policy::Userspace`], on [`Policy::Auto`] where the kernel
+    /// cannot take one, and for the split irqchip's pins on every policy. Until it runs, those
+    /// interrupts wait in their notifiers. Every root of one VM ([`with_policy`](Self::with_policy))
+    /// shares it.
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::injector`].
+    /// Those of [`EventLoop::new`](crate::wait::EventLoop::new), the first time.
     pub fn injector(&self) -> Result<Injector> {
         self.backend.injector(&self.router)
     }
@@ -134,88 +142,152 @@ impl Vm {
         &self.router
     }
 
-    /// The placement policy's backend.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
-    }
-
     /// The dispatcher the vCPU loop hands `KVM_EXIT_MMIO` / `KVM_EXIT_IO` writes to.
     pub fn dispatcher(&self) -> &ExitDispatcher {
         self.backend.dispatcher()
     }
 
-    /// Guest writes matching `write` add 1 to `notifier` (see [`Backend::register`]).
+    /// Guest writes matching `write` add 1 to `notifier`: a kernel ioeventfd, or on the userspace
+    /// path an entry in the [`dispatcher`](Self::dispatcher), as the policy places it. The
+    /// registration keeps a clone of the notifier (the same descriptor, none opened).
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::register`].
+    /// The validation errors of [`WriteMatch::validate`]; [`Error::IoEventExists`] for an
+    /// overlap with a registration of this VM (on either path) or one the kernel holds;
+    /// on the kernel path [`Error::MissingCapability`] without `KVM_CAP_IOEVENTFD` (or
+    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH` for [`Width::Any`](crate::Width::Any)) on
+    /// [`Policy::Kernel`], [`Error::IoBusFull`] when the kernel bus is full,
+    /// [`Error::FdExhausted`] when no descriptor is left and [`Error::IoEvent`] for other errnos
+    /// (on [`Policy::Auto`] the kernel's refusals fall back to userspace instead).
+    ///
+    /// [`Error::IoEventExists`]: crate::Error::IoEventExists
+    /// [`Error::MissingCapability`]: crate::Error::MissingCapability
+    /// [`Error::IoBusFull`]: crate::Error::IoBusFull
+    /// [`Error::FdExhausted`]: crate::Error::FdExhausted
+    /// [`Error::IoEvent`]: crate::Error::IoEvent
     pub fn ioevent(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         self.backend.register(write, notifier)
     }
 
-    /// An edge interrupt on `gsi` with a notifier of its own (see [`Backend::irqfd`]).
+    /// An edge interrupt on `gsi` with a notifier of its own ([`IrqFd::notifier`] gives it to
+    /// whoever triggers). See [`irqfd_with`](Self::irqfd_with).
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::irqfd`].
+    /// Those of [`irqfd_with`](Self::irqfd_with).
     pub fn irqfd(&self, gsi: Gsi) -> Result<IrqFd> {
         self.irqfd_with(gsi, &Notifier::new(Mode::Counter)?)
     }
 
-    /// An edge interrupt on `gsi` that `notifier` triggers (see [`Backend::irqfd`]).
+    /// An edge interrupt on `gsi` that `notifier` triggers: a kernel irqfd (`KVM_IRQFD`), or on
+    /// the userspace path the [`injector`](Self::injector) (`KVM_IRQ_LINE` pulse for irqchip
+    /// routes, `KVM_SIGNAL_MSI` for MSI routes). One injection per wake-up of the notifier either
+    /// way; a count already in the notifier is injected at once. The irqfd keeps a handle to the
+    /// notifier (the same descriptor).
+    ///
+    /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
+    /// policy: the injector pulses it on the [`ioapic`](Self::ioapic), which delivers as the guest
+    /// programmed the pin ([`Fallback::SplitIrqchip`](crate::fallback::Fallback::SplitIrqchip)).
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::irqfd`].
+    /// [`Error::GsiOutOfRange`](crate::Error::GsiOutOfRange),
+    /// [`Error::UnroutedGsi`](crate::Error::UnroutedGsi) when `gsi` has no committed route,
+    /// [`Error::IrqFdBusy`](crate::Error::IrqFdBusy) when the notifier is already an irqfd,
+    /// [`Error::FdExhausted`](crate::Error::FdExhausted); on the kernel path
+    /// [`Error::MissingCapability`](crate::Error::MissingCapability) without `KVM_CAP_IRQFD` on
+    /// [`Policy::Kernel`] and [`Error::IrqFd`](crate::Error::IrqFd) for the kernel's refusal (on
+    /// [`Policy::Auto`] these fall back to userspace).
     pub fn irqfd_with(&self, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
         self.backend.irqfd(&self.router, gsi, notifier)
     }
 
-    /// A level interrupt on `gsi` with trigger and resample notifiers of its own (see
-    /// [`Backend::level_irqfd`]).
+    /// A level interrupt on `gsi` with trigger and resample notifiers of its own. See
+    /// [`level_irqfd_with`](Self::level_irqfd_with).
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::level_irqfd`].
+    /// Those of [`level_irqfd_with`](Self::level_irqfd_with).
     pub fn level_irqfd(&self, gsi: Gsi) -> Result<LevelIrqFd> {
         let (trigger, resample) = (Notifier::new(Mode::Counter)?, Notifier::new(Mode::Counter)?);
+        self.level_irqfd_with(gsi, &trigger, &resample)
+    }
+
+    /// A level interrupt on `gsi` that `trigger` asserts, with `resample` signalled at its EOI:
+    /// a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`, or on the userspace path the
+    /// [`injector`](Self::injector), which holds the line high with `KVM_IRQ_LINE` until
+    /// [`LevelIrqFd::deassert`] (see [`LevelIrqFd`] for the device's side, the same on both).
+    /// For eventfds made elsewhere (a vhost-user backend's call fd, say).
+    ///
+    /// On the split irqchip a GSI below 24 is a pin of the userspace IOAPIC, whatever the
+    /// policy: the injector asserts it on the [`ioapic`](Self::ioapic), which lowers it and
+    /// signals `resample` at the guest's EOI, as a kernel resample irqfd does.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`irqfd_with`](Self::irqfd_with), plus
+    /// [`Error::ResampleNeedsIrqchip`](crate::Error::ResampleNeedsIrqchip) when `gsi` is routed
+    /// as an MSI and, on [`Policy::Kernel`],
+    /// [`Error::MissingCapability`](crate::Error::MissingCapability) without
+    /// `KVM_CAP_IRQFD_RESAMPLE`.
+    pub fn level_irqfd_with(
+        &self,
+        gsi: Gsi,
+        trigger: &Notifier,
+        resample: &Notifier,
+    ) -> Result<LevelIrqFd> {
         self.backend
-            .level_irqfd(&self.router, gsi, &trigger, &resample)
+            .level_irqfd(&self.router, gsi, trigger, resample)
     }
 
-    /// Routes a new GSI to `msg` (see [`GsiRouter::route_msi`]).
+    /// A function's `count` MSI-X vectors, in their reset state (see [`MsixVectors`]).
     ///
     /// # Errors
     ///
-    /// Those of [`GsiRouter::route_msi`].
-    pub fn route_msi(&self, msg: MsiMessage) -> Result<Gsi> {
-        self.router.route_msi(msg)
-    }
-
-    /// A function's `count` MSI-X vectors, in their reset state (see [`MsixVectors::new`]).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`MsixVectors::new`].
+    /// [`Error::MsixVectorCount`](crate::Error::MsixVectorCount) unless `1 <= count <= 2048`.
     pub fn msix(&self, count: usize) -> Result<MsixVectors> {
         MsixVectors::new(&self.router, count)
     }
 
-    /// The notification half of a virtio-mmio device (see [`MmioNotify::new`]).
+    /// The MSI-X vectors of a saved state ([`MsixVectors::save`]) on this VM (a new VM after
+    /// migration): every delivering vector re-registered; a pending bit on a delivering vector is
+    /// delivered now, on a masked one when the guest unmasks it. Restore the vCPUs' local APICs
+    /// first: a pending interrupt this delivers lands in them.
     ///
     /// # Errors
     ///
-    /// Those of [`MmioNotify::new`].
+    /// [`Error::MsixVectorCount`](crate::Error::MsixVectorCount), and the routing and irqfd
+    /// errors of registering.
+    pub fn restore_msix(&self, state: &MsixState) -> Result<MsixVectors> {
+        MsixVectors::restore(&self.router, state)
+    }
+
+    /// The notification half of a virtio-mmio device: `device.queues` queue notifications at
+    /// `base + 0x050` (4-byte writes, datamatch = queue index) and a level interrupt on
+    /// `device.gsi`, each placed by this root's policy.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ioevent`](Self::ioevent) and [`level_irqfd`](Self::level_irqfd).
     pub fn virtio_mmio(&self, device: &MmioLayout) -> Result<MmioNotify> {
         MmioNotify::new(&self.backend, &self.router, device)
     }
 
-    /// The device of a saved virtio-pci state, on this VM (see [`PciNotify::restore`]). Restore
-    /// the vCPUs' local APICs first: a pending interrupt this delivers lands in them.
+    /// The device of a saved virtio-pci state ([`PciNotify::save`]), on this VM: the MSI-X
+    /// vectors restored first (every delivering vector routed in one commit, a pending bit on a
+    /// delivering vector delivered once, now; on a masked one when it is unmasked), then the
+    /// notify addresses registered, the vectors set, and each queue that had unread kicks kicked
+    /// that many times, so its device sees the work it had not read and a device that had read
+    /// everything sees nothing extra. Restore the vCPUs' local APICs first: a pending interrupt
+    /// this delivers lands in them.
     ///
     /// # Errors
     ///
-    /// Those of [`PciNotify::restore`].
+    /// [`Error::SavedState`](crate::Error::SavedState) when the state does not fit itself (a
+    /// queue count other than the layout's, a vector past the table), before anything is made;
+    /// those of [`restore_msix`](Self::restore_msix) and [`virtio_pci`](Self::virtio_pci), and
+    /// [`Error::Notifier`](crate::Error::Notifier).
     pub fn restore_virtio_pci(&self, state: &PciNotifyState) -> Result<PciNotify> {
         PciNotify::restore(&self.backend, &self.router, state)
     }
@@ -279,12 +351,20 @@ impl Vm {
         Ok(batch)
     }
 
-    /// The notification half of a virtio-pci device whose queues interrupt on `vectors` (see
-    /// [`PciNotify::new`]).
+    /// The notification half of a virtio-pci device whose queues interrupt on `vectors`: one
+    /// notify address per queue, queue `i` at `notify_base + queue_notify_off[i] *
+    /// notify_off_multiplier`. A queue whose address is its own takes any write there
+    /// ([`Width::Any`](crate::Width::Any), no datamatch: the fastest MMIO ioeventfd KVM has, and
+    /// one that `VIRTIO_F_NOTIFICATION_DATA` writes match too); queues sharing an address take
+    /// 2-byte writes of their index (datamatch), as does every queue where KVM lacks
+    /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`. Every queue and the configuration start with
+    /// [`NO_VECTOR`](crate::virtio::NO_VECTOR).
     ///
     /// # Errors
     ///
-    /// Those of [`PciNotify::new`].
+    /// [`Error::VirtioQueueCount`](crate::Error::VirtioQueueCount) for more than 65535 queues,
+    /// [`Error::AddressWraps`](crate::Error::AddressWraps) when an address overflows, and those
+    /// of [`ioevent`](Self::ioevent).
     pub fn virtio_pci(&self, layout: &PciLayout, vectors: &MsixVectors) -> Result<PciNotify> {
         PciNotify::new(&self.backend, layout, vectors)
     }

@@ -4,11 +4,10 @@
 
 use std::process::Command;
 
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
-use vm_notify::msix::MsixVectors;
 use vm_notify::wait::EventLoop;
-use vm_notify::{IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, WriteMatch};
+use vm_notify::{Mode, Notifier, WriteMatch};
 use vm_notify_testkit::{kvm_test, TinyVm};
 
 /// Descriptors open without close-on-exec: the ones this process was started with that children
@@ -39,18 +38,23 @@ fn no_descriptor_survives_exec() {
     let vm = TinyVm::with_shared_memory().unwrap();
     let n = || Notifier::new(Mode::Counter).unwrap();
     let kick = n();
-    let _kernel = IoEvent::register(vm.vm(), WriteMatch::mmio(0xd000_0050), &kick).unwrap();
-    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let _kernel = vm
+        .notify()
+        .ioevent(WriteMatch::mmio(0xd000_0050), &kick)
+        .unwrap();
+    let user = vm.notify().with_policy(Policy::Userspace);
     vm.run_injector(&user).unwrap();
-    let _user = user.register(WriteMatch::mmio(0xd000_0060), &n()).unwrap();
-    let _edge = IrqFd::with_notifier(vm.router(), 4, &n()).unwrap();
-    let _injected = user.irqfd(vm.router(), 3, &n()).unwrap();
-    let _level = LevelIrqFd::with_notifiers(vm.router(), 5, &n(), &n()).unwrap();
-    let vectors = MsixVectors::new(vm.router(), 4).unwrap();
+    let _user = user.ioevent(WriteMatch::mmio(0xd000_0060), &n()).unwrap();
+    let _edge = vm.notify().irqfd_with(4, &n()).unwrap();
+    let _injected = user.irqfd_with(3, &n()).unwrap();
+    let _level = vm.notify().level_irqfd_with(5, &n(), &n()).unwrap();
+    let vectors = vm.notify().msix(4).unwrap();
     vectors.set_message(0, MsiMessage::x86(0, 0x40)).unwrap();
     vectors.set_masked(0, false).unwrap();
-    vectors.set_enabled(true).unwrap();
-    let _vector_fd = vectors.notifier(0).unwrap();
+    vectors
+        .write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
+    let _vector_fd = vectors.handle(0).unwrap().notifier().unwrap();
     let events = EventLoop::new().unwrap();
     events.add(1, &kick).unwrap();
 

@@ -43,7 +43,8 @@ fn device(vm: &Vm, queues: u16) -> PciNotify {
         })
         .collect();
     msix.configure(&entries).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let layout = PciLayout {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,

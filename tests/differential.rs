@@ -8,8 +8,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::kvm::IoEventAddress;
+use vm_notify::Vm;
 use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, GuestExit, GuestProgram, TinyVm};
 
@@ -61,7 +62,7 @@ fn widths_for(addr: IoEventAddress) -> &'static [usize] {
 
 /// One random case. `scratch` (a userspace backend) keeps only the registrations KVM's overlap
 /// rule allows; the other tests hold its rule to the kernel's.
-fn generate(seed: u64, scratch: &Backend) -> Case {
+fn generate(seed: u64, scratch: &Vm) -> Case {
     let mut rng = Rng(seed | 1);
     let mut held = Vec::new();
     let notifier = Notifier::new(Mode::Counter).unwrap();
@@ -77,7 +78,7 @@ fn generate(seed: u64, scratch: &Backend) -> Case {
         if width != Width::Any && rng.below(2) == 0 {
             m = m.datamatch(rng.below(4));
         }
-        if let Ok(reg) = scratch.register(m, &notifier) {
+        if let Ok(reg) = scratch.ioevent(m, &notifier) {
             held.push(reg);
             registrations.push(m);
         }
@@ -139,7 +140,7 @@ struct Observed {
 
 fn run(case: &Case, kind: Policy) -> Observed {
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let notifiers: Vec<Notifier> = case
         .registrations
@@ -150,7 +151,7 @@ fn run(case: &Case, kind: Policy) -> Observed {
         .registrations
         .iter()
         .zip(&notifiers)
-        .map(|(m, n)| backend.register(*m, n).unwrap())
+        .map(|(m, n)| backend.ioevent(*m, n).unwrap())
         .collect();
     let mut p = GuestProgram::new().unwrap();
     for &(addr, width, value) in &case.writes {
@@ -188,7 +189,7 @@ fn kernel_and_userspace_paths_agree_on_random_cases() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_0000);
     let scratch_vm = TinyVm::new().unwrap();
-    let scratch = Backend::new(scratch_vm.vm().clone(), Policy::Userspace);
+    let scratch = scratch_vm.notify().with_policy(Policy::Userspace);
     let (mut registrations, mut writes, mut untaken, mut quirky) = (0usize, 0usize, 0usize, 0);
     for i in 0..cases {
         let seed = first_seed + i;

@@ -3,9 +3,13 @@
 
 use std::sync::Arc;
 
-use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
-use vm_notify::kvm::{GsiRouter, IoEventAddress, MsiMessage, GSI_LIMIT, ROUTE_TABLE_LIMIT};
-use vm_notify::{Capability, Error, IoEvent, IrqFd, LevelIrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::fallback::{Fallback, Placement, Policy};
+use vm_notify::kvm::{IoEventAddress, MsiMessage, GSI_LIMIT};
+use vm_notify::Vm;
+
+/// KVM's route table size (`KVM_MAX_IRQ_ROUTES`): as many entries as there are GSIs.
+const ROUTE_TABLE_LIMIT: usize = GSI_LIMIT as usize;
+use vm_notify::{Capability, Error, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, TinyVm};
 
 fn notifier() -> Notifier {
@@ -70,7 +74,7 @@ fn invalid_matches_are_refused_before_kvm() {
         }),
     ];
     for (m, expect) in cases {
-        let e = IoEvent::register(vm.vm(), m, &n).unwrap_err();
+        let e = vm.notify().ioevent(m, &n).unwrap_err();
         assert!(expect(&e), "{m:?}: {e:?}");
         // The message names the address at fault.
         let at = format!("{:#x}", m.address().raw());
@@ -78,7 +82,7 @@ fn invalid_matches_are_refused_before_kvm() {
         // The refused match can be registered nowhere: a valid one at the same address works.
         let ok = WriteMatch::at(m.address()).width(Width::W1);
         if ok.validate().is_ok() {
-            drop(IoEvent::register(vm.vm(), ok, &n).unwrap());
+            drop(vm.notify().ioevent(ok, &n).unwrap());
         }
     }
     // What validation lets through, KVM takes: the last byte of MMIO space, the last port.
@@ -87,7 +91,7 @@ fn invalid_matches_are_refused_before_kvm() {
         WriteMatch::pio(0xffff).width(Width::W1),
         WriteMatch::pio(0xfffc).width(Width::W4),
     ] {
-        drop(IoEvent::register(vm.vm(), m, &n).unwrap());
+        drop(vm.notify().ioevent(m, &n).unwrap());
     }
 }
 
@@ -126,7 +130,7 @@ fn router_without_irqchip_is_refused() {
     kvm_test!();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let e = GsiRouter::new(vm).unwrap_err();
+    let e = Vm::new(vm, Policy::Kernel).unwrap_err();
     assert!(
         matches!(e, Error::MissingCapability(Capability::Irqchip)),
         "{e:?}"
@@ -153,8 +157,7 @@ fn split_irqchip_refusals_are_typed() {
 
     let split = TinyVm::with_split_irqchip(1).unwrap();
     let router = split.router();
-    let n = notifier();
-    let bare = Backend::new(split.vm().clone(), Policy::Auto);
+    let auto = split.notify().with_policy(Policy::Auto);
     for pin in [4, 10, 23] {
         let level = split.notify().level_irqfd(pin).unwrap();
         assert_eq!(
@@ -162,15 +165,18 @@ fn split_irqchip_refusals_are_typed() {
             &Placement::Userspace(Fallback::SplitIrqchip)
         );
         let pinned = |e: Error| matches!(e, Error::IoapicPin { gsi } if gsi == pin);
-        assert!(pinned(IrqFd::with_notifier(router, pin, &n).unwrap_err()));
-        assert!(pinned(bare.irqfd(router, pin, &n).unwrap_err()));
+        // Every root of the VM serves the pins through its IOAPIC, whatever its policy.
+        assert_eq!(
+            auto.irqfd(pin).unwrap().placement(),
+            &Placement::Userspace(Fallback::SplitIrqchip)
+        );
         assert!(pinned(
             router.set_msi(pin, MsiMessage::x86(0, 0x40)).unwrap_err()
         ));
         assert!(pinned(router.remove(pin).unwrap_err()));
     }
     // Above the pins, MSI routes work as on the in-kernel irqchip.
-    let gsi = split.notify().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
+    let gsi = split.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     assert!(gsi >= 24);
     assert_eq!(
         split.notify().irqfd(gsi).unwrap().placement(),
@@ -185,10 +191,10 @@ fn unknown_and_out_of_range_gsis_are_refused() {
     let router = vm.router();
     let n = notifier();
     // KVM would take GSI 100 silently and drop its interrupts.
-    let e = IrqFd::with_notifier(router, 100, &n).unwrap_err();
+    let e = vm.notify().irqfd_with(100, &n).unwrap_err();
     assert!(matches!(e, Error::UnroutedGsi { gsi: 100 }), "{e:?}");
     assert!(e.to_string().contains("GSI 100"), "{e}");
-    let e = IrqFd::with_notifier(router, 5000, &n).unwrap_err();
+    let e = vm.notify().irqfd_with(5000, &n).unwrap_err();
     assert!(
         matches!(
             e,
@@ -206,11 +212,11 @@ fn unknown_and_out_of_range_gsis_are_refused() {
         tx.add_msi(MsiMessage::x86(0, 0x40)).unwrap()
     };
     assert!(matches!(
-        IrqFd::with_notifier(router, gsi, &n),
+        vm.notify().irqfd_with(gsi, &n),
         Err(Error::UnroutedGsi { .. })
     ));
     assert_eq!(router.route_msi(MsiMessage::x86(0, 0x40)).unwrap(), gsi);
-    let irq = IrqFd::with_notifier(router, gsi, &n).unwrap();
+    let irq = vm.notify().irqfd_with(gsi, &n).unwrap();
     assert_eq!(router.irqfds(gsi), 1);
     drop(irq);
     assert_eq!(router.irqfds(gsi), 0);
@@ -221,15 +227,18 @@ fn a_notifier_injects_one_gsi_only() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
     let n = notifier();
-    let _first = IrqFd::with_notifier(vm.router(), 4, &n).unwrap();
-    let e = IrqFd::with_notifier(vm.router(), 5, &n).unwrap_err();
+    let _first = vm.notify().irqfd_with(4, &n).unwrap();
+    let e = vm.notify().irqfd_with(5, &n).unwrap_err();
     assert!(matches!(e, Error::IrqFdBusy { gsi: 5 }), "{e:?}");
     assert_eq!(
         vm.router().irqfds(5),
         0,
         "the refused binding is not counted"
     );
-    let e = LevelIrqFd::with_notifiers(vm.router(), 6, &n, &notifier()).unwrap_err();
+    let e = vm
+        .notify()
+        .level_irqfd_with(6, &n, &notifier())
+        .unwrap_err();
     assert!(matches!(e, Error::IrqFdBusy { gsi: 6 }), "{e:?}");
 }
 
@@ -239,7 +248,7 @@ fn routes_with_irqfds_cannot_be_removed() {
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let gsi = router.route_msi(MsiMessage::x86(0, 0x40)).unwrap();
-    let irq = IrqFd::with_notifier(router, gsi, &notifier()).unwrap();
+    let irq = vm.notify().irqfd_with(gsi, &notifier()).unwrap();
     let e = router.remove(gsi).unwrap_err();
     assert!(
         matches!(e, Error::GsiBusy { gsi: g, irqfds: 1 } if g == gsi),
@@ -281,7 +290,7 @@ fn full_route_table_is_a_typed_error_before_the_ioctl() {
     tx.commit().unwrap();
     assert_eq!(router.entries(), ROUTE_TABLE_LIMIT);
     // The irqchip's defaults survived the commit: an irqfd on a legacy line still binds.
-    let _legacy = IrqFd::with_notifier(router, 4, &notifier()).unwrap();
+    let _legacy = vm.notify().irqfd_with(4, &notifier()).unwrap();
 }
 
 #[test]
@@ -315,9 +324,9 @@ fn gsi_exhaustion_is_a_typed_error() {
 #[test]
 fn missing_capabilities_are_typed_at_the_backend_seam() {
     kvm_test!();
-    use vm_notify::fallback::{Backend, Policy};
+    use vm_notify::fallback::Policy;
     let vm = TinyVm::new().unwrap();
-    let kernel = |cap| Backend::new(vm.vm().clone(), Policy::Kernel).disable(cap);
+    let kernel = |cap| vm.notify().with_policy(Policy::Kernel).disable(cap);
     let n = notifier();
     let sized = WriteMatch::mmio(0xd000_0000).width(Width::W4);
     let any = WriteMatch::mmio(0xd000_0000);
@@ -325,23 +334,21 @@ fn missing_capabilities_are_typed_at_the_backend_seam() {
         (Capability::IoEventFd, sized),
         (Capability::IoEventFdAnyLength, any),
     ] {
-        let e = kernel(cap).register(m, &n).unwrap_err();
+        let e = kernel(cap).ioevent(m, &n).unwrap_err();
         assert!(
             matches!(e, Error::MissingCapability(c) if c == cap),
             "{e:?}"
         );
     }
     // The address is free: the refusals registered nothing.
-    drop(IoEvent::register(vm.vm(), any, &n).unwrap());
-    let e = kernel(Capability::IrqFd)
-        .irqfd(vm.router(), 4, &n)
-        .unwrap_err();
+    drop(vm.notify().ioevent(any, &n).unwrap());
+    let e = kernel(Capability::IrqFd).irqfd_with(4, &n).unwrap_err();
     assert!(
         matches!(e, Error::MissingCapability(Capability::IrqFd)),
         "{e:?}"
     );
     let e = kernel(Capability::IrqFdResample)
-        .level_irqfd(vm.router(), 10, &n, &notifier())
+        .level_irqfd_with(10, &n, &notifier())
         .unwrap_err();
     assert!(
         matches!(e, Error::MissingCapability(Capability::IrqFdResample)),
@@ -368,7 +375,7 @@ fn set_msi_on_an_irqchip_route_is_refused() {
 fn a_vector_past_the_table_is_refused() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
-    let v = vm_notify::msix::MsixVectors::new(vm.router(), 2).unwrap();
+    let v = vm.notify().msix(2).unwrap();
     for r in [
         v.trigger(2),
         v.set_masked(7, false),
@@ -414,14 +421,14 @@ fn set_fd_limit(soft: u64) {
 /// kind fails with `FdExhausted`, and once descriptors are back the same registrations succeed —
 /// nothing half-made was left in the kernel or the router.
 fn fd_exhaustion_child() {
-    use vm_notify::fallback::{Backend, Policy};
-    use vm_notify::msix::MsixVectors;
+    use vm_notify::fallback::Policy;
+
     let vm = TinyVm::new().unwrap();
     let n = notifier();
-    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let user = vm.notify().with_policy(Policy::Userspace);
     vm.run_injector(&user).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
-    let vectors = MsixVectors::new(vm.router(), 1).unwrap();
+    let vectors = vm.notify().msix(1).unwrap();
     vectors.set_message(0, MsiMessage::x86(0, 0x41)).unwrap();
     let sized = WriteMatch::mmio(0xd000_0000).width(Width::W4);
     let entries = vm.router().entries();
@@ -436,18 +443,12 @@ fn fd_exhaustion_child() {
     };
     set_fd_limit(lowest_free_fd());
     let results: Vec<(&str, Result<(), Error>)> = vec![
-        (
-            "kernel ioeventfd",
-            IoEvent::register(vm.vm(), sized, &n).map(drop),
-        ),
-        ("userspace ioeventfd", user.register(sized, &n).map(drop)),
-        (
-            "irqfd",
-            IrqFd::with_notifier(vm.router(), gsi, &n).map(drop),
-        ),
+        ("kernel ioeventfd", vm.notify().ioevent(sized, &n).map(drop)),
+        ("userspace ioeventfd", user.ioevent(sized, &n).map(drop)),
+        ("irqfd", vm.notify().irqfd_with(gsi, &n).map(drop)),
         (
             "level irqfd",
-            LevelIrqFd::with_notifiers(vm.router(), 10, &n, &n).map(drop),
+            vm.notify().level_irqfd_with(10, &n, &n).map(drop),
         ),
         ("MSI-X vector unmask", vectors.set_masked(0, false)),
         ("notifier", Notifier::new(Mode::Counter).map(drop)),
@@ -464,10 +465,10 @@ fn fd_exhaustion_child() {
     let refused = results.iter().filter(|(_, r)| r.is_err()).count();
     assert!(refused >= 1);
     // Nothing half-made: every one of them succeeds now.
-    drop(IoEvent::register(vm.vm(), sized, &n).unwrap());
-    drop(user.register(sized, &n).unwrap());
-    drop(IrqFd::with_notifier(vm.router(), gsi, &n).unwrap());
-    drop(LevelIrqFd::with_notifiers(vm.router(), 10, &n, &n).unwrap());
+    drop(vm.notify().ioevent(sized, &n).unwrap());
+    drop(user.ioevent(sized, &n).unwrap());
+    drop(vm.notify().irqfd_with(gsi, &n).unwrap());
+    drop(vm.notify().level_irqfd_with(10, &n, &n).unwrap());
     vectors.set_masked(0, false).unwrap();
     assert_eq!(vm.router().irqfds(gsi), 0);
     assert_eq!(vm.router().irqfds(10), 0);
@@ -517,7 +518,8 @@ fn fd_exhaustion_leaves_no_half_made_registration() {
 fn transactions_never_block_and_recheck_at_commit() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
-    let router = vm.router().clone();
+    let root = vm.notify().clone();
+    let router = root.router().clone();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let routed = router.route_msi(MsiMessage::x86(0, 0x40)).unwrap();
@@ -525,7 +527,7 @@ fn transactions_never_block_and_recheck_at_commit() {
         let a = tx.add_msi(MsiMessage::x86(0, 0x41)).unwrap();
         // The same thread, while `tx` is open:
         assert!(router.routes(a).is_empty(), "not committed yet");
-        let irq = IrqFd::new(&router, routed).unwrap();
+        let irq = root.irqfd(routed).unwrap();
         let mut other = router.transaction();
         let b = other.add_msi(MsiMessage::x86(0, 0x42)).unwrap();
         assert_ne!(a, b, "reserved GSIs are not handed out twice");
@@ -543,7 +545,7 @@ fn transactions_never_block_and_recheck_at_commit() {
         // ...and a removal whose GSI got an irqfd meanwhile.
         let mut removal = router.transaction();
         removal.remove(a).unwrap();
-        let irq = IrqFd::new(&router, a).unwrap();
+        let irq = root.irqfd(a).unwrap();
         let e = removal.commit().unwrap_err();
         assert!(
             matches!(e, Error::GsiBusy { gsi, irqfds: 1 } if gsi == a),

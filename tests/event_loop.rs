@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vm_notify::wait::EventLoop;
-use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, GuestProgram, TinyVm};
 
 const QUEUES: u64 = 64;
@@ -30,7 +30,7 @@ fn event_loop_counts_64_queues_and_stops_promptly() {
         // virtio-mmio QueueNotify: one register, the queue index as datamatch.
         let n = Notifier::new(Mode::Counter).unwrap();
         let m = WriteMatch::mmio(NOTIFY).width(Width::W4).datamatch(q);
-        regs.push(IoEvent::register(vm.vm(), m, &n).unwrap());
+        regs.push(vm.notify().ioevent(m, &n).unwrap());
         events.add(q, &n).unwrap();
     }
     assert_eq!(events.len(), QUEUES as usize);

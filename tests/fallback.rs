@@ -5,16 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
+use vm_notify::fallback::{Fallback, Placement, Policy};
 use vm_notify::kvm::MsiMessage;
-use vm_notify::{Capability, IoEvent, Mode, Notifier, Width, WriteMatch};
+use vm_notify::Vm;
+use vm_notify::{Capability, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const NOTIFY: u64 = 0xd000_0050;
 
 /// Runs `p`, handing every exit to `backend`'s dispatcher; returns the exits nothing took.
-fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> usize {
+fn run(vm: &mut TinyVm, backend: &Vm, p: GuestProgram) -> usize {
     let untaken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (d, u) = (backend.dispatcher().clone(), untaken.clone());
     vm.start(p, move |e: &GuestExit, _: &mut [u8]| {
@@ -33,11 +34,14 @@ fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> usize {
 fn missing_ioeventfd_capability_falls_back_and_counts() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IoEventFd);
+    let backend = vm
+        .notify()
+        .with_policy(Policy::Auto)
+        .disable(Capability::IoEventFd);
     vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
-        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
     assert_eq!(
         reg.placement(),
@@ -59,17 +63,18 @@ fn kernel_refusal_falls_back_with_the_reason() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let outside = Notifier::new(Mode::Counter).unwrap();
-    let _outside = IoEvent::register(
-        vm.vm(),
-        WriteMatch::mmio(NOTIFY).width(Width::W4).datamatch(1),
-        &outside,
-    )
-    .unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Auto);
+    let _outside = vm
+        .notify()
+        .ioevent(
+            WriteMatch::mmio(NOTIFY).width(Width::W4).datamatch(1),
+            &outside,
+        )
+        .unwrap();
+    let backend = vm.notify().with_policy(Policy::Auto);
     vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
-        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
     match reg.placement() {
         Placement::Userspace(Fallback::KernelRefused(why)) => {
@@ -98,12 +103,13 @@ fn missing_irqfd_capability_falls_back_to_the_injector() {
     kvm_test!();
     const ROUNDS: u64 = 1000;
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFd);
+    let backend = vm
+        .notify()
+        .with_policy(Policy::Auto)
+        .disable(Capability::IrqFd);
     vm.run_injector(&backend).unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x45)).unwrap();
-    let irq = backend
-        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
-        .unwrap();
+    let irq = backend.irqfd(gsi).unwrap();
     assert_eq!(
         irq.placement(),
         &Placement::Userspace(Fallback::Disabled(Capability::IrqFd))
@@ -111,7 +117,7 @@ fn missing_irqfd_capability_falls_back_to_the_injector() {
     // The guest kicks through a kernel ioeventfd; the device answers through the injector.
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let _kick = backend
-        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
         .unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
@@ -148,16 +154,16 @@ fn the_dispatcher_serves_exits_from_an_io_manager() {
     const ELSEWHERE: u64 = 0xd000_1000;
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let backend = vm.notify().with_policy(Policy::Userspace);
     let (mmio_kicks, pio_kicks) = (
         Notifier::new(Mode::Counter).unwrap(),
         Notifier::new(Mode::Counter).unwrap(),
     );
     let _mmio = backend
-        .register(WriteMatch::mmio(NOTIFY).width(Width::W4), &mmio_kicks)
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &mmio_kicks)
         .unwrap();
     let _pio = backend
-        .register(WriteMatch::pio(PORT.into()).width(Width::W2), &pio_kicks)
+        .ioevent(WriteMatch::pio(PORT.into()).width(Width::W2), &pio_kicks)
         .unwrap();
     let region = Arc::new(IoRegion::dispatcher(backend.dispatcher()));
     let mut io = IoManager::new();
@@ -213,15 +219,15 @@ fn the_injector_runs_again_after_a_stop_on_every_path() {
     const PER_PHASE: u64 = 100;
     const PHASES: u64 = 4;
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Userspace);
-    let injector = backend.injector(vm.router()).unwrap();
+    let backend = vm.notify().with_policy(Policy::Userspace);
+    let injector = backend.injector().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x46)).unwrap();
-    let irq = backend
-        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
-        .unwrap();
+    let irq = backend.irqfd(gsi).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
-    let _kick =
-        IoEvent::register(vm.vm(), WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks).unwrap();
+    let _kick = vm
+        .notify()
+        .ioevent(WriteMatch::mmio(NOTIFY).width(Width::W4), &kicks)
+        .unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x46, Eoi::Lapic);

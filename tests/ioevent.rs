@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use vm_notify::fallback::{Backend, Placement, Policy};
+use vm_notify::fallback::{Placement, Policy};
 use vm_notify::kvm::IoEventAddress;
+use vm_notify::Vm;
 use vm_notify::{Attempt, Error, IoEvent, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, GuestExit, GuestProgram, RunReport, TinyVm};
 
@@ -29,9 +30,9 @@ fn emit_write(p: &mut GuestProgram, addr: IoEventAddress, width: Width, value: u
 }
 
 /// A VM and a backend of `kind` on it.
-fn setup(kind: Policy) -> (TinyVm, Backend) {
+fn setup(kind: Policy) -> (TinyVm, Vm) {
     let vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     (vm, backend)
 }
@@ -42,7 +43,7 @@ type Unhandled = Arc<Mutex<Vec<GuestExit>>>;
 /// An exit handler that hands writes to the backend's dispatcher (what a VMM's vCPU loop does)
 /// and records the exits nothing took.
 fn dispatching(
-    backend: &Backend,
+    backend: &Vm,
 ) -> (
     impl FnMut(&GuestExit, &mut [u8]) + Send + 'static,
     Unhandled,
@@ -58,7 +59,7 @@ fn dispatching(
 }
 
 /// Runs `p` with the dispatching handler; returns the report and the unhandled exits.
-fn run(vm: &mut TinyVm, backend: &Backend, p: GuestProgram) -> (RunReport, Vec<GuestExit>) {
+fn run(vm: &mut TinyVm, backend: &Vm, p: GuestProgram) -> (RunReport, Vec<GuestExit>) {
     let (handler, unhandled) = dispatching(backend);
     let report = vm.start(p, handler).unwrap().wait(TIMEOUT).done().unwrap();
     let unhandled = unhandled.lock().unwrap().clone();
@@ -91,7 +92,7 @@ fn write_loop(kind: Policy, addr: IoEventAddress, width: Width, mode: Mode) -> (
     let (mut vm, backend) = setup(kind);
     let kicks = Notifier::new(mode).unwrap();
     let reg = backend
-        .register(WriteMatch::at(addr).width(width), &kicks)
+        .ioevent(WriteMatch::at(addr).width(width), &kicks)
         .unwrap();
 
     let mut p = GuestProgram::new().unwrap();
@@ -214,7 +215,7 @@ fn datamatch_routes_each_value_to_its_notifier() {
                 let m = WriteMatch::mmio(NOTIFY)
                     .width(Width::W4)
                     .datamatch(q as u64);
-                backend.register(m, n).unwrap()
+                backend.ioevent(m, n).unwrap()
             })
             .collect();
 
@@ -277,16 +278,16 @@ fn width_selects_the_registration() {
             .zip(&sized)
             .map(|(&w, n)| {
                 backend
-                    .register(WriteMatch::mmio(SIZED).width(w), n)
+                    .ioevent(WriteMatch::mmio(SIZED).width(w), n)
                     .unwrap()
             })
             .collect();
         let any = counter();
-        regs.push(backend.register(WriteMatch::mmio(ANY), &any).unwrap());
+        regs.push(backend.ioevent(WriteMatch::mmio(ANY), &any).unwrap());
         let only4 = counter();
         regs.push(
             backend
-                .register(WriteMatch::mmio(ONLY4).width(Width::W4), &only4)
+                .ioevent(WriteMatch::mmio(ONLY4).width(Width::W4), &only4)
                 .unwrap(),
         );
         // Port I/O: widths 1, 2 and 4; 8 is refused before KVM is asked.
@@ -294,11 +295,11 @@ fn width_selects_the_registration() {
         for (&w, n) in widths.iter().zip(&ports) {
             regs.push(
                 backend
-                    .register(WriteMatch::pio(PORT.into()).width(w), n)
+                    .ioevent(WriteMatch::pio(PORT.into()).width(w), n)
                     .unwrap(),
             );
         }
-        let refused = backend.register(WriteMatch::pio(PORT.into()).width(Width::W8), &any);
+        let refused = backend.ioevent(WriteMatch::pio(PORT.into()).width(Width::W8), &any);
         assert!(
             matches!(
                 refused,
@@ -384,7 +385,7 @@ fn dropping_the_guard_unregisters() {
         let (mut vm, backend) = setup(kind);
         let kicks = Notifier::new(Mode::Counter).unwrap();
         let write = WriteMatch::mmio(ADDR).width(Width::W4);
-        let reg = backend.register(write, &kicks).unwrap();
+        let reg = backend.ioevent(write, &kicks).unwrap();
 
         // Phase 1: registered. Phase 2: after the host drops the guard. Phase 3: registered
         // again.
@@ -422,7 +423,7 @@ fn dropping_the_guard_unregisters() {
                     if data == 1 {
                         drop(slot.take());
                     } else {
-                        *slot = Some(backend2.register(write, &kicks2).unwrap());
+                        *slot = Some(backend2.ioevent(write, &kicks2).unwrap());
                     }
                 } else {
                     dispatch(e, reply);
@@ -460,9 +461,9 @@ fn overlap_is_a_typed_error() {
         let a = Notifier::new(Mode::Counter).unwrap();
         let b = Notifier::new(Mode::Counter).unwrap();
         let w4 = WriteMatch::mmio(MMIO).width(Width::W4);
-        let _first = backend.register(w4.datamatch(1), &a).unwrap();
+        let _first = backend.ioevent(w4.datamatch(1), &a).unwrap();
         // Same width, one side without datamatch: overlaps.
-        let e = backend.register(w4, &b).unwrap_err();
+        let e = backend.ioevent(w4, &b).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -475,18 +476,18 @@ fn overlap_is_a_typed_error() {
         assert!(e.to_string().contains("0xd0000000"), "{e}");
         // Same width, same datamatch: overlaps.
         assert!(matches!(
-            backend.register(w4.datamatch(1), &b),
+            backend.ioevent(w4.datamatch(1), &b),
             Err(Error::IoEventExists { .. })
         ));
         // Any width against anything at the address: overlaps.
         assert!(matches!(
-            backend.register(WriteMatch::mmio(MMIO), &b),
+            backend.ioevent(WriteMatch::mmio(MMIO), &b),
             Err(Error::IoEventExists { .. })
         ));
         // Another value, or another width with the same value: fine.
-        let _v2 = backend.register(w4.datamatch(2), &b).unwrap();
+        let _v2 = backend.ioevent(w4.datamatch(2), &b).unwrap();
         let _w2 = backend
-            .register(WriteMatch::mmio(MMIO).width(Width::W2).datamatch(1), &b)
+            .ioevent(WriteMatch::mmio(MMIO).width(Width::W2).datamatch(1), &b)
             .unwrap();
     }
 }

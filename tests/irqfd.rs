@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vm_notify::fallback::{Fallback, Placement, Policy};
 use vm_notify::kvm::{Gsi, MsiMessage};
-use vm_notify::{Attempt, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Attempt, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, Irqchip, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,7 +44,7 @@ struct RoundTrips {
 /// interrupt, the guest's handler takes it, and the guest kicks again.
 fn round_trips(chip: Irqchip, kind: Policy, line: Line, rounds: u64) -> RoundTrips {
     let mut vm = TinyVm::with_irqchip(chip, 1).unwrap();
-    let backend = vm.notify().with_policy(kind).backend().clone();
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let (gsi, vector, eoi): (Gsi, u8, Eoi) = match line {
         Line::Pic { irq } => (irq.into(), PIC_BASE + irq, Eoi::PicMaster),
@@ -56,11 +56,9 @@ fn round_trips(chip: Irqchip, kind: Policy, line: Line, rounds: u64) -> RoundTri
     };
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let ack = backend
-        .register(WriteMatch::mmio(ACK).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(ACK).width(Width::W4), &kicks)
         .unwrap();
-    let irq = backend
-        .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
-        .unwrap();
+    let irq = backend.irqfd(gsi).unwrap();
     let on_kernel = kind == Policy::Kernel;
     assert_eq!(ack.placement() == &Placement::Kernel, on_kernel);
     let pin_on_split = chip == Irqchip::Split && matches!(line, Line::Ioapic { .. });
@@ -210,7 +208,7 @@ fn edge_triggers_coalesce_while_the_guest_is_busy() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x42)).unwrap();
-    let irq = IrqFd::new(vm.router(), gsi).unwrap();
+    let irq = vm.notify().irqfd(gsi).unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
     p.on_interrupt(0x42, Eoi::Lapic);

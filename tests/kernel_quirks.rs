@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, GuestExit, GuestProgram, TinyVm};
 
@@ -43,7 +43,7 @@ fn any_width_count(kind: Policy, pio: bool, order: [usize; 3]) -> u64 {
         at(a - 4).width(Width::W4).datamatch(3),
     ];
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let notifiers: Vec<_> = matches
         .iter()
@@ -51,7 +51,7 @@ fn any_width_count(kind: Policy, pio: bool, order: [usize; 3]) -> u64 {
         .collect();
     let _regs: Vec<_> = order
         .iter()
-        .map(|&i| backend.register(matches[i], &notifiers[i]).unwrap())
+        .map(|&i| backend.ioevent(matches[i], &notifiers[i]).unwrap())
         .collect();
     let mut p = GuestProgram::new().unwrap();
     if pio {

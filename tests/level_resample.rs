@@ -30,9 +30,10 @@ use std::thread;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use vm_notify::fallback::{Backend, Fallback, Placement, Policy};
+use vm_notify::fallback::{Fallback, Placement, Policy};
 use vm_notify::kvm::{IrqChip, MsiMessage, Route};
 use vm_notify::wait::EventLoop;
+use vm_notify::Vm;
 use vm_notify::{Attempt, Capability, Error, LevelIrqFd, Mode, Notifier};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, Irqchip, TinyVm};
 
@@ -48,8 +49,8 @@ const ROUNDS: u64 = 2000;
 
 /// The backend with `policy` that serves the machine's lines (on the split irqchip, one that
 /// has its IOAPIC).
-fn backend(vm: &TinyVm, policy: Policy) -> Backend {
-    let backend = vm.notify().with_policy(policy).backend().clone();
+fn backend(vm: &TinyVm, policy: Policy) -> Vm {
+    let backend = vm.notify().with_policy(policy);
     vm.run_injector(&backend).unwrap();
     backend
 }
@@ -106,17 +107,14 @@ struct Device {
 }
 
 impl Device {
-    fn new(vm: &TinyVm, backend: &Backend, gsi: u8) -> Arc<Device> {
-        let new = || Notifier::new(Mode::Counter).unwrap();
+    fn new(backend: &Vm, gsi: u8) -> Arc<Device> {
         Arc::new(Device {
-            line: backend
-                .level_irqfd(vm.router(), gsi.into(), &new(), &new())
-                .unwrap(),
+            line: backend.level_irqfd(gsi.into()).unwrap(),
             pending: Mutex::new(0),
             triggers: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             spurious: AtomicU64::new(0),
-            acks: new(),
+            acks: Notifier::new(Mode::Counter).unwrap(),
             resampled_at_probe: AtomicU64::new(0),
         })
     }
@@ -188,14 +186,14 @@ fn wait(n: &Notifier, what: &str) -> u64 {
 
 /// Runs ROUNDS rounds of level interrupts through `line` on `backend`'s path; returns the counts
 /// and how many handler starts found the line already resampled (`Style::CautiousProbed`).
-fn run(vm: &mut TinyVm, backend: &Backend, line: Line, style: Style) -> (Counts, u64) {
+fn run(vm: &mut TinyVm, backend: &Vm, line: Line, style: Style) -> (Counts, u64) {
     let (gsi, vector, eoi) = match line {
         Line::Pic { irq } => (irq, 0x20 + irq, Eoi::PicMaster),
         Line::Ioapic { pin, vector } | Line::IoapicEdge { pin, vector } => {
             (pin, vector, Eoi::Lapic)
         }
     };
-    let device = Device::new(vm, backend, gsi);
+    let device = Device::new(backend, gsi);
     let total = style.total();
 
     let chip = match vm.notify().ioapic() {
@@ -361,10 +359,13 @@ fn injected_level_line_on_a_pic_line_is_held_until_deasserted() {
 fn auto_level_line_falls_back_without_resample() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let auto = Backend::new(vm.vm().clone(), Policy::Auto).disable(Capability::IrqFdResample);
+    let auto = vm
+        .notify()
+        .with_policy(Policy::Auto)
+        .disable(Capability::IrqFdResample);
     vm.run_injector(&auto).unwrap();
     let n = Notifier::new(Mode::Counter).unwrap();
-    let probe = auto.level_irqfd(vm.router(), 5, &n, &n).unwrap();
+    let probe = auto.level_irqfd_with(5, &n, &n).unwrap();
     assert_eq!(
         probe.placement(),
         &Placement::Userspace(Fallback::Disabled(Capability::IrqFdResample))
@@ -374,9 +375,9 @@ fn auto_level_line_falls_back_without_resample() {
     assert_eq!(counts, expected(false, Style::Level));
 
     let vm = TinyVm::new().unwrap();
-    let auto = Backend::new(vm.vm().clone(), Policy::Auto);
+    let auto = vm.notify().with_policy(Policy::Auto);
     vm.run_injector(&auto).unwrap();
-    let level = auto.level_irqfd(vm.router(), 10, &n, &n).unwrap();
+    let level = auto.level_irqfd_with(10, &n, &n).unwrap();
     assert_eq!(level.placement(), &Placement::Kernel);
     assert!(!level.deassert().unwrap());
 }
@@ -488,15 +489,12 @@ fn eois_before_ack(report: &vm_notify_testkit::RunReport) -> u64 {
 fn shared_line(kind: Policy) {
     const SHARED_ROUNDS: u64 = 500;
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let Line::Pic { irq } = PIC_LINE else {
         unreachable!()
     };
-    let devices = [
-        Device::new(&vm, &backend, irq),
-        Device::new(&vm, &backend, irq),
-    ];
+    let devices = [Device::new(&backend, irq), Device::new(&backend, irq)];
     let mut p = GuestProgram::new().unwrap();
     p.init_pic(0x20, !((1u16 << irq) | (1 << 2)), 1 << irq)
         .unwrap();
@@ -592,15 +590,18 @@ fn resample_on_an_msi_route_is_refused_on_both_paths() {
     let vm = TinyVm::new().unwrap();
     let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap();
     let n = Notifier::new(Mode::Counter).unwrap();
-    let e = LevelIrqFd::with_notifiers(vm.router(), gsi, &n, &n.dup().unwrap()).unwrap_err();
+    let e = vm
+        .notify()
+        .level_irqfd_with(gsi, &n, &n.dup().unwrap())
+        .unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),
         "{e:?}"
     );
     assert_eq!(vm.router().irqfds(gsi), 0);
-    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let user = vm.notify().with_policy(Policy::Userspace);
     vm.run_injector(&user).unwrap();
-    let e = user.level_irqfd(vm.router(), gsi, &n, &n).unwrap_err();
+    let e = user.level_irqfd_with(gsi, &n, &n).unwrap_err();
     assert!(
         matches!(e, Error::ResampleNeedsIrqchip { gsi: g } if g == gsi),
         "{e:?}"

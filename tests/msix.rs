@@ -79,7 +79,7 @@ fn sixty_four_vectors_each_count_exactly() {
     kvm_test!();
     const N: usize = 64;
     let mut vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::new(vm.router(), N).unwrap();
+    let msix = vm.notify().msix(N).unwrap();
     let bar = MsixBar::new(msix.clone(), BAR);
     let targets: Vec<u64> = (0..N as u64).map(|i| 1 + (i * 7) % 13).collect();
     let total: u64 = targets.iter().sum();
@@ -130,7 +130,7 @@ fn reprogramming_while_interrupts_flow_loses_nothing() {
     const A: u8 = 0x50;
     const B: u8 = 0x51;
     let mut vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::new(vm.router(), 1).unwrap();
+    let msix = vm.notify().msix(1).unwrap();
     let bar = MsixBar::new(msix.clone(), BAR);
 
     let mut p = GuestProgram::new().unwrap();
@@ -218,9 +218,9 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
     // Phase 1.
     let saved: MsixState = {
         let mut vm = TinyVm::new().unwrap();
-        let msix = MsixVectors::new(vm.router(), N).unwrap();
+        let msix = vm.notify().msix(N).unwrap();
         let bar = MsixBar::new(msix.clone(), BAR);
-        let external = msix.notifier(5).unwrap();
+        let external = msix.handle(5).unwrap().notifier().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = bar.clone();
         let run = vm
@@ -262,7 +262,7 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
 
     // Phase 2, on a fresh VM.
     let mut vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::restore(vm.router(), &saved).unwrap();
+    let msix = vm.notify().restore_msix(&saved).unwrap();
     assert_eq!(msix.save().unwrap(), saved, "restore reproduces the state");
     let bar = MsixBar::new(msix.clone(), BAR);
     vm.write_u64(layout::data_slot(RESTORED_SLOT), 1).unwrap();
@@ -279,7 +279,7 @@ fn saved_pending_interrupts_are_delivered_after_restore() {
     }
     assert_eq!(msix.stats().pending_at_unmask, PENDING.len() as u64);
     for i in 0..N {
-        assert!(!msix.is_pending(i).unwrap());
+        assert!(!msix.vector(i).unwrap().pending);
     }
 }
 
@@ -310,7 +310,7 @@ impl Bar {
 fn table_and_pba_follow_the_pci_rules() {
     kvm_test!();
     let vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::new(vm.router(), 70).unwrap();
+    let msix = vm.notify().msix(70).unwrap();
     let bar = Bar::new(&msix);
     assert_eq!(msix.table_len(), 70 * 16);
     assert_eq!(msix.pba_len(), 16, "70 bits in two QWORDs");
@@ -383,7 +383,7 @@ fn table_and_pba_follow_the_pci_rules() {
     bar.read(PBA + 12, &mut d).unwrap();
     assert_eq!(u32::from_le_bytes(d), 0);
     bar.write(PBA, &[0u8; 8]).unwrap();
-    assert!(msix.is_pending(0).unwrap(), "the PBA is read-only");
+    assert!(msix.vector(0).unwrap().pending, "the PBA is read-only");
 
     // Message control: enable and function mask apply; the table size is read-only.
     msix.write_message_control(MSIX_ENABLE | MSIX_FUNCTION_MASK | 3)
@@ -393,11 +393,11 @@ fn table_and_pba_follow_the_pci_rules() {
         MSIX_ENABLE | MSIX_FUNCTION_MASK | 69
     );
     assert!(matches!(
-        MsixVectors::new(vm.router(), 2049),
+        vm.notify().msix(2049),
         Err(Error::MsixVectorCount { count: 2049 })
     ));
     assert!(matches!(
-        MsixVectors::new(vm.router(), 0),
+        vm.notify().msix(0),
         Err(Error::MsixVectorCount { count: 0 })
     ));
     assert!(matches!(
@@ -415,12 +415,13 @@ fn dropping_the_vectors_releases_irqfds_and_routes() {
     let vm = TinyVm::new().unwrap();
     let router = vm.router();
     let before = router.entries();
-    let msix = MsixVectors::new(router, 16).unwrap();
+    let msix = vm.notify().msix(16).unwrap();
     let entries: Vec<_> = (0..16)
         .map(|i| (i, MsiMessage::x86(0, 0x40 + i as u8), false))
         .collect();
     msix.configure(&entries).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let gsi = msix.gsi(3).unwrap().unwrap();
     assert_eq!(router.irqfds(gsi), 1);
     assert_eq!(router.entries(), before + 16);
@@ -439,7 +440,7 @@ fn unmask_delivers_exactly_one_pending_interrupt() {
     const PBA_SLOT: usize = 0; // PBA bits seen set before each unmask, summed
     const PBA_AFTER_SLOT: usize = 1; // PBA bits seen set after each unmask, summed
     let mut vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::new(vm.router(), 1).unwrap();
+    let msix = vm.notify().msix(1).unwrap();
     let bar = MsixBar::new(msix.clone(), BAR);
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
-use vm_notify::msix::{MsixVectors, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use vm_notify::msix::{MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, MsixBar, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -60,7 +60,7 @@ fn storm(mask: Mask) {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let mut vm = TinyVm::new().unwrap();
-    let msix = MsixVectors::new(vm.router(), 1).unwrap();
+    let msix = vm.notify().msix(1).unwrap();
     let bar = MsixBar::new(msix.clone(), BAR);
 
     let mut p = GuestProgram::new().unwrap();

@@ -9,8 +9,7 @@ use vm_device::bus::MmioAddress;
 use vm_device::DeviceMmio;
 use vm_notify::io::IoRegion;
 use vm_notify::kvm::{IoEventAddress, MsiMessage, GSI_LIMIT};
-use vm_notify::msix::MsixVectors;
-use vm_notify::{Error, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Error, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_or_skip, TinyVm};
 
 const CASES: u32 = 512;
@@ -110,7 +109,7 @@ proptest! {
     fn registrations_are_ok_or_typed_and_leave_nothing_when_refused(m in write_match()) {
         let Some(vm) = vm() else { return Ok(()) };
         let n = Notifier::new(Mode::Counter).unwrap();
-        match IoEvent::register(vm.vm(), m, &n) {
+        match vm.notify().ioevent(m, &n) {
             Ok(_reg) => prop_assert!(acceptable(&m), "{:?} registered", m),
             Err(e) => {
                 prop_assert!(!acceptable(&m) || matches!(e, Error::IoEventExists { .. }), "{:?}: {}", m, e);
@@ -118,7 +117,7 @@ proptest! {
         }
         // Dropped (or never made): the same match registers again when it is valid.
         if acceptable(&m) {
-            prop_assert!(IoEvent::register(vm.vm(), m, &n).is_ok());
+            prop_assert!(vm.notify().ioevent(m, &n).is_ok());
         }
     }
 
@@ -126,7 +125,7 @@ proptest! {
     fn irqfds_on_any_gsi_are_ok_or_typed(gsi in prop_oneof![0u32..64, any::<u32>()]) {
         let Some(vm) = vm() else { return Ok(()) };
         let n = Notifier::new(Mode::Counter).unwrap();
-        match IrqFd::with_notifier(vm.router(), gsi, &n) {
+        match vm.notify().irqfd_with(gsi, &n) {
             Ok(irq) => prop_assert!(gsi < GSI_LIMIT && !vm.router().routes(gsi).is_empty(), "{:?}", irq),
             Err(Error::GsiOutOfRange { .. }) => prop_assert!(gsi >= GSI_LIMIT),
             Err(Error::UnroutedGsi { .. }) => prop_assert!(vm.router().routes(gsi).is_empty()),
@@ -143,7 +142,7 @@ proptest! {
         value in any::<u64>(),
     ) {
         let Some(vm) = vm() else { return Ok(()) };
-        match MsixVectors::new(vm.router(), count) {
+        match vm.notify().msix(count) {
             Err(Error::MsixVectorCount { .. }) => prop_assert!(count == 0 || count > 2048),
             Err(e) => prop_assert!(false, "{e}"),
             Ok(v) => {

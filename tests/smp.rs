@@ -120,7 +120,8 @@ fn msix_to_each_vcpu(split: bool) {
             .unwrap();
         msix.set_masked(i, false).unwrap();
     }
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let vectors = msix.clone();
     let (_registrations, stop, device) =
         per_vcpu_device(root, move |queue| vectors.trigger(queue).unwrap());
@@ -256,10 +257,11 @@ fn retarget_storm(split: bool) {
     let msix = root.msix(1).unwrap();
     msix.set_message(0, MsiMessage::x86(0, MOVING)).unwrap();
     msix.set_masked(0, false).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let wakes: Vec<_> = (0..2u8)
         .map(|cpu| {
-            let gsi = root.route_msi(MsiMessage::x86(cpu, WAKE)).unwrap();
+            let gsi = root.router().route_msi(MsiMessage::x86(cpu, WAKE)).unwrap();
             root.irqfd(gsi).unwrap()
         })
         .collect();

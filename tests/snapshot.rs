@@ -168,7 +168,8 @@ fn a_device_snapshot_mid_storm_restores_onto_a_fresh_vm_exactly() {
         .collect();
     entries.push((CONFIG, MsiMessage::x86(0, CONFIG_VECTOR), true));
     msix.configure(&entries).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let pci = root.virtio_pci(&layout(), &msix).unwrap();
     for q in 0..QUEUES as u16 {
         pci.set_queue_vector(q, q);

@@ -12,9 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
-use vm_notify::{IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestProgram, TinyVm};
 
 const QUEUES: u64 = 4;
@@ -39,12 +39,12 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
     for q in 0..QUEUES {
         let kicks = Notifier::new(Mode::Counter).unwrap();
         let at = WriteMatch::mmio(NOTIFY).width(Width::W4).datamatch(q);
-        regs.push(IoEvent::register(vm.vm(), at, &kicks).unwrap());
+        regs.push(vm.notify().ioevent(at, &kicks).unwrap());
         let gsi = vm
             .router()
             .route_msi(MsiMessage::x86(0, VECTORS[q as usize]))
             .unwrap();
-        let irq = IrqFd::new(vm.router(), gsi).unwrap();
+        let irq = vm.notify().irqfd(gsi).unwrap();
         devices.push(thread::spawn(move || {
             let (mut read, mut raised) = (0u64, 0u64);
             while read < rounds {
@@ -62,20 +62,19 @@ fn a_million_kicks_and_interrupts_are_conserved_under_registration_churn() {
     let churn: Vec<_> = (0..4u64)
         .map(|t| {
             let (stop, churned) = (stop.clone(), churned.clone());
-            let vm = vm.vm().clone();
             let kind = if t % 2 == 0 {
                 Policy::Kernel
             } else {
                 Policy::Userspace
             };
+            let backend = vm.notify().with_policy(kind);
             thread::spawn(move || {
-                let backend = Backend::new(vm, kind);
                 let n = Notifier::new(Mode::Counter).unwrap();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let at =
                         WriteMatch::mmio(0xd100_0000 + 0x1000 * t + 8 * (i % 64)).width(Width::W4);
-                    drop(backend.register(at, &n).unwrap());
+                    drop(backend.ioevent(at, &n).unwrap());
                     churned.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                     if kind == Policy::Userspace {

@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_notify::fallback::{Backend, Policy};
+use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::{EventLoop, Wake};
 use vm_notify::{IrqFd, Mode, Notifier, Width, WriteMatch};
@@ -23,11 +23,11 @@ const WRITES: u64 = 20_000;
 
 fn drop_while_writing(kind: Policy) {
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), kind);
+    let backend = vm.notify().with_policy(kind);
     vm.run_injector(&backend).unwrap();
     let kicks = Notifier::new(Mode::Counter).unwrap();
     let reg = backend
-        .register(WriteMatch::mmio(ADDR).width(Width::W4), &kicks)
+        .ioevent(WriteMatch::mmio(ADDR).width(Width::W4), &kicks)
         .unwrap();
     let mut p = GuestProgram::new().unwrap();
     p.signal_host(1).unwrap();
@@ -76,7 +76,7 @@ fn dropping_a_registration_mid_run_loses_no_write() {
 fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
     kvm_test!();
     let mut vm = TinyVm::new().unwrap();
-    let backend = Backend::new(vm.vm().clone(), Policy::Auto);
+    let backend = vm.notify().with_policy(Policy::Auto);
     vm.run_injector(&backend).unwrap();
     let mut regs = Vec::new();
     let mut irqs = Vec::new();
@@ -86,13 +86,11 @@ fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
         let kicks = Notifier::new(Mode::Counter).unwrap();
         regs.push(
             backend
-                .register(WriteMatch::mmio(ADDR).width(Width::W4).datamatch(q), &kicks)
+                .ioevent(WriteMatch::mmio(ADDR).width(Width::W4).datamatch(q), &kicks)
                 .unwrap(),
         );
         let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x41)).unwrap();
-        let irq: IrqFd = backend
-            .irqfd(vm.router(), gsi, &Notifier::new(Mode::Counter).unwrap())
-            .unwrap();
+        let irq: IrqFd = backend.irqfd(gsi).unwrap();
         let trigger = irq.notifier().dup().unwrap();
         irqs.push(irq);
         let events = EventLoop::new().unwrap();

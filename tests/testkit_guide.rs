@@ -17,7 +17,7 @@ fn my_device_answers_every_kick() {
     let at = WriteMatch::mmio(0xd000_0050).width(Width::W4).datamatch(0);
     let _queue = notify.ioevent(at, &kicks).unwrap();
     let irq = notify
-        .irqfd(notify.route_msi(MsiMessage::x86(0, 0x40)).unwrap())
+        .irqfd(notify.router().route_msi(MsiMessage::x86(0, 0x40)).unwrap())
         .unwrap();
 
     // The guest: 100 times, count a kick in data slot 0, kick, wait for the interrupt.

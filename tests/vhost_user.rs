@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use common::vhost_backend;
 use vm_notify::vhost_user::VhostUserFrontend;
-use vm_notify::virtio::MMIO_QUEUE_NOTIFY;
-use vm_notify::{Error, IoEvent, IrqFd, Mode, Notifier, Width, WriteMatch};
+use vm_notify::{Error, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, Eoi, GuestExit, GuestProgram, SplitQueue, TinyVm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BASE: u64 = 0xd000_0000;
+/// virtio-mmio `QueueNotify`, from virtio-bindings.
+const MMIO_QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// PIC IRQ 6, edge-triggered: the backend's calls are edges (vector 0x26).
 const IRQ: u8 = 6;
 const VECTOR: u8 = 0x20 + IRQ;
@@ -47,15 +48,16 @@ fn setup(name: &str) -> Setup {
     let mut frontend =
         VhostUserFrontend::connect(&backend.socket, 1, vm.memory(), FEATURES).unwrap();
     assert_eq!(frontend.features() & FEATURES, FEATURES, "{frontend:?}");
-    let kick = IoEvent::register(
-        vm.vm(),
-        WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
-            .width(Width::W4)
-            .datamatch(0),
-        &Notifier::new(Mode::Counter).unwrap(),
-    )
-    .unwrap();
-    let call = IrqFd::new(vm.router(), IRQ.into()).unwrap();
+    let kick = vm
+        .notify()
+        .ioevent(
+            WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
+                .width(Width::W4)
+                .datamatch(0),
+            &Notifier::new(Mode::Counter).unwrap(),
+        )
+        .unwrap();
+    let call = vm.notify().irqfd(IRQ.into()).unwrap();
     frontend.start_queue(queue.vring(0), kick, call).unwrap();
     Setup {
         vm,
@@ -174,8 +176,7 @@ fn a_killed_backend_is_reported_and_leaves_nothing_behind() {
         // succeed again on the same VM.
         drop(frontend);
         assert_eq!(vm.router().irqfds(IRQ.into()), 0);
-        let again = IoEvent::register(
-            vm.vm(),
+        let again = vm.notify().ioevent(
             WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
                 .width(Width::W4)
                 .datamatch(0),
@@ -195,7 +196,7 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     // Before the KVM probe too: it opens descriptors.
     let _serial = serial();
     kvm_test!();
-    use vm_notify::msix::{MsixVectors, MSIX_ENABLE};
+    use vm_notify::msix::MSIX_ENABLE;
     use vm_notify_testkit::{layout, MsixBar};
     const NOTIFY: u64 = 0xd100_0000;
     const BAR: u64 = 0xe000_0000;
@@ -206,17 +207,18 @@ fn msix_pending_bit_and_retarget_hold_with_the_backend_owning_the_call_fd() {
     let mut vm = TinyVm::with_shared_memory().unwrap();
     let queue = SplitQueue::new(0, 16, &LENGTHS).unwrap();
     queue.lay_out(&vm).unwrap();
-    let vectors = MsixVectors::new(vm.router(), 2).unwrap();
+    let vectors = vm.notify().msix(2).unwrap();
     let bar = MsixBar::new(vectors.clone(), BAR);
     let backend = vhost_backend::Backend::start("msix");
     let mut frontend =
         VhostUserFrontend::connect(&backend.socket, 1, vm.memory(), FEATURES).unwrap();
-    let kick = IoEvent::register(
-        vm.vm(),
-        WriteMatch::mmio(NOTIFY).width(Width::W2).datamatch(0),
-        &Notifier::new(Mode::Counter).unwrap(),
-    )
-    .unwrap();
+    let kick = vm
+        .notify()
+        .ioevent(
+            WriteMatch::mmio(NOTIFY).width(Width::W2).datamatch(0),
+            &Notifier::new(Mode::Counter).unwrap(),
+        )
+        .unwrap();
     frontend
         .start_queue(queue.vring(0), kick, vectors.handle(0).unwrap())
         .unwrap();
@@ -348,7 +350,8 @@ fn connecting_to_no_backend_is_a_typed_error() {
 fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     let _serial = serial();
     kvm_test!();
-    use vm_notify::fallback::{Backend, Policy};
+    use vm_notify::fallback::Policy;
+
     let cycles: u32 = std::env::var("VM_NOTIFY_VHOST_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -358,7 +361,7 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     let queue = SplitQueue::new(0, 16, &LENGTHS).unwrap();
     queue.lay_out(&vm).unwrap();
     let backend = vhost_backend::Backend::start("cycles");
-    let user = Backend::new(vm.vm().clone(), Policy::Userspace);
+    let user = vm.notify().with_policy(Policy::Userspace);
     vm.run_injector(&user).unwrap();
     let kick = Notifier::new(Mode::Counter).unwrap();
     let call = Notifier::new(Mode::Counter).unwrap();
@@ -387,8 +390,8 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
                 Err(e) => panic!("{e}"),
             }
         };
-        let reg = user.register(at, &kick).unwrap();
-        let irq = IrqFd::with_notifier(vm.router(), IRQ.into(), &call).unwrap();
+        let reg = user.ioevent(at, &kick).unwrap();
+        let irq = vm.notify().irqfd_with(IRQ.into(), &call).unwrap();
         frontend.start_queue(queue.vring(0), reg, irq).unwrap();
         drop(frontend);
     }

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use common::virtio_rng::{RngDevice, RngStats};
 use iced_x86::code_asm::*;
+use virtio_bindings::virtio_mmio;
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
 use vm_notify::fallback::Policy;
 use vm_notify::io::IoRegion;
 use vm_notify::kvm::MsiMessage;
-use vm_notify::virtio::{
-    MmioLayout, MmioNotify, PciLayout, INT_CONFIG, INT_VRING, MMIO_QUEUE_NOTIFY, NO_VECTOR,
-};
+use vm_notify::virtio::{MmioLayout, MmioNotify, PciLayout, NO_VECTOR};
 use vm_notify::{Notifier, Vm};
 use vm_notify::{Width, WriteMatch};
 use vm_notify_testkit::{
@@ -29,6 +28,13 @@ use vm_notify_testkit::{
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The device's virtio-mmio window.
 const BASE: u64 = 0xd000_0000;
+
+// The virtio-mmio registers and interrupt status bits, from virtio-bindings.
+const MMIO_QUEUE_NOTIFY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+const MMIO_INTERRUPT_STATUS: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const MMIO_INTERRUPT_ACK: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const INT_VRING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+const INT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 /// PIC IRQ 5, level-triggered: vector 0x25.
 const IRQ: u8 = 5;
 const VECTOR: u8 = 0x20 + IRQ;
@@ -67,7 +73,7 @@ fn mmio_device(vm: &TinyVm, kind: Policy, queues: u16) -> (Vm, Arc<MmioNotify>) 
         gsi: IRQ.into(),
     };
     let root = vm.notify().with_policy(kind);
-    vm.run_injector(root.backend()).unwrap();
+    vm.run_injector(&root).unwrap();
     let notify = Arc::new(root.virtio_mmio(&device).unwrap());
     (root, notify)
 }
@@ -232,14 +238,14 @@ fn ack_rules(kind: Policy) {
     p.init_pic(0x20, !((1u16 << IRQ) | (1 << 2)), 1 << IRQ)
         .unwrap();
     p.on_interrupt_with(VECTOR, Eoi::PicMaster, |a| {
-        a.mov(rdx, BASE + vm_notify::virtio::MMIO_INTERRUPT_STATUS)?;
+        a.mov(rdx, BASE + MMIO_INTERRUPT_STATUS)?;
         a.mov(eax, dword_ptr(rdx))?;
         // Log the status at slot STATUS_LOG + (this interrupt's number, from 1).
         a.mov(rcx, qword_ptr(layout::IRQ_COUNTS + 8 * u64::from(VECTOR)))?;
         a.mov(rdx, layout::data_slot(STATUS_LOG))?;
         a.mov(qword_ptr(rdx + rcx * 8), rax)?;
         a.and(eax, dword_ptr(layout::data_slot(MASK)))?;
-        a.mov(rdx, BASE + vm_notify::virtio::MMIO_INTERRUPT_ACK)?;
+        a.mov(rdx, BASE + MMIO_INTERRUPT_ACK)?;
         a.mov(dword_ptr(rdx), eax)?;
         Ok(())
     });
@@ -331,13 +337,15 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
     const VECTORS: [u8; 2] = [0x45, 0x46];
     let mut vm = TinyVm::new().unwrap();
     let root = vm.notify().with_policy(kind);
-    vm.run_injector(root.backend()).unwrap();
+    vm.run_injector(&root).unwrap();
     let vectors = root.msix(2).unwrap();
     for (i, v) in VECTORS.iter().enumerate() {
         vectors.set_message(i, MsiMessage::x86(0, *v)).unwrap();
         vectors.set_masked(i, false).unwrap();
     }
-    vectors.set_enabled(true).unwrap();
+    vectors
+        .write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let layout = PciLayout {
         notify_base: NOTIFY_BASE,
         notify_off_multiplier: multiplier,
@@ -559,8 +567,7 @@ fn pci_notify_refuses_bad_layouts() {
     // Queue 0 (at u64::MAX - 8) was registered before queue 1 failed; it is gone again: the
     // same address registers anew.
     let n = Notifier::new(vm_notify::Mode::Counter).unwrap();
-    let again = vm_notify::IoEvent::register(
-        vm.vm(),
+    let again = vm.notify().ioevent(
         vm_notify::WriteMatch::mmio(u64::MAX - 8)
             .width(vm_notify::Width::W2)
             .datamatch(0),

@@ -81,7 +81,7 @@ impl fmt::Debug for ExitDispatcher {
 
 impl ExitDispatcher {
     /// An empty dispatcher.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 

@@ -61,7 +61,7 @@ struct Shared {
     next: AtomicU64,
 }
 
-/// Serves the interrupts a [`Backend`](super::Backend) placed in userspace: it waits on their
+/// Serves the interrupts a [`Vm`](crate::Vm) placed in userspace ([`Vm::injector`](crate::Vm::injector)): it waits on their
 /// trigger notifiers and injects (the contract is in the [`fallback`](super) docs). Cheap to clone.
 ///
 /// The library starts no thread: until the VMM runs it, triggers wait in their notifiers (none

@@ -1,9 +1,6 @@
 //! [`IoEvent`]: a guest-write notification, in the kernel or through an [`ExitDispatcher`].
 
 use std::fmt;
-use std::sync::Arc;
-
-use kvm_ioctls::VmFd;
 
 use crate::device::QueueKicks;
 use crate::error::Result;
@@ -13,23 +10,27 @@ use crate::kvm::{IoEventFd, WriteMatch};
 use crate::notifier::Notifier;
 
 /// A registered guest-write notification. Guest writes matching its [`WriteMatch`] add 1 to its
-/// notifier — in the kernel ([`Placement::Kernel`]), or through a [`Backend`](super::Backend)'s
-/// dispatcher when the registration lives in userspace. Dropping it unregisters.
+/// notifier — in the kernel ([`Placement::Kernel`]: a kernel ioeventfd, no exit to userspace), or
+/// through the VM's [`ExitDispatcher`] when the registration lives in userspace.
+/// [`Vm::ioevent`](crate::Vm::ioevent) makes one. Dropping it unregisters (`KVM_IOEVENTFD` with
+/// the exact eventfd, address, length and datamatch it was assigned with).
 ///
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
-/// use vm_notify::fallback::Placement;
-/// use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
+/// use vm_notify::fallback::{Placement, Policy};
+/// use vm_notify::{Mode, Notifier, Vm, Width, WriteMatch};
 ///
 /// let kvm = kvm_ioctls::Kvm::new()?;
-/// let vm = Arc::new(kvm.create_vm()?);
+/// let fd = Arc::new(kvm.create_vm()?);
+/// fd.create_irq_chip()?;
+/// let vm = Vm::new(fd, Policy::Kernel)?;
 /// let kicks = Notifier::new(Mode::Counter)?;
-/// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
+/// let reg = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// assert_eq!(reg.placement(), &Placement::Kernel);
 /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
 /// drop(reg); // the same writes now exit to userspace
-/// let again = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
+/// let again = vm.ioevent(WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[must_use = "dropping an IoEvent unregisters it at once"]
@@ -63,47 +64,6 @@ impl fmt::Debug for IoEvent {
 }
 
 impl IoEvent {
-    /// Registers `notifier` in the kernel for the guest writes `write` describes, with no
-    /// userspace fallback: a kernel ioeventfd, whose matching writes add 1 to the notifier without
-    /// the vCPU leaving the kernel. Dropping it deassigns it (`KVM_IOEVENTFD` with the exact
-    /// eventfd, address, length and datamatch it was assigned with). The registration keeps a
-    /// clone of the notifier (the same descriptor, none opened).
-    /// [`Vm::ioevent`](crate::Vm::ioevent) is where a VMM usually makes one, placed by its policy.
-    ///
-    /// ```
-    /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
-    /// use std::sync::Arc;
-    /// use vm_notify::{IoEvent, Mode, Notifier, Width, WriteMatch};
-    ///
-    /// let kvm = kvm_ioctls::Kvm::new()?;
-    /// let vm = Arc::new(kvm.create_vm()?);
-    /// let kicks = Notifier::new(Mode::Counter)?;
-    /// let reg = IoEvent::register(&vm, WriteMatch::mmio(0xd000_0050).width(Width::W4), &kicks)?;
-    /// // ... the guest runs; `kicks.read()` returns the writes since the last read ...
-    /// drop(reg); // the same writes now exit to userspace
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// The validation errors of [`WriteMatch::validate`]; [`Error::MissingCapability`] without
-    /// `KVM_CAP_IOEVENTFD` (or `KVM_CAP_IOEVENTFD_ANY_LENGTH` for
-    /// [`Width::Any`](crate::Width::Any)); [`Error::IoEventExists`] when an overlapping
-    /// registration exists; [`Error::IoBusFull`] when the kernel bus is full;
-    /// [`Error::FdExhausted`] when no descriptor is left; [`Error::IoEvent`] for other errnos.
-    ///
-    /// [`Error::MissingCapability`]: crate::Error::MissingCapability
-    /// [`Error::IoEventExists`]: crate::Error::IoEventExists
-    /// [`Error::IoBusFull`]: crate::Error::IoBusFull
-    /// [`Error::FdExhausted`]: crate::Error::FdExhausted
-    /// [`Error::IoEvent`]: crate::Error::IoEvent
-    pub fn register(vm: &Arc<VmFd>, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
-        Ok(IoEvent::kernel(
-            IoEventFd::register(vm, write, notifier)?,
-            None,
-        ))
-    }
-
     /// Wraps a kernel registration, with the backend's shadow entry if it has one.
     pub(crate) fn kernel(reg: IoEventFd, shadow: Option<Registered>) -> IoEvent {
         IoEvent {

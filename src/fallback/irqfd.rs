@@ -18,7 +18,7 @@ use crate::fallback::placement::{Fallback, Placement};
 use crate::irqchip::Ioapic;
 use crate::kvm::irqfd::Binding;
 use crate::kvm::{Gsi, GsiRouter};
-use crate::notifier::{Mode, Notifier};
+use crate::notifier::Notifier;
 
 /// How an irqfd's trigger reaches KVM.
 enum Delivery {
@@ -141,21 +141,20 @@ impl fmt::Debug for Delivery {
 /// An edge-triggered irqfd: each [`trigger`](Self::trigger) injects the GSI.
 /// Dropping it deassigns the irqfd.
 ///
-/// Made by [`IrqFd::new`] it is a kernel irqfd; a [`Backend`](super::Backend) can make one that
-/// the backend's injector serves instead ([`placement`](Self::placement) says which). The device's
-/// side is the same.
+/// [`Vm::irqfd`](crate::Vm::irqfd) makes one: a kernel irqfd, or one the VM's injector serves
+/// ([`placement`](Self::placement) says which). The device's side is the same.
 ///
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
-/// use vm_notify::kvm::GsiRouter;
-/// use vm_notify::IrqFd;
+/// use vm_notify::fallback::Policy;
+/// use vm_notify::Vm;
 /// # let kvm = kvm_ioctls::Kvm::new()?;
-/// # let vm = Arc::new(kvm.create_vm()?);
-/// # vm.create_irq_chip()?;
-/// let router = GsiRouter::new(vm.clone())?;
+/// # let fd = Arc::new(kvm.create_vm()?);
+/// # fd.create_irq_chip()?;
+/// let vm = Vm::new(fd, Policy::Kernel)?;
 /// // GSI 4: the default route to PIC pin 4 and IOAPIC pin 4 (a serial port's line).
-/// let irq = IrqFd::new(&router, 4)?;
+/// let irq = vm.irqfd(4)?;
 /// irq.trigger()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -167,16 +166,6 @@ pub struct IrqFd {
 }
 
 impl IrqFd {
-    /// A kernel irqfd injecting `gsi`, with a notifier of its own
-    /// ([`notifier`](Self::notifier) gives it to whoever triggers).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`with_notifier`](Self::with_notifier).
-    pub fn new(router: &GsiRouter, gsi: Gsi) -> Result<IrqFd> {
-        IrqFd::with_notifier(router, gsi, &Notifier::new(Mode::Counter)?)
-    }
-
     /// Binds `notifier` to inject `gsi` with `KVM_IRQFD`. The irqfd keeps a handle to the
     /// notifier (the same descriptor). A count already in the notifier is injected at once.
     ///
@@ -188,7 +177,11 @@ impl IrqFd {
     /// [`Error::IrqFdBusy`](crate::Error::IrqFdBusy) when the notifier is already an irqfd,
     /// [`Error::FdExhausted`](crate::Error::FdExhausted), or
     /// [`Error::IrqFd`](crate::Error::IrqFd).
-    pub fn with_notifier(router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+    pub(crate) fn with_notifier(
+        router: &GsiRouter,
+        gsi: Gsi,
+        notifier: &Notifier,
+    ) -> Result<IrqFd> {
         Ok(IrqFd {
             delivery: Delivery::kernel(router, gsi, notifier, None)?,
             placement: Placement::Kernel,
@@ -261,9 +254,9 @@ pub struct LevelLineState {
 /// * [`deassert`](Self::deassert) where the condition clears (typically while handling the
 ///   guest's write to the device's acknowledge register).
 ///
-/// Made by [`LevelIrqFd::new`] it is a kernel irqfd with `KVM_IRQFD_FLAG_RESAMPLE`: the pin stays
-/// asserted until the guest EOIs it, then KVM lowers it and adds 1 to `resample`, and `deassert`
-/// has nothing to do. A [`Backend`](super::Backend) can make one that its injector serves
+/// [`Vm::level_irqfd`](crate::Vm::level_irqfd) makes one. In the kernel it is an irqfd with
+/// `KVM_IRQFD_FLAG_RESAMPLE`: the pin stays asserted until the guest EOIs it, then KVM lowers it
+/// and adds 1 to `resample`, and `deassert` has nothing to do. The VM's injector can serve one
 /// instead ([`placement`](Self::placement) says which): the injector raises the pin with
 /// `KVM_IRQ_LINE` and holds it high — the irqchip re-delivers at each EOI while it is — until
 /// `deassert` lowers it and adds 1 to `resample`. There userspace sees no EOI, so `deassert` is
@@ -288,20 +281,6 @@ pub struct LevelIrqFd {
 }
 
 impl LevelIrqFd {
-    /// A kernel level irqfd asserting `gsi`, with trigger and resample notifiers of its own.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`with_notifiers`](Self::with_notifiers).
-    pub fn new(router: &GsiRouter, gsi: Gsi) -> Result<LevelIrqFd> {
-        LevelIrqFd::with_notifiers(
-            router,
-            gsi,
-            &Notifier::new(Mode::Counter)?,
-            &Notifier::new(Mode::Counter)?,
-        )
-    }
-
     /// Binds `trigger` to assert `gsi` and `resample` to be signalled at its EOI, with
     /// `KVM_IRQFD`.
     ///
@@ -311,7 +290,7 @@ impl LevelIrqFd {
     /// [`Error::ResampleNeedsIrqchip`](crate::Error::ResampleNeedsIrqchip) when `gsi` is routed
     /// as an MSI and [`Error::MissingCapability`](crate::Error::MissingCapability) without
     /// `KVM_CAP_IRQFD_RESAMPLE`.
-    pub fn with_notifiers(
+    pub(crate) fn with_notifiers(
         router: &GsiRouter,
         gsi: Gsi,
         trigger: &Notifier,
@@ -392,7 +371,7 @@ impl LevelIrqFd {
         &self.placement
     }
 
-    /// The line's counters, read without consuming them ([`Notifier::peek`]), for a snapshot.
+    /// The line's counters, read without consuming them (from `/proc/self/fdinfo`), for a snapshot.
     ///
     /// # Errors
     ///

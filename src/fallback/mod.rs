@@ -1,12 +1,12 @@
 //! The userspace fallback and the policy that chooses it: where each registration lives, in the
 //! kernel or in userspace, and why.
 //!
-//! A [`Backend`] makes the same registrations a VMM would make in the kernel — guest-write
-//! notifications ([`IoEvent`]), edge and level interrupts
-//! ([`IrqFd`], [`LevelIrqFd`]) — either in the kernel
-//! (`KVM_IOEVENTFD`, `KVM_IRQFD`) or in userspace: its [`ExitDispatcher`] takes the guest writes
-//! that exit, and its [`Injector`] reads trigger notifiers and calls `KVM_IRQ_LINE` /
-//! `KVM_SIGNAL_MSI` on a thread the VMM runs ([`Injector::spawn`]): the library starts none. With [`Policy::Auto`] it chooses per registration: the kernel where it has
+//! A [`Vm`](crate::Vm) makes the registrations — guest-write notifications ([`IoEvent`]), edge
+//! and level interrupts ([`IrqFd`], [`LevelIrqFd`]) — either in the kernel (`KVM_IOEVENTFD`,
+//! `KVM_IRQFD`) or in userspace: its [`ExitDispatcher`] takes the guest writes that exit, and its
+//! [`Injector`] reads trigger notifiers and calls `KVM_IRQ_LINE` / `KVM_SIGNAL_MSI` on a thread
+//! the VMM runs ([`Injector::spawn`]): the library starts none. Its [`Policy`] says which: with
+//! [`Policy::Auto`] it chooses per registration: the kernel where it has
 //! the capability and accepts the registration, userspace otherwise, with the reason kept in the
 //! registration's [`Placement`]. The device gets the same notifier counts either way.
 //!
@@ -49,7 +49,7 @@ use crate::kvm::{Gsi, GsiRouter, IoEventFd, WriteMatch};
 use crate::notifier::Notifier;
 use crate::sys::Capabilities;
 
-/// Where a [`Backend`] puts registrations.
+/// Where a [`Vm`](crate::Vm) puts registrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Policy {
     /// Only in the kernel; a registration the kernel cannot take is an error. (The pins of the
@@ -63,30 +63,10 @@ pub enum Policy {
 }
 
 /// Registers guest-write notifications and interrupts in the kernel, in userspace, or either per
-/// registration. Cheap to clone: clones share the dispatcher and the injector. Use one
-/// backend per VM ([`Vm`](crate::Vm) holds it), so overlaps are checked across every
-/// registration it made.
-///
-/// ```
-/// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
-/// use std::sync::Arc;
-/// use vm_notify::fallback::{Backend, Placement, Policy};
-/// use vm_notify::{Capability, Mode, Notifier, WriteMatch};
-///
-/// let kvm = kvm_ioctls::Kvm::new()?;
-/// let vm = Arc::new(kvm.create_vm()?);
-/// // As on a host without KVM_CAP_IOEVENTFD:
-/// let backend = Backend::new(vm, Policy::Auto).disable(Capability::IoEventFd);
-/// let kicks = Notifier::new(Mode::Counter)?;
-/// let reg = backend.register(WriteMatch::mmio(0xd000_0050), &kicks)?;
-/// assert!(matches!(reg.placement(), Placement::Userspace(_)));
-/// // The vCPU loop, on KVM_EXIT_MMIO:
-/// assert!(backend.dispatcher().mmio_write(0xd000_0050, &0u32.to_le_bytes())?);
-/// assert_eq!(kicks.read()?, 1);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
+/// registration: what [`Vm`](crate::Vm) does its registrations with. Cheap to clone: clones share
+/// the dispatcher and the injector, so overlaps are checked across every registration of a VM.
 #[derive(Clone)]
-pub struct Backend {
+pub(crate) struct Backend {
     policy: Policy,
     vm: Arc<VmFd>,
     caps: Capabilities,
@@ -110,7 +90,7 @@ impl fmt::Debug for Backend {
 
 impl Backend {
     /// A backend with `policy` for `vm`. Asks KVM which capabilities it has, once.
-    pub fn new(vm: Arc<VmFd>, policy: Policy) -> Self {
+    pub(crate) fn new(vm: Arc<VmFd>, policy: Policy) -> Self {
         Backend {
             policy,
             caps: Capabilities::probe(&vm),
@@ -130,7 +110,7 @@ impl Backend {
     }
 
     /// The split irqchip's IOAPIC this backend serves pins through, if it has one.
-    pub fn ioapic(&self) -> Option<&Ioapic> {
+    pub(crate) fn ioapic(&self) -> Option<&Ioapic> {
         self.ioapic.as_ref()
     }
 
@@ -157,23 +137,18 @@ impl Backend {
 
     /// Treats `cap` as missing from KVM: for hosts where a capability exists but must not be
     /// used, and for testing the fallback.
-    pub fn disable(mut self, cap: Capability) -> Self {
+    pub(crate) fn disable(mut self, cap: Capability) -> Self {
         self.disabled.push(cap);
         self
     }
 
-    /// The backend's policy.
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
     /// The VM.
-    pub fn vm(&self) -> &Arc<VmFd> {
+    pub(crate) fn vm(&self) -> &Arc<VmFd> {
         &self.vm
     }
 
     /// The dispatcher the VMM hands `KVM_EXIT_MMIO` / `KVM_EXIT_IO` writes to.
-    pub fn dispatcher(&self) -> &ExitDispatcher {
+    pub(crate) fn dispatcher(&self) -> &ExitDispatcher {
         &self.dispatcher
     }
 
@@ -202,7 +177,7 @@ impl Backend {
     /// The validation errors of [`WriteMatch::validate`]; [`Error::IoEventExists`] for an
     /// overlap with a registration of this backend; for [`Policy::Kernel`], the errors of
     /// [`IoEvent::register`].
-    pub fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
+    pub(crate) fn register(&self, write: WriteMatch, notifier: &Notifier) -> Result<IoEvent> {
         let req = write.request()?;
         let notifier = notifier.clone();
         let why = match (self.policy, self.gap(write.capabilities())) {
@@ -242,7 +217,7 @@ impl Backend {
     /// # Errors
     ///
     /// Those of [`EventLoop::new`](crate::wait::EventLoop::new), the first time.
-    pub fn injector(&self, router: &GsiRouter) -> Result<Injector> {
+    pub(crate) fn injector(&self, router: &GsiRouter) -> Result<Injector> {
         self.injector_ref(router).cloned()
     }
 
@@ -291,7 +266,7 @@ impl Backend {
     ///
     /// Those of [`IrqFd::with_notifier`]; on the userspace path the same route checks;
     /// [`Error::IoapicPin`] for a pin of the split irqchip on a backend without its IOAPIC.
-    pub fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
+    pub(crate) fn irqfd(&self, router: &GsiRouter, gsi: Gsi, notifier: &Notifier) -> Result<IrqFd> {
         if let Some(io) = self.pin_of(router, gsi)? {
             let injector = self.injector_ref(router)?;
             return IrqFd::injected(
@@ -324,7 +299,7 @@ impl Backend {
     ///
     /// Those of [`LevelIrqFd::with_notifiers`] (on the userspace path, the same GSI checks);
     /// [`Error::IoapicPin`] for a pin of the split irqchip on a backend without its IOAPIC.
-    pub fn level_irqfd(
+    pub(crate) fn level_irqfd(
         &self,
         router: &GsiRouter,
         gsi: Gsi,

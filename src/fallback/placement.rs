@@ -10,8 +10,7 @@ use crate::error::Capability;
 pub enum Fallback {
     /// The backend's policy is [`Policy::Userspace`](super::Policy::Userspace).
     Requested,
-    /// The capability was disabled on the backend
-    /// ([`Backend::disable`](super::Backend::disable)).
+    /// The capability was disabled on the VM ([`Vm::disable`](crate::Vm::disable)).
     Disabled(Capability),
     /// KVM lacks the capability.
     MissingCapability(Capability),

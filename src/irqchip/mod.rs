@@ -29,4 +29,4 @@ mod ioapic;
 mod registers;
 
 pub use ioapic::{Ioapic, IoapicStats};
-pub use registers::{Redirection, IOAPIC_BASE, IOAPIC_PINS, IOAPIC_SIZE};
+pub use registers::{Redirection, IOAPIC_BASE, IOAPIC_SIZE};

@@ -5,7 +5,7 @@
 use crate::kvm::MsiMessage;
 
 /// The IOAPIC's pins (its redirection entries).
-pub const IOAPIC_PINS: usize = 24;
+pub(crate) const IOAPIC_PINS: usize = 24;
 
 /// Where the IOAPIC's registers sit in guest-physical memory on a PC.
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;

@@ -18,7 +18,7 @@ use kvm_ioctls::VmFd;
 use crate::bus::{IoEventAddress, Width};
 use crate::error::{Capability, Error, Result};
 use crate::notifier::Notifier;
-use crate::sys::{self, Capabilities, IoEventRequest};
+use crate::sys::{self, IoEventRequest};
 
 /// Which guest writes a registration matches: address, width and optional datamatch.
 ///
@@ -104,7 +104,7 @@ impl WriteMatch {
     }
 
     /// The capabilities KVM needs to take this registration in the kernel.
-    pub fn capabilities(&self) -> impl Iterator<Item = Capability> {
+    pub(crate) fn capabilities(&self) -> impl Iterator<Item = Capability> {
         let any_length = self.width == Width::Any;
         std::iter::once(Capability::IoEventFd)
             .chain(any_length.then_some(Capability::IoEventFdAnyLength))
@@ -171,27 +171,6 @@ impl fmt::Debug for IoEventFd {
 }
 
 impl IoEventFd {
-    /// Assigns `notifier` in the kernel for the guest writes `write` describes. The registration
-    /// keeps a handle to the notifier (a [`Notifier`] clone: the same descriptor, none opened), so
-    /// the eventfd stays open while it is registered.
-    ///
-    /// # Errors
-    ///
-    /// The validation errors of [`WriteMatch::validate`]; [`Error::MissingCapability`] without
-    /// `KVM_CAP_IOEVENTFD` (or `KVM_CAP_IOEVENTFD_ANY_LENGTH` for [`Width::Any`]);
-    /// [`Error::IoEventExists`] when an overlapping registration exists; [`Error::IoBusFull`]
-    /// when the kernel bus is full; [`Error::FdExhausted`] when no descriptor is left;
-    /// [`Error::IoEvent`] for other errnos.
-    pub(crate) fn register(
-        vm: &Arc<VmFd>,
-        write: WriteMatch,
-        notifier: &Notifier,
-    ) -> Result<IoEventFd> {
-        let req = write.request()?;
-        Capabilities::probe(vm).require(write.capabilities())?;
-        IoEventFd::assign(vm, write, req, notifier.clone())
-    }
-
     /// `KVM_IOEVENTFD` for a validated `write` whose capabilities the caller checked.
     pub(crate) fn assign(
         vm: &Arc<VmFd>,

@@ -6,8 +6,7 @@
 //! chooses between the kernel and userspace; [`fallback`](crate::fallback) does, on top of this.
 //!
 //! * [`WriteMatch`] and [`IoEventAddress`]: which guest writes an ioeventfd matches (with a
-//!   [`Width`](crate::Width)); [`IoEvent::register`](crate::IoEvent::register) assigns one in the
-//!   kernel.
+//!   [`Width`](crate::Width)); [`Vm::ioevent`](crate::Vm::ioevent) registers one.
 //! * [`GsiRouter`] and [`Transaction`]: the VM's routing table, owned in one place (see the
 //!   `routing` section below).
 //!
@@ -34,7 +33,5 @@ mod routing;
 pub use crate::bus::IoEventAddress;
 pub(crate) use ioevent::IoEventFd;
 pub use ioevent::WriteMatch;
-pub use routing::{
-    Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT, IRQCHIP_GSIS,
-    ROUTE_TABLE_LIMIT,
-};
+pub(crate) use routing::IRQCHIP_GSIS;
+pub use routing::{Gsi, GsiRouter, IrqChip, MsiMessage, Route, Transaction, GSI_LIMIT};

@@ -37,10 +37,10 @@ pub type Gsi = u32;
 pub const GSI_LIMIT: u32 = KVM_MAX_IRQ_ROUTES as u32;
 
 /// The most entries one routing table can hold (`KVM_MAX_IRQ_ROUTES`).
-pub const ROUTE_TABLE_LIMIT: usize = KVM_MAX_IRQ_ROUTES;
+pub(crate) const ROUTE_TABLE_LIMIT: usize = KVM_MAX_IRQ_ROUTES;
 
 /// GSIs 0..24 are the legacy irqchip pins; allocation starts above them.
-pub const IRQCHIP_GSIS: u32 = 24;
+pub(crate) const IRQCHIP_GSIS: u32 = 24;
 
 /// An in-kernel interrupt controller a GSI can be routed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,7 +173,7 @@ struct Shared {
 
 /// The owner of a VM's GSI routing table. Cheap to clone: clones share one table.
 ///
-/// Create it once per VM, after `KVM_CREATE_IRQCHIP` ([`Vm`](crate::Vm) does), and make every
+/// A [`Vm`](crate::Vm) holds one ([`Vm::router`](crate::Vm::router)); make every
 /// routing change through it: one change at a time with [`route_msi`](Self::route_msi),
 /// [`set_msi`](Self::set_msi) and [`remove`](Self::remove), or many in one
 /// `KVM_SET_GSI_ROUTING` with a [`transaction`](Self::transaction).
@@ -181,16 +181,17 @@ struct Shared {
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// use std::sync::Arc;
-/// use vm_notify::kvm::{GsiRouter, MsiMessage};
-/// use vm_notify::IrqFd;
+/// use vm_notify::fallback::Policy;
+/// use vm_notify::kvm::MsiMessage;
+/// use vm_notify::Vm;
 ///
 /// let kvm = kvm_ioctls::Kvm::new()?;
-/// let vm = Arc::new(kvm.create_vm()?);
-/// vm.create_irq_chip()?;
-/// let router = GsiRouter::new(vm.clone())?;
+/// let fd = Arc::new(kvm.create_vm()?);
+/// fd.create_irq_chip()?;
+/// let vm = Vm::new(fd, Policy::Kernel)?;
 /// // One KVM_SET_GSI_ROUTING, the irqchip's default routes included.
-/// let gsi = router.route_msi(MsiMessage::x86(0, 0x40))?;
-/// let irq = IrqFd::new(&router, gsi)?;
+/// let gsi = vm.router().route_msi(MsiMessage::x86(0, 0x40))?;
+/// let irq = vm.irqfd(gsi)?;
 /// irq.trigger()?; // the guest's vector 0x40 handler runs
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -217,7 +218,7 @@ impl GsiRouter {
     ///
     /// [`Error::MissingCapability`] when the VM has no in-kernel irqchip or KVM lacks
     /// `KVM_CAP_IRQ_ROUTING`.
-    pub fn new(vm: Arc<VmFd>) -> Result<Self> {
+    pub(crate) fn new(vm: Arc<VmFd>) -> Result<Self> {
         let caps = Capabilities::probe(&vm);
         caps.require([Capability::IrqRouting, Capability::Irqchip])?;
         let routes = default_routes();
@@ -248,7 +249,7 @@ impl GsiRouter {
     ///
     /// [`Error::MissingCapability`] when KVM lacks `KVM_CAP_IRQ_ROUTING` or
     /// `KVM_CAP_SPLIT_IRQCHIP`.
-    pub fn split(vm: Arc<VmFd>) -> Result<Self> {
+    pub(crate) fn split(vm: Arc<VmFd>) -> Result<Self> {
         let caps = Capabilities::probe(&vm);
         caps.require([Capability::IrqRouting, Capability::SplitIrqchip])?;
         Ok(GsiRouter {
@@ -262,13 +263,8 @@ impl GsiRouter {
     }
 
     /// The VM this router routes.
-    pub fn vm(&self) -> &Arc<VmFd> {
+    pub(crate) fn vm(&self) -> &Arc<VmFd> {
         &self.shared.vm
-    }
-
-    /// Whether the VM runs the split irqchip ([`split`](Self::split)).
-    pub fn is_split(&self) -> bool {
-        self.shared.split
     }
 
     /// Whether `gsi` is a pin of the split irqchip's IOAPIC.
@@ -472,12 +468,14 @@ impl Change {
 ///
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
+/// use vm_notify::kvm::MsiMessage;
 /// # use std::sync::Arc;
-/// use vm_notify::kvm::{GsiRouter, MsiMessage};
+/// # use vm_notify::{fallback::Policy, Vm};
 /// # let kvm = kvm_ioctls::Kvm::new()?;
-/// # let vm = Arc::new(kvm.create_vm()?);
-/// # vm.create_irq_chip()?;
-/// let router = GsiRouter::new(vm.clone())?;
+/// # let fd = Arc::new(kvm.create_vm()?);
+/// # fd.create_irq_chip()?;
+/// # let vm = Vm::new(fd, Policy::Kernel)?;
+/// let router = vm.router();
 /// let mut tx = router.transaction();
 /// let gsis = (0..64)
 ///     .map(|v| tx.add_msi(MsiMessage::x86(0, 0x40 + v)))
@@ -539,8 +537,8 @@ impl Transaction<'_> {
     ///
     /// # Errors
     ///
-    /// [`Error::RouteTableFull`] when the table would hold more than [`ROUTE_TABLE_LIMIT`]
-    /// entries, [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
+    /// [`Error::RouteTableFull`] when the table would hold more than KVM's 4096 entries
+    /// (`KVM_MAX_IRQ_ROUTES`), [`Error::GsiExhausted`] when no GSI below [`GSI_LIMIT`] is free.
     pub fn add_msi(&mut self, msg: MsiMessage) -> Result<Gsi> {
         let mut table = self.router.lock();
         let entries = self.entries_in(&table) + 1;

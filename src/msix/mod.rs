@@ -17,7 +17,7 @@
 //!   delivering, a trigger sets the pending bit instead.
 //! * **mask** deassigns the irqfd. When `KVM_IRQFD` returns, everything written before is
 //!   injected and nothing written after can be. The counter is then read, and anything in it
-//!   (written by a holder of [`MsixVectors::notifier`], such as a vhost-user backend) becomes the
+//!   (written by a holder of [`MsixVector::notifier`], such as a vhost-user backend) becomes the
 //!   pending bit.
 //! * **unmask** first drains the counter into the pending bit, then assigns the irqfd on an
 //!   empty counter (so KVM's assign-time injection, which does not consume the counter, never
@@ -43,7 +43,5 @@
 mod table;
 mod vectors;
 
-pub use table::{
-    MSIX_ENABLE, MSIX_ENTRY_SIZE, MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_VECTOR_MASKED,
-};
+pub use table::{MSIX_ENABLE, MSIX_ENTRY_SIZE, MSIX_FUNCTION_MASK};
 pub use vectors::{MsixState, MsixStats, MsixVector, MsixVectors, VectorState};

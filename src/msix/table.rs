@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::kvm::MsiMessage;
 
 /// The most vectors an MSI-X capability can have (table size field of 11 bits).
-pub const MSIX_MAX_VECTORS: usize = 2048;
+pub(crate) const MSIX_MAX_VECTORS: usize = 2048;
 /// Bytes per MSI-X table entry.
 pub const MSIX_ENTRY_SIZE: u64 = 16;
 /// Message control: MSI-X enable.
@@ -14,7 +14,7 @@ pub const MSIX_ENABLE: u16 = 1 << 15;
 /// Message control: function mask.
 pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 /// Vector control: mask bit.
-pub const MSIX_VECTOR_MASKED: u32 = 1;
+pub(crate) const MSIX_VECTOR_MASKED: u32 = 1;
 
 /// One table entry's guest-visible fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -271,24 +271,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// ```
 /// # if !vm_notify_testkit::kvm_or_skip("doc example") { return Ok(()); }
 /// # use std::sync::Arc;
-/// use vm_notify::kvm::{GsiRouter, MsiMessage};
-/// use vm_notify::msix::MsixVectors;
+/// use vm_notify::fallback::Policy;
+/// use vm_notify::kvm::MsiMessage;
+/// use vm_notify::msix::MSIX_ENABLE;
+/// use vm_notify::Vm;
 /// # let kvm = kvm_ioctls::Kvm::new()?;
-/// # let vm = Arc::new(kvm.create_vm()?);
-/// # vm.create_irq_chip()?;
-/// let router = GsiRouter::new(vm.clone())?;
-/// let msix = MsixVectors::new(&router, 4)?;
+/// # let fd = Arc::new(kvm.create_vm()?);
+/// # fd.create_irq_chip()?;
+/// let vm = Vm::new(fd, Policy::Kernel)?;
+/// let msix = vm.msix(4)?;
 /// // What a guest driver does through the table and the capability:
 /// msix.set_message(0, MsiMessage::x86(0, 0x41))?;
 /// msix.set_masked(0, false)?;
-/// msix.set_enabled(true)?;
+/// msix.write_message_control(MSIX_ENABLE)?;
 /// // The device:
 /// msix.trigger(0)?; // injected
 /// msix.set_masked(0, true)?;
 /// msix.trigger(0)?; // held: the PBA bit is set
-/// assert!(msix.is_pending(0)?);
+/// assert!(msix.vector(0)?.pending);
 /// msix.set_masked(0, false)?; // exactly one interrupt now
-/// assert!(!msix.is_pending(0)?);
+/// assert!(!msix.vector(0)?.pending);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
@@ -315,7 +317,7 @@ impl MsixVectors {
     /// # Errors
     ///
     /// [`Error::MsixVectorCount`] unless `1 <= count <= 2048`.
-    pub fn new(router: &GsiRouter, count: usize) -> Result<Self> {
+    pub(crate) fn new(router: &GsiRouter, count: usize) -> Result<Self> {
         let state = MsixState {
             enabled: false,
             function_masked: false,
@@ -331,7 +333,7 @@ impl MsixVectors {
     /// # Errors
     ///
     /// [`Error::MsixVectorCount`], and the routing and irqfd errors of registering.
-    pub fn restore(router: &GsiRouter, state: &MsixState) -> Result<Self> {
+    pub(crate) fn restore(router: &GsiRouter, state: &MsixState) -> Result<Self> {
         let v = Self::build(router, state)?;
         let mut all = v.inner.lock_all();
         v.inner.sync(&mut all)?;
@@ -406,7 +408,7 @@ impl MsixVectors {
     /// # Errors
     ///
     /// [`Error::MsixVectorIndex`], [`Error::FdExhausted`].
-    pub fn notifier(&self, index: usize) -> Result<Notifier> {
+    pub(crate) fn notifier(&self, index: usize) -> Result<Notifier> {
         let mut v = self.inner.vector(index)?;
         match &v.line {
             Line::Attached(b) => Ok(b.trigger().clone()),
@@ -473,15 +475,6 @@ impl MsixVectors {
         self.inner.sync(&mut all)
     }
 
-    /// Vector `index`'s pending bit, as the PBA shows it.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if polling fails.
-    pub fn is_pending(&self, index: usize) -> Result<bool> {
-        self.inner.vector(index)?.is_pending()
-    }
-
     /// Vector `index`'s state.
     ///
     /// # Errors
@@ -504,24 +497,6 @@ impl MsixVectors {
         Ok(self.inner.vector(index)?.route.map(|(gsi, _)| gsi))
     }
 
-    /// Sets the MSI-X enable bit.
-    ///
-    /// # Errors
-    ///
-    /// Routing and irqfd errors of attaching the vectors that start delivering.
-    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        self.inner.set_function(|f| f.enabled = enabled)
-    }
-
-    /// Sets the function mask bit: while set, no vector delivers and raises set pending bits.
-    ///
-    /// # Errors
-    ///
-    /// Routing and irqfd errors of re-attaching when clearing it.
-    pub fn set_function_masked(&self, masked: bool) -> Result<()> {
-        self.inner.set_function(|f| f.masked = masked)
-    }
-
     /// The capability's message control register: enable (bit 15), function mask (bit 14),
     /// table size − 1 (bits 0–10).
     pub fn message_control(&self) -> u16 {
@@ -534,7 +509,7 @@ impl MsixVectors {
     ///
     /// # Errors
     ///
-    /// Those of [`set_enabled`](Self::set_enabled).
+    /// Routing and irqfd errors of attaching the vectors that start delivering.
     pub fn write_message_control(&self, value: u16) -> Result<()> {
         let (enabled, masked) = table::decode_message_control(value);
         self.inner.set_function(|f| {
@@ -605,7 +580,9 @@ impl MsixVectors {
     /// [`Error::MsixAccess`] for any other size, alignment or an offset past the PBA.
     pub(crate) fn pba_read(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.pba_len())?;
-        table::read_pba(self.len(), offset, data, |i| self.is_pending(i))
+        table::read_pba(self.len(), offset, data, |i| {
+            self.inner.vector(i)?.is_pending()
+        })
     }
 
     /// A guest write of the PBA: read-only to software, so nothing changes.
@@ -698,11 +675,13 @@ impl MsixVector {
         self.vectors.trigger(self.index)
     }
 
-    /// A descriptor of the vector's eventfd (see [`MsixVectors::notifier`]).
+    /// A handle to the vector's eventfd, for a writer outside this process's trigger path
+    /// (a vhost-user backend's call fd, a VFIO interrupt). Writes to it deliver while the vector
+    /// delivers and become the pending bit while it does not.
     ///
     /// # Errors
     ///
-    /// Those of [`MsixVectors::notifier`].
+    /// [`Error::FdExhausted`](crate::Error::FdExhausted).
     pub fn notifier(&self) -> Result<Notifier> {
         self.vectors.notifier(self.index)
     }
@@ -732,7 +711,7 @@ impl MaskableInterrupt for MsixVector {
     }
 
     fn is_pending(&self) -> bool {
-        self.vectors.is_pending(self.index).unwrap_or(false)
+        self.vectors.vector(self.index).is_ok_and(|v| v.pending)
     }
 }
 

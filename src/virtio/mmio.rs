@@ -13,7 +13,7 @@ use crate::kvm::{Gsi, GsiRouter, WriteMatch};
 use crate::notifier::{Mode, Notifier};
 
 /// Where a virtio-mmio device sits and what it has: the arguments of
-/// [`Vm::virtio_mmio`](crate::Vm::virtio_mmio) and [`MmioNotify::new`].
+/// [`Vm::virtio_mmio`](crate::Vm::virtio_mmio).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmioLayout {
     /// The guest-physical base of the device's register window.
@@ -29,7 +29,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A virtio-mmio device's interrupt: `InterruptStatus` and the level line it drives. As a
-/// [`GuestInterrupt`] it is the queues' used-buffer interrupt ([`INT_VRING`]).
+/// [`GuestInterrupt`] it is the queues' used-buffer interrupt (`VIRTIO_MMIO_INT_VRING`).
 pub struct MmioInterrupt {
     line: Arc<dyn GuestInterrupt>,
     status: Mutex<u32>,
@@ -65,7 +65,7 @@ impl MmioInterrupt {
     /// # Errors
     ///
     /// Those of the line's [`trigger`](GuestInterrupt::trigger).
-    pub fn trigger_status(&self, bits: u32) -> Result<bool> {
+    pub(crate) fn trigger_status(&self, bits: u32) -> Result<bool> {
         let mut status = lock(&self.status);
         let new = *status & bits != bits;
         let was_clear = *status == 0;
@@ -76,7 +76,7 @@ impl MmioInterrupt {
         Ok(new)
     }
 
-    /// Interrupts the guest for a configuration change ([`INT_CONFIG`]); returns whether the
+    /// Interrupts the guest for a configuration change (`VIRTIO_MMIO_INT_CONFIG`); returns whether the
     /// bit was newly set (as [`VirtQueueNotify::trigger`]).
     ///
     /// # Errors
@@ -132,7 +132,7 @@ impl MmioInterrupt {
     }
 }
 
-/// Triggering sets [`INT_VRING`] (see [`trigger_status`](MmioInterrupt::trigger_status)). It has
+/// Triggering sets `VIRTIO_MMIO_INT_VRING`. It has
 /// no eventfd: a write to the line's eventfd would raise the line without setting
 /// `InterruptStatus`, and the guest's driver would find nothing to do. Its line is lowered by the
 /// guest's acknowledge ([`ack`](MmioInterrupt::ack)), not by the device, so it has no
@@ -161,7 +161,11 @@ impl MmioNotify {
     /// # Errors
     ///
     /// Those of [`Backend::register`] and [`Backend::level_irqfd`].
-    pub fn new(backend: &Backend, router: &GsiRouter, device: &MmioLayout) -> Result<MmioNotify> {
+    pub(crate) fn new(
+        backend: &Backend,
+        router: &GsiRouter,
+        device: &MmioLayout,
+    ) -> Result<MmioNotify> {
         let line = backend.level_irqfd(
             router,
             device.gsi,
@@ -174,12 +178,8 @@ impl MmioNotify {
         Ok(notify)
     }
 
-    /// As [`new`](Self::new), with the VMM's own level line (`device.gsi` is not used).
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Backend::register`].
-    pub fn with_line(
+    /// As [`new`](Self::new), on `line` (`device.gsi` is not used).
+    fn with_line(
         backend: &Backend,
         device: &MmioLayout,
         line: Arc<dyn GuestInterrupt>,
@@ -212,7 +212,7 @@ impl MmioNotify {
         self.queues.placement(index)
     }
 
-    /// Where the interrupt line lives, for a line [`new`](Self::new) made.
+    /// Where the interrupt line lives.
     pub fn line_placement(&self) -> Option<&Placement> {
         self.line_placement.as_ref()
     }

@@ -12,7 +12,7 @@
 //! * **virtio-mmio** ([`MmioNotify`]): one ioeventfd per queue on `QueueNotify` (offset `0x050`,
 //!   4-byte writes, the queue index as datamatch), and one level interrupt line tied to
 //!   `InterruptStatus` / `InterruptACK` (offsets `0x060` / `0x064`). The line is asserted while any
-//!   status bit is set: `trigger` sets bit 0 ([`INT_VRING`]) and asserts, an ACK clears the
+//!   status bit is set: `trigger` sets bit 0 (`VIRTIO_MMIO_INT_VRING`) and asserts, an ACK clears the
 //!   bits it names and, when none is left, the line drops; an ACK that leaves a bit set keeps it
 //!   asserted, so the guest takes another interrupt. The VMM routes the guest's accesses to
 //!   `QueueNotify`..`InterruptACK` to an [`IoRegion::mmio_notify`](crate::io::IoRegion::mmio_notify)
@@ -27,7 +27,7 @@
 //!   only one that catches `VIRTIO_F_NOTIFICATION_DATA` writes); queues that share an address
 //!   (multiplier 0) are told apart by a 2-byte datamatch on the index.
 //!
-//! **`VIRTIO_F_NOTIFICATION_DATA`** ([`VIRTIO_F_NOTIFICATION_DATA`]): the driver's notify write
+//! **`VIRTIO_F_NOTIFICATION_DATA`** (feature bit 38): the driver's notify write
 //! becomes 32 bits, the queue index in the low 16 and the next available position above, so a
 //! datamatch on the index misses it and the write exits to the VMM. Both transports take such a
 //! write where it lands — their [`IoRegion`](crate::io::IoRegion)s read the queue from its low 16
@@ -67,27 +67,29 @@ use crate::notifier::{Mode, Notifier};
 pub use mmio::{MmioInterrupt, MmioLayout, MmioNotify};
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
-pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState, QueueVector};
+pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState};
 pub use queue::{VirtQueueNotify, VringLayout};
 #[cfg(feature = "virtio-queue")]
-pub use serve::{Moderation, QueueServer, ServeStats, VRING_AVAIL_F_NO_INTERRUPT};
+pub use serve::{Moderation, QueueServer, ServeStats};
 
-/// virtio-mmio `QueueNotify` offset.
-pub const MMIO_QUEUE_NOTIFY: u64 = 0x050;
-/// virtio-mmio `InterruptStatus` offset (read-only).
-pub const MMIO_INTERRUPT_STATUS: u64 = 0x060;
-/// virtio-mmio `InterruptACK` offset (write-only).
-pub const MMIO_INTERRUPT_ACK: u64 = 0x064;
-/// `InterruptStatus` bit: a used buffer was added to a queue.
-pub const INT_VRING: u32 = 1;
-/// `InterruptStatus` bit: the device configuration changed.
-pub const INT_CONFIG: u32 = 2;
-/// virtio-pci `queue_msix_vector` / `config_msix_vector` value for "no vector".
+// The virtio constants this crate's transports use, from virtio-bindings (devices and VMMs take
+// them from there too).
+#[cfg(feature = "kvm")]
+pub(crate) const MMIO_QUEUE_NOTIFY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+#[cfg(feature = "kvm")]
+pub(crate) const MMIO_INTERRUPT_STATUS: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+#[cfg(feature = "kvm")]
+pub(crate) const MMIO_INTERRUPT_ACK: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+#[cfg(feature = "kvm")]
+pub(crate) const INT_VRING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+#[cfg(feature = "kvm")]
+pub(crate) const INT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+#[cfg(feature = "kvm")]
+use virtio_bindings::virtio_mmio;
+
+/// virtio-pci `queue_msix_vector` / `config_msix_vector` value for "no vector"
+/// (`VIRTIO_MSI_NO_VECTOR`, which virtio-bindings does not carry).
 pub const NO_VECTOR: u16 = 0xffff;
-/// `VIRTIO_F_NOTIFICATION_DATA` (feature bit 38): the driver's queue notification is a 32-bit
-/// write of the queue index (low 16 bits) with the next available position above it, not the
-/// index alone.
-pub const VIRTIO_F_NOTIFICATION_DATA: u64 = 1 << 38;
 
 #[cfg(feature = "kvm")]
 /// The queue a notify write names: its low 16 bits, with `VIRTIO_F_NOTIFICATION_DATA` or without

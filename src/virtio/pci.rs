@@ -15,7 +15,7 @@ use crate::msix::{MsixState, MsixVectors};
 use crate::notifier::Notifier;
 
 /// Where a virtio-pci function's queues are notified: the arguments of
-/// [`Vm::virtio_pci`](crate::Vm::virtio_pci) and [`PciNotify::new`], as the notify capability
+/// [`Vm::virtio_pci`](crate::Vm::virtio_pci), as the notify capability
 /// and the common configuration state them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -45,7 +45,7 @@ impl PciLayout {
 /// A virtio-pci queue's interrupt: the MSI-X vector the guest chose in `queue_msix_vector`
 /// (or `config_msix_vector`), triggered on the function's vectors.
 #[derive(Debug)]
-pub struct QueueVector {
+pub(crate) struct QueueVector {
     vectors: MsixVectors,
     vector: AtomicU16,
 }
@@ -59,7 +59,7 @@ impl QueueVector {
     }
 
     /// The vector now ([`NO_VECTOR`] for none).
-    pub fn vector(&self) -> u16 {
+    pub(crate) fn vector(&self) -> u16 {
         self.vector.load(Ordering::Acquire)
     }
 
@@ -150,7 +150,11 @@ impl PciNotify {
     ///
     /// [`Error::VirtioQueueCount`] for more than 65535 queues, [`Error::AddressWraps`] when an
     /// address overflows, and those of [`Backend::register`].
-    pub fn new(backend: &Backend, layout: &PciLayout, vectors: &MsixVectors) -> Result<PciNotify> {
+    pub(crate) fn new(
+        backend: &Backend,
+        layout: &PciLayout,
+        vectors: &MsixVectors,
+    ) -> Result<PciNotify> {
         let count = layout.queue_notify_off.len();
         if count > usize::from(u16::MAX) {
             return Err(Error::VirtioQueueCount { count });
@@ -189,7 +193,7 @@ impl PciNotify {
         })
     }
 
-    /// The guest writes queue `index`'s registration takes (see [`new`](Self::new)).
+    /// The guest writes queue `index`'s registration takes (see [`Vm::virtio_pci`](crate::Vm::virtio_pci)).
     pub fn queue_match(&self, index: u16) -> Option<WriteMatch> {
         self.queues.write_match(index)
     }
@@ -269,7 +273,7 @@ impl PciNotify {
     /// unread kicks, the configuration vector, and the MSI-X state with its pending bits.
     ///
     /// Nothing is lost to a notification that arrives while it is taken: a kick counter is read
-    /// with [`Notifier::peek`] (the kernel's count, read atomically and never written back, so a
+    /// from `/proc/self/fdinfo` (the kernel's count, read atomically and never written back, so a
     /// kick arriving meanwhile stays in the counter for the device), and MSI-X events sitting in a
     /// masked vector's eventfd move into its pending bit under the vector's lock (see
     /// [`MsixVectors::save`]). For a state that later events cannot outdate, pause the vCPUs and
@@ -313,7 +317,7 @@ impl PciNotify {
     /// [`Error::SavedState`] when the state does not fit itself (a queue count other than the
     /// layout's, a vector past the table), before anything is made; those of
     /// [`MsixVectors::restore`] and [`new`](Self::new), and [`Error::Notifier`].
-    pub fn restore(
+    pub(crate) fn restore(
         backend: &Backend,
         router: &GsiRouter,
         state: &PciNotifyState,

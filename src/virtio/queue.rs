@@ -76,9 +76,9 @@ impl VirtQueueNotify {
     }
 
     /// Interrupts the guest for used buffers: on virtio-mmio sets
-    /// [`INT_VRING`](super::INT_VRING) and asserts the line; on virtio-pci triggers the queue's
+    /// `VIRTIO_MMIO_INT_VRING` and asserts the line; on virtio-pci triggers the queue's
     /// MSI-X vector. Returns whether this asked for a new interrupt: `false` on virtio-pci for a
-    /// queue with [`NO_VECTOR`](super::NO_VECTOR), and on virtio-mmio when `INT_VRING` was still
+    /// queue with [`NO_VECTOR`](super::NO_VECTOR), and on virtio-mmio when `VIRTIO_MMIO_INT_VRING` was still
     /// set (the guest finds these buffers with the interrupt it has yet to
     /// acknowledge).
     ///

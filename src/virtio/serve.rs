@@ -69,7 +69,8 @@ use crate::error::{Error, Result};
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without EVENT_IDX, the driver asks for no used-buffer
 /// interrupts.
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 =
+    virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// Interrupt moderation for one queue (see the module docs): at most `max_held` used-buffer
 /// interrupts held back, none for longer than `budget`.

@@ -8,9 +8,9 @@
 //!
 //! * the kick came while polling: the window stays;
 //! * the window ran out but the kick came within `max` of the start of the wait: a longer window
-//!   would have caught it, so the window doubles (from [`AdaptivePoll::GROW_FROM`]), up to `max`;
+//!   would have caught it, so the window doubles (from 4 µs), up to `max`;
 //! * the wait was longer than `max` (an idle device): polling could not have caught it, so the
-//!   window halves, and below `GROW_FROM` it becomes zero.
+//!   window halves, and below 4 µs it becomes zero.
 //!
 //! An idle device therefore spins for one window and then blocks, and its window decays to zero
 //! within a few waits; a busy one keeps a window that covers the time between its kicks. The
@@ -68,7 +68,7 @@ impl fmt::Debug for AdaptivePoll {
 
 impl AdaptivePoll {
     /// The first non-zero window, and the size below which a shrinking window becomes zero.
-    pub const GROW_FROM: Duration = Duration::from_micros(4);
+    pub(crate) const GROW_FROM: Duration = Duration::from_micros(4);
 
     /// A waiter whose window starts at zero and never exceeds `max` (a zero `max` never polls:
     /// every wait blocks at once, like [`Notifier::read`]).

@@ -64,7 +64,7 @@ impl GuestExit {
         }
     }
 
-    /// Hands a write exit to `dispatcher` (the userspace path of a [`Backend`](vm_notify::fallback::Backend));
+    /// Hands a write exit to `dispatcher` (the userspace path of a [`Vm`](vm_notify::Vm));
     /// returns whether a registration took it. Reads are never taken.
     ///
     /// # Errors

@@ -11,7 +11,7 @@ use std::time::Duration;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vm_notify::fallback::{Backend, InjectorThread, Policy};
+use vm_notify::fallback::{InjectorThread, Policy};
 use vm_notify::kvm::GsiRouter;
 use vm_notify::Vm;
 
@@ -239,18 +239,17 @@ impl TinyVm {
         self.vcpu.iter().chain(&self.others)
     }
 
-    /// Runs `backend`'s [`Injector`](vm_notify::fallback::Injector) on a thread for as long as
-    /// this machine lives, as a VMM runs the injector of the interrupts it places in userspace.
-    /// A test that makes a backend of its own with [`Policy::Userspace`] or [`Policy::Auto`], or
-    /// one on the split irqchip, calls this for it. (A second thread on the same injector is
-    /// harmless: each trigger is read once, under the injector's lock.)
+    /// Runs `vm`'s [`Injector`](vm_notify::fallback::Injector) on a thread for as long as this
+    /// machine lives, as a VMM runs the injector of the interrupts it places in userspace. A test
+    /// that makes a root of its own with [`Policy::Userspace`] or [`Policy::Auto`]
+    /// ([`Vm::with_policy`]) calls this for it. (Roots of one VM share their injector, and a
+    /// second thread on it is harmless: each trigger is read once, under the injector's lock.)
     ///
     /// # Errors
     ///
-    /// Those of [`Backend::injector`](vm_notify::fallback::Backend::injector) and
-    /// [`Injector::spawn`](vm_notify::fallback::Injector::spawn).
-    pub fn run_injector(&self, backend: &Backend) -> Result<()> {
-        let thread = backend.injector(self.notify.router())?.spawn()?;
+    /// Those of [`Vm::injector`] and [`Injector::spawn`](vm_notify::fallback::Injector::spawn).
+    pub fn run_injector(&self, vm: &Vm) -> Result<()> {
+        let thread = vm.injector()?.spawn()?;
         self.injectors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -272,7 +271,7 @@ impl TinyVm {
         self.read_u64(layout::per_vcpu(index, IRQ_COUNTS + 8 * u64::from(vector)))
     }
 
-    /// The VM descriptor, for registrations ([`IoEvent::register`](vm_notify::IoEvent::register)).
+    /// The VM descriptor (`KVM_*` ioctls of a test's own).
     pub fn vm(&self) -> &Arc<VmFd> {
         &self.vm
     }

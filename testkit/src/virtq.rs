@@ -558,14 +558,20 @@ impl GuestProgram {
         zero_slot: usize,
     ) -> Result<()> {
         let mut nonzero = a.create_label();
-        a.mov(rdx, base + vm_notify::virtio::MMIO_INTERRUPT_STATUS)?;
+        a.mov(
+            rdx,
+            base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS),
+        )?;
         a.mov(eax, dword_ptr(rdx))?;
         a.or(qword_ptr(super::layout::data_slot(seen_slot)), rax)?;
         a.test(eax, eax)?;
         a.jnz(nonzero)?;
         a.inc(qword_ptr(super::layout::data_slot(zero_slot)))?;
         a.set_label(&mut nonzero)?;
-        a.mov(rdx, base + vm_notify::virtio::MMIO_INTERRUPT_ACK)?;
+        a.mov(
+            rdx,
+            base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK),
+        )?;
         a.mov(dword_ptr(rdx), eax)?;
         Ok(())
     }

@@ -80,7 +80,8 @@ pub fn run(
     let msix = root.msix(1).unwrap();
     msix.set_message(0, MsiMessage::x86(0, VECTOR)).unwrap();
     msix.set_masked(0, false).unwrap();
-    msix.set_enabled(true).unwrap();
+    msix.write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
     let layout = PciLayout {
         notify_base: NOTIFY_BASE,
         notify_off_multiplier: 4,

@@ -134,11 +134,11 @@ impl<R: Read> RngDevice<R> {
 mod tests {
     use std::sync::Arc;
 
+    use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     use vm_notify::device::RecordingInterrupt;
-    use vm_notify::virtio::VRING_AVAIL_F_NO_INTERRUPT;
     use vm_notify::{Mode, Notifier, QueueKicks};
 
     use super::*;
@@ -201,7 +201,7 @@ mod tests {
     fn a_driver_that_wants_no_interrupt_gets_none() {
         let (mem, driver) = driver(2, 64);
         // The available ring's flags are its first 16 bits.
-        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, driver.avail_addr())
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, driver.avail_addr())
             .unwrap();
         let irq = Arc::new(RecordingInterrupt::edge().unwrap());
         let mut rng = device(&driver, irq.clone());
