@@ -258,6 +258,7 @@ impl Notifier {
     /// # Errors
     ///
     /// [`Error::Notifier`] if fdinfo cannot be read or shows no count.
+    #[cfg(feature = "kvm")]
     pub(crate) fn peek(&self) -> Result<u64> {
         let info = fdinfo(self.fd.as_raw_fd())?;
         fdinfo_field(&info, "eventfd-count")
@@ -286,6 +287,7 @@ impl Notifier {
     }
 
     /// The underlying vmm-sys-util eventfd, for the code in this crate that hands it to KVM.
+    #[cfg(feature = "kvm")]
     pub(crate) fn as_event_fd(&self) -> &EventFd {
         &self.fd
     }

@@ -47,7 +47,7 @@ impl fmt::Debug for MmioInterrupt {
 impl MmioInterrupt {
     /// `InterruptStatus` over `line`, a level interrupt (a [`LevelIrqFd`](crate::LevelIrqFd),
     /// or a [`RecordingInterrupt::level`](crate::device::RecordingInterrupt::level) in a test).
-    pub fn new(line: Arc<dyn GuestInterrupt>) -> Self {
+    pub(crate) fn new(line: Arc<dyn GuestInterrupt>) -> Self {
         MmioInterrupt {
             line,
             status: Mutex::new(0),
@@ -124,11 +124,6 @@ impl MmioInterrupt {
             return Ok(false);
         }
         self.line.trigger()
-    }
-
-    /// The level line.
-    pub fn line(&self) -> &Arc<dyn GuestInterrupt> {
-        &self.line
     }
 }
 
