@@ -667,3 +667,70 @@ fn a_split_irqchip_level_interrupt_nobody_takes_does_not_wedge_the_pin() {
     assert_eq!(vm.irq_count(vector).unwrap(), 1);
     assert_eq!((stats.not_taken, stats.delivered), (1, 1));
 }
+
+/// On the split irqchip, a pin two level sources hold, whose interrupt no local APIC took (the
+/// guest's LAPIC was still software-disabled): when one source lets go while the other still
+/// holds the line, the IOAPIC delivers the held line to the now-enabled LAPIC, once, instead of
+/// marking it as awaiting an EOI that can never come (issue 22: `deassert` discarded the message
+/// the line change asked for, and the guest waited forever).
+#[test]
+fn a_split_irqchip_pin_still_held_by_another_source_is_delivered_when_one_lets_go() {
+    kvm_test!();
+    let (pin, vector) = (10u8, 0x3bu8);
+    let mut vm = TinyVm::with_split_irqchip(1).unwrap();
+    let first = Arc::new(vm.notify().level_irqfd(pin.into()).unwrap());
+    let second = Arc::new(vm.notify().level_irqfd(pin.into()).unwrap());
+    let io = vm.notify().ioapic().unwrap().clone();
+    let mut p = GuestProgram::new().unwrap();
+    // Addressed to this vCPU's APIC, which is software-disabled until `enable_lapic`.
+    p.route_ioapic_pin_to(pin, vector, true, 0).unwrap();
+    p.on_interrupt_with(vector, Eoi::Lapic, |a| {
+        a.mov(rax, INTERRUPT_ACK)?;
+        a.mov(dword_ptr(rax), 1u32)?;
+        Ok(())
+    });
+    p.signal_host(1).unwrap(); // both sources assert; nobody takes the message
+    p.enable_lapic().unwrap();
+    p.signal_host(2).unwrap(); // the first source lets go; the second still holds the pin
+    p.wait_for_interrupt().unwrap();
+    p.drain_interrupts(0x30).unwrap();
+    p.exit().unwrap();
+    let (h_first, h_second, h_io) = (first.clone(), second.clone(), io.clone());
+    let report = vm
+        .start(p, move |e: &GuestExit, _: &mut [u8]| match e {
+            GuestExit::PioWrite {
+                port: layout::HOST_PORT,
+                data,
+                ..
+            } if *data == 1 => {
+                h_first.trigger().unwrap();
+                h_second.trigger().unwrap();
+                let deadline = std::time::Instant::now() + TIMEOUT;
+                while h_io.stats().not_taken < 2 {
+                    assert!(std::time::Instant::now() < deadline, "never sent");
+                    thread::yield_now();
+                }
+            }
+            GuestExit::PioWrite {
+                port: layout::HOST_PORT,
+                ..
+            } => {
+                h_first.deassert().unwrap();
+            }
+            GuestExit::MmioWrite {
+                addr: INTERRUPT_ACK,
+                ..
+            } => {
+                h_second.deassert().unwrap();
+            }
+            other => panic!("unexpected exit {other:?}"),
+        })
+        .unwrap()
+        .wait(TIMEOUT);
+    report.done().unwrap();
+    let stats = io.stats();
+    eprintln!("IOAPIC with one of two holders letting go: {stats:?}");
+    assert_eq!(vm.irq_count(vector).unwrap(), 1);
+    assert_eq!((stats.not_taken, stats.delivered), (2, 1));
+    assert!(!io.entry(pin.into()).unwrap().remote_irr(), "the EOI came");
+}

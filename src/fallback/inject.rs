@@ -303,7 +303,8 @@ impl Injector {
         if let Err(e) = self.shared.events.add(token, trigger) {
             if let Some(line) = self.shared.lock().remove(&token) {
                 if let Some((io, source)) = line.pin {
-                    io.detach(source);
+                    // The source never asserted: there is nothing to deliver.
+                    let _ = io.detach(source);
                 }
             }
             return Err(e);
@@ -325,7 +326,7 @@ impl Injector {
         let _ = line.trigger.try_read()?;
         if let Some((io, source)) = &line.pin {
             // The IOAPIC resamples at the guest's EOI; here the source only stops holding.
-            return Ok(io.deassert(*source));
+            return io.deassert(*source);
         }
         let gsi = line.gsi;
         let Some(level) = line.level.as_mut().filter(|l| l.asserted) else {
@@ -353,7 +354,8 @@ impl Injector {
             self.shared.fire(&mut lines, token);
         }
         if let Some((io, source)) = lines.remove(&token).and_then(|l| l.pin) {
-            io.detach(source);
+            // A drop has no caller to tell; the IOAPIC counts a delivery that failed.
+            let _ = io.detach(source);
             return;
         }
         if let Some((gsi, true)) = level {

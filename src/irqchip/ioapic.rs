@@ -26,6 +26,9 @@ pub struct IoapicStats {
     pub resamples: u64,
     /// Redirection-table changes that changed KVM's routes (one `KVM_SET_GSI_ROUTING` each).
     pub route_commits: u64,
+    /// Deliveries `KVM_SIGNAL_MSI` failed: returned to the caller as [`Error::SignalMsi`] where
+    /// there is one, counted here always (a source dropped has no caller).
+    pub failed: u64,
 }
 
 /// A device's line on a pin.
@@ -130,6 +133,7 @@ impl Ioapic {
             }
             Err(source) => {
                 state.regs.not_taken(pin);
+                state.stats.failed += 1;
                 Err(Error::SignalMsi {
                     pin: pin as u32,
                     address: msg.address,
@@ -261,18 +265,29 @@ impl Ioapic {
     }
 
     /// Removes source `token`; a level source's assertion goes with it, and the pin's EOI report
-    /// with its last level source (on an edge entry).
-    pub(crate) fn detach(&self, token: u64) {
+    /// with its last level source (on an edge entry). Where another source still holds the pin,
+    /// its line is delivered if it waits (an earlier message nobody took).
+    ///
+    /// # Errors
+    ///
+    /// Those of the routing commit and [`Error::SignalMsi`]; the source is removed either way.
+    pub(crate) fn detach(&self, token: u64) -> Result<()> {
         let mut state = self.lock();
-        if let Some(s) = state.sources.remove(&token) {
-            if matches!(s.level, Some((_, true))) {
-                let held = state.held(s.pin, token);
-                let _ = state.regs.set_line(s.pin, held);
-            }
-            if s.level.is_some() {
-                let _ = self.sync_route(&mut state, s.pin);
-            }
-        }
+        let Some(s) = state.sources.remove(&token) else {
+            return Ok(());
+        };
+        let msg = if matches!(s.level, Some((_, true))) {
+            let held = state.held(s.pin, token);
+            state.regs.set_line(s.pin, held)
+        } else {
+            None
+        };
+        let routed = match s.level {
+            Some(_) => self.sync_route(&mut state, s.pin),
+            None => Ok(()),
+        };
+        let delivered = self.deliver(&mut state, s.pin, msg);
+        routed.and(delivered)
     }
 
     /// Edge source `token` fired: one edge on its pin.
@@ -300,19 +315,25 @@ impl Ioapic {
     }
 
     /// Level source `token`'s condition cleared: it stops holding its pin (the pin stays
-    /// asserted while another source holds it). Returns whether it held it.
-    pub(crate) fn deassert(&self, token: u64) -> bool {
+    /// asserted while another source holds it, and is delivered if it waits: an earlier message
+    /// nobody took). Returns whether it held it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SignalMsi`] for the delivery of a line another source holds.
+    pub(crate) fn deassert(&self, token: u64) -> Result<bool> {
         let mut state = self.lock();
         let Some(source) = state.sources.get_mut(&token) else {
-            return false;
+            return Ok(false);
         };
         let pin = source.pin;
         let Some((_, asserted)) = source.level.as_mut().filter(|(_, a)| *a) else {
-            return false;
+            return Ok(false);
         };
         *asserted = false;
         let held = state.held(pin, token);
-        let _ = state.regs.set_line(pin, held);
-        true
+        let msg = state.regs.set_line(pin, held);
+        self.deliver(&mut state, pin, msg)?;
+        Ok(true)
     }
 }
