@@ -79,6 +79,12 @@
 mod bus;
 mod error;
 mod notifier;
+
+#[cfg(not(feature = "fault-injection"))]
+mod fault;
+#[cfg(feature = "fault-injection")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fault-injection")))]
+pub mod fault;
 #[cfg(feature = "kvm")]
 mod sys;
 #[cfg(feature = "kvm")]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE};
 
 use crate::error::{Error, Result};
+use crate::fault::{hit, Syscall};
 
 /// The largest value an eventfd counter can hold.
 pub const COUNTER_MAX: u64 = u64::MAX - 1;
@@ -96,7 +97,9 @@ impl Notifier {
         if mode == Mode::Semaphore {
             flags |= EFD_SEMAPHORE;
         }
-        let fd = EventFd::new(flags).map_err(|e| Error::eventfd("create", e))?;
+        let fd = hit(Syscall::EventFdCreate)
+            .and_then(|()| EventFd::new(flags))
+            .map_err(|e| Error::eventfd("create", e))?;
         Ok(Notifier {
             fd: Arc::new(fd),
             mode,
@@ -185,7 +188,7 @@ impl Notifier {
         if value == u64::MAX {
             return Err(Error::NotifierValue { value });
         }
-        match self.fd.write(value) {
+        match hit(Syscall::EventFdWrite).and_then(|()| self.fd.write(value)) {
             Ok(()) => Ok(Attempt::Done(())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
             Err(e) => Err(Error::eventfd("write", e)),
@@ -215,7 +218,7 @@ impl Notifier {
     ///
     /// [`Error::Notifier`] if the read fails.
     pub fn try_read(&self) -> Result<Attempt<u64>> {
-        match self.fd.read() {
+        match hit(Syscall::EventFdRead).and_then(|()| self.fd.read()) {
             Ok(v) => Ok(Attempt::Done(v)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
             Err(e) => Err(Error::eventfd("read", e)),
@@ -276,9 +279,8 @@ impl Notifier {
     ///
     /// [`Error::FdExhausted`] when no descriptor is left, [`Error::Notifier`] otherwise.
     pub fn dup(&self) -> Result<Self> {
-        let fd = self
-            .fd
-            .try_clone()
+        let fd = hit(Syscall::Dup)
+            .and_then(|()| self.fd.try_clone())
             .map_err(|e| Error::eventfd("clone", e))?;
         Ok(Notifier {
             fd: Arc::new(fd),

@@ -16,6 +16,7 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use crate::bus::IoEventAddress;
 use crate::error::{Capability, Error, Result};
+use crate::fault::{hit, Syscall};
 use crate::notifier::Notifier;
 
 const KVMIO: u32 = 0xAE;
@@ -43,6 +44,7 @@ impl IoEventRequest {
 }
 
 fn ioeventfd(vm: &VmFd, fd: &Notifier, req: &IoEventRequest, deassign: bool) -> io::Result<()> {
+    hit(Syscall::IoEventFd)?;
     let mut flags = 0;
     if req.datamatch.is_some() {
         flags |= 1 << kvm_ioeventfd_flag_nr_datamatch;
@@ -86,7 +88,8 @@ pub(crate) fn assign_ioevent(vm: &VmFd, fd: &Notifier, req: &IoEventRequest) -> 
 /// there: each deassigns exactly what it assigned, once.)
 pub(crate) fn deassign_ioevent(vm: &VmFd, fd: &Notifier, req: &IoEventRequest) -> Result<()> {
     let addr = req.address();
-    ioeventfd(vm, fd, req, true).map_err(|source| match source.raw_os_error() {
+    let done = retried(|| ioeventfd(vm, fd, req, true), Some(libc::ENOENT));
+    done.map_err(|source| match source.raw_os_error() {
         Some(libc::ENOENT) => Error::IoEventNotRegistered { addr },
         _ => Error::IoEvent { addr, source },
     })
@@ -169,9 +172,14 @@ pub(crate) fn assign_irqfd(
     resample: Option<&Notifier>,
     gsi: u32,
 ) -> Result<()> {
-    let ret = match resample {
-        None => vm.register_irqfd(fd.as_event_fd(), gsi),
-        Some(r) => vm.register_irqfd_with_resample(fd.as_event_fd(), r.as_event_fd(), gsi),
+    let ret = match (hit(Syscall::IrqFd), resample) {
+        (Err(e), _) => Err(kvm_ioctls::Error::new(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        )),
+        (Ok(()), None) => vm.register_irqfd(fd.as_event_fd(), gsi),
+        (Ok(()), Some(r)) => {
+            vm.register_irqfd_with_resample(fd.as_event_fd(), r.as_event_fd(), gsi)
+        }
     };
     ret.map_err(|e| match e.errno() {
         libc::EBUSY => Error::IrqFdBusy { gsi },
@@ -185,24 +193,49 @@ pub(crate) fn assign_irqfd(
 /// `KVM_IRQFD` deassign. KVM deassigns by (eventfd, GSI) and returns 0 even when nothing matched,
 /// so the only errors are malformed requests.
 pub(crate) fn deassign_irqfd(vm: &VmFd, fd: &Notifier, gsi: u32) -> io::Result<()> {
-    vm.unregister_irqfd(fd.as_event_fd(), gsi)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    let deassign = || {
+        hit(Syscall::IrqFd)?;
+        vm.unregister_irqfd(fd.as_event_fd(), gsi)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    };
+    retried(deassign, None)
+}
+
+/// Attempts at an undo (a deassign, a route removal) before its error is returned: an undo runs
+/// where nobody can act on an error (a drop, the unwinding of a failed registration), and what it
+/// fails to undo stays in the kernel, so a transient failure (EINTR, ENOMEM, EAGAIN) is tried
+/// again at once.
+pub(crate) const UNDO_ATTEMPTS: usize = 3;
+
+/// Runs `undo` up to [`UNDO_ATTEMPTS`] times until it succeeds or fails with `definitive`.
+pub(crate) fn retried<T>(
+    mut undo: impl FnMut() -> io::Result<T>,
+    definitive: Option<i32>,
+) -> io::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match undo() {
+            Err(e) if attempt < UNDO_ATTEMPTS && e.raw_os_error() != definitive => attempt += 1,
+            done => return done,
+        }
+    }
 }
 
 /// `KVM_SET_GSI_ROUTING` with the whole table.
 pub(crate) fn set_gsi_routing(vm: &VmFd, table: &KvmIrqRouting, entries: usize) -> Result<()> {
-    vm.set_gsi_routing(table).map_err(|e| Error::SetRouting {
-        entries,
-        source: io::Error::from_raw_os_error(e.errno()),
-    })
+    hit(Syscall::SetGsiRouting)
+        .and_then(|()| {
+            vm.set_gsi_routing(table)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        })
+        .map_err(|source| Error::SetRouting { entries, source })
 }
 
 /// `KVM_IRQ_LINE`: sets the level of `gsi`'s irqchip pins.
 pub(crate) fn set_irq_line(vm: &VmFd, gsi: u32, high: bool) -> Result<()> {
-    vm.set_irq_line(gsi, high).map_err(|e| Error::IrqLine {
-        gsi,
-        source: e.into(),
-    })
+    hit(Syscall::IrqLine)
+        .and_then(|()| vm.set_irq_line(gsi, high).map_err(io::Error::from))
+        .map_err(|source| Error::IrqLine { gsi, source })
 }
 
 /// `KVM_SIGNAL_MSI`: delivers one MSI with this address and data, without a route. Returns
@@ -215,6 +248,7 @@ pub(crate) fn signal_msi(vm: &VmFd, address: u64, data: u32) -> io::Result<bool>
         data,
         ..Default::default()
     };
+    hit(Syscall::SignalMsi)?;
     vm.signal_msi(msg)
         .map(|taken| taken > 0)
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))

@@ -421,14 +421,7 @@ impl Batch {
         }
         // A route that cannot go (another irqfd bound to it meanwhile) is kept; the others go
         // in one commit, and the first refusal is reported.
-        let mut tx = self.router.transaction();
-        let mut first = Ok(());
-        for gsi in std::mem::take(&mut self.gsis) {
-            if let (Err(e), Ok(())) = (tx.remove(gsi), &first) {
-                first = Err(e);
-            }
-        }
-        tx.commit().and(first)
+        self.router.remove_all(&std::mem::take(&mut self.gsis))
     }
 }
 

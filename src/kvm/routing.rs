@@ -353,6 +353,29 @@ impl GsiRouter {
         tx.commit()
     }
 
+    /// Removes the routes of `gsis` in one commit, for a teardown (a drop, the unwinding of a
+    /// failed registration): a commit that fails is tried again, up to
+    /// [`UNDO_ATTEMPTS`](crate::sys::UNDO_ATTEMPTS) times, as nobody can act on its error. A
+    /// GSI that cannot go (an irqfd still bound to it) is kept, and the first such refusal
+    /// reported.
+    pub(crate) fn remove_all(&self, gsis: &[Gsi]) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            let mut tx = self.transaction();
+            let mut refused = Ok(());
+            for &gsi in gsis {
+                if let (Err(e), Ok(())) = (tx.remove(gsi), &refused) {
+                    refused = Err(e);
+                }
+            }
+            match tx.commit() {
+                Ok(()) => return refused,
+                Err(_) if attempt < crate::sys::UNDO_ATTEMPTS => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The committed routes of `gsi` (empty when it has none).
     pub fn routes(&self, gsi: Gsi) -> Vec<Route> {
         self.lock().routes.get(&gsi).cloned().unwrap_or_default()

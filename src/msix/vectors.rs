@@ -136,11 +136,12 @@ impl Vector {
             }
         }
         if self.state.pending {
-            self.state.pending = false;
-            counters.pending_at_unmask.fetch_add(1, Ordering::Relaxed);
+            // Cleared only once the interrupt is on its way: a failed write keeps the bit.
             if let Line::Attached(b) = &self.line {
                 b.trigger().notify()?;
             }
+            self.state.pending = false;
+            counters.pending_at_unmask.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -248,14 +249,9 @@ impl Drop for Inner {
                 gsis.push(gsi);
             }
         }
-        if gsis.is_empty() {
-            return;
+        if !gsis.is_empty() {
+            let _ = self.router.remove_all(&gsis);
         }
-        let mut tx = self.router.transaction();
-        for gsi in gsis {
-            let _ = tx.remove(gsi);
-        }
-        let _ = tx.commit();
     }
 }
 
@@ -389,8 +385,8 @@ impl MsixVectors {
     /// [`Error::MsixVectorIndex`], or [`Error::Notifier`] if the eventfd write fails.
     pub fn trigger(&self, index: usize) -> Result<()> {
         let c = &self.inner.counters;
-        c.raised.fetch_add(1, Ordering::Relaxed);
         let mut v = self.inner.vector(index)?;
+        c.raised.fetch_add(1, Ordering::Relaxed);
         if let Line::Attached(b) = &v.line {
             b.trigger().notify()?;
             c.delivered.fetch_add(1, Ordering::Relaxed);
@@ -427,7 +423,8 @@ impl MsixVectors {
     ///
     /// # Errors
     ///
-    /// [`Error::MsixVectorIndex`], and the routing and irqfd errors of (re)attaching.
+    /// [`Error::MsixVectorIndex`], and the routing, irqfd and eventfd errors of (re)attaching.
+    /// An unmask that fails leaves the vector masked with its pending bit, as before the call.
     pub fn set_masked(&self, index: usize, masked: bool) -> Result<()> {
         let mut v = self.inner.vector(index)?;
         if v.state.masked == masked {
@@ -435,10 +432,16 @@ impl MsixVectors {
         }
         v.state.masked = masked;
         if masked {
-            v.detach()
-        } else {
-            self.inner.sync(std::slice::from_mut(&mut v))
+            return v.detach();
         }
+        let unmasked = self.inner.sync(std::slice::from_mut(&mut v));
+        if unmasked.is_err() {
+            // All or nothing: the vector stays masked, with its pending bit (events the
+            // half-made irqfd took go back into it), so the guest's next unmask tries again.
+            v.state.masked = true;
+            let _ = v.detach();
+        }
+        unmasked
     }
 
     /// Sets vector `index`'s message. A delivering vector's route is updated at once (its irqfd

@@ -30,13 +30,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::error::{Error, Result};
+use crate::fault::{hit, Syscall};
 use crate::notifier::{Attempt, Mode, Notifier};
 
 /// The epoll data of the stop notifier; no caller token may use it.
@@ -86,6 +87,12 @@ impl fmt::Debug for EventLoop {
     }
 }
 
+/// `epoll_ctl(2)`, through the fault-injection point.
+fn ctl(epoll: &Epoll, op: ControlOperation, fd: RawFd, event: EpollEvent) -> io::Result<()> {
+    hit(Syscall::EpollCtl)?;
+    epoll.ctl(op, fd, event)
+}
+
 fn epoll_error(op: &'static str) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::EventLoop { op, source }
 }
@@ -99,13 +106,13 @@ impl EventLoop {
     pub fn new() -> Result<Self> {
         let epoll = Epoll::new().map_err(epoll_error("create"))?;
         let stop = Arc::new(Notifier::new(Mode::Counter)?);
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP_TOKEN),
-            )
-            .map_err(epoll_error("add"))?;
+        ctl(
+            &epoll,
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )
+        .map_err(epoll_error("add"))?;
         Ok(EventLoop {
             epoll,
             stop,
@@ -146,14 +153,13 @@ impl EventLoop {
         }
         let event = EpollEvent::new(EventSet::IN, token);
         let mut n = notifier.clone();
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, n.as_raw_fd(), event) {
+        if let Err(e) = ctl(&self.epoll, ControlOperation::Add, n.as_raw_fd(), event) {
             if e.raw_os_error() != Some(libc::EEXIST) {
                 return Err(epoll_error("add")(e));
             }
             // Already watched under another token: watch a descriptor of its own.
             n = notifier.dup()?;
-            self.epoll
-                .ctl(ControlOperation::Add, n.as_raw_fd(), event)
+            ctl(&self.epoll, ControlOperation::Add, n.as_raw_fd(), event)
                 .map_err(epoll_error("add"))?;
         }
         w.insert(token, n);
@@ -170,13 +176,13 @@ impl EventLoop {
             .lock()
             .remove(&token)
             .ok_or(Error::EventLoopToken { token })?;
-        self.epoll
-            .ctl(
-                ControlOperation::Delete,
-                n.as_raw_fd(),
-                EpollEvent::default(),
-            )
-            .map_err(epoll_error("delete"))
+        ctl(
+            &self.epoll,
+            ControlOperation::Delete,
+            n.as_raw_fd(),
+            EpollEvent::default(),
+        )
+        .map_err(epoll_error("delete"))
     }
 
     /// The number of watched notifiers.
@@ -243,7 +249,7 @@ impl EventLoop {
         });
         let mut events = [EpollEvent::default(); 64];
         let n = loop {
-            match self.epoll.wait(ms, &mut events) {
+            match hit(Syscall::EpollWait).and_then(|()| self.epoll.wait(ms, &mut events)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {

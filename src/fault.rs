@@ -1,0 +1,224 @@
+//! Fault injection at the system-call layer, for tests that prove no error path loses an event or
+//! leaks a descriptor, a kernel registration or a route.
+//!
+//! Every system call the crate makes on a notification's way passes one point here first: the
+//! KVM ioctls in `sys`, and the eventfd and epoll calls of [`Notifier`](crate::Notifier) and
+//! [`EventLoop`](crate::wait::EventLoop). With the cargo feature `fault-injection` a test can
+//! make one of those calls fail with an errno of its choosing instead of reaching the kernel,
+//! and can trace which calls an operation makes. Without the feature the points compile to
+//! nothing.
+//!
+//! One fault is armed at a time, for the whole process: a test binary that injects faults runs
+//! its cases one after another.
+//!
+//! ```
+//! # #[cfg(feature = "fault-injection")] {
+//! use vm_notify::fault::{self, Fault, Syscall};
+//! use vm_notify::{Error, Mode, Notifier};
+//!
+//! // Which calls does making a notifier and writing to it take?
+//! let (made, calls) = fault::trace(|| {
+//!     let n = Notifier::new(Mode::Counter)?;
+//!     n.notify()?;
+//!     Ok::<_, Error>(n)
+//! });
+//! assert_eq!(calls, [Syscall::EventFdCreate, Syscall::EventFdWrite]);
+//! let n = made.unwrap();
+//!
+//! // The next eventfd write on this thread fails with ENOSPC.
+//! let fault = Fault::on_this_thread(0, libc::ENOSPC);
+//! assert!(matches!(n.notify(), Err(Error::Notifier { .. })));
+//! assert!(fault.fired());
+//! # }
+//! ```
+
+use std::io;
+
+/// A system call the crate makes, as fault injection names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+// The contract alone (no feature `kvm`) makes no KVM ioctl.
+#[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+pub enum Syscall {
+    /// `KVM_IOEVENTFD`, assign or deassign.
+    IoEventFd,
+    /// `KVM_IRQFD`, assign or deassign.
+    IrqFd,
+    /// `KVM_SET_GSI_ROUTING`.
+    SetGsiRouting,
+    /// `KVM_IRQ_LINE`.
+    IrqLine,
+    /// `KVM_SIGNAL_MSI`.
+    SignalMsi,
+    /// `eventfd(2)`.
+    EventFdCreate,
+    /// A `write(2)` to an eventfd.
+    EventFdWrite,
+    /// A `read(2)` of an eventfd.
+    EventFdRead,
+    /// `dup(2)` of an eventfd.
+    Dup,
+    /// `epoll_ctl(2)`.
+    EpollCtl,
+    /// `epoll_wait(2)`.
+    EpollWait,
+}
+
+/// The point every system call passes: `Err` with the armed errno when the armed fault matches
+/// this call; records the call when the current thread is tracing.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn hit(call: Syscall) -> io::Result<()> {
+    control::hit(call)
+}
+
+/// The point every system call passes (nothing without the feature `fault-injection`).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn hit(_call: Syscall) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "fault-injection")]
+pub use control::{trace, Fault};
+
+#[cfg(feature = "fault-injection")]
+mod control {
+    use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, MutexGuard};
+    use std::thread::{self, ThreadId};
+
+    use crate::fault::Syscall;
+
+    struct Armed {
+        /// Only calls made on this thread count, or calls of `call` on any thread.
+        thread: Option<ThreadId>,
+        call: Option<Syscall>,
+        /// Matching calls to let through before the one that fails.
+        skip: usize,
+        errno: i32,
+        fired: bool,
+    }
+
+    #[derive(Default)]
+    struct State {
+        armed: Option<Armed>,
+        tracing: Vec<(ThreadId, Vec<Syscall>)>,
+    }
+
+    static STATE: Mutex<State> = Mutex::new(State {
+        armed: None,
+        tracing: Vec::new(),
+    });
+
+    /// Whether a fault is armed or a thread traces: without either, a call passes without
+    /// taking the lock (the test suite runs with the feature on).
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+    fn refresh(s: &State) {
+        ACTIVE.store(s.armed.is_some() || !s.tracing.is_empty(), Ordering::SeqCst);
+    }
+
+    fn state() -> MutexGuard<'static, State> {
+        // A test that panicked with a fault armed leaves the state whole.
+        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn hit(call: Syscall) -> io::Result<()> {
+        if !ACTIVE.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let me = thread::current().id();
+        let mut s = state();
+        if let Some((_, calls)) = s.tracing.iter_mut().find(|(t, _)| *t == me) {
+            calls.push(call);
+        }
+        let Some(armed) = s.armed.as_mut() else {
+            return Ok(());
+        };
+        let matches = !armed.fired
+            && armed.thread.map_or(true, |t| t == me)
+            && armed.call.map_or(true, |c| c == call);
+        if !matches {
+            return Ok(());
+        }
+        if armed.skip > 0 {
+            armed.skip -= 1;
+            return Ok(());
+        }
+        armed.fired = true;
+        Err(io::Error::from_raw_os_error(armed.errno))
+    }
+
+    /// Runs `f` and returns what it returned with the system calls it made on this thread, in
+    /// order (calls other threads made meanwhile are not in it).
+    pub fn trace<T>(f: impl FnOnce() -> T) -> (T, Vec<Syscall>) {
+        let me = thread::current().id();
+        {
+            let mut s = state();
+            s.tracing.push((me, Vec::new()));
+            refresh(&s);
+        }
+        let out = f();
+        let mut s = state();
+        let at = s.tracing.iter().rposition(|(t, _)| *t == me);
+        let calls = at.map(|i| s.tracing.remove(i).1).unwrap_or_default();
+        refresh(&s);
+        (out, calls)
+    }
+
+    /// An armed fault: one system call fails with an errno instead of reaching the kernel.
+    /// Dropping it disarms it. Only one is armed at a time: arming a second while the first
+    /// lives panics.
+    #[derive(Debug)]
+    #[must_use = "dropping a Fault disarms it at once"]
+    pub struct Fault {
+        _private: (),
+    }
+
+    impl Fault {
+        /// The call after the first `skip` this thread makes (of any kind) fails with `errno`.
+        pub fn on_this_thread(skip: usize, errno: i32) -> Fault {
+            Fault::arm(Armed {
+                thread: Some(thread::current().id()),
+                call: None,
+                skip,
+                errno,
+                fired: false,
+            })
+        }
+
+        /// The call of kind `call` after the first `skip` of that kind, on whichever thread
+        /// makes it (the injector's, say), fails with `errno`.
+        pub fn on_any_thread(call: Syscall, skip: usize, errno: i32) -> Fault {
+            Fault::arm(Armed {
+                thread: None,
+                call: Some(call),
+                skip,
+                errno,
+                fired: false,
+            })
+        }
+
+        fn arm(armed: Armed) -> Fault {
+            let mut s = state();
+            assert!(s.armed.is_none(), "a fault is already armed");
+            s.armed = Some(armed);
+            refresh(&s);
+            Fault { _private: () }
+        }
+
+        /// Whether the fault has fired.
+        pub fn fired(&self) -> bool {
+            state().armed.as_ref().is_some_and(|a| a.fired)
+        }
+    }
+
+    impl Drop for Fault {
+        fn drop(&mut self) {
+            let mut s = state();
+            s.armed = None;
+            refresh(&s);
+        }
+    }
+}
