@@ -315,6 +315,27 @@ pub enum Error {
         /// The errno.
         source: io::Error,
     },
+    /// The injector could not inject an interrupt it took from a trigger notifier
+    /// (`KVM_IRQ_LINE` or `KVM_SIGNAL_MSI` failed on every attempt). Counted in
+    /// [`InjectorStats::failed`](crate::fallback::InjectorStats::failed) and kept for
+    /// [`Injector::take_error`](crate::fallback::Injector::take_error).
+    #[error("GSI {gsi}: the injector could not inject the interrupt: {op} failed: {source}")]
+    Inject {
+        /// The GSI of the line.
+        gsi: u32,
+        /// The call that failed: `KVM_IRQ_LINE`, `KVM_SIGNAL_MSI`, or the IOAPIC's delivery.
+        op: &'static str,
+        /// The last attempt's errno.
+        source: io::Error,
+    },
+    /// The injector's loop ended on an epoll error: interrupts placed in userspace wait in their
+    /// notifiers until the VMM runs it again. Returned by the loop, and by each registration on
+    /// the userspace path until the injector runs again.
+    #[error("the injector's loop ended ({source}); run it again")]
+    InjectorEnded {
+        /// The epoll errno.
+        source: io::Error,
+    },
     /// An interrupt that has no eventfd with the effect of signalling it, asked for one (to hand
     /// to a writer outside the VMM, such as a vhost-user backend).
     #[error("{what} has no eventfd that interrupts the guest as signalling it does")]
@@ -324,8 +345,8 @@ pub enum Error {
     },
     /// A GSI below 24 on the split irqchip: a pin of the userspace IOAPIC. Its route follows
     /// the guest's redirection entry, so only the VM's [`Ioapic`](crate::irqchip::Ioapic)
-    /// changes it, and only a backend that has the IOAPIC serves interrupts on it.
-    #[error("GSI {gsi} is a pin of the split irqchip's userspace IOAPIC: only the VM's Ioapic routes it, and interrupts on it are made from the Vm (Vm::with_split_irqchip), whose backend has the IOAPIC")]
+    /// changes it.
+    #[error("GSI {gsi} is a pin of the split irqchip's userspace IOAPIC: only the VM's Ioapic routes it")]
     IoapicPin {
         /// The pin.
         gsi: u32,

@@ -97,6 +97,8 @@ mod control {
         /// Matching calls to let through before the one that fails.
         skip: usize,
         errno: i32,
+        /// Matching calls still to fail once the skipped ones have passed.
+        failures: usize,
         fired: bool,
     }
 
@@ -136,7 +138,7 @@ mod control {
         let Some(armed) = s.armed.as_mut() else {
             return Ok(());
         };
-        let matches = !armed.fired
+        let matches = armed.failures > 0
             && armed.thread.map_or(true, |t| t == me)
             && armed.call.map_or(true, |c| c == call);
         if !matches {
@@ -147,6 +149,7 @@ mod control {
             return Ok(());
         }
         armed.fired = true;
+        armed.failures -= 1;
         Err(io::Error::from_raw_os_error(armed.errno))
     }
 
@@ -184,6 +187,7 @@ mod control {
                 call: None,
                 skip,
                 errno,
+                failures: 1,
                 fired: false,
             })
         }
@@ -196,8 +200,17 @@ mod control {
                 call: Some(call),
                 skip,
                 errno,
+                failures: 1,
                 fired: false,
             })
+        }
+
+        /// Fails `count` matching calls in a row instead of one (a failure that persists).
+        pub fn times(self, count: usize) -> Fault {
+            if let Some(armed) = state().armed.as_mut() {
+                armed.failures = count;
+            }
+            self
         }
 
         fn arm(armed: Armed) -> Fault {

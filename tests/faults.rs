@@ -9,7 +9,7 @@ use std::any::Any;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vm_notify::fallback::Policy;
+use vm_notify::fallback::{InjectorStats, Policy};
 use vm_notify::fault::{self, Fault, Syscall};
 use vm_notify::kvm::{Gsi, MsiMessage};
 use vm_notify::msix::MSIX_ENABLE;
@@ -325,4 +325,130 @@ fn a_trigger_past_the_table_is_not_counted() {
         Err(Error::MsixVectorIndex { index: 2, count: 2 })
     ));
     assert_eq!(v.stats().raised, 0);
+}
+
+/// The injector's `KVM_SIGNAL_MSI` fails: once, and the injection is made again (the guest gets
+/// its interrupt); on every attempt, and the lost interrupt is counted and reported
+/// (`InjectorStats::failed`, `Injector::take_error`) instead of vanishing (issue 22: the error
+/// was ignored after the trigger was consumed). Interrupts after the fault arrive as before.
+#[test]
+fn the_injector_retries_a_failed_injection_and_reports_a_lost_one() {
+    kvm_test!();
+    let _serial = serial();
+    let mut vm = TinyVm::new().unwrap();
+    let vector = 0x46;
+    let user = vm.notify().with_policy(Policy::Userspace);
+    let injector = user.injector().unwrap();
+    let _thread = injector.spawn().unwrap();
+    let gsi = user.router().route_msi(MsiMessage::x86(0, vector)).unwrap();
+    let irq = user.irqfd(gsi).unwrap();
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt(vector, Eoi::Lapic);
+    for phase in 1..=2 {
+        p.signal_host(phase).unwrap();
+        p.wait_for_interrupt().unwrap();
+    }
+    p.drain_interrupts(0x30).unwrap();
+    p.exit().unwrap();
+    let (h_irq, h_injector) = (irq.notifier().clone(), injector.clone());
+    let wait_for = move |done: &dyn Fn(InjectorStats) -> bool| {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !done(h_injector.stats()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the injector never got there"
+            );
+            std::thread::yield_now();
+        }
+    };
+    vm.start(p, move |e: &GuestExit, _: &mut [u8]| {
+        let GuestExit::PioWrite { data: phase, .. } = *e else {
+            return;
+        };
+        let failing = if phase == 1 { 3 } else { 1 };
+        let fault = Fault::on_any_thread(Syscall::SignalMsi, 0, libc::EIO).times(failing);
+        h_irq.notify().unwrap();
+        if phase == 1 {
+            wait_for(&|s| s.failed == 1);
+            drop(fault);
+            h_irq.notify().unwrap(); // the next interrupt goes through
+        }
+        wait_for(&|s| s.injected == phase);
+    })
+    .unwrap()
+    .wait(TIMEOUT)
+    .done()
+    .unwrap();
+    let stats = injector.stats();
+    assert_eq!(
+        stats,
+        InjectorStats {
+            injected: 2,
+            retried: 3,
+            failed: 1
+        }
+    );
+    let e = injector
+        .take_error()
+        .expect("the lost interrupt is reported");
+    assert!(
+        matches!(&e, Error::Inject { gsi: g, op: "KVM_SIGNAL_MSI", .. } if *g == gsi),
+        "{e:?}"
+    );
+    assert!(injector.take_error().is_none(), "taken once");
+    assert_eq!(
+        vm.irq_count(vector).unwrap(),
+        2,
+        "one per successful injection"
+    );
+}
+
+/// The injector's loop ends on an epoll error: the thread's handle returns the error, every
+/// registration on the userspace path says so ([`Error::InjectorEnded`]) instead of succeeding
+/// with nobody to serve it, and once the VMM runs the injector again registrations work.
+#[test]
+fn an_injector_whose_loop_ended_is_refused_until_it_runs_again() {
+    kvm_test!();
+    let _serial = serial();
+    let vm = TinyVm::new().unwrap();
+    let user = vm.notify().with_policy(Policy::Userspace);
+    let gsi = user.router().route_msi(MsiMessage::x86(0, 0x47)).unwrap();
+    let first = user.irqfd(gsi).unwrap();
+    let thread = user.injector().unwrap().spawn().unwrap();
+    {
+        let fault = Fault::on_any_thread(Syscall::EpollWait, 0, libc::EBADF);
+        first.trigger().unwrap(); // wakes the loop, whose next wait fails
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !fault.fired() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loop never waited again"
+            );
+            std::thread::yield_now();
+        }
+    }
+    let e = thread.stop().unwrap_err();
+    assert!(matches!(e, Error::EventLoop { op: "wait", .. }), "{e:?}");
+    let e = user.irqfd(gsi).unwrap_err();
+    assert!(matches!(e, Error::InjectorEnded { .. }), "{e:?}");
+    assert!(e.to_string().contains("run it again"), "{e}");
+    let _again = user.injector().unwrap().spawn().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let second = loop {
+        // The new loop clears the record as it starts.
+        match user.irqfd(gsi) {
+            Ok(irq) => break irq,
+            Err(Error::InjectorEnded { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    second.trigger().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while user.injector().unwrap().stats().injected < 2 {
+        assert!(std::time::Instant::now() < deadline, "not injected");
+        std::thread::yield_now();
+    }
 }

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,7 +60,34 @@ struct Shared {
     events: EventLoop,
     lines: Mutex<HashMap<u64, Line>>,
     next: AtomicU64,
+    health: Mutex<Health>,
 }
+
+/// What went wrong, for the VMM to see: the loop is the injector's and has no caller.
+#[derive(Default)]
+struct Health {
+    stats: InjectorStats,
+    /// The last injection that failed on every attempt, until taken.
+    failure: Option<Error>,
+    /// The errno a loop ended on, until a loop runs again.
+    ended: Option<io::Error>,
+}
+
+/// What an [`Injector`] has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InjectorStats {
+    /// Injections made (a pulse, an MSI, a level assertion, a pin's pulse or assertion).
+    pub injected: u64,
+    /// Attempts that failed and were made again (a transient `KVM_IRQ_LINE` or
+    /// `KVM_SIGNAL_MSI` error).
+    pub retried: u64,
+    /// Injections that failed on every attempt: the interrupt is lost, and the error kept for
+    /// [`Injector::take_error`].
+    pub failed: u64,
+}
+
+/// Attempts at one injection before it counts as failed.
+const ATTEMPTS: usize = 3;
 
 /// Serves the interrupts a [`Vm`](crate::Vm) placed in userspace ([`Vm::injector`](crate::Vm::injector)): it waits on their
 /// trigger notifiers and injects (the contract is in the [`fallback`](super) docs). Cheap to clone.
@@ -118,8 +146,11 @@ impl AsRawFd for Injector {
 #[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]
 impl event_manager::MutEventSubscriber for Injector {
     fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
-        // An epoll failure has no caller here; the next wake-up tries again.
-        let _ = self.serve_pending();
+        // An epoll failure has no caller here: it is recorded, so registrations on the
+        // userspace path report it until a pass succeeds again.
+        if let Err(e) = self.serve_pending() {
+            self.shared.ended(e);
+        }
     }
 
     fn init(&mut self, ops: &mut event_manager::EventOps) {
@@ -190,6 +221,7 @@ impl Injector {
                 events: EventLoop::new()?,
                 lines: Mutex::new(HashMap::new()),
                 next: AtomicU64::new(0),
+                health: Mutex::default(),
             }),
         })
     }
@@ -210,8 +242,12 @@ impl Injector {
     fn run_until(&self, stopping: Option<&AtomicBool>) -> Result<()> {
         let events = &self.shared.events;
         let mut ready = Vec::new();
+        self.shared.health().ended = None;
         loop {
-            let wake = events.wait_tokens(None, &mut ready)?;
+            let wake = match events.wait_tokens(None, &mut ready) {
+                Ok(wake) => wake,
+                Err(e) => return Err(self.shared.ended(e)),
+            };
             self.shared.fire_all(&ready);
             if wake != Wake::Stopped {
                 continue;
@@ -239,8 +275,21 @@ impl Injector {
             .shared
             .events
             .wait_tokens(Some(Duration::ZERO), &mut ready)?;
+        self.shared.health().ended = None;
         self.shared.fire_all(&ready);
         Ok(ready.len())
+    }
+
+    /// What the injector has done: injections, retries, failures.
+    pub fn stats(&self) -> InjectorStats {
+        self.shared.health().stats
+    }
+
+    /// The last injection that failed on every attempt ([`Error::Inject`]), if one did since the
+    /// last call: an interrupt lost, which the loop, having no caller, reports here (and counts
+    /// in [`InjectorStats::failed`]).
+    pub fn take_error(&self) -> Option<Error> {
+        self.shared.health().failure.take()
     }
 
     /// A handle that stops [`run`](Self::run) from any thread.
@@ -282,6 +331,11 @@ impl Injector {
         resample: Option<&Notifier>,
         ioapic: Option<&Ioapic>,
     ) -> Result<u64> {
+        if let Some(e) = &self.shared.health().ended {
+            return Err(Error::InjectorEnded {
+                source: io::Error::new(e.kind(), e.to_string()),
+            });
+        }
         let token = self.shared.next.fetch_add(1, Ordering::Relaxed);
         // On a pin, `level` only marks the line a level one: its state is the IOAPIC's.
         let level = resample.map(|r| Level {
@@ -386,6 +440,49 @@ impl Shared {
         }
     }
 
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that a loop ended on `e`, and returns the error for the loop to return.
+    fn ended(&self, e: Error) -> Error {
+        let errno = match &e {
+            Error::EventLoop { source, .. } | Error::Notifier { source, .. } => {
+                io::Error::new(source.kind(), source.to_string())
+            }
+            other => io::Error::other(other.to_string()),
+        };
+        self.health().ended = Some(errno);
+        e
+    }
+
+    /// Makes one injection, trying a failed one again up to [`ATTEMPTS`] times; a failure on
+    /// every attempt is counted and kept, as the loop has no caller.
+    fn inject(&self, gsi: Gsi, op: &'static str, mut once: impl FnMut() -> Result<()>) {
+        let mut attempt = 1;
+        let outcome = loop {
+            match once() {
+                Err(_) if attempt < ATTEMPTS => {
+                    attempt += 1;
+                    self.health().stats.retried += 1;
+                }
+                done => break done,
+            }
+        };
+        let mut health = self.health();
+        match outcome {
+            Ok(()) => health.stats.injected += 1,
+            Err(e) => {
+                health.stats.failed += 1;
+                let source = match e {
+                    Error::IrqLine { source, .. } | Error::SignalMsi { source, .. } => source,
+                    other => io::Error::other(other.to_string()),
+                };
+                health.failure = Some(Error::Inject { gsi, op, source });
+            }
+        }
+    }
+
     /// Reads `token`'s trigger; if it was written, one injection, however many writes it
     /// coalesced (on a level line, the assertion if the line is low).
     fn fire(&self, lines: &mut HashMap<u64, Line>, token: u64) {
@@ -395,18 +492,24 @@ impl Shared {
         if !matches!(line.trigger.try_read(), Ok(Attempt::Done(_))) {
             return;
         }
+        let gsi = line.gsi;
         if let Some((io, source)) = &line.pin {
-            // Errors (a failed KVM_SIGNAL_MSI) have no caller here, as with a kernel irqfd.
-            let _ = match line.level {
-                Some(_) => io.assert(*source),
-                None => io.pulse(*source),
-            };
+            let level = line.level.is_some();
+            self.inject(gsi, "the IOAPIC's delivery", || match level {
+                true => io.assert(*source),
+                false => io.pulse(*source),
+            });
             return;
         }
-        let gsi = line.gsi;
         if let Some(level) = line.level.as_mut() {
-            if !level.asserted && sys::set_irq_line(&self.vm, gsi, true).is_ok() {
-                level.asserted = true;
+            if !level.asserted {
+                let mut asserted = false;
+                self.inject(gsi, "KVM_IRQ_LINE", || {
+                    sys::set_irq_line(&self.vm, gsi, true)?;
+                    asserted = true;
+                    Ok(())
+                });
+                level.asserted = asserted;
             }
             return;
         }
@@ -415,14 +518,29 @@ impl Shared {
             Route::Irqchip { .. } => None,
         });
         match msi {
-            Some(m) => {
-                let _ = sys::signal_msi(&self.vm, m.address, m.data);
-            }
+            Some(m) => self.inject(gsi, "KVM_SIGNAL_MSI", || {
+                sys::signal_msi(&self.vm, m.address, m.data)
+                    .map(drop)
+                    .map_err(|source| Error::SignalMsi {
+                        pin: gsi,
+                        address: m.address,
+                        data: m.data,
+                        source,
+                    })
+            }),
             None => {
-                let _ = sys::set_irq_line(&self.vm, gsi, true);
-                if !held(lines, gsi) {
-                    let _ = sys::set_irq_line(&self.vm, gsi, false);
-                }
+                let held = held(lines, gsi);
+                let mut raised = false;
+                self.inject(gsi, "KVM_IRQ_LINE", || {
+                    if !raised {
+                        sys::set_irq_line(&self.vm, gsi, true)?;
+                        raised = true;
+                    }
+                    if !held {
+                        sys::set_irq_line(&self.vm, gsi, false)?;
+                    }
+                    Ok(())
+                });
             }
         }
     }

@@ -34,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use kvm_ioctls::VmFd;
 
 pub use dispatch::ExitDispatcher;
-pub use inject::{Injector, InjectorThread};
+pub use inject::{Injector, InjectorStats, InjectorThread};
 pub use ioevent::IoEvent;
 pub use irqfd::{IrqFd, LevelIrqFd, LevelLineState};
 pub use placement::{Fallback, Placement};
