@@ -561,40 +561,54 @@ mod tests {
         }
     }
 
+    /// What the child run of [`fd_exhaustion_in_a_process_of_its_own`] prints on success.
+    const EXHAUSTED: &str = "fd exhaustion: FdExhausted";
+
     #[test]
     fn fd_exhaustion_is_typed() {
-        // Lower the soft limit in a child process so the test process keeps its own limit.
-        // SAFETY: fork in a test; the child only calls async-signal-safe functions and _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit/setrlimit with a valid struct; only this child is affected.
-            let set = unsafe {
-                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-                lim.rlim_cur = 0;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
-            };
-            let code = match (set, Notifier::new(Mode::Counter)) {
-                (0, Err(Error::FdExhausted { .. })) => 0,
-                (0, Err(_)) => 2,
-                (0, Ok(_)) => 3,
-                _ => 4,
-            };
-            // SAFETY: leave the child without running the parent's destructors.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for the child we forked.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status));
-        assert_eq!(
-            libc::WEXITSTATUS(status),
-            0,
-            "child did not see FdExhausted"
+        // The soft limit is lowered in a process of its own (this test binary again, running
+        // only the test below), so this process keeps its limit; no fork of the multithreaded
+        // harness.
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "notifier::tests::fd_exhaustion_in_a_process_of_its_own",
+                "--nocapture",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        assert!(
+            stdout.contains(EXHAUSTED),
+            "the child did not see FdExhausted: {stdout}"
+        );
+    }
+
+    /// Run by [`fd_exhaustion_is_typed`] in a process of its own: lowers this process's soft
+    /// descriptor limit to 0 and makes a notifier.
+    #[test]
+    #[ignore = "run in a process of its own by fd_exhaustion_is_typed"]
+    fn fd_exhaustion_in_a_process_of_its_own() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct; only this process is affected.
+        let set = unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
+        };
+        assert_eq!(set, 0);
+        let e = Notifier::new(Mode::Counter).unwrap_err();
+        assert!(matches!(e, Error::FdExhausted { .. }), "{e:?}");
+        println!("{EXHAUSTED}");
     }
 }

@@ -102,7 +102,6 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
             v.trigger(0).unwrap();
         }),
     ));
-    let ioevent_time = report[0].2;
     // Refused registrations release what they took, too.
     let held = vm.notify().ioevent(write, &kicks).unwrap();
     for _ in 0..100 {
@@ -125,7 +124,6 @@ fn register_drop_cycles_leave_no_fd_or_registration_behind() {
         "open fds {before} -> {after}; routing entries {entries} -> {}",
         vm.router().entries()
     );
-    assert!(ioevent_time > Duration::ZERO);
     assert_eq!(before, after, "descriptors leaked");
     assert_eq!(vm.router().irqfds(gsi), 0);
     assert_eq!(vm.router().irqfds(10), 0);

@@ -12,6 +12,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use iced_x86::code_asm::qword_ptr;
+use vm_memory::{Bytes, GuestAddress};
 use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::wait::{EventLoop, Wake};
@@ -19,8 +21,16 @@ use vm_notify::{IrqFd, Mode, Notifier, Width, WriteMatch};
 use vm_notify_testkit::{kvm_test, layout, Eoi, GuestExit, GuestProgram, TinyVm};
 
 const ADDR: u64 = 0xd000_0050;
-const WRITES: u64 = 20_000;
+/// Writes before the guest asks for the drop.
+const HALF: u64 = 10_000;
+/// Data slots: the writes the guest made, and the flag that ends its writing.
+const WRITTEN: usize = 0;
+const STOP: usize = 1;
 
+/// The guest writes [`HALF`] times, asks the host to drop the registration (a thread of its own
+/// drops it while the guest goes on writing), and writes on until the first write that exits
+/// unregistered, which the exit handler answers by setting the stop flag. Every write is either
+/// counted by the notifier or reaches the VMM as an exit; the drop lands mid-run by construction.
 fn drop_while_writing(kind: Policy) {
     let mut vm = TinyVm::new().unwrap();
     let backend = vm.notify().with_policy(kind);
@@ -30,39 +40,67 @@ fn drop_while_writing(kind: Policy) {
         .ioevent(WriteMatch::mmio(ADDR).width(Width::W4), &kicks)
         .unwrap();
     let mut p = GuestProgram::new().unwrap();
+    p.repeat(HALF, |p| {
+        p.mmio_write(ADDR, 1, 4)?;
+        p.count(WRITTEN)
+    })
+    .unwrap();
     p.signal_host(1).unwrap();
-    p.repeat(WRITES, |p| p.mmio_write(ADDR, 1, 4)).unwrap();
+    let a = p.asm();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    p.mmio_write(ADDR, 1, 4).unwrap();
+    p.count(WRITTEN).unwrap();
+    let a = p.asm();
+    a.cmp(qword_ptr(layout::DATA + 8 * STOP as u64), 0).unwrap();
+    a.je(again).unwrap();
     p.exit().unwrap();
     let exits = Arc::new(AtomicU64::new(0));
-    let (started_tx, started_rx) = mpsc::channel();
-    let (d, e) = (backend.dispatcher().clone(), exits.clone());
-    let running = vm
-        .start(p, move |x: &GuestExit, _: &mut [u8]| match x {
-            GuestExit::PioWrite {
-                port: layout::HOST_PORT,
-                ..
-            } => started_tx.send(()).unwrap(),
-            GuestExit::MmioWrite { addr: ADDR, .. } => {
-                if !x.dispatch(&d).unwrap() {
-                    e.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            other => panic!("unexpected exit {other:?}"),
-        })
-        .unwrap();
-    started_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    // Let some writes through, then drop the registration from this thread mid-run.
+    let (drop_tx, drop_rx) = mpsc::channel::<()>();
     let dropper = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(5));
+        drop_rx.recv().unwrap();
         drop(reg);
     });
+    let (d, e, memory) = (
+        backend.dispatcher().clone(),
+        exits.clone(),
+        vm.memory().clone(),
+    );
+    vm.start(p, move |x: &GuestExit, _: &mut [u8]| match x {
+        GuestExit::PioWrite {
+            port: layout::HOST_PORT,
+            ..
+        } => drop_tx.send(()).unwrap(),
+        GuestExit::MmioWrite { addr: ADDR, .. } => {
+            if !x.dispatch(&d).unwrap() {
+                e.fetch_add(1, Ordering::Relaxed);
+                memory
+                    .write_obj(1u64, GuestAddress(layout::DATA + 8 * STOP as u64))
+                    .unwrap();
+            }
+        }
+        other => panic!("unexpected exit {other:?}"),
+    })
+    .unwrap()
+    .wait(Duration::from_secs(120))
+    .done()
+    .unwrap();
     dropper.join().unwrap();
-    running.wait(Duration::from_secs(120)).done().unwrap();
+    let written = vm.data(WRITTEN).unwrap();
     let counted = kicks.try_read().unwrap().done().unwrap_or(0);
     let exited = exits.load(Ordering::Relaxed);
-    eprintln!("{kind:?}: {counted} writes counted before the drop, {exited} exits after; {WRITES} written");
-    assert_eq!(counted + exited, WRITES, "writes lost or doubled");
-    assert!(counted > 0 && exited > 0, "the drop did not land mid-run");
+    eprintln!(
+        "{kind:?}: {written} written: {counted} counted before the drop, {exited} exits after"
+    );
+    assert_eq!(counted + exited, written, "writes lost or doubled");
+    assert!(
+        counted >= HALF,
+        "the writes before the drop was asked for are counted"
+    );
+    assert!(
+        exited >= 1,
+        "the guest stops at its first unregistered write"
+    );
 }
 
 #[test]
