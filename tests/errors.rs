@@ -567,6 +567,18 @@ fn transactions_never_block_and_recheck_at_commit() {
             router.routes(g),
             [vm_notify::kvm::Route::Msi(MsiMessage::x86(0, 0x46))]
         );
+        // ...nor a removal whose route was removed and its GSI handed to a new route meanwhile
+        // (issue 22): the stale removal has nothing left to do, and the new route stays.
+        let mut stale_removal = router.transaction();
+        stale_removal.remove(g).unwrap();
+        router.remove(g).unwrap();
+        assert_eq!(router.route_msi(MsiMessage::x86(0, 0x47)).unwrap(), g);
+        stale_removal.commit().unwrap();
+        assert_eq!(
+            router.routes(g),
+            [vm_notify::kvm::Route::Msi(MsiMessage::x86(0, 0x47))],
+            "a stale removal took the GSI's new route"
+        );
         done_tx.send(()).unwrap();
     });
     done_rx

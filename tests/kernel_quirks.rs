@@ -97,3 +97,49 @@ fn any_width_registration_next_to_sized_ones() {
         lost.len()
     );
 }
+
+/// Two threads register the two halves of the pattern at once (a 4-byte match at A-4 and an
+/// any-width one at A), many times: `Policy::Auto` never puts both in the kernel (issue 22: the
+/// shadow check and the dispatcher's record of the registration were separate steps, so two
+/// concurrent registrations could each pass the check before the other was recorded).
+#[test]
+fn concurrent_registrations_never_form_the_pattern_in_the_kernel() {
+    kvm_test!();
+    const ROUNDS: u64 = 2_000;
+    let vm = TinyVm::new().unwrap();
+    let auto = vm.notify().with_policy(Policy::Auto);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let half = |sized: bool| {
+        let (auto, barrier) = (auto.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            let n = Notifier::new(Mode::Counter).unwrap();
+            let mut kernel = Vec::new();
+            for round in 0..ROUNDS {
+                let a = 0xd100_0000 + 0x100 * round;
+                let m = match sized {
+                    true => WriteMatch::mmio(a - 4).width(Width::W4),
+                    false => WriteMatch::mmio(a),
+                };
+                barrier.wait();
+                let reg = auto.ioevent(m, &n).unwrap();
+                kernel.push(matches!(
+                    reg.placement(),
+                    vm_notify::fallback::Placement::Kernel
+                ));
+                // Both halves stand until both threads have placed theirs.
+                barrier.wait();
+                drop(reg);
+            }
+            kernel
+        })
+    };
+    let (sized, any) = (half(true), half(false));
+    let (sized, any) = (sized.join().unwrap(), any.join().unwrap());
+    let both = sized.iter().zip(&any).filter(|(s, a)| **s && **a).count();
+    let one = sized.iter().zip(&any).filter(|(s, a)| **s != **a).count();
+    eprintln!("{ROUNDS} rounds: one half in the kernel {one} times, both {both} times");
+    assert_eq!(
+        both, 0,
+        "the pattern KVM mishandles was formed in the kernel"
+    );
+}

@@ -102,6 +102,29 @@ impl ExitDispatcher {
         notifier: Notifier,
         in_kernel: bool,
     ) -> Result<Key> {
+        self.insert_checked(write, notifier, in_kernel, false)
+            .map(|key| key.expect("inserted without the shadow check"))
+    }
+
+    /// Records `write` as held in the kernel unless the kernel would mishandle it next to the
+    /// kernel-held entries (see `shadows`): `None` then.
+    /// The check and the record are one step, so two registrations made at once cannot both
+    /// pass the check before either is recorded.
+    pub(crate) fn insert_in_kernel(
+        &self,
+        write: &WriteMatch,
+        notifier: Notifier,
+    ) -> Result<Option<Key>> {
+        self.insert_checked(write, notifier, true, true)
+    }
+
+    fn insert_checked(
+        &self,
+        write: &WriteMatch,
+        notifier: Notifier,
+        in_kernel: bool,
+        shadow_check: bool,
+    ) -> Result<Option<Key>> {
         write.validate()?;
         let key = Key::of(write);
         let mut t = self.write();
@@ -118,6 +141,9 @@ impl ExitDispatcher {
                 addr: write.address(),
             });
         }
+        if shadow_check && shadows(&t, &key) {
+            return Ok(None);
+        }
         t.insert(
             key,
             Entry {
@@ -125,26 +151,7 @@ impl ExitDispatcher {
                 in_kernel,
             },
         );
-        Ok(key)
-    }
-
-    /// Whether registering `write` in the kernel next to this dispatcher's kernel-held entries
-    /// would form the pattern KVM's I/O bus mishandles: an any-width registration at A and a
-    /// sized one on the same bus starting below A and reaching A (`tests/kernel_quirks.rs`).
-    /// Conservative: the kernel misses writes only in some registration orders.
-    pub(crate) fn kernel_would_shadow(&self, write: &WriteMatch) -> bool {
-        let new = Key::of(write);
-        let reaches = |sized: &Key, any: &Key| {
-            sized.pio == any.pio
-                && sized.len > 0
-                && any.len == 0
-                && sized.addr < any.addr
-                && sized.addr.saturating_add(u64::from(sized.len)) >= any.addr
-        };
-        self.read()
-            .iter()
-            .filter(|(_, e)| e.in_kernel)
-            .any(|(k, _)| reaches(k, &new) || reaches(&new, k))
+        Ok(Some(key))
     }
 
     pub(crate) fn remove(&self, key: &Key) {
@@ -211,6 +218,24 @@ impl ExitDispatcher {
     }
 }
 
+/// Whether `new` in the kernel would form, with the kernel-held entries of `table`, the pattern
+/// KVM's I/O bus mishandles: an any-width registration at A and a sized one on the same bus
+/// starting below A and reaching A (`tests/kernel_quirks.rs`). Conservative: the kernel misses
+/// writes only in some registration orders.
+fn shadows(table: &BTreeMap<Key, Entry>, new: &Key) -> bool {
+    let reaches = |sized: &Key, any: &Key| {
+        sized.pio == any.pio
+            && sized.len > 0
+            && any.len == 0
+            && sized.addr < any.addr
+            && sized.addr.saturating_add(u64::from(sized.len)) >= any.addr
+    };
+    table
+        .iter()
+        .filter(|(_, e)| e.in_kernel)
+        .any(|(k, _)| reaches(k, new) || reaches(new, k))
+}
+
 /// An entry of a dispatcher, removed when this is dropped.
 pub(crate) struct Registered {
     dispatcher: ExitDispatcher,
@@ -230,6 +255,21 @@ impl Registered {
             dispatcher: dispatcher.clone(),
             key,
         })
+    }
+
+    /// Records `write` as held in the kernel, unless that would shadow (see
+    /// [`ExitDispatcher::insert_in_kernel`]).
+    pub(crate) fn insert_in_kernel(
+        dispatcher: &ExitDispatcher,
+        write: &WriteMatch,
+        notifier: Notifier,
+    ) -> Result<Option<Registered>> {
+        Ok(dispatcher
+            .insert_in_kernel(write, notifier)?
+            .map(|key| Registered {
+                dispatcher: dispatcher.clone(),
+                key,
+            }))
     }
 }
 

@@ -190,18 +190,19 @@ impl Backend {
                 return Ok(IoEvent::kernel(reg, None));
             }
             (Policy::Auto, Some(why)) => why,
-            (Policy::Auto, None) if self.dispatcher.kernel_would_shadow(&write) => {
-                Fallback::KernelWouldMiss
-            }
             (Policy::Auto, None) => {
-                // Recorded first, so an overlap is refused the same way on both paths.
-                let shadow = Registered::insert(&self.dispatcher, &write, notifier.clone(), true)?;
-                match IoEventFd::assign(&self.vm, write, req, notifier.clone()) {
-                    Ok(reg) => return Ok(IoEvent::kernel(reg, Some(shadow))),
-                    Err(e) => {
-                        drop(shadow);
-                        Fallback::KernelRefused(e.to_string())
-                    }
+                // Recorded first, so an overlap is refused the same way on both paths, and in
+                // the step that checks the kernel would not mishandle it.
+                match Registered::insert_in_kernel(&self.dispatcher, &write, notifier.clone())? {
+                    None => Fallback::KernelWouldMiss,
+                    Some(shadow) => match IoEventFd::assign(&self.vm, write, req, notifier.clone())
+                    {
+                        Ok(reg) => return Ok(IoEvent::kernel(reg, Some(shadow))),
+                        Err(e) => {
+                            drop(shadow);
+                            Fallback::KernelRefused(e.to_string())
+                        }
+                    },
                 }
             }
         };

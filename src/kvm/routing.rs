@@ -291,7 +291,7 @@ impl GsiRouter {
                 match msg {
                     Some(m) => tx.record(&table, gsi, Change::Pin(m)),
                     None if table.routes.contains_key(&gsi) => {
-                        tx.record(&table, gsi, Change::Remove)
+                        tx.record(&table, gsi, Change::Remove(table.born.get(&gsi).copied()))
                     }
                     None => {}
                 }
@@ -449,8 +449,10 @@ enum Change {
     /// A new message for a committed MSI route, made when the route was the one created by
     /// the given commit.
     Set(MsiMessage, Option<u64>),
-    /// Every route of a committed GSI removed.
-    Remove,
+    /// Every route of a committed GSI removed, made when the GSI's routes were the ones created
+    /// by the given commit (`None`: routes no transaction added, the irqchip's defaults or a
+    /// pin's).
+    Remove(Option<u64>),
     /// An IOAPIC pin of the split irqchip routed as the MSI its redirection entry makes.
     Pin(MsiMessage),
 }
@@ -463,7 +465,7 @@ impl Change {
             // An allocated GSI has no committed route.
             Change::Add(_) => 1,
             Change::Set(..) | Change::Pin(_) => 1 - before(),
-            Change::Remove => -before(),
+            Change::Remove(_) => -before(),
         }
     }
 
@@ -473,7 +475,7 @@ impl Change {
             Change::Add(msg) | Change::Set(msg, _) | Change::Pin(msg) => {
                 Some(vec![Route::Msi(msg)])
             }
-            Change::Remove => None,
+            Change::Remove(_) => None,
         }
     }
 }
@@ -547,7 +549,7 @@ impl Transaction<'_> {
     fn effective(&self, table: &Table, gsi: Gsi) -> Option<MsiOrOther> {
         match self.changes.get(&gsi).map(|(c, _)| c) {
             Some(Change::Add(_) | Change::Set(..) | Change::Pin(_)) => Some(MsiOrOther::Msi),
-            Some(Change::Remove) => None,
+            Some(Change::Remove(_)) => None,
             None => match table.routes.get(&gsi).map(Vec::as_slice) {
                 None | Some([]) => None,
                 Some([Route::Msi(_)]) => Some(MsiOrOther::Msi),
@@ -627,7 +629,8 @@ impl Transaction<'_> {
             table.reserved.remove(&gsi);
             self.next_free = self.next_free.min(gsi);
         } else {
-            self.record(&table, gsi, Change::Remove);
+            let born = table.born.get(&gsi).copied();
+            self.record(&table, gsi, Change::Remove(born));
         }
         Ok(())
     }
@@ -649,6 +652,12 @@ impl Transaction<'_> {
     pub fn commit(mut self) -> Result<()> {
         let router = self.router;
         let mut table = router.lock();
+        // A removal whose routes went meanwhile (removed by another transaction, the GSI maybe
+        // routed anew since) has nothing left to remove: it must not take a newer route.
+        self.changes.retain(|gsi, (change, _)| match change {
+            Change::Remove(born) => table.born.get(gsi).copied() == *born,
+            _ => true,
+        });
         // Checked again against the table as it is now.
         for (&gsi, &(change, _)) in &self.changes {
             match change {
@@ -663,7 +672,7 @@ impl Transaction<'_> {
                         return Err(Error::NotMsiRoute { gsi });
                     }
                 }
-                Change::Remove => {
+                Change::Remove(_) => {
                     if let Some(&irqfds) = table.irqfds.get(&gsi) {
                         return Err(Error::GsiBusy { gsi, irqfds });
                     }
