@@ -315,6 +315,14 @@ pub enum Error {
         /// The errno.
         source: io::Error,
     },
+    /// A device's interrupt triggered after the VMM tore the device down (dropped its
+    /// notification half and its MSI-X vectors): its routes and irqfds are gone, and a device
+    /// thread still holding a queue handle learns it here.
+    #[error("{what} are gone: the device was torn down")]
+    Unplugged {
+        /// What is gone.
+        what: &'static str,
+    },
     /// The injector could not inject an interrupt it took from a trigger notifier
     /// (`KVM_IRQ_LINE` or `KVM_SIGNAL_MSI` failed on every attempt). Counted in
     /// [`InjectorStats::failed`](crate::fallback::InjectorStats::failed) and kept for

@@ -84,6 +84,9 @@ impl<T> Attempt<T> {
 pub struct Notifier {
     fd: Arc<EventFd>,
     mode: Mode,
+    /// The open file is blocking and shared with a peer (adopted by [`from_fd`](Self::from_fd)),
+    /// so its `O_NONBLOCK` is not ours to set: reads and writes here must not block on it.
+    blocking: bool,
 }
 
 impl Notifier {
@@ -103,6 +106,7 @@ impl Notifier {
         Ok(Notifier {
             fd: Arc::new(fd),
             mode,
+            blocking: false,
         })
     }
 
@@ -111,14 +115,17 @@ impl Notifier {
     /// descriptor's own (`EFD_SEMAPHORE`, read from `/proc/self/fdinfo`; counter mode on kernels
     /// that do not show it).
     ///
-    /// The descriptor is made non-blocking, as every notifier is (blocking reads wait with
-    /// `poll`). That flag belongs to the open file, so other holders of the same eventfd see it
-    /// too; KVM ignores it, and eventfd users that wait with poll or epoll are not affected.
+    /// The open file's flags are left as they are: `O_NONBLOCK` belongs to the open file, which
+    /// the peer that sent the descriptor shares, and setting it would change that peer's reads.
+    /// On a blocking one this notifier still never blocks where it says it does not: its reads
+    /// ask the kernel not to wait (`preadv2` with `RWF_NOWAIT`, Linux 5.12 and later; before,
+    /// a poll first, where a concurrent reader taking the count between the two can make the
+    /// read wait for the next write), and its writes poll for room first.
     ///
     /// # Errors
     ///
     /// [`Error::NotAnEventFd`] when `fd` is not an eventfd; [`Error::Notifier`] if its flags
-    /// cannot be read or set.
+    /// cannot be read.
     pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self> {
         use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
         let raw = fd.as_raw_fd();
@@ -130,14 +137,11 @@ impl Notifier {
             Some("1") => Mode::Semaphore,
             _ => Mode::Counter,
         };
-        // SAFETY: fcntl on a descriptor `fd` owns; F_GETFL/F_SETFL touch only its flags.
-        let set = unsafe {
-            let flags = libc::fcntl(raw, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-        };
-        if !set {
+        // SAFETY: fcntl F_GETFL on a descriptor `fd` owns; it only reads the flags.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        if flags < 0 {
             return Err(Error::Notifier {
-                op: "make non-blocking",
+                op: "read the flags",
                 source: std::io::Error::last_os_error(),
             });
         }
@@ -147,6 +151,7 @@ impl Notifier {
         Ok(Notifier {
             fd: Arc::new(fd),
             mode,
+            blocking: flags & libc::O_NONBLOCK == 0,
         })
     }
 
@@ -188,6 +193,9 @@ impl Notifier {
         if value == u64::MAX {
             return Err(Error::NotifierValue { value });
         }
+        if self.blocking && self.poll(libc::POLLOUT, 0)? & libc::POLLOUT == 0 {
+            return Ok(Attempt::WouldBlock);
+        }
         match hit(Syscall::EventFdWrite).and_then(|()| self.fd.write(value)) {
             Ok(()) => Ok(Attempt::Done(())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
@@ -218,7 +226,11 @@ impl Notifier {
     ///
     /// [`Error::Notifier`] if the read fails.
     pub fn try_read(&self) -> Result<Attempt<u64>> {
-        match hit(Syscall::EventFdRead).and_then(|()| self.fd.read()) {
+        let read = || match self.blocking {
+            false => self.fd.read(),
+            true => self.read_nowait(),
+        };
+        match hit(Syscall::EventFdRead).and_then(|()| read()) {
             Ok(v) => Ok(Attempt::Done(v)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Attempt::WouldBlock),
             Err(e) => Err(Error::eventfd("read", e)),
@@ -285,6 +297,7 @@ impl Notifier {
         Ok(Notifier {
             fd: Arc::new(fd),
             mode: self.mode,
+            blocking: self.blocking,
         })
     }
 
@@ -292,6 +305,37 @@ impl Notifier {
     #[cfg(feature = "kvm")]
     pub(crate) fn as_event_fd(&self) -> &EventFd {
         &self.fd
+    }
+
+    /// A read of a blocking open file that does not wait: `preadv2(RWF_NOWAIT)`, or where the
+    /// kernel does not take that flag on an eventfd (before Linux 5.12), a poll first.
+    fn read_nowait(&self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which outlives the call; offset -1 reads at the file's
+        // position (an eventfd has none); the return value is checked.
+        let n = unsafe { libc::preadv2(self.fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+        if n == 8 {
+            return Ok(u64::from_ne_bytes(buf));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::EINVAL) => {
+                let ready = self.poll(libc::POLLIN, 0).map_err(|e| match e {
+                    Error::Notifier { source, .. } => source,
+                    other => io::Error::other(other.to_string()),
+                })?;
+                if ready & libc::POLLIN == 0 {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                self.fd.read()
+            }
+            _ if n >= 0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            _ => Err(e),
+        }
     }
 
     fn wait(&self, events: libc::c_short, timeout: Option<Duration>) -> Result<()> {
@@ -417,6 +461,20 @@ mod tests {
             // SAFETY: `dup` is a fresh, open descriptor owned by nothing else.
             let ours = Notifier::from_fd(unsafe { OwnedFd::from_raw_fd(dup) }).unwrap();
             assert_eq!(ours.mode(), mode);
+            // The open file the peer shares keeps its flags (issue 22: it was made
+            // non-blocking, and the peer's blocking reads returned EAGAIN).
+            // SAFETY: F_GETFL on an open descriptor only reads its flags.
+            let flags = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_GETFL) };
+            assert_eq!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "the peer's file was made non-blocking"
+            );
+            assert_eq!(
+                ours.try_read().unwrap(),
+                Attempt::WouldBlock,
+                "an empty read waited"
+            );
             theirs.write(3).unwrap();
             let expect = if mode == Mode::Counter { 3 } else { 1 };
             assert_eq!(ours.read().unwrap(), expect);
@@ -426,8 +484,10 @@ mod tests {
                 theirs.read().unwrap(),
                 if mode == Mode::Counter { 5 } else { 1 }
             );
-            // Non-blocking now: an empty counter is WouldBlock, not a hang.
+            // Without waiting on the blocking file: an empty counter is WouldBlock, not a hang.
             while ours.try_read().unwrap() != Attempt::WouldBlock {}
+            assert_eq!(ours.try_add(1).unwrap(), Attempt::Done(()));
+            assert_eq!(theirs.read().unwrap(), 1);
         }
         let file = std::fs::File::open("/dev/null").unwrap();
         let e = Notifier::from_fd(OwnedFd::from(file)).unwrap_err();

@@ -185,3 +185,46 @@ fn tearing_down_under_blocked_device_threads_neither_hangs_nor_crashes() {
     assert_eq!(served, [1, 1, 1, 1]);
     assert!(took < Duration::from_secs(10), "teardown hung for {took:?}");
 }
+
+/// The VMM tears a virtio-pci device down (drops its `PciNotify` and its MSI-X vectors) while a
+/// device thread still holds a queue handle: the vectors' irqfds and routes go at once, and the
+/// device's next trigger is an error that says so (issue 22: the handle kept every irqfd and
+/// route alive, and its triggers still reached the guest).
+#[test]
+fn a_torn_down_device_keeps_no_vector_alive_through_its_queue_handles() {
+    kvm_test!();
+    let vm = TinyVm::new().unwrap();
+    let root = vm.notify();
+    let entries = root.router().entries();
+    let vectors = root.msix(2).unwrap();
+    vectors
+        .configure(&[(0, MsiMessage::x86(0, 0x48), false)])
+        .unwrap();
+    vectors
+        .write_message_control(vm_notify::msix::MSIX_ENABLE)
+        .unwrap();
+    let layout = vm_notify::virtio::PciLayout {
+        notify_base: 0xe000_0000,
+        notify_off_multiplier: 4,
+        queue_notify_off: vec![0],
+    };
+    let pci = root.virtio_pci(&layout, &vectors).unwrap();
+    pci.set_queue_vector(0, 0);
+    let queue = pci.queue(0).unwrap(); // the device thread's handle
+    assert!(queue.trigger().unwrap());
+    let gsi = vectors.gsi(0).unwrap().expect("vector 0 delivers");
+    assert_eq!(root.router().irqfds(gsi), 1);
+    drop((pci, vectors));
+    assert_eq!(
+        root.router().irqfds(gsi),
+        0,
+        "the vector's irqfd outlived the device"
+    );
+    assert_eq!(
+        root.router().entries(),
+        entries,
+        "the vector's route outlived the device"
+    );
+    let e = queue.trigger().unwrap_err();
+    assert!(matches!(e, vm_notify::Error::Unplugged { .. }), "{e:?}");
+}

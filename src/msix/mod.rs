@@ -44,4 +44,5 @@ mod table;
 mod vectors;
 
 pub use table::{MSIX_ENABLE, MSIX_ENTRY_SIZE, MSIX_FUNCTION_MASK};
+pub(crate) use vectors::WeakVectors;
 pub use vectors::{MsixState, MsixStats, MsixVector, MsixVectors, VectorState};

@@ -294,6 +294,27 @@ pub struct MsixVectors {
     inner: Arc<Inner>,
 }
 
+/// A handle to a function's vectors that does not keep them: once every [`MsixVectors`] is
+/// dropped, the routes and irqfds go, whoever still holds one of these (a device thread's queue
+/// interrupt).
+#[derive(Clone)]
+pub(crate) struct WeakVectors {
+    inner: std::sync::Weak<Inner>,
+    len: usize,
+}
+
+impl WeakVectors {
+    /// The vectors, while an owner holds them.
+    pub(crate) fn upgrade(&self) -> Option<MsixVectors> {
+        self.inner.upgrade().map(|inner| MsixVectors { inner })
+    }
+
+    /// The number of vectors.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
 impl fmt::Debug for MsixVectors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let func = self.inner.function();
@@ -366,6 +387,14 @@ impl MsixVectors {
                 counters: Counters::default(),
             }),
         })
+    }
+
+    /// A handle that does not keep the vectors.
+    pub(crate) fn downgrade(&self) -> WeakVectors {
+        WeakVectors {
+            inner: Arc::downgrade(&self.inner),
+            len: self.len(),
+        }
     }
 
     /// The number of vectors.

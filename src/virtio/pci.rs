@@ -1,5 +1,6 @@
 //! virtio-pci (modern): per-queue notify addresses, per-queue MSI-X vectors.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use crate::device::GuestInterrupt;
 use crate::error::{Capability, Error, Result};
 use crate::fallback::{Backend, Placement};
 use crate::kvm::{GsiRouter, WriteMatch};
-use crate::msix::{MsixState, MsixVectors};
+use crate::msix::{MsixState, MsixVectors, WeakVectors};
 use crate::notifier::Notifier;
 
 /// Where a virtio-pci function's queues are notified: the arguments of
@@ -43,19 +44,34 @@ impl PciLayout {
 }
 
 /// A virtio-pci queue's interrupt: the MSI-X vector the guest chose in `queue_msix_vector`
-/// (or `config_msix_vector`), triggered on the function's vectors.
-#[derive(Debug)]
+/// (or `config_msix_vector`), triggered on the function's vectors. It does not keep the vectors:
+/// a device thread's queue handle outliving the device does not keep its irqfds and routes.
 pub(crate) struct QueueVector {
-    vectors: MsixVectors,
+    vectors: WeakVectors,
     vector: AtomicU16,
+}
+
+impl fmt::Debug for QueueVector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueVector")
+            .field("vector", &self.vector())
+            .finish()
+    }
 }
 
 impl QueueVector {
     fn new(vectors: &MsixVectors) -> Self {
         QueueVector {
-            vectors: vectors.clone(),
+            vectors: vectors.downgrade(),
             vector: AtomicU16::new(NO_VECTOR),
         }
+    }
+
+    /// The function's vectors, or [`Error::Unplugged`] once their owners dropped them.
+    fn vectors(&self) -> Result<MsixVectors> {
+        self.vectors.upgrade().ok_or(Error::Unplugged {
+            what: "the virtio-pci function's MSI-X vectors",
+        })
     }
 
     /// The vector now ([`NO_VECTOR`] for none).
@@ -77,11 +93,12 @@ impl QueueVector {
 }
 
 impl GuestInterrupt for QueueVector {
-    /// Triggers the vector; `false` without one ([`NO_VECTOR`]).
+    /// Triggers the vector; `false` without one ([`NO_VECTOR`]). [`Error::Unplugged`] once the
+    /// device's vectors are gone.
     fn trigger(&self) -> Result<bool> {
         match self.vector() {
             NO_VECTOR => Ok(false),
-            v => self.vectors.trigger(v.into()).map(|()| true),
+            v => self.vectors()?.trigger(v.into()).map(|()| true),
         }
     }
 
@@ -89,7 +106,7 @@ impl GuestInterrupt for QueueVector {
     fn eventfd(&self) -> Result<Option<Notifier>> {
         match self.vector() {
             NO_VECTOR => Ok(None),
-            v => self.vectors.notifier(v.into()).map(Some),
+            v => self.vectors()?.notifier(v.into()).map(Some),
         }
     }
 }
