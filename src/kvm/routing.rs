@@ -157,6 +157,9 @@ struct Table {
     /// The commit that created each allocated GSI's route: a message change made for one route
     /// must not land on another that reused its GSI meanwhile.
     born: HashMap<Gsi, u64>,
+    /// GSIs whose removal a commit is sending to KVM (the table lock is not held across the
+    /// ioctl): no irqfd may bind to them meanwhile.
+    removing: HashSet<Gsi>,
 }
 
 fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
@@ -166,6 +169,11 @@ fn count_entries(routes: &BTreeMap<Gsi, Vec<Route>>) -> usize {
 struct Shared {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
+    /// Held by a commit from its check to its end, across `KVM_SET_GSI_ROUTING`: commits reach
+    /// KVM in the order they apply to the table. The table lock itself is never held across an
+    /// ioctl, so lookups (the injector's), irqfd bookkeeping and the building of other
+    /// transactions do not wait for one.
+    committing: Mutex<()>,
     caps: Capabilities,
     /// The split irqchip: GSIs below [`IRQCHIP_GSIS`] are the userspace IOAPIC's pins.
     split: bool,
@@ -231,6 +239,7 @@ impl GsiRouter {
             shared: Arc::new(Shared {
                 vm,
                 table: Mutex::new(table),
+                committing: Mutex::new(()),
                 caps,
                 split: false,
             }),
@@ -256,6 +265,7 @@ impl GsiRouter {
             shared: Arc::new(Shared {
                 vm,
                 table: Mutex::new(Table::default()),
+                committing: Mutex::new(()),
                 caps,
                 split: true,
             }),
@@ -414,24 +424,32 @@ impl GsiRouter {
             });
         }
         self.refuse_pin(gsi)?;
-        let mut t = self.lock();
-        let routes = t
-            .routes
-            .get(&gsi)
-            .filter(|r| !r.is_empty())
-            .ok_or(Error::UnroutedGsi { gsi })?;
-        if level && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
-            return Err(Error::ResampleNeedsIrqchip { gsi });
+        {
+            let mut t = self.lock();
+            let routes = t
+                .routes
+                .get(&gsi)
+                .filter(|r| !r.is_empty() && !t.removing.contains(&gsi))
+                .ok_or(Error::UnroutedGsi { gsi })?;
+            if level && routes.iter().any(|r| matches!(r, Route::Msi(_))) {
+                return Err(Error::ResampleNeedsIrqchip { gsi });
+            }
+            // Counted before the ioctl, which runs unlocked: from here the route cannot be
+            // removed (`GsiBusy`) until the irqfd is made or its making failed.
+            *t.irqfds.entry(gsi).or_insert(0) += 1;
         }
-        let value = assign(&self.shared.vm)?;
-        *t.irqfds.entry(gsi).or_insert(0) += 1;
-        Ok(value)
+        assign(&self.shared.vm).inspect_err(|_| self.uncount(gsi))
     }
 
-    /// Runs `deassign` with the table locked and records one irqfd fewer on `gsi`.
+    /// Runs `deassign` (unlocked: KVM's deassign waits for its irqfd work to drain) and then
+    /// records one irqfd fewer on `gsi`; until then the route cannot be removed.
     pub(crate) fn unbind(&self, gsi: Gsi, deassign: impl FnOnce(&VmFd)) {
-        let mut t = self.lock();
         deassign(&self.shared.vm);
+        self.uncount(gsi);
+    }
+
+    fn uncount(&self, gsi: Gsi) {
+        let mut t = self.lock();
         if let Some(n) = t.irqfds.get_mut(&gsi) {
             *n -= 1;
             if *n == 0 {
@@ -651,6 +669,11 @@ impl Transaction<'_> {
     /// committed table is unchanged by a failed commit.
     pub fn commit(mut self) -> Result<()> {
         let router = self.router;
+        let _serial = router
+            .shared
+            .committing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut table = router.lock();
         // A removal whose routes went meanwhile (removed by another transaction, the GSI maybe
         // routed anew since) has nothing left to remove: it must not take a newer route.
@@ -720,7 +743,22 @@ impl Transaction<'_> {
                 entries: n,
                 limit: ROUTE_TABLE_LIMIT,
             })?;
-        sys::set_gsi_routing(&router.shared.vm, &kvm_table, n)?;
+        // The ioctl runs with the table unlocked; the removals it makes are marked, so no irqfd
+        // binds to them meanwhile (commits themselves are serialized by `committing`).
+        let removing: Vec<Gsi> = self
+            .changes
+            .iter()
+            .filter(|(_, (change, _))| matches!(change, Change::Remove(_)))
+            .map(|(&gsi, _)| gsi)
+            .collect();
+        table.removing.extend(&removing);
+        drop(table);
+        let sent = sys::set_gsi_routing(&router.shared.vm, &kvm_table, n);
+        let mut table = router.lock();
+        for gsi in &removing {
+            table.removing.remove(gsi);
+        }
+        sent?;
         // Only now does the committed table change.
         let commit = table.commits;
         for (gsi, (change, _)) in std::mem::take(&mut self.changes) {
