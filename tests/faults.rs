@@ -9,8 +9,12 @@ use std::any::Any;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use vm_device::bus::MmioAddress;
+use vm_device::DeviceMmio;
 use vm_notify::fallback::{InjectorStats, Policy};
 use vm_notify::fault::{self, Fault, Syscall};
+use vm_notify::io::IoRegion;
+use vm_notify::irqchip::IOAPIC_BASE;
 use vm_notify::kvm::{Gsi, MsiMessage};
 use vm_notify::msix::MSIX_ENABLE;
 use vm_notify::virtio::PciLayout;
@@ -203,6 +207,23 @@ fn every_system_call_of_every_registration_fails_cleanly() {
         );
         Ok(Box::new(b?))
     }));
+    let delivering = root.msix(2).unwrap();
+    delivering
+        .configure(&[(0, MsiMessage::x86(0, 0x58), false)])
+        .unwrap();
+    delivering.write_message_control(MSIX_ENABLE).unwrap();
+    add(matrix(
+        "MSI-X mask, unmask, retarget",
+        &root,
+        &watched,
+        || {
+            delivering.set_masked(0, true)?;
+            delivering.set_masked(0, false)?;
+            delivering.set_message(0, MsiMessage::x86(0, 0x59))?;
+            delivering.set_message(0, MsiMessage::x86(0, 0x58))?;
+            Ok(Box::new(()))
+        },
+    ));
     add(matrix(
         "MSI-X vectors, configured and enabled",
         &root,
@@ -239,6 +260,29 @@ fn every_system_call_of_every_registration_fails_cleanly() {
     add(matrix("virtio-pci restore", &root, &watched, || {
         Ok(Box::new(root.restore_virtio_pci(&saved)?))
     }));
+
+    // The split irqchip's IOAPIC: the guest programs a level entry for a pin a device holds a
+    // level line on (a route committed for KVM's EOI report), then masks it again.
+    let split = TinyVm::with_split_irqchip(1).unwrap();
+    let split_root = split.notify().clone();
+    let _line = split_root.level_irqfd(5).unwrap();
+    let window = IoRegion::ioapic(split_root.ioapic().unwrap());
+    let write = |offset: u64, value: u32| {
+        window.mmio_write(MmioAddress(IOAPIC_BASE), offset, &value.to_le_bytes());
+        window.take_error().map_or(Ok(()), Err)
+    };
+    add(matrix(
+        "IOAPIC redirection entry",
+        &split_root,
+        &[5],
+        || {
+            write(0, 0x10 + 2 * 5)?;
+            write(0x10, 0x0000_8000 | 0x35)?; // level, vector 0x35, unmasked
+            write(0, 0x10 + 2 * 5)?;
+            write(0x10, 0x0001_0000)?; // masked, edge
+            Ok(Box::new(()))
+        },
+    ));
 
     // The faults cleared: the guest's kicks arrive exactly, on each path.
     let user_kicks = Notifier::new(Mode::Counter).unwrap();
