@@ -13,8 +13,9 @@
 //!   thread holds the routing table's lock.
 //!
 //! The churn runs on another thread: masking, unmasking and retargeting the function's other
-//! vectors (each a routing commit and irqfd deassign/assign), or making and dropping irqfds on
-//! another route. On this 2-CPU host the churn also takes a CPU from the device, so the ratios
+//! vectors (each a routing commit and irqfd deassign/assign), making and dropping irqfds on
+//! another route, or masking and unmasking the whole function (every vector detached and
+//! attached again, the device's own included). On this 2-CPU host the churn also takes a CPU from the device, so the ratios
 //! include that; what the bench is for is a trigger never waiting behind another vector's
 //! commit or an irqfd's teardown.
 
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use vm_notify::fallback::Policy;
 use vm_notify::kvm::MsiMessage;
-use vm_notify::msix::MSIX_ENABLE;
+use vm_notify::msix::{MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use vm_notify::Vm;
 use vm_notify_testkit::TinyVm;
 
@@ -42,6 +43,9 @@ enum Churn {
     Vectors,
     /// Kernel irqfds made and dropped on another route.
     Irqfds,
+    /// The function masked and unmasked through its message control, as a guest's driver does
+    /// around a reconfiguration (every vector detached and attached again).
+    Function,
 }
 
 /// The p50 and p99 of `samples`.
@@ -74,6 +78,19 @@ fn start_churn(
                         .unwrap();
                     ops += 3;
                 }
+            }
+            ops
+        })),
+        Churn::Function => Some(thread::spawn(move || {
+            let mut ops = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                vectors
+                    .write_message_control(MSIX_ENABLE | MSIX_FUNCTION_MASK)
+                    .unwrap();
+                vectors.write_message_control(MSIX_ENABLE).unwrap();
+                ops += 2;
+                // The device's vector is masked half the time: let it deliver between toggles.
+                thread::sleep(Duration::from_micros(200));
             }
             ops
         })),
@@ -121,7 +138,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut idle_p99 = (0.0, 0.0, 0.0);
-    for churn in [Churn::Idle, Churn::Vectors, Churn::Irqfds] {
+    for churn in [Churn::Idle, Churn::Vectors, Churn::Irqfds, Churn::Function] {
         let (stop, handle) = start_churn(churn, &root, &vectors);
         let began = Instant::now();
         let direct: Vec<Duration> = (0..direct_samples)

@@ -8,8 +8,12 @@
 //! and can trace which calls an operation makes. Without the feature the points compile to
 //! nothing.
 //!
-//! One fault is armed at a time, for the whole process: a test binary that injects faults runs
-//! its cases one after another.
+//! A [`Gate`] holds the first thread to make a chosen call at the point, before the call, until
+//! the test opens it: what other threads can do meanwhile shows what waits for that call (a lock
+//! held across it) without timing anything.
+//!
+//! One fault is armed and one gate closed at a time, for the whole process: a test binary that
+//! injects faults runs its cases one after another.
 //!
 //! ```
 //! # #[cfg(feature = "fault-injection")] {
@@ -79,14 +83,15 @@ pub(crate) fn hit(_call: Syscall) -> io::Result<()> {
 }
 
 #[cfg(feature = "fault-injection")]
-pub use control::{trace, Fault};
+pub use control::{trace, Fault, Gate};
 
 #[cfg(feature = "fault-injection")]
 mod control {
     use std::io;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Mutex, MutexGuard};
+    use std::sync::{Condvar, Mutex, MutexGuard};
     use std::thread::{self, ThreadId};
+    use std::time::{Duration, Instant};
 
     use crate::fault::Syscall;
 
@@ -106,11 +111,23 @@ mod control {
     struct State {
         armed: Option<Armed>,
         tracing: Vec<(ThreadId, Vec<Syscall>)>,
+        gate: Option<Gated>,
     }
+
+    /// A closed gate: the first call of `call` waits in it until it opens.
+    struct Gated {
+        call: Syscall,
+        reached: bool,
+        open: bool,
+    }
+
+    /// Woken when a gate is reached or opened.
+    static GATE: Condvar = Condvar::new();
 
     static STATE: Mutex<State> = Mutex::new(State {
         armed: None,
         tracing: Vec::new(),
+        gate: None,
     });
 
     /// Whether a fault is armed or a thread traces: without either, a call passes without
@@ -118,7 +135,8 @@ mod control {
     static ACTIVE: AtomicBool = AtomicBool::new(false);
 
     fn refresh(s: &State) {
-        ACTIVE.store(s.armed.is_some() || !s.tracing.is_empty(), Ordering::SeqCst);
+        let active = s.armed.is_some() || !s.tracing.is_empty() || s.gate.is_some();
+        ACTIVE.store(active, Ordering::SeqCst);
     }
 
     fn state() -> MutexGuard<'static, State> {
@@ -134,6 +152,13 @@ mod control {
         let mut s = state();
         if let Some((_, calls)) = s.tracing.iter_mut().find(|(t, _)| *t == me) {
             calls.push(call);
+        }
+        if let Some(gate) = s.gate.as_mut().filter(|g| g.call == call && !g.reached) {
+            gate.reached = true;
+            GATE.notify_all();
+            while s.gate.as_ref().is_some_and(|g| !g.open) {
+                s = GATE.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
         }
         let Some(armed) = s.armed.as_mut() else {
             return Ok(());
@@ -224,6 +249,59 @@ mod control {
         /// Whether the fault has fired.
         pub fn fired(&self) -> bool {
             state().armed.as_ref().is_some_and(|a| a.fired)
+        }
+    }
+
+    /// A closed gate on one kind of system call: the first thread to make that call waits at the
+    /// point, before the call, until the gate opens (or is dropped). For tests that prove what
+    /// does not wait while a call is in flight, without timing anything.
+    #[derive(Debug)]
+    #[must_use = "dropping a Gate opens it at once"]
+    pub struct Gate {
+        _private: (),
+    }
+
+    impl Gate {
+        /// Closes a gate on `call`. Only one gate is closed at a time: closing a second while
+        /// the first lives panics.
+        pub fn close(call: Syscall) -> Gate {
+            let mut s = state();
+            assert!(s.gate.is_none(), "a gate is already closed");
+            s.gate = Some(Gated {
+                call,
+                reached: false,
+                open: false,
+            });
+            refresh(&s);
+            Gate { _private: () }
+        }
+
+        /// Waits until a thread waits at the gate; `false` if none did within `timeout`.
+        pub fn reached(&self, timeout: Duration) -> bool {
+            let deadline = Instant::now() + timeout;
+            let mut s = state();
+            loop {
+                if s.gate.as_ref().is_some_and(|g| g.reached) {
+                    return true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                s = GATE
+                    .wait_timeout(s, left)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+    }
+
+    impl Drop for Gate {
+        fn drop(&mut self) {
+            let mut s = state();
+            s.gate = None;
+            refresh(&s);
+            GATE.notify_all();
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use vm_device::bus::MmioAddress;
 use vm_device::DeviceMmio;
 use vm_notify::fallback::{InjectorStats, Policy};
-use vm_notify::fault::{self, Fault, Syscall};
+use vm_notify::fault::{self, Fault, Gate, Syscall};
 use vm_notify::io::IoRegion;
 use vm_notify::irqchip::IOAPIC_BASE;
 use vm_notify::kvm::{Gsi, MsiMessage};
@@ -494,5 +494,95 @@ fn an_injector_whose_loop_ended_is_refused_until_it_runs_again() {
     while user.injector().unwrap().stats().injected < 2 {
         assert!(std::time::Instant::now() < deadline, "not injected");
         std::thread::yield_now();
+    }
+}
+
+/// Runs `f` on a thread of its own and says whether it returned within 10 s.
+fn returns_promptly(f: impl FnOnce() + Send + 'static) -> bool {
+    let (done, returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    returned.recv_timeout(Duration::from_secs(10)).is_ok()
+}
+
+/// While a guest's function unmask has its routing commit in flight (held at a gate before
+/// `KVM_SET_GSI_ROUTING`), a device's trigger of another vector returns at once: it becomes the
+/// pending bit and is delivered as the vector attaches (issue 22: the function change held every
+/// vector's lock across its commit and irqfd assigns).
+#[test]
+fn a_trigger_does_not_wait_for_the_functions_commit() {
+    kvm_test!();
+    let _serial = serial();
+    let vm = TinyVm::new().unwrap();
+    let v = vm.notify().msix(4).unwrap();
+    let entries: Vec<_> = (0..4)
+        .map(|i| (i, MsiMessage::x86(0, 0x50 + i as u8), false))
+        .collect();
+    v.configure(&entries).unwrap();
+    v.write_message_control(MSIX_ENABLE | vm_notify::msix::MSIX_FUNCTION_MASK)
+        .unwrap();
+    // Messages changed under the function mask: the unmask has routes to commit.
+    for i in 1..4 {
+        v.set_message(i, MsiMessage::x86(0, 0x60 + i as u8))
+            .unwrap();
+    }
+    let gate = Gate::close(Syscall::SetGsiRouting);
+    let guest = v.clone();
+    let unmask = std::thread::spawn(move || guest.write_message_control(MSIX_ENABLE));
+    assert!(gate.reached(TIMEOUT), "the unmask made no commit");
+    let device = v.clone();
+    assert!(
+        returns_promptly(move || device.trigger(0).unwrap()),
+        "a trigger waited for the function's commit"
+    );
+    drop(gate);
+    unmask.join().unwrap().unwrap();
+    let stats = v.stats();
+    assert_eq!((stats.raised, stats.pending_at_unmask), (1, 1), "{stats:?}");
+}
+
+/// While a routing commit is in flight (held before `KVM_SET_GSI_ROUTING`), and while an irqfd's
+/// deassign is (held before its `KVM_IRQFD`), the injector's route lookup and an irqfd made on
+/// another GSI go on (issue 22: the routing table's lock was held across both ioctls).
+#[test]
+fn the_routing_table_is_not_locked_across_an_ioctl() {
+    kvm_test!();
+    let _serial = serial();
+    let vm = TinyVm::new().unwrap();
+    let root = vm.notify().clone();
+    let gsi = root.router().route_msi(MsiMessage::x86(0, 0x61)).unwrap();
+    let other = root.router().route_msi(MsiMessage::x86(0, 0x62)).unwrap();
+
+    let gate = Gate::close(Syscall::SetGsiRouting);
+    let router = root.router().clone();
+    let commit = std::thread::spawn(move || router.route_msi(MsiMessage::x86(0, 0x63)));
+    assert!(gate.reached(TIMEOUT));
+    let r = root.clone();
+    assert!(
+        returns_promptly(move || {
+            assert_eq!(r.router().routes(gsi).len(), 1);
+            drop(r.irqfd(gsi).unwrap());
+        }),
+        "a lookup or an irqfd waited for a routing commit"
+    );
+    drop(gate);
+    let added = commit.join().unwrap().unwrap();
+
+    let dropped = root.irqfd(other).unwrap();
+    let gate = Gate::close(Syscall::IrqFd);
+    let deassign = std::thread::spawn(move || drop(dropped));
+    assert!(gate.reached(TIMEOUT));
+    let r = root.clone();
+    assert!(
+        returns_promptly(move || assert_eq!(r.router().routes(gsi).len(), 1)),
+        "a lookup waited for an irqfd's deassign"
+    );
+    drop(gate);
+    deassign.join().unwrap();
+    assert_eq!(root.router().irqfds(other), 0);
+    for g in [gsi, other, added] {
+        root.router().remove(g).unwrap();
     }
 }

@@ -162,6 +162,9 @@ struct Function {
 
 struct Inner {
     router: GsiRouter,
+    /// Held by every reconfiguration (mask, message, function bits, `configure`) from start to
+    /// end, so they run one at a time; a device's trigger never takes it.
+    config: Mutex<()>,
     function: Mutex<Function>,
     vectors: Box<[Mutex<Vector>]>,
     counters: Counters,
@@ -178,6 +181,10 @@ impl Inner {
 
     fn function(&self) -> MutexGuard<'_, Function> {
         lock(&self.function)
+    }
+
+    fn configuring(&self) -> MutexGuard<'_, ()> {
+        lock(&self.config)
     }
 
     /// Brings the routes of `vectors` up to date in one routing transaction and then assigns
@@ -221,20 +228,67 @@ impl Inner {
 
     /// Applies a new function state to every vector: detach those that stop delivering, attach
     /// those that start.
-    /// `change` edits the function's bits under its lock, so a concurrent change of the other
-    /// bit is not lost.
     fn set_function(&self, change: impl FnOnce(&mut Function)) -> Result<()> {
-        let mut f = self.function();
-        change(&mut f);
-        let open = f.enabled && !f.masked;
-        let mut all = self.lock_all();
-        for v in all.iter_mut() {
-            v.function_open = open;
+        let _config = self.configuring();
+        let open = {
+            let mut f = self.function();
+            change(&mut f);
+            f.enabled && !f.masked
+        };
+        self.reconfigure(|_, v| v.function_open = open)
+    }
+
+    /// Applies `change` to every vector and brings them all up to date: those that stop
+    /// delivering detached, the routes of those that deliver in one commit, their irqfds
+    /// attached. The caller holds `config`. Each vector is locked only while it is looked at or
+    /// attached, never across the commit, so a device's trigger waits at most for its own
+    /// vector's detach or attach (a trigger meanwhile on a vector not yet attached becomes its
+    /// pending bit, delivered as it attaches).
+    fn reconfigure(&self, mut change: impl FnMut(usize, &mut Vector)) -> Result<()> {
+        // The routes to make: (vector, its committed GSI if any, the message).
+        let mut stale = Vec::new();
+        for (i, slot) in self.vectors.iter().enumerate() {
+            let mut v = lock(slot);
+            change(i, &mut v);
             if !v.delivers() {
                 v.detach()?;
+                continue;
+            }
+            match v.route {
+                Some((_, routed)) if routed == v.state.message => {}
+                route => stale.push((i, route.map(|(gsi, _)| gsi), v.state.message)),
             }
         }
-        self.sync(&mut all)
+        let mut made = Vec::with_capacity(stale.len());
+        if !stale.is_empty() {
+            let mut tx = self.router.transaction();
+            for &(i, committed, msg) in &stale {
+                let gsi = match committed {
+                    Some(gsi) => {
+                        tx.set_msi(gsi, msg)?;
+                        gsi
+                    }
+                    None => tx.add_msi(msg)?,
+                };
+                made.push((i, gsi, msg));
+            }
+            tx.commit()?;
+        }
+        // Every committed route recorded, whatever an attach says.
+        let mut made = made.into_iter().peekable();
+        let mut first = Ok(());
+        for (i, slot) in self.vectors.iter().enumerate() {
+            let mut v = lock(slot);
+            if let Some((_, gsi, msg)) = made.next_if(|&(j, ..)| j == i) {
+                v.route = Some((gsi, msg));
+            }
+            if v.delivers() {
+                if let (Err(e), Ok(())) = (v.attach(&self.router, &self.counters), &first) {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 }
 
@@ -379,6 +433,7 @@ impl MsixVectors {
         Ok(MsixVectors {
             inner: Arc::new(Inner {
                 router: router.clone(),
+                config: Mutex::new(()),
                 function: Mutex::new(Function {
                     enabled: state.enabled,
                     masked: state.function_masked,
@@ -455,6 +510,7 @@ impl MsixVectors {
     /// [`Error::MsixVectorIndex`], and the routing, irqfd and eventfd errors of (re)attaching.
     /// An unmask that fails leaves the vector masked with its pending bit, as before the call.
     pub fn set_masked(&self, index: usize, masked: bool) -> Result<()> {
+        let _config = self.inner.configuring();
         let mut v = self.inner.vector(index)?;
         if v.state.masked == masked {
             return Ok(());
@@ -480,6 +536,7 @@ impl MsixVectors {
     ///
     /// [`Error::MsixVectorIndex`], and routing errors.
     pub fn set_message(&self, index: usize, message: MsiMessage) -> Result<()> {
+        let _config = self.inner.configuring();
         let mut v = self.inner.vector(index)?;
         v.state.message = message;
         self.inner.sync(std::slice::from_mut(&mut v))
@@ -495,16 +552,17 @@ impl MsixVectors {
         if let Some(&(index, _, _)) = vectors.iter().find(|(i, _, _)| *i >= count) {
             return Err(Error::MsixVectorIndex { index, count });
         }
-        let mut all = self.inner.lock_all();
+        let mut wanted = vec![None; count];
         for &(index, message, masked) in vectors {
-            let v = &mut all[index];
-            v.state.message = message;
-            v.state.masked = masked;
-            if !v.delivers() {
-                v.detach()?;
-            }
+            wanted[index] = Some((message, masked));
         }
-        self.inner.sync(&mut all)
+        let _config = self.inner.configuring();
+        self.inner.reconfigure(|i, v| {
+            if let Some((message, masked)) = wanted[i] {
+                v.state.message = message;
+                v.state.masked = masked;
+            }
+        })
     }
 
     /// Vector `index`'s state.
@@ -589,6 +647,7 @@ impl MsixVectors {
     /// is written then), and the errors of applying the change.
     pub(crate) fn table_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         table::check_access(offset, data.len(), self.table_len())?;
+        let _config = self.inner.configuring();
         let mut v = self.inner.vector(table::entry_index(offset))?;
         let before = Entry {
             message: v.state.message,
