@@ -247,6 +247,20 @@ fn every_system_call_of_every_registration_fails_cleanly() {
         let v = root.msix(3)?;
         Ok(Box::new(root.virtio_pci(&layout, &v)?))
     }));
+    let mmio = vm_notify::virtio::MmioLayout {
+        base: 0xd100_0000,
+        queues: 2,
+        gsi: 10,
+    };
+    add(matrix("virtio-mmio notify", &root, &watched, || {
+        Ok(Box::new(root.virtio_mmio(&mmio)?))
+    }));
+    add(matrix(
+        "virtio-mmio notify, userspace",
+        &user,
+        &watched,
+        || Ok(Box::new(user.virtio_mmio(&mmio)?)),
+    ));
     let saved = {
         let v = root.msix(3).unwrap();
         v.configure(&[(0, MsiMessage::x86(0, 0x60), false)])
