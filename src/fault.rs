@@ -114,11 +114,11 @@ mod control {
         gate: Option<Gated>,
     }
 
-    /// A closed gate: the first call of `call` waits in it until it opens.
+    /// A closed gate: the first call of `call` waits in it until it opens (the gate is
+    /// dropped).
     struct Gated {
         call: Syscall,
         reached: bool,
-        open: bool,
     }
 
     /// Woken when a gate is reached or opened.
@@ -156,7 +156,7 @@ mod control {
         if let Some(gate) = s.gate.as_mut().filter(|g| g.call == call && !g.reached) {
             gate.reached = true;
             GATE.notify_all();
-            while s.gate.as_ref().is_some_and(|g| !g.open) {
+            while s.gate.is_some() {
                 s = GATE.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         }
@@ -270,7 +270,6 @@ mod control {
             s.gate = Some(Gated {
                 call,
                 reached: false,
-                open: false,
             });
             refresh(&s);
             Gate { _private: () }
