@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use kvm_ioctls::VmFd;
 
@@ -42,6 +42,11 @@ struct State {
     regs: Registers,
     /// The routes KVM has for the pins.
     routes: [Option<MsiMessage>; IOAPIC_PINS],
+    /// Per pin, the changes waiting for their route to be committed (or committing): the pin's
+    /// deliveries are held while any is.
+    settling: [u32; IOAPIC_PINS],
+    /// Pins with a routing commit in flight (made outside the lock, one per pin at a time).
+    committing: u32,
     sources: HashMap<u64, Source>,
     next: u64,
     stats: IoapicStats,
@@ -54,12 +59,23 @@ impl State {
             .iter()
             .any(|(&t, s)| t != except && s.pin == pin && matches!(s.level, Some((_, true))))
     }
+
+    /// The route `pin` needs now (see [`Ioapic`]'s docs).
+    fn route_needed(&self, pin: usize) -> Option<MsiMessage> {
+        let resampled = self
+            .sources
+            .values()
+            .any(|s| s.pin == pin && s.level.is_some());
+        self.regs.route(pin, resampled)
+    }
 }
 
 struct Shared {
     vm: Arc<VmFd>,
     router: GsiRouter,
     state: Mutex<State>,
+    /// Signalled as a pin's routing commit ends.
+    committed: Condvar,
 }
 
 /// The IOAPIC of a VM on the split irqchip (`KVM_CAP_SPLIT_IRQCHIP`): the redirection table the
@@ -78,7 +94,10 @@ struct Shared {
 ///
 /// KVM reports the EOI of a vector only when a route on a pin below the reserved count is a
 /// level-triggered MSI to that local APIC, so the IOAPIC keeps one such route for each
-/// level-triggered entry (committed when the guest changes the entry, not per interrupt).
+/// level-triggered entry (committed when the guest changes the entry, not per interrupt). The
+/// commit is made outside the IOAPIC's lock: interrupts on other pins are delivered meanwhile,
+/// and those on the entry's own pin wait for it (nothing lost), so none is delivered before KVM
+/// can report its EOI.
 #[derive(Clone)]
 pub struct Ioapic {
     shared: Arc<Shared>,
@@ -104,10 +123,13 @@ impl Ioapic {
                 state: Mutex::new(State {
                     regs: Registers::default(),
                     routes: [None; IOAPIC_PINS],
+                    settling: [0; IOAPIC_PINS],
+                    committing: 0,
                     sources: HashMap::new(),
                     next: 0,
                     stats: IoapicStats::default(),
                 }),
+                committed: Condvar::new(),
             }),
         }
     }
@@ -150,8 +172,9 @@ impl Ioapic {
     }
 
     /// A guest write at `offset` from [`IOAPIC_BASE`](super::IOAPIC_BASE). A redirection entry
-    /// that changes its level-triggered message changes KVM's route for the pin first; an
-    /// unmask then delivers what waited (an edge latched while masked, a level line held).
+    /// that changes its level-triggered message changes KVM's route for the pin first (the
+    /// pin's interrupts wait for it, other pins' do not); an unmask then delivers what waited
+    /// (an edge latched while masked, a level line held).
     ///
     /// # Errors
     ///
@@ -162,24 +185,56 @@ impl Ioapic {
         let Written::Entry(pin) = state.regs.write(offset, data) else {
             return Ok(());
         };
-        self.sync_route(&mut state, pin)?;
-        let msg = state.regs.service(pin);
-        self.deliver(&mut state, pin, msg)
+        let (committed, delivered) = self.settle(state, pin);
+        committed.and(delivered)
     }
 
-    /// Commits the route `pin` needs now (see the module docs), if it changed.
-    fn sync_route(&self, state: &mut State, pin: usize) -> Result<()> {
-        let resampled = state
-            .sources
-            .values()
-            .any(|s| s.pin == pin && s.level.is_some());
-        let route = state.regs.route(pin, resampled);
-        if route != state.routes[pin] {
-            self.shared.router.set_pin_routes(&[(pin as Gsi, route)])?;
-            state.routes[pin] = route;
-            state.stats.route_commits += 1;
+    /// After a change to `pin`'s entry or sources: commits the route the pin needs now (see the
+    /// type's docs) if it changed, then delivers what waits on the pin.
+    ///
+    /// The commit (`KVM_SET_GSI_ROUTING`, which waits for KVM's readers) is made without the
+    /// lock, so other pins' deliveries go on; this pin's are held until the route is in place,
+    /// as a level interrupt delivered before it would never have its EOI reported. Commits for one
+    /// pin are made one at a time, each for the entry as it is then; the last change waiting
+    /// releases the pin. A failed commit leaves KVM's route as it was and still releases the pin:
+    /// the error goes to the caller, the interrupts waiting are delivered.
+    ///
+    /// Returns the commit's outcome and the delivery's.
+    fn settle<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        pin: usize,
+    ) -> (Result<()>, Result<()>) {
+        let bit = 1 << pin;
+        if state.settling[pin] == 0 && state.route_needed(pin) == state.routes[pin] {
+            let msg = state.regs.service(pin);
+            return (Ok(()), self.deliver(&mut state, pin, msg));
         }
-        Ok(())
+        state.settling[pin] += 1;
+        state.regs.hold(pin);
+        while state.committing & bit != 0 {
+            state = (self.shared.committed.wait(state)).unwrap_or_else(|e| e.into_inner());
+        }
+        let route = state.route_needed(pin);
+        let mut committed = Ok(());
+        if route != state.routes[pin] {
+            state.committing |= bit;
+            drop(state);
+            committed = self.shared.router.set_pin_routes(&[(pin as Gsi, route)]);
+            state = self.lock();
+            state.committing &= !bit;
+            self.shared.committed.notify_all();
+            if committed.is_ok() {
+                state.routes[pin] = route;
+                state.stats.route_commits += 1;
+            }
+        }
+        state.settling[pin] -= 1;
+        if state.settling[pin] > 0 {
+            return (committed, Ok(()));
+        }
+        let msg = state.regs.release(pin);
+        (committed, self.deliver(&mut state, pin, msg))
     }
 
     /// `KVM_EXIT_IOAPIC_EOI` for `vector`: each level pin awaiting that EOI has its remote IRR
@@ -255,13 +310,18 @@ impl Ioapic {
         let pin = pin as usize;
         debug_assert!(pin < IOAPIC_PINS);
         state.sources.insert(token, Source { pin, level });
-        if is_level {
-            if let Err(e) = self.sync_route(&mut state, pin) {
-                state.sources.remove(&token);
-                return Err(e);
+        if !is_level {
+            return Ok(token);
+        }
+        // A failed delivery of what waited on the pin is counted (`failed`) and is not this
+        // source's: it is attached once its route is in place.
+        match self.settle(state, pin).0 {
+            Ok(()) => Ok(token),
+            Err(e) => {
+                self.lock().sources.remove(&token);
+                Err(e)
             }
         }
-        Ok(token)
     }
 
     /// Removes source `token`; a level source's assertion goes with it, and the pin's EOI report
@@ -282,12 +342,13 @@ impl Ioapic {
         } else {
             None
         };
-        let routed = match s.level {
-            Some(_) => self.sync_route(&mut state, s.pin),
-            None => Ok(()),
-        };
+        // A line another source holds leaves the pin's route as it is: delivered first.
         let delivered = self.deliver(&mut state, s.pin, msg);
-        routed.and(delivered)
+        let (routed, served) = match s.level {
+            Some(_) => self.settle(state, s.pin),
+            None => (Ok(()), Ok(())),
+        };
+        routed.and(delivered).and(served)
     }
 
     /// Edge source `token` fired: one edge on its pin.

@@ -98,6 +98,10 @@ pub(crate) struct Registers {
     latched: u32,
     /// Level pins: the line is asserted.
     lines: u32,
+    /// Pins whose deliveries are held while KVM's route for them changes.
+    held: u32,
+    /// Held level entries: a pulse seen during the hold, made at its release.
+    pulsed: u32,
 }
 
 impl Default for Registers {
@@ -109,6 +113,8 @@ impl Default for Registers {
             entries: [MASKED; IOAPIC_PINS],
             latched: 0,
             lines: 0,
+            held: 0,
+            pulsed: 0,
         }
     }
 }
@@ -137,6 +143,31 @@ impl Registers {
     /// Whether an edge on `pin` waits for its unmask.
     pub(crate) fn latched(&self, pin: usize) -> bool {
         self.latched & (1 << pin) != 0
+    }
+
+    /// Whether `pin`'s deliveries are held.
+    fn is_held(&self, pin: usize) -> bool {
+        self.held & (1 << pin) != 0
+    }
+
+    /// Holds `pin`'s deliveries while KVM's route for it changes: nothing is delivered until
+    /// [`release`](Self::release), and nothing is lost meanwhile (edges latch, lines stay
+    /// asserted, a pulse on a level entry is kept).
+    pub(crate) fn hold(&mut self, pin: usize) {
+        self.held |= 1 << pin;
+    }
+
+    /// Ends `pin`'s hold. Returns the message for what waited: a pulse kept, a latched edge, or
+    /// a level line asserted, as the entry now lets them through.
+    pub(crate) fn release(&mut self, pin: usize) -> Option<MsiMessage> {
+        self.held &= !(1 << pin);
+        if self.pulsed & (1 << pin) != 0 {
+            self.pulsed &= !(1 << pin);
+            if let Some(msg) = self.pulse(pin) {
+                return Some(msg);
+            }
+        }
+        self.service(pin)
     }
 
     /// The register IOREGSEL selects.
@@ -216,11 +247,11 @@ impl Registers {
         }
     }
 
-    /// Delivers what waits on `pin` if its entry now lets it: a latched edge, or an asserted
-    /// level line with no remote IRR. Returns the message to send.
+    /// Delivers what waits on `pin` if its entry now lets it (and it is not held): a latched
+    /// edge, or an asserted level line with no remote IRR. Returns the message to send.
     pub(crate) fn service(&mut self, pin: usize) -> Option<MsiMessage> {
         let e = self.entry(pin);
-        if e.masked() {
+        if e.masked() || self.is_held(pin) {
             return None;
         }
         if e.level() {
@@ -265,6 +296,10 @@ impl Registers {
         let e = self.entry(pin);
         if e.level() {
             if e.masked() || e.remote_irr() {
+                return None;
+            }
+            if self.is_held(pin) {
+                self.pulsed |= 1 << pin;
                 return None;
             }
             self.entries[pin] |= REMOTE_IRR;
@@ -455,6 +490,42 @@ mod tests {
         program(&mut r, 3, 0x23 | (1 << 15), 1);
         assert_eq!(r.route(3, false), Some(r.entry(3).message()));
         assert!(r.edge_pins(0x23).is_empty());
+    }
+
+    #[test]
+    fn a_held_pin_delivers_what_waited_at_release() {
+        let mut r = Registers::default();
+        program(&mut r, 2, 0x22, 0);
+        r.hold(2);
+        assert!(r.pulse(2).is_none());
+        assert!(r.pulse(2).is_none(), "two edges held deliver as one");
+        assert!(r.release(2).is_some(), "the latched edge");
+        assert!(r.release(2).is_none(), "once");
+
+        program(&mut r, 9, 0x39 | (1 << 15), 0);
+        r.hold(9);
+        assert!(r.pulse(9).is_none());
+        assert!(!r.entry(9).remote_irr(), "nothing delivered while held");
+        assert!(r.release(9).is_some(), "the pulse kept");
+        assert!(r.entry(9).remote_irr());
+        assert_eq!(r.end_of_interrupt(0x39), vec![9]);
+        assert!(r.release(9).is_none(), "a pulse leaves the line low");
+
+        r.hold(9);
+        assert!(r.set_line(9, true).is_none());
+        program(&mut r, 9, 0x3a | (1 << 15), 0);
+        assert!(r.service(9).is_none(), "an entry written while held");
+        let msg = r.release(9).expect("the line held");
+        assert_eq!(msg.data & 0xff, 0x3a, "as the entry now says");
+
+        // Masked meanwhile: a pulse on a masked level entry is lost, as without the hold.
+        program(&mut r, 11, 0x3b | (1 << 15), 0);
+        r.hold(11);
+        assert!(r.pulse(11).is_none());
+        program(&mut r, 11, 0x3b | (1 << 15) | (1 << 16), 0);
+        assert!(r.release(11).is_none());
+        program(&mut r, 11, 0x3b | (1 << 15), 0);
+        assert!(r.service(11).is_none());
     }
 
     #[test]
