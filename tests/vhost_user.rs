@@ -403,3 +403,149 @@ fn hand_off_cycles_leave_no_descriptor_or_registration_behind() {
     assert_eq!(vm.router().entries(), entries);
     assert!(user.dispatcher().is_empty());
 }
+
+/// A vhost-user backend in this process that speaks just enough of the protocol for a hand-off
+/// (replies to `GET_FEATURES` and `GET_PROTOCOL_FEATURES`; closes every descriptor it is sent)
+/// and hangs up after `cut` messages. Returns its socket path and the count of messages it read.
+fn backend_lost_after(cut: usize) -> (std::path::PathBuf, std::thread::JoinHandle<usize>) {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const GET_FEATURES: u32 = 1;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    /// Version 1, a reply.
+    const REPLY: u32 = 0x1 | 0x4;
+    /// VIRTIO_F_VERSION_1 and VHOST_USER_F_PROTOCOL_FEATURES.
+    const OFFERED: u64 = (1 << 32) | (1 << 30);
+    /// VHOST_USER_PROTOCOL_F_MQ.
+    const PROTOCOL: u64 = 1;
+
+    let path = std::env::temp_dir().join(format!(
+        "vm-notify-{}-lost-after-{cut}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let served = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut read = 0;
+        while read < cut {
+            // The header, with any descriptors the message carries.
+            let mut header = [0u8; 12];
+            let mut control = [0u8; 256];
+            let mut iov = libc::iovec {
+                iov_base: header.as_mut_ptr().cast(),
+                iov_len: header.len(),
+            };
+            // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = control.len() as _;
+            // SAFETY: `msg` describes `header` and `control`, both live and writable.
+            let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_WAITALL) };
+            if n != header.len() as isize {
+                break; // the frontend hung up
+            }
+            // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer.
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+            while !cmsg.is_null() {
+                // SAFETY: `cmsg` points into `control`, as CMSG_FIRSTHDR/NXTHDR returned it.
+                let (level, kind, len) =
+                    unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+                if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+                    // SAFETY: as above; CMSG_LEN(0) is the header's length.
+                    let bytes = len - unsafe { libc::CMSG_LEN(0) } as usize;
+                    // SAFETY: the data holds `bytes / 4` descriptors, now this process's.
+                    let fds = unsafe { libc::CMSG_DATA(cmsg) }.cast::<i32>();
+                    for i in 0..bytes / 4 {
+                        // SAFETY: each received descriptor is owned by nobody else: closed here.
+                        drop(unsafe { OwnedFd::from_raw_fd(fds.add(i).read_unaligned()) });
+                    }
+                }
+                // SAFETY: as above.
+                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+            }
+            let request = u32::from_le_bytes(header[0..4].try_into().unwrap());
+            let size = u32::from_le_bytes(header[8..12].try_into().unwrap());
+            let mut body = vec![0u8; size as usize];
+            if stream.read_exact(&mut body).is_err() {
+                break;
+            }
+            read += 1;
+            let value = match request {
+                GET_FEATURES => OFFERED,
+                GET_PROTOCOL_FEATURES => PROTOCOL,
+                _ => continue,
+            };
+            let mut reply = Vec::with_capacity(20);
+            reply.extend_from_slice(&request.to_le_bytes());
+            reply.extend_from_slice(&REPLY.to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&value.to_le_bytes());
+            if stream.write_all(&reply).is_err() {
+                break;
+            }
+        }
+        read
+    });
+    (path, served)
+}
+
+/// The backend goes away after each message of a hand-off in turn (connect, then handing over a
+/// queue: every message the frontend sends): each time the frontend returns a typed error naming
+/// the step, and once it is dropped nothing is left — no descriptor, no irqfd, no ioeventfd (the
+/// same registration is made again). A backend that stays answers all of them.
+#[test]
+fn a_backend_lost_at_any_message_leaves_nothing_behind() {
+    let _serial = serial();
+    kvm_test!();
+    let vm = TinyVm::with_shared_memory().unwrap();
+    let queue = SplitQueue::new(0, 16, &LENGTHS).unwrap();
+    queue.lay_out(&vm).unwrap();
+    let at = WriteMatch::mmio(BASE + MMIO_QUEUE_NOTIFY)
+        .width(Width::W4)
+        .datamatch(0);
+    let hand_off = |socket: &std::path::Path| -> vm_notify::Result<()> {
+        let kick = vm.notify().ioevent(at, &Notifier::new(Mode::Counter)?)?;
+        let call = vm.notify().irqfd(IRQ.into())?;
+        let mut frontend = VhostUserFrontend::connect(socket, 1, vm.memory(), FEATURES)?;
+        frontend.start_queue(queue.vring(0), kick, call)
+    };
+
+    // A backend that never hangs up: how many messages a hand-off takes.
+    let (socket, served) = backend_lost_after(usize::MAX);
+    hand_off(&socket).unwrap();
+    let messages = served.join().unwrap();
+    let _ = std::fs::remove_file(&socket);
+    assert!(messages >= 12, "a hand-off of {messages} messages");
+
+    let entries = vm.router().entries();
+    let mut steps = Vec::new();
+    for cut in 0..messages {
+        let before = open_fds();
+        let (socket, served) = backend_lost_after(cut);
+        let e = hand_off(&socket).expect_err("the backend hung up: the hand-off cannot succeed");
+        let Error::VhostUser { op, .. } = e else {
+            panic!("after {cut} messages: {e:?}")
+        };
+        steps.push(op);
+        assert_eq!(served.join().unwrap(), cut);
+        let _ = std::fs::remove_file(&socket);
+        assert_eq!(
+            open_fds(),
+            before,
+            "descriptors left after {cut} messages ({op})"
+        );
+        assert_eq!(vm.router().irqfds(IRQ.into()), 0, "an irqfd left ({op})");
+        assert_eq!(vm.router().entries(), entries, "a route left ({op})");
+        // The kick's ioeventfd is gone from KVM: the same registration is made again.
+        let again = vm
+            .notify()
+            .ioevent(at, &Notifier::new(Mode::Counter).unwrap());
+        assert!(again.is_ok(), "after {cut} messages ({op}): {again:?}");
+    }
+    eprintln!(
+        "a backend lost after each of {messages} messages: {messages} typed errors, at {steps:?}"
+    );
+}
