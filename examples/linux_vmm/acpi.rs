@@ -1,5 +1,5 @@
 //! The ACPI tables Linux finds the machine in: RSDP, XSDT, a hardware-reduced FADT, a DSDT
-//! declaring COM1 and the PCI host bridge, and a MADT with the local APIC and the IOAPIC.
+//! declaring COM1 and the PCI host bridge, and a MADT with a local APIC per vCPU and the IOAPIC.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -12,9 +12,9 @@ const ACPI_TABLES: u64 = 0xe_0000;
 const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 const LAPIC_ADDRESS: u32 = 0xfee0_0000;
 
-/// Writes RSDP, XSDT, a hardware-reduced FADT with an empty DSDT, and a MADT naming the one
-/// local APIC and the IOAPIC; returns the RSDP's address.
-pub fn write(mem: &GuestMemoryMmap) -> Result<u64, Error> {
+/// Writes RSDP, XSDT, a hardware-reduced FADT with a DSDT, and a MADT naming `vcpus` local APICs
+/// (APIC IDs 0 to `vcpus - 1`) and the IOAPIC; returns the RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, Error> {
     use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic};
     use acpi_tables::{aml, fadt, madt, rsdp, sdt, xsdt, Aml};
     const OEM: [u8; 6] = *b"VMNTFY";
@@ -81,7 +81,9 @@ pub fn write(mem: &GuestMemoryMmap) -> Result<u64, Error> {
         1,
         LocalInterruptController::Address(LAPIC_ADDRESS),
     );
-    madt.add_structure(ProcessorLocalApic::new(0, 0, EnabledStatus::Enabled));
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
     madt.add_structure(IoApic::new(0, IOAPIC_ADDRESS, 0));
     // MADT flags bit 0, PCAT_COMPAT: the dual 8259s are there too, so Linux maps the ISA IRQs
     // (the serial port's 4) one to one onto IOAPIC pins. The crate has no setter for the flags:

@@ -45,6 +45,7 @@ pub fn load_linux(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    vcpus: u8,
 ) -> Result<Loaded, Error> {
     let loaded = BzImage::load(
         mem,
@@ -90,7 +91,7 @@ pub fn load_linux(
         };
     }
     params.e820_entries = map.len() as u8;
-    params.acpi_rsdp_addr = crate::acpi::write(mem)?;
+    params.acpi_rsdp_addr = crate::acpi::write(mem, vcpus)?;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE)),
         mem,
@@ -143,16 +144,35 @@ fn segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
     }
 }
 
-/// Long mode, paging on, at the kernel's 64-bit entry with the zero page in `rsi`.
-pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
+/// CPUID from KVM for vCPU `id` of `vcpus`: its APIC ID where the leaves carry one, and the
+/// hypervisor bit.
+pub fn set_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, vcpus: u8) -> Result<(), Error> {
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for e in cpuid.as_mut_slice() {
-        if e.function == 1 {
-            // Running under a hypervisor: Linux then finds KVM's leaves (kvmclock).
-            e.ecx |= 1 << 31;
+        match e.function {
+            1 => {
+                // Running under a hypervisor: Linux then finds KVM's leaves (kvmclock).
+                e.ecx |= 1 << 31;
+                // The initial APIC ID, and the logical processors the package has.
+                e.ebx = (e.ebx & 0xffff) | (u32::from(vcpus) << 16) | (u32::from(id) << 24);
+                if vcpus > 1 {
+                    e.edx |= 1 << 28; // HTT: the count above is valid
+                }
+            }
+            // The x2APIC ID (extended topology), and AMD's extended APIC ID.
+            0xb | 0x1f => e.edx = u32::from(id),
+            0x8000_001e => e.eax = u32::from(id),
+            _ => {}
         }
     }
     vcpu.set_cpuid2(&cpuid)?;
+    Ok(())
+}
+
+/// The bootstrap vCPU: long mode, paging on, at the kernel's 64-bit entry with the zero page in
+/// `rsi`. (The others wait, as KVM made them, for the INIT and start-up IPIs Linux sends.)
+pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, vcpus: u8) -> Result<(), Error> {
+    set_cpuid(kvm, vcpu, 0, vcpus)?;
 
     let mut sregs = vcpu.get_sregs()?;
     sregs.gdt.base = GDT;

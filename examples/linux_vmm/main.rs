@@ -6,11 +6,13 @@
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
 //!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
-//!     [--mem-mib 256] [--timeout-s 120]
+//!     [--mem-mib 256] [--vcpus 1] [--timeout-s 120]
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
-//! `vhost-user`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`.
+//! `vhost-user`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
+//! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
+//! exits through the one `IoManager`.
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
@@ -39,7 +41,8 @@ mod virtio_pci;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{self, Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -60,6 +63,8 @@ type Error = Box<dyn std::error::Error>;
 /// BAR 0's parts of a function, as `VirtioPci::regions` gives them.
 type Regions = Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)>;
 
+const MAX_VCPUS: u8 = 4;
+
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
@@ -76,6 +81,7 @@ struct Args {
     disk: Option<PathBuf>,
     vhost_rng: Option<PathBuf>,
     event_idx: bool,
+    vcpus: u8,
 }
 
 fn args() -> Result<Args, Error> {
@@ -88,6 +94,7 @@ fn args() -> Result<Args, Error> {
         disk: None,
         vhost_rng: None,
         event_idx: true,
+        vcpus: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,11 +109,15 @@ fn args() -> Result<Args, Error> {
             "--disk" => a.disk = Some(value()?.into()),
             "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
             "--no-event-idx" => a.event_idx = false,
+            "--vcpus" => a.vcpus = value()?.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     if a.kernel.as_os_str().is_empty() {
         return Err("--kernel is required".into());
+    }
+    if !(1..=MAX_VCPUS).contains(&a.vcpus) {
+        return Err(format!("--vcpus {}: 1 to {MAX_VCPUS}", a.vcpus).into());
     }
     Ok(a)
 }
@@ -193,6 +204,115 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
     }
 }
 
+/// What the vCPU threads share: every exit's routing, the reset line, the stop and the counts.
+struct Machine {
+    io: IoManager,
+    reset: legacy::Reset,
+    /// Set when one vCPU's loop ended: the others end theirs.
+    stop: AtomicBool,
+    deadline: Instant,
+    pio_exits: AtomicU64,
+    mmio_exits: AtomicU64,
+}
+
+/// The signal that takes a vCPU thread out of `KVM_RUN` (its handler does nothing: the ioctl
+/// returns `EINTR` and the loop looks at `Machine::stop`).
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut std::ffi::c_void) {}
+
+/// One vCPU's loop: runs it and routes its exits until the guest resets, something ends the run,
+/// or another vCPU's loop ended. Returns how it ended.
+fn run_vcpu(vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static str {
+    loop {
+        if m.reset.requested() {
+            break "reset";
+        }
+        if m.stop.load(Ordering::Acquire) {
+            break "stopped";
+        }
+        if Instant::now() > m.deadline {
+            break "timed out";
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            // Kicked (or another signal): look at the stop flag again. A CPU Linux has not
+            // started yet waits in KVM_RUN and returns EAGAIN when an event wakes it (its INIT
+            // and start-up IPIs among them): run it again.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                eprintln!("linux_vmm: KVM_RUN: {e}");
+                break "KVM_RUN failed";
+            }
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                m.pio_exits.fetch_add(1, Relaxed);
+                // A port no device claims takes writes and drops them.
+                let _ = m.io.pio_write(PioAddress(port), data);
+            }
+            VcpuExit::IoIn(port, data) => {
+                m.pio_exits.fetch_add(1, Relaxed);
+                // A port no device claims reads as all ones, as on an ISA bus.
+                data.fill(0xff);
+                let _ = m.io.pio_read(PioAddress(port), data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                m.mmio_exits.fetch_add(1, Relaxed);
+                data.fill(0xff);
+                let _ = m.io.mmio_read(MmioAddress(addr), data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                m.mmio_exits.fetch_add(1, Relaxed);
+                let _ = m.io.mmio_write(MmioAddress(addr), data);
+            }
+            VcpuExit::Hlt => break "halted",
+            VcpuExit::Shutdown => break "shutdown",
+            other => {
+                eprintln!("linux_vmm: unexpected exit {other:?}");
+                break "unexpected exit";
+            }
+        }
+    }
+}
+
+/// Runs each vCPU on a thread of its own until the first loop ends; then stops the others
+/// (kicking them out of `KVM_RUN` until they have) and joins them. Returns how the first ended.
+fn run_vcpus(
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    machine: &Arc<Machine>,
+) -> Result<&'static str, Error> {
+    // `on_kick` does nothing, which is async-signal-safe.
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)?;
+    let (ended, first) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
+    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        let (m, ended) = (machine.clone(), ended.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let outcome = run_vcpu(&mut vcpu, &m);
+                    m.stop.store(true, Ordering::Release);
+                    let _ = ended.send(outcome);
+                })?,
+        );
+    }
+    let outcome = first.recv()?;
+    for thread in threads {
+        // A vCPU halted in the guest stays in KVM_RUN until a signal: kick until it has left.
+        while !thread.is_finished() {
+            use vmm_sys_util::signal::Killable;
+            let _ = thread.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        thread.join().map_err(|_| "a vCPU thread panicked")?;
+    }
+    Ok(outcome)
+}
+
 fn main() -> Result<(), Error> {
     let args = args()?;
     let started = Instant::now();
@@ -232,9 +352,19 @@ fn main() -> Result<(), Error> {
         &args.kernel,
         args.initrd.as_deref(),
         &args.cmdline,
+        args.vcpus,
     )?;
-    let mut vcpu = fd.create_vcpu(0)?;
-    boot::setup_vcpu(&kvm, &vcpu, loaded.entry)?;
+    // Every vCPU exists before the first runs: Linux starts the others with IPIs to the APIC IDs
+    // the MADT names.
+    let mut vcpus = Vec::new();
+    for id in 0..args.vcpus {
+        let vcpu = fd.create_vcpu(id.into())?;
+        match id {
+            0 => boot::setup_vcpu(&kvm, &vcpu, loaded.entry, args.vcpus)?,
+            _ => boot::set_cpuid(&kvm, &vcpu, id, args.vcpus)?,
+        }
+        vcpus.push(vcpu);
+    }
 
     // The devices. PCI: the virtio-rng function (00:01.0) and, with --disk, virtio-blk
     // (00:02.0), each with its own BAR 0.
@@ -336,44 +466,19 @@ fn main() -> Result<(), Error> {
         loaded.kernel_load,
         args.cmdline
     );
-    let deadline = started + args.timeout;
-    let (mut pio_exits, mut mmio_exits) = (0u64, 0u64);
-    let outcome = loop {
-        if reset.requested() {
-            break "reset";
-        }
-        if Instant::now() > deadline {
-            break "timed out";
-        }
-        match vcpu.run()? {
-            VcpuExit::IoOut(port, data) => {
-                pio_exits += 1;
-                // A port no device claims takes writes and drops them.
-                let _ = io.pio_write(PioAddress(port), data);
-            }
-            VcpuExit::IoIn(port, data) => {
-                pio_exits += 1;
-                // A port no device claims reads as all ones, as on an ISA bus.
-                data.fill(0xff);
-                let _ = io.pio_read(PioAddress(port), data);
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                mmio_exits += 1;
-                data.fill(0xff);
-                let _ = io.mmio_read(MmioAddress(addr), data);
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                mmio_exits += 1;
-                let _ = io.mmio_write(MmioAddress(addr), data);
-            }
-            VcpuExit::Hlt => break "halted",
-            VcpuExit::Shutdown => break "shutdown",
-            other => {
-                eprintln!("linux_vmm: unexpected exit {other:?}");
-                break "unexpected exit";
-            }
-        }
-    };
+    let machine = Arc::new(Machine {
+        io,
+        reset,
+        stop: AtomicBool::new(false),
+        deadline: started + args.timeout,
+        pio_exits: AtomicU64::new(0),
+        mmio_exits: AtomicU64::new(0),
+    });
+    let outcome = run_vcpus(vcpus, &machine)?;
+    let (pio_exits, mmio_exits) = (
+        machine.pio_exits.load(Relaxed),
+        machine.mmio_exits.load(Relaxed),
+    );
     io::stdout().flush()?;
 
     // The device threads stop and are joined; how each ended goes into the summary.
