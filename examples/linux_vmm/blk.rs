@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
@@ -31,18 +31,29 @@ const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
 const SEG_MAX: u32 = QUEUE_MAX as u32 - 2;
 /// VIRTIO_BLK_F_FLUSH: the driver sends flushes, which become `fdatasync` of the file.
 const F_FLUSH: u64 = 1 << VIRTIO_BLK_F_FLUSH;
+/// VIRTIO_BLK_F_MQ: more than one request queue (`num_queues` in the configuration).
+const F_MQ: u64 = 1 << VIRTIO_BLK_F_MQ;
+/// Where `num_queues` sits in the configuration space (struct virtio_blk_config).
+const CONFIG_NUM_QUEUES: usize = 34;
 const ID: &[u8; VIRTIO_BLK_ID_BYTES as usize] = b"vm-notify-blk\0\0\0\0\0\0\0";
 
-/// A block device backed by `file`; its capacity is the file's size in sectors.
+/// A block device backed by `file`; its capacity is the file's size in sectors. With more than
+/// one request queue, each queue's thread has its own handle on the file (the I/O is
+/// positional, so they never share an offset).
 pub struct Blk {
     file: File,
     sectors: u64,
+    queues: u16,
 }
 
 impl Blk {
-    pub fn new(file: File) -> std::io::Result<Blk> {
+    pub fn new(file: File, queues: u16) -> std::io::Result<Blk> {
         let sectors = file.metadata()?.len() / SECTOR;
-        Ok(Blk { file, sectors })
+        Ok(Blk {
+            file,
+            sectors,
+            queues,
+        })
     }
 
     /// Moves a read's or write's data buffers between the file at `offset` and guest memory in
@@ -122,15 +133,30 @@ impl VirtioDevice for Blk {
     const NAME: &'static str = "virtio-blk";
 
     fn features(&self) -> u64 {
-        F_FLUSH | F_SEG_MAX
+        let mq = if self.queues > 1 { F_MQ } else { 0 };
+        F_FLUSH | F_SEG_MAX | mq
     }
 
     fn config(&self) -> Vec<u8> {
-        // capacity (u64, in 512-byte sectors), size_max (u32, unused), seg_max (u32).
-        let mut c = self.sectors.to_le_bytes().to_vec();
-        c.extend_from_slice(&0u32.to_le_bytes());
-        c.extend_from_slice(&SEG_MAX.to_le_bytes());
+        // capacity (u64, in 512-byte sectors), size_max (u32, unused), seg_max (u32), the
+        // geometry and topology (unused), then num_queues (u16).
+        let mut c = vec![0u8; CONFIG_NUM_QUEUES + 2];
+        c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[CONFIG_NUM_QUEUES..].copy_from_slice(&self.queues.to_le_bytes());
         c
+    }
+
+    fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    fn for_queue(&self) -> std::io::Result<Self> {
+        Ok(Blk {
+            file: self.file.try_clone()?,
+            sectors: self.sectors,
+            queues: self.queues,
+        })
     }
 
     fn complete(

@@ -168,6 +168,7 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
             "name": D::NAME,
             "vhost_user": self.is_vhost(),
             "features": format!("{features:#x}"),
+            "queues": self.queues(),
             "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
             "kicks": stats.kicks.load(Relaxed),
             "requests": stats.requests.load(Relaxed),
@@ -225,7 +226,7 @@ extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut std::ffi::c_void)
 
 /// One vCPU's loop: runs it and routes its exits until the guest resets, something ends the run,
 /// or another vCPU's loop ended. Returns how it ended.
-fn run_vcpu(vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static str {
+fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static str {
     loop {
         if m.reset.requested() {
             break "reset";
@@ -269,7 +270,18 @@ fn run_vcpu(vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static str {
                 let _ = m.io.mmio_write(MmioAddress(addr), data);
             }
             VcpuExit::Hlt => break "halted",
-            VcpuExit::Shutdown => break "shutdown",
+            VcpuExit::Shutdown => {
+                // A triple fault: where the CPU was, for the report.
+                match (vcpu.get_regs(), vcpu.get_sregs()) {
+                    (Ok(r), Ok(s)) => eprintln!(
+                        "linux_vmm: vCPU {id} shut down (triple fault) at rip {:#x}, rsp {:#x}, \
+                         cr2 {:#x}, cr3 {:#x}, idt {:#x}+{:#x}",
+                        r.rip, r.rsp, s.cr2, s.cr3, s.idt.base, s.idt.limit
+                    ),
+                    _ => eprintln!("linux_vmm: vCPU {id} shut down (triple fault)"),
+                }
+                break "shutdown";
+            }
             other => {
                 eprintln!("linux_vmm: unexpected exit {other:?}");
                 break "unexpected exit";
@@ -294,7 +306,7 @@ fn run_vcpus(
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let outcome = run_vcpu(&mut vcpu, &m);
+                    let outcome = run_vcpu(id, &mut vcpu, &m);
                     m.stop.store(true, Ordering::Release);
                     let _ = ended.send(outcome);
                 })?,
@@ -402,7 +414,8 @@ fn main() -> Result<(), Error> {
                 .write(true)
                 .open(path)?;
             let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
-            let blk = blk::Blk::new(file)?;
+            // A request queue per vCPU, as QEMU and Cloud Hypervisor give SMP guests.
+            let blk = blk::Blk::new(file, args.vcpus.into())?;
             Some(Arc::new(VirtioPci::new(
                 &vm,
                 mem.clone(),

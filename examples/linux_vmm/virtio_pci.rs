@@ -1,12 +1,13 @@
-//! A modern virtio-pci function with one queue, for any [`VirtioDevice`]: its config space (the
+//! A modern virtio-pci function with the queues of any [`VirtioDevice`]: its config space (the
 //! virtio capabilities and MSI-X), and its BAR 0 as three vm-device regions — the registers
 //! (common configuration, ISR, device configuration), the notify region and the MSI-X table and
 //! PBA, the last two vm-notify's own `IoRegion`s.
 //!
-//! What vm-notify does here: the queue's notify address is an ioeventfd (`PciNotify`), its
-//! interrupt and the configuration interrupt are MSI-X vectors (`MsixVectors`), and the device
-//! thread — started when the driver readies the queue, stopped and joined at the end — serves
-//! the ring with `QueueServer`, which suppresses kicks and interrupts as the driver asks.
+//! What vm-notify does here: each queue's notify address is an ioeventfd (`PciNotify`), its
+//! interrupt and the configuration interrupt are MSI-X vectors (`MsixVectors`, one per queue
+//! and one for the configuration), and a device thread per queue — started when the driver
+//! readies the queue, stopped and joined at the end — serves the ring with `QueueServer`, which
+//! suppresses kicks and interrupts as the driver asks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,9 +42,9 @@ const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u64 = 0x3000;
 const MSIX_PBA: u64 = 0x3800;
 const MSIX_LEN: u64 = 0x1000;
-/// Two vectors: Linux puts the configuration interrupt on one and the queue on the other.
-const VECTORS: usize = 2;
 pub const QUEUE_MAX: u16 = 256;
+/// The most queues a function has (its notify addresses fit the notify region).
+pub const QUEUES_MAX: u16 = 16;
 /// Where the MSI-X capability sits in config space (message control at +2).
 const MSIX_CAP: usize = 0x84;
 /// The virtio PCI capability types (virtio 1.x, 4.1.4).
@@ -92,6 +93,18 @@ pub trait VirtioDevice: Send + 'static {
     fn features(&self) -> u64;
     /// Its device configuration space.
     fn config(&self) -> Vec<u8>;
+    /// Its queues (one unless it says otherwise).
+    fn queues(&self) -> u16 {
+        1
+    }
+    /// The device for another of its queues, served by a thread of its own (asked for each
+    /// queue after the first).
+    fn for_queue(&self) -> std::io::Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
     /// Completes one descriptor chain: returns the bytes written into the chain's writable
     /// buffers (the used length), or `None` for a chain it cannot serve (returned empty).
     fn complete(
@@ -102,14 +115,9 @@ pub trait VirtioDevice: Send + 'static {
     ) -> Option<u32>;
 }
 
-/// The common configuration of the one queue and the device.
-struct Common {
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    status: u8,
-    config_vector: u16,
-    queue_select: u16,
+/// A queue's configuration, as the driver writes it.
+#[derive(Clone, Copy)]
+struct QueueConfig {
     size: u16,
     ready: bool,
     desc: u64,
@@ -117,8 +125,31 @@ struct Common {
     device: u64,
 }
 
-impl Default for Common {
+impl Default for QueueConfig {
     fn default() -> Self {
+        QueueConfig {
+            size: QUEUE_MAX,
+            ready: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+}
+
+/// The common configuration of the device and its queues.
+struct Common {
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_vector: u16,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+}
+
+impl Common {
+    fn new(queues: u16) -> Self {
         Common {
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -126,12 +157,14 @@ impl Default for Common {
             status: 0,
             config_vector: NO_VECTOR,
             queue_select: 0,
-            size: QUEUE_MAX,
-            ready: false,
-            desc: 0,
-            driver: 0,
-            device: 0,
+            queues: vec![QueueConfig::default(); queues.into()],
         }
+    }
+
+    /// The queue `queue_select` names, if there is one.
+    fn selected(&self) -> Option<(u16, &QueueConfig)> {
+        let q = self.queue_select;
+        self.queues.get(usize::from(q)).map(|c| (q, c))
     }
 }
 
@@ -143,22 +176,23 @@ struct Worker {
 
 /// What the guest changes.
 struct State<D> {
-    /// The device until its thread takes it.
-    device: Option<D>,
+    /// Per queue, the device until the queue's thread takes it.
+    devices: Vec<Option<D>>,
     /// The device's features, kept when its thread takes it.
     offered_at_start: u64,
     bar0: u64,
     /// Which BAR 0 dword was last written all-ones (the size probe).
     bar0_probe: [bool; 2],
     common: Common,
-    worker: Option<Worker>,
+    /// Per queue, its thread once it runs.
+    workers: Vec<Option<Worker>>,
     /// When set, an external vhost-user backend serves the queue instead of the device thread.
     #[cfg(feature = "vhost-user")]
     vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
     vhost_started: bool,
 }
 
-/// A modern virtio-pci function serving one queue of device `D`.
+/// A modern virtio-pci function serving the queues of device `D`.
 pub struct VirtioPci<D: VirtioDevice> {
     state: Mutex<State<D>>,
     config: [u8; 256],
@@ -210,12 +244,18 @@ impl<D: VirtioDevice> VirtioPci<D> {
         bar0: u64,
         device: D,
         event_idx: bool,
-    ) -> vm_notify::Result<Self> {
-        let msix = vm.msix(VECTORS)?;
+    ) -> Result<Self, crate::Error> {
+        let queues = device.queues();
+        if !(1..=QUEUES_MAX).contains(&queues) {
+            return Err(format!("{}: {queues} queues (1 to {QUEUES_MAX})", D::NAME).into());
+        }
+        // A vector per queue, and one for the configuration interrupt.
+        let msix = vm.msix(usize::from(queues) + 1)?;
+        // Each queue its own notify address.
         let layout = PciLayout {
             notify_base: bar0 + NOTIFY,
             notify_off_multiplier: NOTIFY_MULTIPLIER,
-            queue_notify_off: vec![0],
+            queue_notify_off: (0..queues).collect(),
         };
         let notify = Arc::new(vm.virtio_pci(&layout, &msix)?);
         let mut c = [0u8; 256];
@@ -246,14 +286,20 @@ impl<D: VirtioDevice> VirtioPci<D> {
         put32(&mut c, MSIX_CAP + 4, MSIX_TABLE as u32); // table, BIR 0
         put32(&mut c, MSIX_CAP + 8, MSIX_PBA as u32); // PBA, BIR 0
         let device_config = device.config();
+        let offered_at_start = device.features();
+        let mut devices = Vec::with_capacity(queues.into());
+        for _ in 1..queues {
+            devices.push(Some(device.for_queue()?));
+        }
+        devices.insert(0, Some(device));
         Ok(VirtioPci {
             state: Mutex::new(State {
-                offered_at_start: device.features(),
-                device: Some(device),
+                offered_at_start,
+                devices,
                 bar0,
                 bar0_probe: [false; 2],
-                common: Common::default(),
-                worker: None,
+                common: Common::new(queues),
+                workers: (0..queues).map(|_| None).collect(),
                 #[cfg(feature = "vhost-user")]
                 vhost: None,
                 vhost_started: false,
@@ -333,22 +379,38 @@ impl<D: VirtioDevice> VirtioPci<D> {
         ]
     }
 
-    /// Stops the device thread and joins it: how it ended (an error too when it never started,
-    /// unless a vhost-user backend served the queue).
+    /// How many queues the function has.
+    pub fn queues(&self) -> u16 {
+        lock(&self.state).common.queues.len() as u16
+    }
+
+    /// Stops every queue's thread and joins it: how they ended (the first error; an error too
+    /// when a queue's thread never started, unless a vhost-user backend served the queue).
     pub fn stop(&self) -> Result<(), String> {
         let mut state = lock(&self.state);
-        let Some(worker) = state.worker.take() else {
-            return match state.vhost_started {
-                true => Ok(()),
-                false => Err("the device thread never started".into()),
-            };
-        };
+        if state.vhost_started {
+            return Ok(());
+        }
+        let workers: Vec<_> = state.workers.iter_mut().map(Option::take).collect();
         drop(state);
-        worker.stop.stop().map_err(|e| e.to_string())?;
-        worker
-            .thread
-            .join()
-            .map_err(|_| format!("the {} thread panicked", D::NAME))?
+        let mut ended = Ok(());
+        for (q, worker) in workers.into_iter().enumerate() {
+            let outcome = match worker {
+                None => Err(format!("queue {q}: the device thread never started")),
+                Some(worker) => worker
+                    .stop
+                    .stop()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        worker
+                            .thread
+                            .join()
+                            .map_err(|_| format!("the {} thread panicked", D::NAME))?
+                    }),
+            };
+            ended = ended.and(outcome);
+        }
+        ended
     }
 
     /// Every feature offered.
@@ -390,7 +452,32 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     fn common_read(&self, state: &State<D>, offset: u64) -> u64 {
         let c = &state.common;
-        let queue0 = c.queue_select == 0;
+        let Some((q, queue)) = c.selected() else {
+            // No such queue: its size reads 0, which tells the driver so.
+            return match offset {
+                0x16 => c.queue_select.into(),
+                0x18..0x38 => 0,
+                _ => self.device_read(state, offset),
+            };
+        };
+        match offset {
+            0x18 => queue.size.into(),
+            0x1a => self.notify.queue_vector(q).unwrap_or(NO_VECTOR).into(),
+            0x1c => queue.ready.into(),
+            0x1e => q.into(), // queue_notify_off: each queue its own address
+            0x20 => queue.desc & 0xffff_ffff,
+            0x24 => queue.desc >> 32,
+            0x28 => queue.driver & 0xffff_ffff,
+            0x2c => queue.driver >> 32,
+            0x30 => queue.device & 0xffff_ffff,
+            0x34 => queue.device >> 32,
+            _ => self.device_read(state, offset),
+        }
+    }
+
+    /// The common configuration's device-wide registers.
+    fn device_read(&self, state: &State<D>, offset: u64) -> u64 {
+        let c = &state.common;
         match offset {
             0x00 => c.device_feature_select.into(),
             0x04 => match c.device_feature_select {
@@ -404,21 +491,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     & 0xffff_ffff
             }
             0x10 => c.config_vector.into(),
-            0x12 => 1, // num_queues
+            0x12 => c.queues.len() as u64, // num_queues
             0x14 => c.status.into(),
             0x15 => 0, // config_generation
             0x16 => c.queue_select.into(),
-            0x18 if queue0 => c.size.into(),
-            0x1a if queue0 => self.notify.queue_vector(0).unwrap_or(NO_VECTOR).into(),
-            0x1c if queue0 => c.ready.into(),
-            0x1e => 0, // queue_notify_off
-            0x20 => c.desc & 0xffff_ffff,
-            0x24 => c.desc >> 32,
-            0x28 => c.driver & 0xffff_ffff,
-            0x2c => c.driver >> 32,
-            0x30 => c.device & 0xffff_ffff,
-            0x34 => c.device >> 32,
-            0x1a => NO_VECTOR.into(),
             _ => 0,
         }
     }
@@ -426,26 +502,42 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn common_write(&self, state: &mut State<D>, offset: u64, value: u64) {
         let lo = |old: u64| (old & !0xffff_ffff) | (value & 0xffff_ffff);
         let hi = |old: u64| (old & 0xffff_ffff) | (value << 32);
-        let queue0 = state.common.queue_select == 0;
-        let running = state.worker.is_some() || state.vhost_started;
-        match offset {
-            0x10 => state.common.config_vector = self.notify.set_config_vector(value as u16),
-            0x1a if queue0 => {
-                let _ = self.notify.set_queue_vector(0, value as u16);
+        let selected = state.common.selected().map(|(q, _)| q);
+        let running = state.workers.iter().any(Option::is_some) || state.vhost_started;
+        match (offset, selected) {
+            (0x10, _) => state.common.config_vector = self.notify.set_config_vector(value as u16),
+            (0x1a, Some(q)) => {
+                let _ = self.notify.set_queue_vector(q, value as u16);
             }
-            0x1c if queue0 && value == 1 => {
-                state.common.ready = true;
-                self.start(state);
+            (0x1c, Some(q)) if value == 1 => {
+                state.common.queues[usize::from(q)].ready = true;
+                self.start(state, q);
             }
-            0x14 if value == 0 && !running => {
-                // A reset before the queue ran: back to the initial configuration. (A reset of a
-                // running queue is not supported; Linux resets at probe time, before.)
-                state.common = Common::default();
-                let _ = self.notify.set_queue_vector(0, NO_VECTOR);
+            (0x14, _) if value == 0 && !running => {
+                // A reset before the queues ran: back to the initial configuration. (A reset of
+                // running queues is not supported; Linux resets at probe time, before.)
+                let queues = state.common.queues.len() as u16;
+                state.common = Common::new(queues);
+                for q in 0..queues {
+                    let _ = self.notify.set_queue_vector(q, NO_VECTOR);
+                }
             }
             _ => {
                 let offered = self.offered(state);
                 let c = &mut state.common;
+                if let Some(q) = selected {
+                    let queue = &mut c.queues[usize::from(q)];
+                    match offset {
+                        0x18 => queue.size = (value as u16).clamp(1, QUEUE_MAX),
+                        0x20 => queue.desc = lo(queue.desc),
+                        0x24 => queue.desc = hi(queue.desc),
+                        0x28 => queue.driver = lo(queue.driver),
+                        0x2c => queue.driver = hi(queue.driver),
+                        0x30 => queue.device = lo(queue.device),
+                        0x34 => queue.device = hi(queue.device),
+                        _ => {}
+                    }
+                }
                 match offset {
                     0x00 => c.device_feature_select = value as u32,
                     0x08 => c.driver_feature_select = value as u32,
@@ -457,27 +549,23 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     }
                     0x14 => c.status = value as u8,
                     0x16 => c.queue_select = value as u16,
-                    0x18 if queue0 => c.size = (value as u16).clamp(1, QUEUE_MAX),
-                    0x20 if queue0 => c.desc = lo(c.desc),
-                    0x24 if queue0 => c.desc = hi(c.desc),
-                    0x28 if queue0 => c.driver = lo(c.driver),
-                    0x2c if queue0 => c.driver = hi(c.driver),
-                    0x30 if queue0 => c.device = lo(c.device),
-                    0x34 if queue0 => c.device = hi(c.device),
                     _ => {}
                 }
             }
         }
     }
 
-    /// The queue is ready: the vhost-user backend or the device thread starts serving it.
-    fn start(&self, state: &mut State<D>) {
-        if state.worker.is_some() || state.vhost_started {
+    /// Queue `q` is ready: the vhost-user backend (queue 0 only) or the queue's device thread
+    /// starts serving it.
+    fn start(&self, state: &mut State<D>, q: u16) {
+        let i = usize::from(q);
+        if state.workers[i].is_some() || state.vhost_started {
             return;
         }
-        let Some(queue) = self.notify.queue(0) else {
+        let Some(queue) = self.notify.queue(q) else {
             return;
         };
+        let config = state.common.queues[i];
         #[cfg(feature = "vhost-user")]
         if let Some(frontend) = state.vhost.as_mut() {
             let c = &state.common;
@@ -487,10 +575,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
             };
             let layout = vm_notify::virtio::VringLayout {
                 index: 0,
-                size: c.size,
-                desc_table: c.desc,
-                avail_ring: c.driver,
-                used_ring: c.device,
+                size: config.size,
+                desc_table: config.desc,
+                avail_ring: config.driver,
+                used_ring: config.device,
             };
             // The backend learns what the driver accepted (EVENT_IDX among it) before the queue.
             if let Err(e) = frontend.set_acked_features(c.driver_features) {
@@ -503,7 +591,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             return;
         }
-        let ring = match self.ring(&state.common) {
+        let ring = match self.ring(&config, state.common.driver_features) {
             Ok(ring) => ring,
             Err(e) => {
                 eprintln!("linux_vmm: {}: queue: {e}", D::NAME);
@@ -517,23 +605,23 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 return;
             }
         };
-        let Some(device) = state.device.take() else {
+        let Some(device) = state.devices[i].take() else {
             return;
         };
         let stop = events.stop_handle();
         let server = QueueServer::new(queue, ring);
         let (mem, stats) = (self.mem.clone(), self.stats.clone());
         let spawned = thread::Builder::new()
-            .name(D::NAME.into())
+            .name(format!("{}.{q}", D::NAME))
             .spawn(move || serve(device, server, &mem, &events, &stats).map_err(|e| e.to_string()));
         match spawned {
-            Ok(thread) => state.worker = Some(Worker { stop, thread }),
+            Ok(thread) => state.workers[i] = Some(Worker { stop, thread }),
             Err(e) => eprintln!("linux_vmm: {}: spawn: {e}", D::NAME),
         }
     }
 
-    /// The device's view of the queue the driver configured.
-    fn ring(&self, c: &Common) -> Result<Queue, virtio_queue::Error> {
+    /// The device's view of a queue the driver configured.
+    fn ring(&self, c: &QueueConfig, driver_features: u64) -> Result<Queue, virtio_queue::Error> {
         let mut ring = Queue::new(QUEUE_MAX)?;
         let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
         ring.set_size(c.size);
@@ -543,7 +631,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         ring.set_avail_ring_address(lo, hi);
         let (lo, hi) = split(c.device);
         ring.set_used_ring_address(lo, hi);
-        ring.set_event_idx(c.driver_features & F_EVENT_IDX != 0);
+        ring.set_event_idx(driver_features & F_EVENT_IDX != 0);
         ring.set_ready(true);
         Ok(ring)
     }
