@@ -12,9 +12,10 @@ const ACPI_TABLES: u64 = 0xe_0000;
 const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 const LAPIC_ADDRESS: u32 = 0xfee0_0000;
 
-/// Writes RSDP, XSDT, a hardware-reduced FADT with a DSDT, and a MADT naming `vcpus` local APICs
+/// Writes RSDP, XSDT, a hardware-reduced FADT with a DSDT (COM1, the PCI host bridge, and a
+/// virtio-mmio device per `mmio` window and IOAPIC pin), and a MADT naming `vcpus` local APICs
 /// (APIC IDs 0 to `vcpus - 1`) and the IOAPIC; returns the RSDP's address.
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, Error> {
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8, mmio: &[(u64, u32)]) -> Result<u64, Error> {
     use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic};
     use acpi_tables::{aml, fadt, madt, rsdp, sdt, xsdt, Aml};
     const OEM: [u8; 6] = *b"VMNTFY";
@@ -69,6 +70,23 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, Error> {
     let mut dsdt = sdt::Sdt::new(*b"DSDT", 36, 6, OEM, TABLE, 1);
     dsdt.append_slice(&bytes(&com1));
     dsdt.append_slice(&bytes(&pci0));
+    // virtio-mmio devices, as Linux's virtio_mmio driver finds them: _HID LNRO0005, the register
+    // window and a level-triggered, active-high interrupt on the IOAPIC pin.
+    for (i, &(base, gsi)) in mmio.iter().enumerate() {
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &(i as u32));
+        let window = aml::Memory32Fixed::new(true, base as u32, crate::virtio_mmio::WINDOW as u32);
+        let irq = aml::Interrupt::new(true, false, false, false, gsi);
+        let crs = aml::Name::new(
+            "_CRS".into(),
+            &aml::ResourceTemplate::new(vec![&window, &irq]),
+        );
+        let dev = aml::Device::new(
+            format!("_SB_.VR{i:02}").as_str().into(),
+            vec![&hid, &uid, &crs],
+        );
+        dsdt.append_slice(&bytes(&dev));
+    }
     let dsdt = place(dsdt.as_slice().to_vec())?;
     let fadt = fadt::FADTBuilder::new(OEM, TABLE, 1)
         .flag(fadt::Flags::HwReducedAcpi)

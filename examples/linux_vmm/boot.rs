@@ -46,6 +46,7 @@ pub fn load_linux(
     initrd: Option<&Path>,
     cmdline: &str,
     vcpus: u8,
+    mmio: &[(u64, u32)],
 ) -> Result<Loaded, Error> {
     let loaded = BzImage::load(
         mem,
@@ -91,7 +92,7 @@ pub fn load_linux(
         };
     }
     params.e820_entries = map.len() as u8;
-    params.acpi_rsdp_addr = crate::acpi::write(mem, vcpus)?;
+    params.acpi_rsdp_addr = crate::acpi::write(mem, vcpus, mmio)?;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE)),
         mem,

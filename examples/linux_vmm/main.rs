@@ -6,13 +6,15 @@
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
 //!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
-//!     [--mem-mib 256] [--vcpus 1] [--timeout-s 120]
+//!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120]
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
 //! `vhost-user`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
 //! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
-//! exits through the one `IoManager`.
+//! exits through the one `IoManager`; `--mmio` puts the devices on virtio-mmio (described in the
+//! DSDT, each interrupting on a level IOAPIC pin) instead of PCI; `--split-irqchip` leaves KVM
+//! the local APICs only and serves the IOAPIC from vm-notify (`KVM_CAP_SPLIT_IRQCHIP`).
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
@@ -37,6 +39,7 @@ mod console;
 mod legacy;
 mod pci;
 mod rng;
+mod virtio_mmio;
 mod virtio_pci;
 
 use std::io::{self, Write};
@@ -53,9 +56,12 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::DeviceMmio;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vm_notify::fallback::Policy;
+use vm_notify::io::IoRegion;
+use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
 use vm_notify::Vm;
 
 use pci::PciFunction;
+use virtio_mmio::VirtioMmio;
 use virtio_pci::{VirtioDevice, VirtioPci};
 
 type Error = Box<dyn std::error::Error>;
@@ -82,6 +88,8 @@ struct Args {
     vhost_rng: Option<PathBuf>,
     event_idx: bool,
     vcpus: u8,
+    mmio: bool,
+    split_irqchip: bool,
 }
 
 fn args() -> Result<Args, Error> {
@@ -95,6 +103,8 @@ fn args() -> Result<Args, Error> {
         vhost_rng: None,
         event_idx: true,
         vcpus: 1,
+        mmio: false,
+        split_irqchip: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -110,6 +120,8 @@ fn args() -> Result<Args, Error> {
             "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
             "--no-event-idx" => a.event_idx = false,
             "--vcpus" => a.vcpus = value()?.parse()?,
+            "--mmio" => a.mmio = true,
+            "--split-irqchip" => a.split_irqchip = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -119,25 +131,29 @@ fn args() -> Result<Args, Error> {
     if !(1..=MAX_VCPUS).contains(&a.vcpus) {
         return Err(format!("--vcpus {}: 1 to {MAX_VCPUS}", a.vcpus).into());
     }
+    if a.mmio && a.vhost_rng.is_some() {
+        return Err("--vhost-rng is served over virtio-pci only".into());
+    }
     Ok(a)
 }
 
-/// Registers a function's BAR 0 parts at `bar0` (where they stay: see `VirtioPci`'s config
-/// space).
-fn map_bar(io: &mut IoManager, bar0: u64, regions: &Regions) -> Result<(), Error> {
+/// Registers a device's MMIO parts at `base` (a function's BAR 0, where it stays: see
+/// `VirtioPci`'s config space; a virtio-mmio device's window).
+fn map_regions(io: &mut IoManager, base: u64, regions: &Regions) -> Result<(), Error> {
     for (offset, len, device) in regions {
         io.register_mmio(
-            MmioRange::new(MmioAddress(bar0 + offset), *len)?,
+            MmioRange::new(MmioAddress(base + offset), *len)?,
             device.clone(),
         )?;
     }
     Ok(())
 }
 
-/// A virtio function, as the run loop and the report see it.
+/// A virtio device (a PCI function or a virtio-mmio device), as the run loop and the report see it.
 trait Function {
     fn name(&self) -> &'static str;
-    fn bar0(&self) -> u64;
+    /// Where its MMIO parts start: BAR 0, or the virtio-mmio window.
+    fn base(&self) -> u64;
     fn summary(
         &self,
         snapshot: Option<(u64, Option<u64>)>,
@@ -152,7 +168,7 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
         D::NAME
     }
 
-    fn bar0(&self) -> u64 {
+    fn base(&self) -> u64 {
         VirtioPci::bar0(self)
     }
 
@@ -166,6 +182,7 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
         let features = self.driver_features();
         serde_json::json!({
             "name": D::NAME,
+            "transport": "pci",
             "vhost_user": self.is_vhost(),
             "features": format!("{features:#x}"),
             "queues": self.queues(),
@@ -205,9 +222,59 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
     }
 }
 
+impl<D: VirtioDevice> Function for VirtioMmio<D> {
+    fn name(&self) -> &'static str {
+        D::NAME
+    }
+
+    fn base(&self) -> u64 {
+        VirtioMmio::base(self)
+    }
+
+    fn summary(
+        &self,
+        _snapshot: Option<(u64, Option<u64>)>,
+        thread: &Result<(), String>,
+    ) -> serde_json::Value {
+        let stats = self.stats();
+        let features = self.driver_features();
+        serde_json::json!({
+            "name": D::NAME,
+            "transport": "mmio",
+            "gsi": self.gsi(),
+            "vhost_user": false,
+            "features": format!("{features:#x}"),
+            "queues": self.queues(),
+            "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
+            "kicks": stats.kicks.load(Relaxed),
+            "requests": stats.requests.load(Relaxed),
+            "bytes": stats.bytes.load(Relaxed),
+            "malformed": stats.malformed.load(Relaxed),
+            "interrupts": stats.interrupts.load(Relaxed),
+            "resamples": stats.resamples.load(Relaxed),
+            "reasserts": stats.reasserts.load(Relaxed),
+            "queue_notify_exits": self.notify_exits(),
+            "thread": match thread {
+                Ok(()) => "stopped and joined".to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+        })
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        VirtioMmio::stop(self)
+    }
+
+    fn notify_exits(&self) -> u64 {
+        VirtioMmio::notify_exits(self)
+    }
+}
+
 /// What the vCPU threads share: every exit's routing, the reset line, the stop and the counts.
 struct Machine {
     io: IoManager,
+    /// The split irqchip's IOAPIC, which takes the guest's EOIs of level interrupts.
+    ioapic: Option<Ioapic>,
     reset: legacy::Reset,
     /// Set when one vCPU's loop ended: the others end theirs.
     stop: AtomicBool,
@@ -268,6 +335,11 @@ fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static s
             VcpuExit::MmioWrite(addr, data) => {
                 m.mmio_exits.fetch_add(1, Relaxed);
                 let _ = m.io.mmio_write(MmioAddress(addr), data);
+            }
+            VcpuExit::IoapicEoi(vector) => {
+                if let Some(Err(e)) = m.ioapic.as_ref().map(|io| io.end_of_interrupt(vector)) {
+                    eprintln!("linux_vmm: IOAPIC EOI of vector {vector:#x}: {e}");
+                }
             }
             VcpuExit::Hlt => break "halted",
             VcpuExit::Shutdown => {
@@ -331,12 +403,19 @@ fn main() -> Result<(), Error> {
     let kvm = Kvm::new()?;
     let fd = Arc::new(kvm.create_vm()?);
     fd.set_tss_address(0xfffb_d000)?;
-    fd.create_irq_chip()?;
-    fd.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })?;
-    let vm = Vm::new(fd.clone(), Policy::Kernel)?;
+    // The irqchip: KVM's (local APICs, IOAPIC and PIC, with a PIT), or split (KVM keeps the
+    // local APICs, the IOAPIC is vm-notify's in userspace, there is no PIC or PIT: the guest's
+    // hardware-reduced ACPI asks for no legacy timer).
+    let vm = if args.split_irqchip {
+        Vm::with_split_irqchip(fd.clone(), Policy::Kernel)?
+    } else {
+        fd.create_irq_chip()?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })?;
+        Vm::new(fd.clone(), Policy::Kernel)?
+    };
 
     // Memory: one region from 0. With a vhost-user backend, guest memory is a memfd mapped
     // shared, so the backend can map it.
@@ -358,6 +437,19 @@ fn main() -> Result<(), Error> {
             userspace_addr: host as u64,
         })?;
     }
+    // With --mmio, the devices' windows and lines (the DSDT describes them): the entropy device
+    // first, then the disk.
+    let mmio_slots: Vec<(u64, u32)> = match args.mmio {
+        true => (0..1 + u32::from(args.disk.is_some()))
+            .map(|i| {
+                (
+                    virtio_mmio::FIRST_BASE + u64::from(i) * virtio_mmio::WINDOW_STRIDE,
+                    virtio_mmio::FIRST_GSI + i,
+                )
+            })
+            .collect(),
+        false => Vec::new(),
+    };
     let loaded = boot::load_linux(
         &mem,
         mem_size,
@@ -365,6 +457,7 @@ fn main() -> Result<(), Error> {
         args.initrd.as_deref(),
         &args.cmdline,
         args.vcpus,
+        &mmio_slots,
     )?;
     // Every vCPU exists before the first runs: Linux starts the others with IPIs to the APIC IDs
     // the MADT names.
@@ -378,68 +471,88 @@ fn main() -> Result<(), Error> {
         vcpus.push(vcpu);
     }
 
-    // The devices. PCI: the virtio-rng function (00:01.0) and, with --disk, virtio-blk
-    // (00:02.0), each with its own BAR 0.
-    #[cfg_attr(not(feature = "vhost-user"), allow(unused_mut))]
-    let mut rng = VirtioPci::new(
-        &vm,
-        mem.clone(),
-        virtio_pci::BAR0_BASE,
-        rng::Rng::new()?,
-        args.event_idx,
-    )?;
-    if let Some(socket) = &args.vhost_rng {
-        #[cfg(feature = "vhost-user")]
-        {
-            let frontend = vm_notify::vhost_user::VhostUserFrontend::connect(
-                socket,
-                1,
-                &mem,
-                virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX,
-            )?;
-            rng = rng.with_vhost(frontend);
-        }
-        #[cfg(not(feature = "vhost-user"))]
-        return Err(format!(
-            "--vhost-rng {}: build with --features vhost-user",
-            socket.display()
-        )
-        .into());
-    }
-    let rng = Arc::new(rng);
-    let blk = match &args.disk {
+    // The devices: virtio-rng and, with --disk, virtio-blk (a request queue per vCPU, as QEMU
+    // and Cloud Hypervisor give SMP guests). On PCI: functions 00:01.0 and 00:02.0, each with its
+    // own BAR 0; with --mmio: virtio-mmio windows the DSDT describes.
+    let disk = match &args.disk {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(path)?;
-            let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
-            // A request queue per vCPU, as QEMU and Cloud Hypervisor give SMP guests.
-            let blk = blk::Blk::new(file, args.vcpus.into())?;
-            Some(Arc::new(VirtioPci::new(
-                &vm,
-                mem.clone(),
-                bar0,
-                blk,
-                args.event_idx,
-            )?))
+            Some(blk::Blk::new(file, args.vcpus.into())?)
         }
         None => None,
     };
     let watched = Arc::new(Mutex::new(console::Watched::default()));
-    let mut functions: Vec<(Arc<dyn Function>, Regions)> = vec![(rng.clone(), rng.regions())];
-    let mut pci_functions: Vec<Arc<dyn PciFunction>> = vec![rng.clone()];
-    if !rng.is_vhost() {
-        lock(&watched)
-            .devices
-            .push((rng.name(), rng.msix().clone()));
-    }
-    if let Some(blk) = &blk {
-        functions.push((blk.clone(), blk.regions()));
-        pci_functions.push(blk.clone());
-        lock(&watched)
-            .devices
-            .push((blk.name(), blk.msix().clone()));
+    let mut functions: Vec<(Arc<dyn Function>, Regions)> = Vec::new();
+    let mut pci_functions: Vec<Arc<dyn PciFunction>> = Vec::new();
+    if args.mmio {
+        let (base, gsi) = mmio_slots[0];
+        let rng = Arc::new(VirtioMmio::new(
+            &vm,
+            mem.clone(),
+            base,
+            gsi,
+            rng::Rng::new()?,
+            args.event_idx,
+        )?);
+        functions.push((rng.clone(), rng.regions()));
+        if let (Some(blk), Some(&(base, gsi))) = (disk, mmio_slots.get(1)) {
+            let blk = Arc::new(VirtioMmio::new(
+                &vm,
+                mem.clone(),
+                base,
+                gsi,
+                blk,
+                args.event_idx,
+            )?);
+            functions.push((blk.clone(), blk.regions()));
+        }
+    } else {
+        #[cfg_attr(not(feature = "vhost-user"), allow(unused_mut))]
+        let mut rng = VirtioPci::new(
+            &vm,
+            mem.clone(),
+            virtio_pci::BAR0_BASE,
+            rng::Rng::new()?,
+            args.event_idx,
+        )?;
+        if let Some(socket) = &args.vhost_rng {
+            #[cfg(feature = "vhost-user")]
+            {
+                let frontend = vm_notify::vhost_user::VhostUserFrontend::connect(
+                    socket,
+                    1,
+                    &mem,
+                    virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX,
+                )?;
+                rng = rng.with_vhost(frontend);
+            }
+            #[cfg(not(feature = "vhost-user"))]
+            return Err(format!(
+                "--vhost-rng {}: build with --features vhost-user",
+                socket.display()
+            )
+            .into());
+        }
+        let rng = Arc::new(rng);
+        functions.push((rng.clone(), rng.regions()));
+        pci_functions.push(rng.clone());
+        if !rng.is_vhost() {
+            lock(&watched)
+                .devices
+                .push((rng.name(), rng.msix().clone()));
+        }
+        if let Some(blk) = disk {
+            let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
+            let blk = Arc::new(VirtioPci::new(&vm, mem.clone(), bar0, blk, args.event_idx)?);
+            functions.push((blk.clone(), blk.regions()));
+            pci_functions.push(blk.clone());
+            lock(&watched)
+                .devices
+                .push((blk.name(), blk.msix().clone()));
+        }
     }
 
     // Every exit is routed once, here.
@@ -468,8 +581,21 @@ fn main() -> Result<(), Error> {
         pci.clone(),
     )?;
     for (f, regions) in &functions {
-        map_bar(&mut io, f.bar0(), regions)?;
+        map_regions(&mut io, f.base(), regions)?;
     }
+    // On the split irqchip: the IOAPIC's window, and the injector that serves its pins (the
+    // interrupts of the serial port and the virtio-mmio lines), a thread this VMM runs.
+    let ioapic = vm.ioapic().cloned();
+    if let Some(ioapic) = &ioapic {
+        io.register_mmio(
+            MmioRange::new(MmioAddress(IOAPIC_BASE), IOAPIC_SIZE)?,
+            Arc::new(IoRegion::ioapic(ioapic)),
+        )?;
+    }
+    let injector = match &ioapic {
+        Some(_) => Some(vm.injector()?.spawn()?),
+        None => None,
+    };
 
     eprintln!(
         "linux_vmm: {} MiB, kernel {} ({} bytes at {:#x}), cmdline {:?}",
@@ -481,6 +607,7 @@ fn main() -> Result<(), Error> {
     );
     let machine = Arc::new(Machine {
         io,
+        ioapic: ioapic.clone(),
         reset,
         stop: AtomicBool::new(false),
         deadline: started + args.timeout,
@@ -488,6 +615,7 @@ fn main() -> Result<(), Error> {
         mmio_exits: AtomicU64::new(0),
     });
     let outcome = run_vcpus(vcpus, &machine)?;
+    let injector = injector.map(|thread| thread.stop().map_err(|e| e.to_string()));
     let (pio_exits, mmio_exits) = (
         machine.pio_exits.load(Relaxed),
         machine.mmio_exits.load(Relaxed),
@@ -517,6 +645,27 @@ fn main() -> Result<(), Error> {
         "exits": { "pio": pio_exits, "mmio": mmio_exits },
         "queue_notify_exits": queue_notify_exits,
         "devices": devices,
+        "irqchip": match &ioapic {
+            None => serde_json::json!({ "kind": "in-kernel" }),
+            Some(io) => {
+                let st = io.stats();
+                serde_json::json!({
+                    "kind": "split",
+                    "ioapic": {
+                        "delivered": st.delivered,
+                        "not_taken": st.not_taken,
+                        "eois": st.eois,
+                        "resamples": st.resamples,
+                        "route_commits": st.route_commits,
+                        "failed": st.failed,
+                    },
+                    "injector": injector.as_ref().map(|stopped| match stopped {
+                        Ok(()) => "stopped and joined".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    }),
+                })
+            }
+        },
     });
     eprintln!("linux_vmm-summary {summary}");
     match outcome {

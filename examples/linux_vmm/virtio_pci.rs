@@ -72,6 +72,13 @@ pub struct DeviceStats {
     pub busy_ns: AtomicU64,
     /// Page faults the device thread took meanwhile (touching guest memory for the first time).
     pub faults: AtomicU64,
+    /// Used-buffer interrupts signalled (the driver wanted them), over the device's queues.
+    pub interrupts: AtomicU64,
+    /// Resamples of a level line (the guest's EOI lowered it: virtio-mmio), as counted by its
+    /// notifier.
+    pub resamples: AtomicU64,
+    /// A level line asserted again at a resample, its status still set.
+    pub reasserts: AtomicU64,
 }
 
 /// The calling thread's page faults so far (minor and major).
@@ -115,14 +122,14 @@ pub trait VirtioDevice: Send + 'static {
     ) -> Option<u32>;
 }
 
-/// A queue's configuration, as the driver writes it.
+/// A queue's configuration, as the driver writes it (on either transport).
 #[derive(Clone, Copy)]
-struct QueueConfig {
-    size: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+pub struct QueueConfig {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
 }
 
 impl Default for QueueConfig {
@@ -370,6 +377,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let notify = NotifyRegion {
             region: IoRegion::pci_notify(self.notify.clone()),
             exits: self.notify_exits.clone(),
+            notify_at: None,
         };
         let msix = IoRegion::msix(&self.msix, 0, MSIX_PBA - MSIX_TABLE);
         vec![
@@ -591,7 +599,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             return;
         }
-        let ring = match self.ring(&config, state.common.driver_features) {
+        let ring = match ring(&config, state.common.driver_features) {
             Ok(ring) => ring,
             Err(e) => {
                 eprintln!("linux_vmm: {}: queue: {e}", D::NAME);
@@ -613,28 +621,30 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let (mem, stats) = (self.mem.clone(), self.stats.clone());
         let spawned = thread::Builder::new()
             .name(format!("{}.{q}", D::NAME))
-            .spawn(move || serve(device, server, &mem, &events, &stats).map_err(|e| e.to_string()));
+            .spawn(move || {
+                serve(device, server, &mem, &events, &stats, None).map_err(|e| e.to_string())
+            });
         match spawned {
             Ok(thread) => state.workers[i] = Some(Worker { stop, thread }),
             Err(e) => eprintln!("linux_vmm: {}: spawn: {e}", D::NAME),
         }
     }
+}
 
-    /// The device's view of a queue the driver configured.
-    fn ring(&self, c: &QueueConfig, driver_features: u64) -> Result<Queue, virtio_queue::Error> {
-        let mut ring = Queue::new(QUEUE_MAX)?;
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        ring.set_size(c.size);
-        let (lo, hi) = split(c.desc);
-        ring.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(c.driver);
-        ring.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(c.device);
-        ring.set_used_ring_address(lo, hi);
-        ring.set_event_idx(driver_features & F_EVENT_IDX != 0);
-        ring.set_ready(true);
-        Ok(ring)
-    }
+/// The device's view of a queue the driver configured.
+pub fn ring(c: &QueueConfig, driver_features: u64) -> Result<Queue, virtio_queue::Error> {
+    let mut ring = Queue::new(QUEUE_MAX)?;
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    ring.set_size(c.size);
+    let (lo, hi) = split(c.desc);
+    ring.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(c.driver);
+    ring.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(c.device);
+    ring.set_used_ring_address(lo, hi);
+    ring.set_event_idx(driver_features & F_EVENT_IDX != 0);
+    ring.set_ready(true);
+    Ok(ring)
 }
 
 impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
@@ -696,10 +706,13 @@ impl<D: VirtioDevice> DeviceMmio for Registers<D> {
     }
 }
 
-/// The notify region: vm-notify's `IoRegion` (the writes that exit reach their queue), counted.
-struct NotifyRegion {
-    region: IoRegion,
-    exits: Arc<AtomicU64>,
+/// vm-notify's notification registers (an `IoRegion`: the writes that exit reach their queue),
+/// with the queue notifications that exited counted: every write, or with `notify_at` only those
+/// at that offset (virtio-mmio, whose region also holds `InterruptACK`).
+pub struct NotifyRegion {
+    pub region: IoRegion,
+    pub exits: Arc<AtomicU64>,
+    pub notify_at: Option<u64>,
 }
 
 impl DeviceMmio for NotifyRegion {
@@ -708,33 +721,58 @@ impl DeviceMmio for NotifyRegion {
     }
 
     fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        self.exits.fetch_add(1, Ordering::Relaxed);
+        if self.notify_at.unwrap_or(offset) == offset {
+            self.exits.fetch_add(1, Ordering::Relaxed);
+        }
         self.region.mmio_write(base, offset, data);
         if let Some(e) = self.region.take_error() {
-            eprintln!("linux_vmm: queue notify: {e}");
+            eprintln!("linux_vmm: notification registers: {e}");
         }
     }
 }
 
 /// The device thread: on each wake-up of the kick notifier, `QueueServer` completes every
 /// available chain with kicks suppressed meanwhile and interrupts as the driver asks; it ends
-/// when the VMM stops the loop.
-fn serve<D: VirtioDevice>(
+/// when the VMM stops the loop. With `resample` (a virtio-mmio device's level line), each
+/// resample — the guest's EOI lowered the line — asserts it again if a status bit is still set.
+pub fn serve<D: VirtioDevice>(
     mut device: D,
     mut server: QueueServer,
     mem: &GuestMemoryMmap,
     events: &EventLoop,
     stats: &DeviceStats,
+    resample: Option<&vm_notify::virtio::MmioInterrupt>,
 ) -> vm_notify::Result<()> {
     const KICK: u64 = 0;
+    const RESAMPLE: u64 = 1;
     events.add(KICK, server.notify().kicks())?;
-    let mut ready = Vec::new();
+    if let Some(notifier) = resample.and_then(|irq| irq.resample()) {
+        events.add(RESAMPLE, notifier)?;
+    }
+    let (mut ready, mut signalled) = (Vec::new(), 0);
     loop {
         if events.wait(None, &mut ready)? == Wake::Stopped {
             return Ok(());
         }
-        for &(_, kicks) in &ready {
-            stats.kicks.fetch_add(kicks, Ordering::Relaxed);
+        let mut kicked = false;
+        for &(token, count) in &ready {
+            match token {
+                KICK => {
+                    stats.kicks.fetch_add(count, Ordering::Relaxed);
+                    kicked = true;
+                }
+                _ => {
+                    stats.resamples.fetch_add(count, Ordering::Relaxed);
+                    if let Some(irq) = resample {
+                        if irq.on_resample()? {
+                            stats.reasserts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        if !kicked {
+            continue;
         }
         let served = server.serve(mem, |chain| {
             let (started, faults) = (std::time::Instant::now(), thread_faults());
@@ -750,5 +788,10 @@ fn serve<D: VirtioDevice>(
             })
         })?;
         stats.requests.fetch_add(served, Ordering::Relaxed);
+        let now = server.stats().interrupts;
+        stats
+            .interrupts
+            .fetch_add(now - signalled, Ordering::Relaxed);
+        signalled = now;
     }
 }
