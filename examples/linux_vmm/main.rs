@@ -384,7 +384,16 @@ fn run_vcpus(
                 })?,
         );
     }
-    let outcome = first.recv()?;
+    // A guest whose vCPUs all wait in the kernel (halted, its timers in KVM's local APICs) makes
+    // no exit, so no loop sees the deadline: it is watched here too.
+    let left = machine.deadline.saturating_duration_since(Instant::now());
+    let outcome = match first.recv_timeout(left) {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            machine.stop.store(true, Ordering::Release);
+            "timed out"
+        }
+    };
     for thread in threads {
         // A vCPU halted in the guest stays in KVM_RUN until a signal: kick until it has left.
         while !thread.is_finished() {

@@ -213,7 +213,11 @@ impl Ioapic {
         state.settling[pin] += 1;
         state.regs.hold(pin);
         while state.committing & bit != 0 {
-            state = (self.shared.committed.wait(state)).unwrap_or_else(|e| e.into_inner());
+            state = self
+                .shared
+                .committed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
         }
         let route = state.route_needed(pin);
         let mut committed = Ok(());
