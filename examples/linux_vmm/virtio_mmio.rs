@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
 
 use virtio_bindings::virtio_mmio as reg;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
@@ -21,14 +20,13 @@ use vm_device::DeviceMmio;
 use vm_memory::GuestMemoryMmap;
 use vm_notify::io::IoRegion;
 use vm_notify::kvm::Gsi;
-use vm_notify::virtio::{MmioLayout, MmioNotify, QueueServer};
-use vm_notify::wait::{EventLoop, StopHandle};
+use vm_notify::virtio::{MmioLayout, MmioNotify};
 use vm_notify::Vm;
 
 use crate::lock;
 use crate::virtio_pci::{
-    ring, serve, DeviceStats, NotifyRegion, QueueConfig, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
-    QUEUE_MAX,
+    stop_workers, DeviceStats, NotifyRegion, QueueConfig, VirtioDevice, Worker, F_EVENT_IDX,
+    F_VERSION_1, QUEUE_MAX,
 };
 
 /// The register window's size.
@@ -46,9 +44,6 @@ const VENDOR: u32 = 0x1af4;
 /// vm-notify's registers: `QueueNotify` (0x50) through `InterruptACK` (0x64).
 const NOTIFY_REGS: (u64, u64) = (reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64, 0x18);
 const CONFIG: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
-
-/// A queue's device thread: how to stop it, and its handle.
-type Worker = (StopHandle, JoinHandle<Result<(), String>>);
 
 /// What the guest changes.
 struct State<D> {
@@ -182,19 +177,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             .iter_mut()
             .map(Option::take)
             .collect();
-        let mut ended = Ok(());
-        for (q, worker) in workers.into_iter().enumerate() {
-            let outcome = match worker {
-                None => Err(format!("queue {q}: the device thread never started")),
-                Some((stop, thread)) => stop.stop().map_err(|e| e.to_string()).and_then(|()| {
-                    thread
-                        .join()
-                        .map_err(|_| format!("the {} thread panicked", D::NAME))?
-                }),
-            };
-            ended = ended.and(outcome);
-        }
-        ended
+        stop_workers(workers, D::NAME)
     }
 
     fn read(&self, offset: u64, data: &mut [u8]) {
@@ -290,28 +273,24 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         if state.workers[i].is_some() {
             return;
         }
-        let (Some(queue), Some(device)) = (self.notify.queue(q), state.devices[i].take()) else {
+        let Some(queue) = self.notify.queue(q) else {
             return;
         };
-        let c = state.queues[i];
-        let ring = ring(&c, state.driver_features);
-        let (ring, events) = match (ring, EventLoop::new()) {
-            (Ok(ring), Ok(events)) => (ring, events),
-            (Err(e), _) => return eprintln!("linux_vmm: {}: queue: {e}", D::NAME),
-            (_, Err(e)) => return eprintln!("linux_vmm: {}: event loop: {e}", D::NAME),
-        };
-        let stop = events.stop_handle();
-        let server = QueueServer::new(queue, ring);
-        let (mem, stats, notify) = (self.mem.clone(), self.stats.clone(), self.notify.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("{}.{q}", D::NAME))
-            .spawn(move || {
-                let irq = notify.interrupt();
-                serve(device, server, &mem, &events, &stats, Some(irq)).map_err(|e| e.to_string())
-            });
-        match spawned {
-            Ok(thread) => state.workers[i] = Some((stop, thread)),
-            Err(e) => eprintln!("linux_vmm: {}: spawn: {e}", D::NAME),
+        let (config, features) = (state.queues[i], state.driver_features);
+        let (mem, stats) = (&self.mem, &self.stats);
+        let resample = Some(self.notify.interrupt().clone());
+        match Worker::start(
+            q,
+            &mut state.devices[i],
+            queue,
+            &config,
+            features,
+            mem,
+            stats,
+            resample,
+        ) {
+            Ok(worker) => state.workers[i] = Some(worker),
+            Err(e) => eprintln!("linux_vmm: {}: {e}", D::NAME),
         }
     }
 }

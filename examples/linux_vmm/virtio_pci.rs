@@ -21,7 +21,9 @@ use vm_device::DeviceMmio;
 use vm_memory::GuestMemoryMmap;
 use vm_notify::io::IoRegion;
 use vm_notify::msix::{MsixStats, MsixVectors};
-use vm_notify::virtio::{PciLayout, PciNotify, QueueServer, NO_VECTOR};
+use vm_notify::virtio::{
+    MmioInterrupt, PciLayout, PciNotify, QueueServer, VirtQueueNotify, NO_VECTOR,
+};
 use vm_notify::wait::{EventLoop, StopHandle, Wake};
 use vm_notify::Vm;
 
@@ -176,9 +178,64 @@ impl Common {
 }
 
 /// The device thread, once the driver readied the queue.
-struct Worker {
+pub struct Worker {
     stop: StopHandle,
     thread: JoinHandle<Result<(), String>>,
+}
+
+impl Worker {
+    /// Starts queue `q`'s device thread (either transport): `device` — taken only once the ring
+    /// and the loop are made — serves the ring the driver configured, with kicks from `queue`;
+    /// with `resample`, a level line's resamples too (see [`serve`]). Says why it could not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start<D: VirtioDevice>(
+        q: u16,
+        device: &mut Option<D>,
+        queue: VirtQueueNotify,
+        config: &QueueConfig,
+        driver_features: u64,
+        mem: &GuestMemoryMmap,
+        stats: &Arc<DeviceStats>,
+        resample: Option<Arc<MmioInterrupt>>,
+    ) -> Result<Worker, String> {
+        let ring = ring(config, driver_features).map_err(|e| format!("queue: {e}"))?;
+        let events = EventLoop::new().map_err(|e| format!("event loop: {e}"))?;
+        let device = device.take().ok_or("the device is serving already")?;
+        let stop = events.stop_handle();
+        let server = QueueServer::new(queue, ring);
+        let (mem, stats) = (mem.clone(), stats.clone());
+        let thread = thread::Builder::new()
+            .name(format!("{}.{q}", D::NAME))
+            .spawn(move || {
+                serve(device, server, &mem, &events, &stats, resample.as_deref())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("spawn: {e}"))?;
+        Ok(Worker { stop, thread })
+    }
+}
+
+/// Stops every queue's thread of device `name` and joins it: how they ended (the first error;
+/// an error too for a queue whose thread never started).
+pub fn stop_workers(workers: Vec<Option<Worker>>, name: &str) -> Result<(), String> {
+    let mut ended = Ok(());
+    for (q, worker) in workers.into_iter().enumerate() {
+        let outcome = match worker {
+            None => Err(format!("queue {q}: the device thread never started")),
+            Some(worker) => worker
+                .stop
+                .stop()
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    worker
+                        .thread
+                        .join()
+                        .map_err(|_| format!("the {name} thread panicked"))?
+                }),
+        };
+        ended = ended.and(outcome);
+    }
+    ended
 }
 
 /// What the guest changes.
@@ -401,24 +458,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
         let workers: Vec<_> = state.workers.iter_mut().map(Option::take).collect();
         drop(state);
-        let mut ended = Ok(());
-        for (q, worker) in workers.into_iter().enumerate() {
-            let outcome = match worker {
-                None => Err(format!("queue {q}: the device thread never started")),
-                Some(worker) => worker
-                    .stop
-                    .stop()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        worker
-                            .thread
-                            .join()
-                            .map_err(|_| format!("the {} thread panicked", D::NAME))?
-                    }),
-            };
-            ended = ended.and(outcome);
-        }
-        ended
+        stop_workers(workers, D::NAME)
     }
 
     /// Every feature offered.
@@ -599,40 +639,26 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             return;
         }
-        let ring = match ring(&config, state.common.driver_features) {
-            Ok(ring) => ring,
-            Err(e) => {
-                eprintln!("linux_vmm: {}: queue: {e}", D::NAME);
-                return;
-            }
-        };
-        let events = match EventLoop::new() {
-            Ok(events) => events,
-            Err(e) => {
-                eprintln!("linux_vmm: {}: event loop: {e}", D::NAME);
-                return;
-            }
-        };
-        let Some(device) = state.devices[i].take() else {
-            return;
-        };
-        let stop = events.stop_handle();
-        let server = QueueServer::new(queue, ring);
-        let (mem, stats) = (self.mem.clone(), self.stats.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("{}.{q}", D::NAME))
-            .spawn(move || {
-                serve(device, server, &mem, &events, &stats, None).map_err(|e| e.to_string())
-            });
-        match spawned {
-            Ok(thread) => state.workers[i] = Some(Worker { stop, thread }),
-            Err(e) => eprintln!("linux_vmm: {}: spawn: {e}", D::NAME),
+        let features = state.common.driver_features;
+        let (mem, stats) = (&self.mem, &self.stats);
+        match Worker::start(
+            q,
+            &mut state.devices[i],
+            queue,
+            &config,
+            features,
+            mem,
+            stats,
+            None,
+        ) {
+            Ok(worker) => state.workers[i] = Some(worker),
+            Err(e) => eprintln!("linux_vmm: {}: {e}", D::NAME),
         }
     }
 }
 
 /// The device's view of a queue the driver configured.
-pub fn ring(c: &QueueConfig, driver_features: u64) -> Result<Queue, virtio_queue::Error> {
+fn ring(c: &QueueConfig, driver_features: u64) -> Result<Queue, virtio_queue::Error> {
     let mut ring = Queue::new(QUEUE_MAX)?;
     let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
     ring.set_size(c.size);
@@ -735,13 +761,13 @@ impl DeviceMmio for NotifyRegion {
 /// available chain with kicks suppressed meanwhile and interrupts as the driver asks; it ends
 /// when the VMM stops the loop. With `resample` (a virtio-mmio device's level line), each
 /// resample — the guest's EOI lowered the line — asserts it again if a status bit is still set.
-pub fn serve<D: VirtioDevice>(
+fn serve<D: VirtioDevice>(
     mut device: D,
     mut server: QueueServer,
     mem: &GuestMemoryMmap,
     events: &EventLoop,
     stats: &DeviceStats,
-    resample: Option<&vm_notify::virtio::MmioInterrupt>,
+    resample: Option<&MmioInterrupt>,
 ) -> vm_notify::Result<()> {
     const KICK: u64 = 0;
     const RESAMPLE: u64 = 1;
