@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,
         queue_notify_off: vec![0],
+        intx: None,
     };
     let pci = vm.virtio_pci(&layout, &msix)?;
     // What the guest's driver programs (a VMM routes its MMIO writes to an `IoRegion::msix` and

@@ -358,15 +358,18 @@ impl Vm {
     /// one that `VIRTIO_F_NOTIFICATION_DATA` writes match too); queues sharing an address take
     /// 2-byte writes of their index (datamatch), as does every queue where KVM lacks
     /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`. Every queue and the configuration start with
-    /// [`NO_VECTOR`](crate::virtio::NO_VECTOR).
+    /// [`NO_VECTOR`](crate::virtio::NO_VECTOR). With `layout.intx`, a level line on that GSI
+    /// (placed by this root's policy) is the function's interrupt while the guest leaves MSI-X
+    /// disabled: interrupts set the ISR status, the guest's read of it
+    /// ([`PciNotify::read_isr`](crate::virtio::PciNotify::read_isr)) lowers the line.
     ///
     /// # Errors
     ///
     /// [`Error::VirtioQueueCount`](crate::Error::VirtioQueueCount) for more than 65535 queues,
     /// [`Error::AddressWraps`](crate::Error::AddressWraps) when an address overflows, and those
-    /// of [`ioevent`](Self::ioevent).
+    /// of [`ioevent`](Self::ioevent) and [`level_irqfd`](Self::level_irqfd).
     pub fn virtio_pci(&self, layout: &PciLayout, vectors: &MsixVectors) -> Result<PciNotify> {
-        PciNotify::new(&self.backend, layout, vectors)
+        PciNotify::new(&self.backend, &self.router, layout, vectors)
     }
 }
 

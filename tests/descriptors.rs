@@ -49,6 +49,7 @@ fn device(vm: &Vm, queues: u16) -> PciNotify {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,
         queue_notify_off: (0..queues).collect(),
+        intx: None,
     };
     let pci = vm.virtio_pci(&layout, &msix).unwrap();
     for q in 0..queues {
@@ -126,7 +127,10 @@ fn snapshot_cycles_leak_nothing() {
     bad.queues.push(bad.queues[0]);
     let mut far = pci.save().unwrap();
     far.queues[2].vector = 9;
-    for state in [bad, far] {
+    // An ISR status on a function without an INTx line.
+    let mut orphan = pci.save().unwrap();
+    orphan.isr = 1;
+    for state in [bad, far, orphan] {
         let e = vm.restore_virtio_pci(&state).unwrap_err();
         assert!(matches!(e, vm_notify::Error::SavedState { .. }), "{e:?}");
         assert_eq!((open_fds(), vm.router().entries()), baseline.unwrap());

@@ -242,11 +242,25 @@ fn every_system_call_of_every_registration_fails_cleanly() {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,
         queue_notify_off: vec![0, 1],
+        intx: None,
     };
     add(matrix("virtio-pci notify", &root, &watched, || {
         let v = root.msix(3)?;
         Ok(Box::new(root.virtio_pci(&layout, &v)?))
     }));
+    let with_intx = PciLayout {
+        intx: Some(11),
+        ..layout.clone()
+    };
+    add(matrix(
+        "virtio-pci notify with INTx",
+        &root,
+        &watched,
+        || {
+            let v = root.msix(3)?;
+            Ok(Box::new(root.virtio_pci(&with_intx, &v)?))
+        },
+    ));
     let mmio = vm_notify::virtio::MmioLayout {
         base: 0xd100_0000,
         queues: 2,

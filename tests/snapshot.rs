@@ -43,6 +43,7 @@ fn layout() -> PciLayout {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,
         queue_notify_off: (0..QUEUES as u16).collect(),
+        intx: None,
     }
 }
 

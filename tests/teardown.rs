@@ -207,6 +207,7 @@ fn a_torn_down_device_keeps_no_vector_alive_through_its_queue_handles() {
         notify_base: 0xe000_0000,
         notify_off_multiplier: 4,
         queue_notify_off: vec![0],
+        intx: None,
     };
     let pci = root.virtio_pci(&layout, &vectors).unwrap();
     pci.set_queue_vector(0, 0);

@@ -93,15 +93,7 @@ fn rng(chip: Irqchip, kind: Policy, queues: u16, rounds: u64) -> Outcome {
         .collect();
 
     let mut p = GuestProgram::new().unwrap();
-    let eoi = match chip {
-        Irqchip::Kernel => p
-            .init_pic(0x20, !((1u16 << IRQ) | (1 << 2)), 1 << IRQ)
-            .map(|()| Eoi::PicMaster),
-        Irqchip::Split => p
-            .take_ioapic_pin(chip, IRQ, VECTOR, true)
-            .map(|()| Eoi::Lapic),
-    }
-    .unwrap();
+    let eoi = take_line(&mut p, chip);
     p.on_interrupt_with(VECTOR, eoi, |a| {
         GuestProgram::virtio_mmio_ack(a, BASE, SEEN, ZERO_READS)
     });
@@ -163,13 +155,14 @@ fn rng(chip: Irqchip, kind: Policy, queues: u16, rounds: u64) -> Outcome {
     }
 }
 
-/// The accounting both tests check: every byte; the interrupts (`RngStats::check_interrupts`);
-/// two exits per interrupt (the status read and the ACK), plus the kicks on the userspace path.
-/// A re-assertion can land after the guest's ACK where a kernel irqfd raises the pin (from a
-/// work queue), and on the split irqchip where this host reports an EOI before the handler's
-/// ACK (see tests/level_resample.rs): there an interrupt may find InterruptStatus 0, one per
-/// re-assertion at most.
-fn check(chip: Irqchip, kind: Policy, queues: u16, rounds: u64, o: &Outcome) {
+/// The accounting every rng test checks: every byte; the interrupts
+/// (`RngStats::check_interrupts`); `exits_per_irq` exits per interrupt (virtio-mmio's status
+/// read and ACK, virtio-pci's ISR read), plus the kicks on the userspace path. A re-assertion can
+/// land after the guest's ACK where a kernel irqfd raises the pin (from a work queue), and on the
+/// split irqchip where this host reports an EOI before the handler's ACK (see
+/// tests/level_resample.rs): there an interrupt may find the status 0, one per re-assertion at
+/// most.
+fn check(chip: Irqchip, kind: Policy, queues: u16, rounds: u64, o: &Outcome, exits_per_irq: u64) {
     // Request r of a queue uses descriptor r % 16, of LENGTHS[r % 4] bytes.
     let per_queue: u64 = (0..rounds)
         .map(|r| u64::from(LENGTHS[(r % 4) as usize]))
@@ -193,14 +186,29 @@ fn check(chip: Irqchip, kind: Policy, queues: u16, rounds: u64, o: &Outcome) {
     } else {
         rounds * u64::from(queues)
     };
-    assert_eq!(o.exits as u64, 2 * o.guest_irqs + kicks);
+    assert_eq!(o.exits as u64, exits_per_irq * o.guest_irqs + kicks);
+}
+
+/// The device's level line, GSI 5, as the guest takes it on `chip`: PIC IRQ 5 (level, by the
+/// ELCR) on the in-kernel irqchip, pin 5 of vm-notify's IOAPIC on the split one. Returns the
+/// EOI its handler sends.
+fn take_line(p: &mut GuestProgram, chip: Irqchip) -> Eoi {
+    match chip {
+        Irqchip::Kernel => p
+            .init_pic(0x20, !((1u16 << IRQ) | (1 << 2)), 1 << IRQ)
+            .map(|()| Eoi::PicMaster),
+        Irqchip::Split => p
+            .take_ioapic_pin(chip, IRQ, VECTOR, true)
+            .map(|()| Eoi::Lapic),
+    }
+    .unwrap()
 }
 
 /// `rng` and `check` on the kernel path, then on the userspace path, on `chip`.
 fn rng_on_both_paths(chip: Irqchip, queues: u16, rounds: u64) {
     for kind in [Policy::Kernel, Policy::Userspace] {
         let o = rng(chip, kind, queues, rounds);
-        check(chip, kind, queues, rounds, &o);
+        check(chip, kind, queues, rounds, &o, 2);
     }
 }
 
@@ -222,6 +230,108 @@ fn virtio_mmio_rng_on_the_split_irqchip() {
 fn virtio_mmio_rng_serves_two_queues_with_interleaved_kicks() {
     kvm_test!();
     rng_on_both_paths(Irqchip::Kernel, 2, 500);
+}
+
+/// virtio-pci with MSI-X left disabled, as a driver without MSI-X support (Linux with
+/// `pci=nomsi`) runs it: the rng device's used-buffer interrupts set the ISR status and assert the
+/// function's INTx line, GSI 5 (level), where `PciLayout::intx` put it: PIC IRQ 5 on the
+/// in-kernel irqchip (this host's in-kernel IOAPIC reports a level EOI before the handler runs,
+/// see tests/level_resample.rs), pin 5 of vm-notify's IOAPIC on the split one. The guest is the
+/// driver: it submits, kicks at the queue's notify address, waits; its handler reads the ISR byte
+/// (the VMM answers the read with `PciNotify::read_isr`, which clears it and lowers the line) and
+/// EOIs; the device re-asserts at a resample while the status is still set. Counts
+/// as the virtio-mmio run's: every interrupt the guest took was one the device newly set, but for
+/// re-assertions landing after the guest's read.
+fn rng_intx(chip: Irqchip, kind: Policy, rounds: u64) -> Outcome {
+    const NOTIFY_BASE: u64 = 0xd100_0000;
+    const ISR: u64 = 0xd100_1000;
+    let mut vm = TinyVm::with_irqchip(chip, 1).unwrap();
+    let root = vm.notify().with_policy(kind);
+    vm.run_injector(&root).unwrap();
+    // The function's MSI-X vectors exist, but the guest never enables them.
+    let vectors = root.msix(2).unwrap();
+    let layout = PciLayout {
+        notify_base: NOTIFY_BASE,
+        notify_off_multiplier: 4,
+        queue_notify_off: vec![0],
+        intx: Some(IRQ.into()),
+    };
+    let notify = Arc::new(root.virtio_pci(&layout, &vectors).unwrap());
+    assert!(notify.intx_placement().is_some());
+    // A vector chosen while MSI-X is off is not used: INTx is.
+    assert_eq!(notify.set_queue_vector(0, 0), Some(0));
+    let q = SplitQueue::new(0, 16, &LENGTHS).unwrap();
+    q.lay_out(&vm).unwrap();
+    let layouts = [(notify.queue(0).unwrap(), q)];
+
+    let mut p = GuestProgram::new().unwrap();
+    let eoi = take_line(&mut p, chip);
+    p.on_interrupt_with(VECTOR, eoi, |a| {
+        GuestProgram::virtio_pci_isr(a, ISR, SEEN, ZERO_READS)
+    });
+    let (_, q) = &layouts[0];
+    p.repeat(rounds, |p| {
+        p.virtq_submit(q)?;
+        p.mmio_write(NOTIFY_BASE, 0, 2)?;
+        p.virtq_wait_used(q)
+    })
+    .unwrap();
+    p.exit().unwrap();
+
+    let (stop, device) =
+        RngDevice::new(vm.memory().clone(), &layouts, notify.intx().cloned()).spawn();
+    let region = Arc::new(IoRegion::pci_notify(notify.clone()));
+    let mut io = IoManager::new();
+    io.register_mmio(
+        MmioRange::new(MmioAddress(NOTIFY_BASE), 4).unwrap(),
+        region.clone(),
+    )
+    .unwrap();
+    let (vmm, dispatcher) = (notify.clone(), root.dispatcher().clone());
+    let report = vm
+        .start(p, move |e: &GuestExit, data: &mut [u8]| match *e {
+            GuestExit::MmioRead { addr: ISR, len: 1 } => data[0] = vmm.read_isr().unwrap(),
+            ref other => {
+                let served = other.dispatch(&dispatcher).unwrap() || other.route(&io, data);
+                assert!(served, "unexpected exit {other:?}");
+            }
+        })
+        .unwrap()
+        .wait(TIMEOUT)
+        .done()
+        .unwrap();
+    stop.stop().unwrap();
+    let stats = device.join().unwrap();
+    assert!(region.take_error().is_none());
+    let (_, q) = &layouts[0];
+    assert_eq!(q.submitted(&vm).unwrap(), rounds);
+    assert_eq!(q.used_idx(&vm).unwrap(), rounds as u16);
+    assert_eq!(q.mismatches(&vm).unwrap(), 0, "used lengths");
+    assert_eq!(vectors.stats().raised, 0, "no MSI-X vector was raised");
+    // The guest saw only the used-buffer bit.
+    assert_eq!(vm.data(SEEN).unwrap() & !u64::from(INT_VRING), 0);
+    Outcome {
+        guest_irqs: vm.irq_count(VECTOR).unwrap(),
+        zero_reads: vm.data(ZERO_READS).unwrap(),
+        exits: report.handler_exits(),
+        status_at_exit: notify.intx().unwrap().status(),
+        stats,
+    }
+}
+
+/// `rng_intx` on both irqchips and both paths, with `check`'s accounting (one exit per
+/// interrupt, the ISR read, where virtio-mmio has two); every run saw resamples.
+#[test]
+fn virtio_pci_intx_serves_the_rng_device_on_a_level_line() {
+    kvm_test!();
+    const ROUNDS: u64 = 500;
+    for chip in [Irqchip::Kernel, Irqchip::Split] {
+        for kind in [Policy::Kernel, Policy::Userspace] {
+            let o = rng_intx(chip, kind, ROUNDS);
+            check(chip, kind, 1, ROUNDS, &o, 1);
+            assert!(o.stats.resamples > 0, "no resample reached the device");
+        }
+    }
 }
 
 /// InterruptStatus/ACK: with both bits set, the guest acknowledges only INT_VRING: the line stays
@@ -350,6 +460,7 @@ fn pci_notify(kind: Policy, multiplier: u32, notification_data: bool) -> usize {
         notify_base: NOTIFY_BASE,
         notify_off_multiplier: multiplier,
         queue_notify_off: vec![0, 1],
+        intx: None,
     };
     let notify = Arc::new(root.virtio_pci(&layout, &vectors).unwrap());
     let step = u64::from(multiplier);
@@ -551,6 +662,7 @@ fn pci_notify_refuses_bad_layouts() {
         notify_base: 0xd100_0000,
         notify_off_multiplier: 0,
         queue_notify_off: vec![0u16; 65536],
+        intx: None,
     };
     let e = root.virtio_pci(&many, &vectors).unwrap_err();
     assert!(
@@ -561,6 +673,7 @@ fn pci_notify_refuses_bad_layouts() {
         notify_base: u64::MAX - 8,
         notify_off_multiplier: 4,
         queue_notify_off: vec![0, 4],
+        intx: None,
     };
     let e = root.virtio_pci(&wrapping, &vectors).unwrap_err();
     assert!(matches!(e, vm_notify::Error::AddressWraps { .. }), "{e:?}");

@@ -1,5 +1,5 @@
 //! The ACPI tables Linux finds the machine in: RSDP, XSDT, a hardware-reduced FADT, a DSDT
-//! declaring COM1 and the PCI host bridge, and a MADT with a local APIC per vCPU and the IOAPIC.
+//! declaring COM1 and the PCI host bridge (with its functions' INTx routing), and a MADT with a local APIC per vCPU and the IOAPIC.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -63,9 +63,23 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u8, mmio: &[(u64, u32)]) -> Result<u6
     );
     let pci_res = aml::ResourceTemplate::new(vec![&bus, &config_ports, &io_low, &io_high, &window]);
     let pci_crs = aml::Name::new("_CRS".into(), &pci_res);
+    // Where each function's INTx pin goes (`_PRT`): device n's INTA# to its own IOAPIC pin
+    // (a GSI, so the source is 0), which Linux programs level-triggered, active-low.
+    let routes: Vec<(u32, u32)> = (1..=pci::INTX_DEVICES)
+        .map(|device| ((u32::from(device) << 16) | 0xffff, pci::intx_gsi(device)))
+        .collect();
+    let pin: u8 = 0; // INTA#
+    let entries: Vec<aml::Package> = routes
+        .iter()
+        .map(|(address, gsi)| aml::Package::new(vec![address, &pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+    let pci_prt = aml::Name::new("_PRT".into(), &prt);
     let pci0 = aml::Device::new(
         "_SB_.PCI0".into(),
-        vec![&pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs],
+        vec![
+            &pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs, &pci_prt,
+        ],
     );
     let mut dsdt = sdt::Sdt::new(*b"DSDT", 36, 6, OEM, TABLE, 1);
     dsdt.append_slice(&bytes(&com1));

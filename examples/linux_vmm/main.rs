@@ -195,6 +195,10 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
             "page_faults": stats.faults.load(Relaxed),
             "queue_vector": queue_vector,
             "config_vector": config_vector,
+            "interrupt": if self.msix_enabled() { "msi-x" } else { "intx" },
+            "interrupts": stats.interrupts.load(Relaxed),
+            "resamples": stats.resamples.load(Relaxed),
+            "reasserts": stats.reasserts.load(Relaxed),
             "msix": {
                 "raised": msix.raised,
                 "delivered": msix.delivered,
@@ -281,6 +285,32 @@ struct Machine {
     deadline: Instant,
     pio_exits: AtomicU64,
     mmio_exits: AtomicU64,
+    /// Per vCPU, the exit its thread is handling (`Handling`), 0 while it runs the guest: what a
+    /// thread that never came back was doing.
+    handling: Vec<AtomicU64>,
+}
+
+/// The exit a vCPU thread is handling, packed for `Machine::handling`: the kind in the top
+/// byte, the address, port or vector below.
+struct Handling;
+
+impl Handling {
+    const PIO: u64 = 1 << 56;
+    const MMIO_READ: u64 = 2 << 56;
+    const MMIO_WRITE: u64 = 3 << 56;
+    const IOAPIC_EOI: u64 = 4 << 56;
+
+    fn describe(v: u64) -> String {
+        let at = v & ((1 << 56) - 1);
+        match v & !((1 << 56) - 1) {
+            0 => "running the guest".into(),
+            Self::PIO => format!("port {at:#x}"),
+            Self::MMIO_READ => format!("an MMIO read at {at:#x}"),
+            Self::MMIO_WRITE => format!("an MMIO write at {at:#x}"),
+            Self::IOAPIC_EOI => format!("the IOAPIC EOI of vector {at:#x}"),
+            _ => format!("{v:#x}"),
+        }
+    }
 }
 
 /// The signal that takes a vCPU thread out of `KVM_RUN` (its handler does nothing: the ioctl
@@ -315,6 +345,14 @@ fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static s
                 break "KVM_RUN failed";
             }
         };
+        let doing = match &exit {
+            VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => Handling::PIO | u64::from(*port),
+            VcpuExit::MmioRead(addr, _) => Handling::MMIO_READ | addr,
+            VcpuExit::MmioWrite(addr, _) => Handling::MMIO_WRITE | addr,
+            VcpuExit::IoapicEoi(vector) => Handling::IOAPIC_EOI | u64::from(*vector),
+            _ => 0,
+        };
+        m.handling[id].store(doing, Relaxed);
         match exit {
             VcpuExit::IoOut(port, data) => {
                 m.pio_exits.fetch_add(1, Relaxed);
@@ -359,6 +397,7 @@ fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static s
                 break "unexpected exit";
             }
         }
+        m.handling[id].store(0, Relaxed);
     }
 }
 
@@ -394,10 +433,19 @@ fn run_vcpus(
             "timed out"
         }
     };
-    for thread in threads {
+    for (id, thread) in threads.into_iter().enumerate() {
         // A vCPU halted in the guest stays in KVM_RUN until a signal: kick until it has left.
+        // One that does not leave within 10 s is stuck in the VMM, not in the guest: say where,
+        // and end the process (its thread cannot be joined).
+        let kicked = Instant::now();
         while !thread.is_finished() {
             use vmm_sys_util::signal::Killable;
+            if kicked.elapsed() > Duration::from_secs(10) {
+                let doing = Handling::describe(machine.handling[id].load(Relaxed));
+                eprintln!("linux_vmm: vCPU {id} did not stop in 10 s: its thread is stuck handling {doing}");
+                let _ = io::stdout().flush();
+                std::process::exit(3);
+            }
             let _ = thread.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -524,6 +572,7 @@ fn main() -> Result<(), Error> {
             &vm,
             mem.clone(),
             virtio_pci::BAR0_BASE,
+            pci::intx_gsi(1),
             rng::Rng::new()?,
             args.event_idx,
         )?;
@@ -555,7 +604,15 @@ fn main() -> Result<(), Error> {
         }
         if let Some(blk) = disk {
             let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
-            let blk = Arc::new(VirtioPci::new(&vm, mem.clone(), bar0, blk, args.event_idx)?);
+            let blk = VirtioPci::new(
+                &vm,
+                mem.clone(),
+                bar0,
+                pci::intx_gsi(2),
+                blk,
+                args.event_idx,
+            );
+            let blk = Arc::new(blk?);
             functions.push((blk.clone(), blk.regions()));
             pci_functions.push(blk.clone());
             lock(&watched)
@@ -622,6 +679,7 @@ fn main() -> Result<(), Error> {
         deadline: started + args.timeout,
         pio_exits: AtomicU64::new(0),
         mmio_exits: AtomicU64::new(0),
+        handling: (0..args.vcpus).map(|_| AtomicU64::new(0)).collect(),
     });
     let outcome = run_vcpus(vcpus, &machine)?;
     let injector = injector.map(|thread| thread.stop().map_err(|e| e.to_string()));

@@ -12,6 +12,16 @@ use crate::lock;
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 /// The MMIO window the host bridge declares (ACPI `_CRS`), holding the functions' BAR 0.
 pub const MMIO_WINDOW: (u32, u32) = (0xe000_0000, 0xfebf_ffff);
+/// The functions' INTx lines: device `n`'s INTA# on IOAPIC pin `FIRST_INTX_GSI + n - 1` (the
+/// DSDT's `_PRT` says so; pins 16-23 are the IOAPIC's PCI pins, level-triggered, active-low).
+pub const FIRST_INTX_GSI: u32 = 16;
+/// The most functions behind the host bridge that have an INTx pin of their own.
+pub const INTX_DEVICES: u8 = 8;
+
+/// The IOAPIC pin device `n`'s (1 to [`INTX_DEVICES`]) INTA# is routed to.
+pub fn intx_gsi(device: u8) -> u32 {
+    FIRST_INTX_GSI + u32::from(device) - 1
+}
 
 /// A function's configuration space, as the bus reaches it.
 pub trait PciFunction: Send + Sync {

@@ -5,9 +5,10 @@
 //!
 //! What vm-notify does here: each queue's notify address is an ioeventfd (`PciNotify`), its
 //! interrupt and the configuration interrupt are MSI-X vectors (`MsixVectors`, one per queue
-//! and one for the configuration), and a device thread per queue — started when the driver
-//! readies the queue, stopped and joined at the end — serves the ring with `QueueServer`, which
-//! suppresses kicks and interrupts as the driver asks.
+//! and one for the configuration) — or, for a driver that leaves MSI-X disabled (`pci=nomsi`),
+//! the ISR status on the function's INTx line, a level IOAPIC pin (`StatusLine`) — and a device
+//! thread per queue — started when the driver readies the queue, stopped and joined at the end —
+//! serves the ring with `QueueServer`, which suppresses kicks and interrupts as the driver asks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use vm_notify::io::IoRegion;
 use vm_notify::msix::{MsixStats, MsixVectors};
 use vm_notify::virtio::{
-    MmioInterrupt, PciLayout, PciNotify, QueueServer, VirtQueueNotify, NO_VECTOR,
+    PciLayout, PciNotify, QueueServer, StatusLine, VirtQueueNotify, NO_VECTOR,
 };
 use vm_notify::wait::{EventLoop, StopHandle, Wake};
 use vm_notify::Vm;
@@ -76,8 +77,8 @@ pub struct DeviceStats {
     pub faults: AtomicU64,
     /// Used-buffer interrupts signalled (the driver wanted them), over the device's queues.
     pub interrupts: AtomicU64,
-    /// Resamples of a level line (the guest's EOI lowered it: virtio-mmio), as counted by its
-    /// notifier.
+    /// Resamples of a level line (the guest's EOI lowered it: virtio-mmio, virtio-pci's INTx),
+    /// as counted by its notifier.
     pub resamples: AtomicU64,
     /// A level line asserted again at a resample, its status still set.
     pub reasserts: AtomicU64,
@@ -196,7 +197,7 @@ impl Worker {
         driver_features: u64,
         mem: &GuestMemoryMmap,
         stats: &Arc<DeviceStats>,
-        resample: Option<Arc<MmioInterrupt>>,
+        resample: Option<Arc<StatusLine>>,
     ) -> Result<Worker, String> {
         let ring = ring(config, driver_features).map_err(|e| format!("queue: {e}"))?;
         let events = EventLoop::new().map_err(|e| format!("event loop: {e}"))?;
@@ -250,6 +251,8 @@ struct State<D> {
     common: Common,
     /// Per queue, its thread once it runs.
     workers: Vec<Option<Worker>>,
+    /// The Interrupt Line register (0x3c): the IRQ the guest noted for INTx.
+    interrupt_line: u8,
     /// When set, an external vhost-user backend serves the queue instead of the device thread.
     #[cfg(feature = "vhost-user")]
     vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
@@ -301,11 +304,13 @@ fn virtio_cap(
 
 impl<D: VirtioDevice> VirtioPci<D> {
     /// The function with its BAR 0 at `bar0`, its notify address registered and its vectors
-    /// made on `vm`; `event_idx` says whether VIRTIO_RING_F_EVENT_IDX is offered.
+    /// made on `vm`, its INTx pin (INTA#) on IOAPIC pin `intx_gsi` (the DSDT's `_PRT` says so);
+    /// `event_idx` says whether VIRTIO_RING_F_EVENT_IDX is offered.
     pub fn new(
         vm: &Vm,
         mem: GuestMemoryMmap,
         bar0: u64,
+        intx_gsi: u32,
         device: D,
         event_idx: bool,
     ) -> Result<Self, crate::Error> {
@@ -320,6 +325,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             notify_base: bar0 + NOTIFY,
             notify_off_multiplier: NOTIFY_MULTIPLIER,
             queue_notify_off: (0..queues).collect(),
+            intx: Some(intx_gsi),
         };
         let notify = Arc::new(vm.virtio_pci(&layout, &msix)?);
         let mut c = [0u8; 256];
@@ -333,6 +339,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         put16(&mut c, 0x2c, 0x1af4);
         put16(&mut c, 0x2e, kind);
         c[0x34] = 0x40;
+        c[0x3d] = 1; // interrupt pin: INTA#
         virtio_cap(&mut c, 0x40, 0x50, 16, CAP_COMMON, COMMON, COMMON_LEN);
         virtio_cap(&mut c, 0x50, 0x64, 20, CAP_NOTIFY, NOTIFY, NOTIFY_LEN);
         put32(&mut c, 0x50 + 16, NOTIFY_MULTIPLIER);
@@ -364,6 +371,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 bar0_probe: [false; 2],
                 common: Common::new(queues),
                 workers: (0..queues).map(|_| None).collect(),
+                interrupt_line: 0xff,
                 #[cfg(feature = "vhost-user")]
                 vhost: None,
                 vhost_started: false,
@@ -482,8 +490,18 @@ impl<D: VirtioDevice> VirtioPci<D> {
             for (i, b) in data.iter_mut().enumerate() {
                 *b = self.device_config.get(at + i).copied().unwrap_or(0);
             }
+        } else if offset == ISR && !data.is_empty() {
+            // Reading the ISR clears it and lowers the INTx line (0 while MSI-X is on).
+            match self.notify.read_isr() {
+                Ok(isr) => data[0] = isr,
+                Err(e) => eprintln!("linux_vmm: {}: ISR read: {e}", D::NAME),
+            }
         }
-        // ISR reads 0: the interrupts are MSI-X, never INTx.
+    }
+
+    /// Whether the driver enabled MSI-X (else the function interrupts on INTx).
+    pub fn msix_enabled(&self) -> bool {
+        self.msix.message_control() & vm_notify::msix::MSIX_ENABLE != 0
     }
 
     fn registers_write(&self, offset: u64, data: &[u8]) {
@@ -641,6 +659,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
         let features = state.common.driver_features;
         let (mem, stats) = (&self.mem, &self.stats);
+        // Queue 0's thread also takes the INTx line's resamples (the line is the function's).
+        let resample = self.notify.intx().filter(|_| q == 0).cloned();
         match Worker::start(
             q,
             &mut state.devices[i],
@@ -649,7 +669,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             features,
             mem,
             stats,
-            None,
+            resample,
         ) {
             Ok(worker) => state.workers[i] = Some(worker),
             Err(e) => eprintln!("linux_vmm: {}: {e}", D::NAME),
@@ -688,6 +708,7 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
             0x14 if state.bar0_probe[1] => 0xffff_ffff,
             0x14 => (state.bar0 >> 32) as u32,
             MSIX_CAP => (plain & 0xffff) | u32::from(self.msix.message_control()) << 16,
+            0x3c => (plain & !0xff) | u32::from(state.interrupt_line),
             _ => plain,
         }
     }
@@ -713,6 +734,7 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
                     eprintln!("linux_vmm: {}: MSI-X message control: {e}", D::NAME);
                 }
             }
+            0x3c if mask & 0xff != 0 => state.interrupt_line = merged as u8,
             // The command register (decoding is always on) and everything else is read-only.
             _ => {}
         }
@@ -759,15 +781,16 @@ impl DeviceMmio for NotifyRegion {
 
 /// The device thread: on each wake-up of the kick notifier, `QueueServer` completes every
 /// available chain with kicks suppressed meanwhile and interrupts as the driver asks; it ends
-/// when the VMM stops the loop. With `resample` (a virtio-mmio device's level line), each
-/// resample — the guest's EOI lowered the line — asserts it again if a status bit is still set.
+/// when the VMM stops the loop. With `resample` (a level line: virtio-mmio's, or virtio-pci's
+/// INTx), each resample — the guest's EOI lowered the line — asserts it again if a status bit
+/// is still set.
 fn serve<D: VirtioDevice>(
     mut device: D,
     mut server: QueueServer,
     mem: &GuestMemoryMmap,
     events: &EventLoop,
     stats: &DeviceStats,
-    resample: Option<&MmioInterrupt>,
+    resample: Option<&StatusLine>,
 ) -> vm_notify::Result<()> {
     const KICK: u64 = 0;
     const RESAMPLE: u64 = 1;

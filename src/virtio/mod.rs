@@ -17,7 +17,7 @@
 //!   asserted, so the guest takes another interrupt. The VMM routes the guest's accesses to
 //!   `QueueNotify`..`InterruptACK` to an [`IoRegion::mmio_notify`](crate::io::IoRegion::mmio_notify)
 //!   in its `IoManager`; the device's
-//!   loop passes resample wake-ups to [`MmioInterrupt::on_resample`].
+//!   loop passes resample wake-ups to [`StatusLine::on_resample`].
 //! * **virtio-pci** ([`PciNotify`]): each queue's notify address is `notify_base +
 //!   queue_notify_off * notify_off_multiplier`, and each queue's interrupt is the MSI-X vector
 //!   the guest picked in `queue_msix_vector` (`0xFFFF`, [`NO_VECTOR`], raises nothing), raised on
@@ -25,7 +25,10 @@
 //!   likewise. A queue with an address of its own takes any write there, of any width and value
 //!   ([`Width::Any`](crate::Width::Any), no datamatch: KVM's fastest MMIO ioeventfd, and the
 //!   only one that catches `VIRTIO_F_NOTIFICATION_DATA` writes); queues that share an address
-//!   (multiplier 0) are told apart by a 2-byte datamatch on the index.
+//!   (multiplier 0) are told apart by a 2-byte datamatch on the index. A function given an INTx
+//!   GSI ([`PciLayout::intx`]) interrupts there while the driver leaves MSI-X disabled: the ISR
+//!   status is a [`StatusLine`] like virtio-mmio's, set by `trigger` and read (and cleared) by
+//!   the guest through [`PciNotify::read_isr`].
 //!
 //! **`VIRTIO_F_NOTIFICATION_DATA`** (feature bit 38): the driver's notify write
 //! becomes 32 bits, the queue index in the low 16 and the next available position above, so a
@@ -47,6 +50,8 @@ mod pci;
 mod queue;
 #[cfg(feature = "virtio-queue")]
 mod serve;
+#[cfg(feature = "kvm")]
+mod status;
 
 #[cfg(feature = "kvm")]
 use std::sync::Arc;
@@ -64,13 +69,16 @@ use crate::notifier::{Mode, Notifier};
 
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
-pub use mmio::{MmioInterrupt, MmioLayout, MmioNotify};
+pub use mmio::{MmioLayout, MmioNotify};
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub use pci::{PciLayout, PciNotify, PciNotifyState, PciQueueState};
 pub use queue::{VirtQueueNotify, VringLayout};
 #[cfg(feature = "virtio-queue")]
 pub use serve::{Moderation, QueueServer, ServeStats};
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub use status::StatusLine;
 
 // The virtio constants this crate's transports use, from virtio-bindings (devices and VMMs take
 // them from there too).

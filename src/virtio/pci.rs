@@ -6,14 +6,16 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use super::{notified_queue, Queues, VirtQueueNotify, NO_VECTOR};
+use super::{
+    notified_queue, Queues, StatusLine, VirtQueueNotify, INT_CONFIG, INT_VRING, NO_VECTOR,
+};
 use crate::bus::{IoEventAddress, Width};
 use crate::device::GuestInterrupt;
 use crate::error::{Capability, Error, Result};
 use crate::fallback::{Backend, Placement};
-use crate::kvm::{GsiRouter, WriteMatch};
-use crate::msix::{MsixState, MsixVectors, WeakVectors};
-use crate::notifier::Notifier;
+use crate::kvm::{Gsi, GsiRouter, WriteMatch};
+use crate::msix::{MsixState, MsixVectors, WeakVectors, MSIX_ENABLE};
+use crate::notifier::{Mode, Notifier};
 
 /// Where a virtio-pci function's queues are notified: the arguments of
 /// [`Vm::virtio_pci`](crate::Vm::virtio_pci), as the notify capability
@@ -28,6 +30,12 @@ pub struct PciLayout {
     pub notify_off_multiplier: u32,
     /// Each queue's `queue_notify_off`, queue 0 first.
     pub queue_notify_off: Vec<u16>,
+    /// The GSI the function's INTx pin is routed to (its ACPI `_PRT` entry), for a driver that
+    /// leaves MSI-X disabled (Linux booted with `pci=nomsi`, a guest without MSI-X support):
+    /// while MSI-X is disabled, a queue's or the configuration's interrupt sets the ISR status
+    /// and asserts this level line, which the guest's ISR read lowers ([`PciNotify::read_isr`]).
+    /// `None`: MSI-X only; with MSI-X disabled an interrupt then sets its vector's pending bit.
+    pub intx: Option<Gsi>,
 }
 
 impl PciLayout {
@@ -44,11 +52,14 @@ impl PciLayout {
 }
 
 /// A virtio-pci queue's interrupt: the MSI-X vector the guest chose in `queue_msix_vector`
-/// (or `config_msix_vector`), triggered on the function's vectors. It does not keep the vectors:
+/// (or `config_msix_vector`), triggered on the function's vectors; while MSI-X is disabled, the
+/// ISR bit `isr_bit` on the INTx line, if the function has one. It does not keep the vectors:
 /// a device thread's queue handle outliving the device does not keep its irqfds and routes.
 pub(crate) struct QueueVector {
     vectors: WeakVectors,
     vector: AtomicU16,
+    intx: Option<Arc<StatusLine>>,
+    isr_bit: u32,
 }
 
 impl fmt::Debug for QueueVector {
@@ -60,11 +71,22 @@ impl fmt::Debug for QueueVector {
 }
 
 impl QueueVector {
-    fn new(vectors: &MsixVectors) -> Self {
+    fn new(vectors: &MsixVectors, intx: Option<&Arc<StatusLine>>, isr_bit: u32) -> Self {
         QueueVector {
             vectors: vectors.downgrade(),
             vector: AtomicU16::new(NO_VECTOR),
+            intx: intx.cloned(),
+            isr_bit,
         }
+    }
+
+    /// The INTx line, while it is the function's interrupt (it has one and MSI-X is disabled).
+    fn intx_now(&self) -> Result<Option<&StatusLine>> {
+        let Some(intx) = &self.intx else {
+            return Ok(None);
+        };
+        let msix = self.vectors()?.message_control() & MSIX_ENABLE != 0;
+        Ok((!msix).then_some(intx.as_ref()))
     }
 
     /// The function's vectors, or [`Error::Unplugged`] once their owners dropped them.
@@ -93,17 +115,25 @@ impl QueueVector {
 }
 
 impl GuestInterrupt for QueueVector {
-    /// Triggers the vector; `false` without one ([`NO_VECTOR`]). [`Error::Unplugged`] once the
-    /// device's vectors are gone.
+    /// Triggers the vector; `false` without one ([`NO_VECTOR`]). While MSI-X is disabled on a
+    /// function with INTx, sets the ISR bit instead (`false` when it was set already).
+    /// [`Error::Unplugged`] once the device's vectors are gone.
     fn trigger(&self) -> Result<bool> {
+        if let Some(intx) = self.intx_now()? {
+            return intx.trigger_status(self.isr_bit);
+        }
         match self.vector() {
             NO_VECTOR => Ok(false),
             v => self.vectors()?.trigger(v.into()).map(|()| true),
         }
     }
 
-    /// The current vector's eventfd; `None` for [`NO_VECTOR`].
+    /// The current vector's eventfd; `None` for [`NO_VECTOR`], and on INTx (a write to the
+    /// line's eventfd would raise it without the ISR bit the guest's handler looks for).
     fn eventfd(&self) -> Result<Option<Notifier>> {
+        if self.intx_now()?.is_some() {
+            return Ok(None);
+        }
         match self.vector() {
             NO_VECTOR => Ok(None),
             v => self.vectors()?.notifier(v.into()).map(Some),
@@ -139,6 +169,9 @@ pub struct PciNotifyState {
     pub config_vector: u16,
     /// The function's MSI-X vectors, pending bits included.
     pub msix: MsixState,
+    /// The ISR status bits set and not yet read by the guest (INTx; 0 without it).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub isr: u32,
 }
 
 /// The notification half of a virtio-pci device: per-queue notify addresses and MSI-X vectors.
@@ -152,6 +185,8 @@ pub struct PciNotify {
     queue_vectors: Vec<Arc<QueueVector>>,
     config_vector: QueueVector,
     vectors: MsixVectors,
+    /// The INTx line and the ISR status behind it, with where the line lives.
+    intx: Option<(Arc<StatusLine>, Placement)>,
 }
 
 impl PciNotify {
@@ -161,14 +196,17 @@ impl PciNotify {
     /// that `VIRTIO_F_NOTIFICATION_DATA` writes match too); queues sharing an address take 2-byte
     /// writes of their index (datamatch), as does every queue where KVM lacks
     /// `KVM_CAP_IOEVENTFD_ANY_LENGTH`. Every queue and the configuration start with
-    /// [`NO_VECTOR`]; their interrupts are raised on `vectors`.
+    /// [`NO_VECTOR`]; their interrupts are raised on `vectors`, or with `layout.intx` on that
+    /// GSI's level line (through `router`, placed by the backend's policy) while MSI-X is
+    /// disabled.
     ///
     /// # Errors
     ///
     /// [`Error::VirtioQueueCount`] for more than 65535 queues, [`Error::AddressWraps`] when an
-    /// address overflows, and those of [`Backend::register`].
+    /// address overflows, and those of [`Backend::register`] and [`Backend::level_irqfd`].
     pub(crate) fn new(
         backend: &Backend,
+        router: &GsiRouter,
         layout: &PciLayout,
         vectors: &MsixVectors,
     ) -> Result<PciNotify> {
@@ -185,6 +223,20 @@ impl PciNotify {
         for &addr in &addresses {
             *sharing.entry(addr).or_default() += 1;
         }
+        let intx = match layout.intx {
+            None => None,
+            Some(gsi) => {
+                let line = backend.level_irqfd(
+                    router,
+                    gsi,
+                    &Notifier::new(Mode::Counter)?,
+                    &Notifier::new(Mode::Counter)?,
+                )?;
+                let placement = line.placement().clone();
+                Some((Arc::new(StatusLine::new(Arc::new(line))), placement))
+            }
+        };
+        let status = intx.as_ref().map(|(s, _)| s);
         let any_width = backend.has(Capability::IoEventFdAnyLength);
         let mut queues = Queues::default();
         let mut queue_vectors = Vec::with_capacity(count);
@@ -196,7 +248,7 @@ impl PciNotify {
                     .width(Width::W2)
                     .datamatch(index as u64)
             };
-            let vector = Arc::new(QueueVector::new(vectors));
+            let vector = Arc::new(QueueVector::new(vectors, status, INT_VRING));
             queues.add(backend, at, vector.clone())?;
             queue_vectors.push(vector);
         }
@@ -205,8 +257,9 @@ impl PciNotify {
             addresses,
             queues,
             queue_vectors,
-            config_vector: QueueVector::new(vectors),
+            config_vector: QueueVector::new(vectors, status, INT_CONFIG),
             vectors: vectors.clone(),
+            intx,
         })
     }
 
@@ -271,14 +324,41 @@ impl PciNotify {
         self.config_vector.set(vector)
     }
 
-    /// Notifies the guest of a configuration change on the configuration vector. Returns `false`
-    /// when it is [`NO_VECTOR`].
+    /// Notifies the guest of a configuration change on the configuration vector (on INTx, while
+    /// MSI-X is disabled: the ISR's configuration bit). Returns `false` when the vector is
+    /// [`NO_VECTOR`] (on INTx: when the bit was set already).
     ///
     /// # Errors
     ///
-    /// Those of [`MsixVectors::trigger`].
+    /// Those of [`MsixVectors::trigger`], and of the INTx line's trigger.
     pub fn trigger_config(&self) -> Result<bool> {
         self.config_vector.trigger()
+    }
+
+    /// The guest's read of the ISR status (the ISR capability's byte): returns the bits and
+    /// clears them, lowering the INTx line. Reads 0 on a function without INTx, and while MSI-X
+    /// is enabled nothing sets them, as the spec has it.
+    ///
+    /// # Errors
+    ///
+    /// Those of lowering the line ([`StatusLine::take`]).
+    pub fn read_isr(&self) -> Result<u8> {
+        match &self.intx {
+            None => Ok(0),
+            Some((status, _)) => status.take().map(|bits| bits as u8),
+        }
+    }
+
+    /// The ISR status and its INTx line, on a function with `layout.intx`: the device's loop
+    /// waits on its [`resample`](StatusLine::resample) and calls
+    /// [`on_resample`](StatusLine::on_resample), which asserts the line again while a bit is set.
+    pub fn intx(&self) -> Option<&Arc<StatusLine>> {
+        self.intx.as_ref().map(|(s, _)| s)
+    }
+
+    /// Where the INTx line lives (kernel resample irqfd, or the userspace injector, and why).
+    pub fn intx_placement(&self) -> Option<&Placement> {
+        self.intx.as_ref().map(|(_, p)| p)
     }
 
     /// The function's MSI-X vectors.
@@ -319,6 +399,7 @@ impl PciNotify {
             queues,
             config_vector: self.config_vector.vector(),
             msix: self.vectors.save()?,
+            isr: self.intx().map_or(0, |s| s.status()),
         })
     }
 
@@ -360,8 +441,17 @@ impl PciNotify {
                 what: format!("vector {v} in a table of {table}"),
             });
         }
+        if state.isr != 0 && state.layout.intx.is_none() {
+            return Err(Error::SavedState {
+                what: format!("ISR status {:#x} on a function without INTx", state.isr),
+            });
+        }
         let vectors = MsixVectors::restore(router, &state.msix)?;
-        let pci = PciNotify::new(backend, &state.layout, &vectors)?;
+        let pci = PciNotify::new(backend, router, &state.layout, &vectors)?;
+        if let (Some(status), true) = (pci.intx(), state.isr != 0) {
+            // The interrupt the saved state still owed the guest: the line is asserted again.
+            status.trigger_status(state.isr)?;
+        }
         for (i, q) in state.queues.iter().enumerate() {
             pci.set_queue_vector(i as u16, q.vector);
             if q.unread_kicks > 0 {

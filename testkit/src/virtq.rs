@@ -557,22 +557,48 @@ impl GuestProgram {
         seen_slot: usize,
         zero_slot: usize,
     ) -> Result<()> {
-        let mut nonzero = a.create_label();
         a.mov(
             rdx,
             base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS),
         )?;
         a.mov(eax, dword_ptr(rdx))?;
-        a.or(qword_ptr(super::layout::data_slot(seen_slot)), rax)?;
-        a.test(eax, eax)?;
-        a.jnz(nonzero)?;
-        a.inc(qword_ptr(super::layout::data_slot(zero_slot)))?;
-        a.set_label(&mut nonzero)?;
+        Self::record_status(a, seen_slot, zero_slot)?;
         a.mov(
             rdx,
             base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK),
         )?;
         a.mov(dword_ptr(rdx), eax)?;
+        Ok(())
+    }
+
+    /// A virtio-pci INTx interrupt handler body: reads the ISR status byte at `isr` (the read
+    /// clears it and lowers the line), ORs it into data slot `seen_slot` and counts a read of 0
+    /// in data slot `zero_slot` (an interrupt with nothing to report). Use it inside
+    /// [`on_interrupt_with`](Self::on_interrupt_with).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Assemble`] (inside the handler body).
+    pub fn virtio_pci_isr(
+        a: &mut CodeAssembler,
+        isr: u64,
+        seen_slot: usize,
+        zero_slot: usize,
+    ) -> Result<()> {
+        a.mov(rdx, isr)?;
+        a.movzx(eax, byte_ptr(rdx))?;
+        Self::record_status(a, seen_slot, zero_slot)
+    }
+
+    /// The status bits read into `eax`: ORed into data slot `seen_slot`, a read of 0 counted in
+    /// data slot `zero_slot`.
+    fn record_status(a: &mut CodeAssembler, seen_slot: usize, zero_slot: usize) -> Result<()> {
+        let mut nonzero = a.create_label();
+        a.or(qword_ptr(super::layout::data_slot(seen_slot)), rax)?;
+        a.test(eax, eax)?;
+        a.jnz(nonzero)?;
+        a.inc(qword_ptr(super::layout::data_slot(zero_slot)))?;
+        a.set_label(&mut nonzero)?;
         Ok(())
     }
 }

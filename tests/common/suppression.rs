@@ -86,6 +86,7 @@ pub fn run(
         notify_base: NOTIFY_BASE,
         notify_off_multiplier: 4,
         queue_notify_off: vec![0],
+        intx: None,
     };
     let pci = root.virtio_pci(&layout, &msix).unwrap();
     pci.set_queue_vector(0, 0);

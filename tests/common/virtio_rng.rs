@@ -9,7 +9,7 @@ use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vm_notify::virtio::{MmioInterrupt, VirtQueueNotify};
+use vm_notify::virtio::{StatusLine, VirtQueueNotify};
 use vm_notify::wait::{EventLoop, StopHandle};
 use vm_notify_testkit::SplitQueue;
 
@@ -108,7 +108,7 @@ const RESAMPLE: u64 = u64::MAX - 1;
 pub struct RngDevice {
     mem: GuestMemoryMmap,
     queues: Vec<(VirtQueueNotify, Queue)>,
-    irq: Option<Arc<MmioInterrupt>>,
+    irq: Option<Arc<StatusLine>>,
     random: File,
     stats: RngStats,
 }
@@ -118,7 +118,7 @@ impl RngDevice {
     pub fn new(
         mem: GuestMemoryMmap,
         queues: &[(VirtQueueNotify, SplitQueue)],
-        irq: Option<Arc<MmioInterrupt>>,
+        irq: Option<Arc<StatusLine>>,
     ) -> RngDevice {
         let queues: Vec<_> = queues
             .iter()

@@ -5,7 +5,7 @@
 //! irqfd or an MSI-X vector, or the VMM's own source) and it serves the queue with
 //! [`QueueServer`], which suppresses kicks and interrupts as the driver asks. (A virtio-mmio
 //! device on a level line also waits on the line's resample notifier and re-asserts while
-//! `InterruptStatus` is set, `MmioInterrupt::on_resample`; that loop is the transport's, outside
+//! `InterruptStatus` is set, `StatusLine::on_resample`; that loop is the transport's, outside
 //! the contract this crate uses.)
 //!
 //! Its tests run without `/dev/kvm`: virtio-queue's mock rings stand in for the driver and
