@@ -1,11 +1,9 @@
 //! The console's output: the guest's serial lines go to standard output, and the two lines
-//! between which the guest reads its `/proc/interrupts` are watched, so each device's MSI-X
+//! between which the guest reads its `/proc/interrupts` are watched, so each device's
 //! deliveries are noted around the guest's count.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
-
-use vm_notify::msix::MsixVectors;
 
 use crate::lock;
 
@@ -13,12 +11,16 @@ use crate::lock;
 const SNAPSHOT_BEGINS: &[u8] = b"L2: interrupts snapshot begins";
 const SNAPSHOT_ENDS: &[u8] = b"L2: interrupts snapshot ends";
 
-/// Devices whose MSI-X deliveries are noted when the guest announces its interrupt snapshot and
-/// when it has taken it. A driver may start a request at any time (virtio-rng refills its
-/// buffer ahead of the reader), so the guest's count is checked to lie between the two.
+/// A device's count of the interrupts the guest has taken from it: its MSI-X deliveries, or on a
+/// level line the EOIs that resampled it (one per interrupt taken).
+pub type Delivered = Box<dyn Fn() -> u64 + Send>;
+
+/// Devices whose deliveries are noted when the guest announces its interrupt snapshot and when
+/// it has taken it. A driver may start a request at any time (virtio-rng refills its buffer
+/// ahead of the reader), so the guest's count is checked to lie between the two.
 #[derive(Default)]
 pub struct Watched {
-    pub devices: Vec<(&'static str, MsixVectors)>,
+    pub devices: Vec<(&'static str, Delivered)>,
     /// Per device: deliveries at the first line, then at the second.
     pub snapshot: Vec<(&'static str, u64, Option<u64>)>,
 }
@@ -51,7 +53,7 @@ impl Write for Output {
                 let snapshot = watched
                     .devices
                     .iter()
-                    .map(|(name, msix)| (*name, msix.stats().delivered, None))
+                    .map(|(name, delivered)| (*name, delivered(), None))
                     .collect();
                 watched.snapshot = snapshot;
             } else if has(SNAPSHOT_ENDS) {
@@ -59,7 +61,7 @@ impl Write for Output {
                 let ends: Vec<u64> = watched
                     .devices
                     .iter()
-                    .map(|(_, msix)| msix.stats().delivered)
+                    .map(|(_, delivered)| delivered())
                     .collect();
                 for (noted, end) in watched.snapshot.iter_mut().zip(ends) {
                     noted.2 = Some(end);

@@ -14,13 +14,16 @@
 //! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
 //! exits through the one `IoManager`; `--mmio` puts the devices on virtio-mmio (described in the
 //! DSDT, each interrupting on a level IOAPIC pin) instead of PCI; `--split-irqchip` leaves KVM
-//! the local APICs only and serves the IOAPIC from vm-notify (`KVM_CAP_SPLIT_IRQCHIP`).
+//! the local APICs only and serves the IOAPIC from vm-notify (`KVM_CAP_SPLIT_IRQCHIP`). Every
+//! PCI function also has INTA#, routed by the DSDT's `_PRT` to its own IOAPIC pin: a guest that
+//! leaves MSI-X off (`--append pci=nomsi`) gets its interrupts there, behind the ISR status.
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
 //! are one line, `linux_vmm-summary {json}`, which `scripts/linux-guest` parses (how the run
 //! ended, the exits, and per device its features, kicks, requests, bytes, MSI-X counts, its
-//! deliveries around the guest's `/proc/interrupts` snapshot and how its thread ended).
+//! deliveries — MSI-X messages, or the EOIs of its level line — around the guest's
+//! `/proc/interrupts` snapshot and how its thread ended).
 //!
 //! The files, one concern each: `boot.rs` (memory, the boot protocol, the vCPU), `acpi.rs` (the
 //! tables), `legacy.rs` (serial, i8042, CMOS), `console.rs` (the console's output), `pci.rs`
@@ -237,7 +240,7 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
 
     fn summary(
         &self,
-        _snapshot: Option<(u64, Option<u64>)>,
+        snapshot: Option<(u64, Option<u64>)>,
         thread: &Result<(), String>,
     ) -> serde_json::Value {
         let stats = self.stats();
@@ -257,6 +260,9 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
             "interrupts": stats.interrupts.load(Relaxed),
             "resamples": stats.resamples.load(Relaxed),
             "reasserts": stats.reasserts.load(Relaxed),
+            "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
+                serde_json::json!({ "before": before, "after": after })
+            }),
             "queue_notify_exits": self.notify_exits(),
             "thread": match thread {
                 Ok(()) => "stopped and joined".to_string(),
@@ -555,6 +561,9 @@ fn main() -> Result<(), Error> {
             args.event_idx,
         )?);
         functions.push((rng.clone(), rng.regions()));
+        lock(&watched)
+            .devices
+            .push((rng.name(), rng.clone().delivered()));
         if let (Some(blk), Some(&(base, gsi))) = (disk, mmio_slots.get(1)) {
             let blk = Arc::new(VirtioMmio::new(
                 &vm,
@@ -565,6 +574,9 @@ fn main() -> Result<(), Error> {
                 args.event_idx,
             )?);
             functions.push((blk.clone(), blk.regions()));
+            lock(&watched)
+                .devices
+                .push((blk.name(), blk.clone().delivered()));
         }
     } else {
         #[cfg_attr(not(feature = "vhost-user"), allow(unused_mut))]
@@ -600,7 +612,7 @@ fn main() -> Result<(), Error> {
         if !rng.is_vhost() {
             lock(&watched)
                 .devices
-                .push((rng.name(), rng.msix().clone()));
+                .push((rng.name(), rng.clone().delivered()));
         }
         if let Some(blk) = disk {
             let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
@@ -617,7 +629,7 @@ fn main() -> Result<(), Error> {
             pci_functions.push(blk.clone());
             lock(&watched)
                 .devices
-                .push((blk.name(), blk.msix().clone()));
+                .push((blk.name(), blk.clone().delivered()));
         }
     }
 

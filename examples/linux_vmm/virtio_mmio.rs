@@ -145,6 +145,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &self.stats
     }
 
+    /// The interrupts the guest has taken from the device so far, as the device counts them:
+    /// the EOIs that resampled its level line, one per interrupt taken.
+    pub fn delivered(self: Arc<Self>) -> crate::console::Delivered {
+        Box::new(move || self.stats.resamples.load(Ordering::Relaxed))
+    }
+
     /// Queue notifications that exited to the VMM.
     pub fn notify_exits(&self) -> u64 {
         self.notify_exits.load(Ordering::Relaxed)

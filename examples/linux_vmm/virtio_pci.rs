@@ -421,11 +421,6 @@ impl<D: VirtioDevice> VirtioPci<D> {
         (queue, config, self.msix.stats())
     }
 
-    /// The function's MSI-X vectors.
-    pub fn msix(&self) -> &MsixVectors {
-        &self.msix
-    }
-
     /// What the device thread did.
     pub fn stats(&self) -> &DeviceStats {
         &self.stats
@@ -502,6 +497,16 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// Whether the driver enabled MSI-X (else the function interrupts on INTx).
     pub fn msix_enabled(&self) -> bool {
         self.msix.message_control() & vm_notify::msix::MSIX_ENABLE != 0
+    }
+
+    /// The interrupts the guest has taken from the function so far, as the function counts
+    /// them: its MSI-X deliveries, or on INTx the EOIs that resampled its line (one per
+    /// interrupt taken).
+    pub fn delivered(self: Arc<Self>) -> crate::console::Delivered {
+        Box::new(move || match self.msix_enabled() {
+            true => self.msix.stats().delivered,
+            false => self.stats.resamples.load(Ordering::Relaxed),
+        })
     }
 
     fn registers_write(&self, offset: u64, data: &[u8]) {
