@@ -65,7 +65,7 @@ use vm_notify::Vm;
 
 use pci::PciFunction;
 use virtio_mmio::VirtioMmio;
-use virtio_pci::{VirtioDevice, VirtioPci};
+use virtio_pci::{DeviceStats, VirtioDevice, VirtioPci};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -157,13 +157,57 @@ trait Function {
     fn name(&self) -> &'static str;
     /// Where its MMIO parts start: BAR 0, or the virtio-mmio window.
     fn base(&self) -> u64;
+    /// What its threads did.
+    fn stats(&self) -> &DeviceStats;
+    /// The features the driver accepted.
+    fn driver_features(&self) -> u64;
+    fn queues(&self) -> u16;
+    /// Whether an external vhost-user backend served it (then it has no device thread).
+    fn is_vhost(&self) -> bool;
+    /// The figures only its transport has, as a JSON object.
+    fn transport_figures(&self) -> serde_json::Value;
+    fn stop(&self) -> Result<(), String>;
+    fn notify_exits(&self) -> u64;
+
+    /// Its end-of-run figures: what its threads did, its deliveries around the guest's
+    /// `/proc/interrupts` snapshot, its queue-notify exits, how its threads ended, and its
+    /// transport's own figures.
     fn summary(
         &self,
         snapshot: Option<(u64, Option<u64>)>,
         thread: &Result<(), String>,
-    ) -> serde_json::Value;
-    fn stop(&self) -> Result<(), String>;
-    fn notify_exits(&self) -> u64;
+    ) -> serde_json::Value {
+        let (stats, features) = (self.stats(), self.driver_features());
+        let mut figures = serde_json::json!({
+            "name": self.name(),
+            "vhost_user": self.is_vhost(),
+            "features": format!("{features:#x}"),
+            "queues": self.queues(),
+            "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
+            "kicks": stats.kicks.load(Relaxed),
+            "requests": stats.requests.load(Relaxed),
+            "bytes": stats.bytes.load(Relaxed),
+            "malformed": stats.malformed.load(Relaxed),
+            "interrupts": stats.interrupts.load(Relaxed),
+            "resamples": stats.resamples.load(Relaxed),
+            "reasserts": stats.reasserts.load(Relaxed),
+            "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
+                serde_json::json!({ "before": before, "after": after })
+            }),
+            "queue_notify_exits": self.notify_exits(),
+            "thread": match thread {
+                Ok(()) if self.is_vhost() => "none: the vhost-user backend served the queue".to_string(),
+                Ok(()) => "stopped and joined".to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+        });
+        if let (Some(all), serde_json::Value::Object(own)) =
+            (figures.as_object_mut(), self.transport_figures())
+        {
+            all.extend(own);
+        }
+        figures
+    }
 }
 
 impl<D: VirtioDevice> Function for VirtioPci<D> {
@@ -175,47 +219,37 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
         VirtioPci::bar0(self)
     }
 
-    fn summary(
-        &self,
-        snapshot: Option<(u64, Option<u64>)>,
-        thread: &Result<(), String>,
-    ) -> serde_json::Value {
-        let stats = self.stats();
+    fn stats(&self) -> &DeviceStats {
+        VirtioPci::stats(self)
+    }
+
+    fn driver_features(&self) -> u64 {
+        VirtioPci::driver_features(self)
+    }
+
+    fn queues(&self) -> u16 {
+        VirtioPci::queues(self)
+    }
+
+    fn is_vhost(&self) -> bool {
+        VirtioPci::is_vhost(self)
+    }
+
+    fn transport_figures(&self) -> serde_json::Value {
+        let stats = VirtioPci::stats(self);
         let (queue_vector, config_vector, msix) = self.vectors();
-        let features = self.driver_features();
         serde_json::json!({
-            "name": D::NAME,
             "transport": "pci",
-            "vhost_user": self.is_vhost(),
-            "features": format!("{features:#x}"),
-            "queues": self.queues(),
-            "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
-            "kicks": stats.kicks.load(Relaxed),
-            "requests": stats.requests.load(Relaxed),
-            "bytes": stats.bytes.load(Relaxed),
-            "malformed": stats.malformed.load(Relaxed),
             "busy_ms": stats.busy_ns.load(Relaxed) as f64 / 1e6,
             "page_faults": stats.faults.load(Relaxed),
             "queue_vector": queue_vector,
             "config_vector": config_vector,
             "interrupt": if self.msix_enabled() { "msi-x" } else { "intx" },
-            "interrupts": stats.interrupts.load(Relaxed),
-            "resamples": stats.resamples.load(Relaxed),
-            "reasserts": stats.reasserts.load(Relaxed),
             "msix": {
                 "raised": msix.raised,
                 "delivered": msix.delivered,
                 "raised_while_masked": msix.raised_while_masked,
                 "pending_at_unmask": msix.pending_at_unmask,
-            },
-            "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
-                serde_json::json!({ "before": before, "after": after })
-            }),
-            "queue_notify_exits": self.notify_exits(),
-            "thread": match thread {
-                Ok(()) if self.is_vhost() => "none: the vhost-user backend served the queue".to_string(),
-                Ok(()) => "stopped and joined".to_string(),
-                Err(e) => format!("error: {e}"),
             },
         })
     }
@@ -238,37 +272,24 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
         VirtioMmio::base(self)
     }
 
-    fn summary(
-        &self,
-        snapshot: Option<(u64, Option<u64>)>,
-        thread: &Result<(), String>,
-    ) -> serde_json::Value {
-        let stats = self.stats();
-        let features = self.driver_features();
-        serde_json::json!({
-            "name": D::NAME,
-            "transport": "mmio",
-            "gsi": self.gsi(),
-            "vhost_user": false,
-            "features": format!("{features:#x}"),
-            "queues": self.queues(),
-            "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
-            "kicks": stats.kicks.load(Relaxed),
-            "requests": stats.requests.load(Relaxed),
-            "bytes": stats.bytes.load(Relaxed),
-            "malformed": stats.malformed.load(Relaxed),
-            "interrupts": stats.interrupts.load(Relaxed),
-            "resamples": stats.resamples.load(Relaxed),
-            "reasserts": stats.reasserts.load(Relaxed),
-            "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
-                serde_json::json!({ "before": before, "after": after })
-            }),
-            "queue_notify_exits": self.notify_exits(),
-            "thread": match thread {
-                Ok(()) => "stopped and joined".to_string(),
-                Err(e) => format!("error: {e}"),
-            },
-        })
+    fn stats(&self) -> &DeviceStats {
+        VirtioMmio::stats(self)
+    }
+
+    fn driver_features(&self) -> u64 {
+        VirtioMmio::driver_features(self)
+    }
+
+    fn queues(&self) -> u16 {
+        VirtioMmio::queues(self)
+    }
+
+    fn is_vhost(&self) -> bool {
+        false
+    }
+
+    fn transport_figures(&self) -> serde_json::Value {
+        serde_json::json!({ "transport": "mmio", "gsi": self.gsi() })
     }
 
     fn stop(&self) -> Result<(), String> {
