@@ -96,11 +96,12 @@ qemu_files() {
 # boot_l1 INITRD LOG RUNS [BOOT_S] [ALL_S]: boots the L1 (QEMU TCG, -cpu max, 2 CPUs, 2 GiB)
 # from INITRD, its kernel command line naming RUNS (runs=A,B,...; its /init makes them, each
 # bracketed by "L1: run NAME begins" and "L1: run NAME ended" lines), its console in LOG.
-# This L1 (TCG running kvm_amd) crashes now and then under a two-vCPU L2 on the split
-# irqchip: its own kernel takes an interrupt right after VMRUN returns, before KVM has
+# This L1 (TCG running kvm_amd) crashes now and then, most often under a two-vCPU L2 on the
+# split irqchip: its own kernel takes an interrupt right after VMRUN returns, before KVM has
 # restored the host's GS, and faults until its stack overflows ("stack guard page was hit";
 # seen 2 of 3 times in the split irqchip's virtio-mmio cell, whose level interrupts reach the
-# vCPUs as KVM_SIGNAL_MSI from the injector thread on the other CPU). Then it is booted
+# vCPUs as KVM_SIGNAL_MSI from the injector thread on the other CPU), or it resets silently
+# (seen on both irqchips). Then it is booted
 # again for the runs that had not ended, each run begun at most three times; the console
 # shows each boot ("L1-BOOT: ") and the check notes where the L1 died. A boot is cut off
 # after BOOT_S, 900 by default (linux-guest's runs take about 300; seen once: an L1 that
