@@ -33,7 +33,7 @@ use vm_notify_testkit::{kvm_test, Suppression};
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
 mod common;
-use common::suppression::{check, run, Counts};
+use common::suppression::{check, run, Counts, Serving};
 
 const DEPTHS: [u8; 3] = [1, 8, 64];
 /// The device's time per request in the two regimes: none (the device, native, is far faster
@@ -125,7 +125,7 @@ fn report(work: Duration, reps: usize, batches: usize, hz: f64) {
         for depth in DEPTHS {
             let depths = vec![depth; batches];
             for (name, mode, moderation) in variants() {
-                let c = run(mode, moderation, &depths, true, work);
+                let c = run(mode, Serving::Serve(moderation), &depths, true, work);
                 check(mode, &c);
                 let f = figures(&c, hz);
                 eprintln!("rep {rep} work {w} µs depth {depth} {name}: {f:?}");

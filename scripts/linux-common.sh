@@ -93,8 +93,8 @@ qemu_files() {
     echo "$qemu:usr/bin/qemu-system-x86_64"
 }
 
-# boot_l1 INITRD LOG RUNS [BOOT_S] [ALL_S]: boots the L1 (QEMU TCG, -cpu max, 2 CPUs, 2 GiB)
-# from INITRD, its kernel command line naming RUNS (runs=A,B,...; its /init makes them, each
+# boot_l1 INITRD LOG RUNS [BOOT_S] [ALL_S]: boots the L1 (QEMU TCG, -cpu max, $L1_SMP CPUs (2
+# by default), 2 GiB, and $L1_QEMU_ARGS if set) from INITRD, its kernel command line naming RUNS (runs=A,B,...; its /init makes them, each
 # bracketed by "L1: run NAME begins" and "L1: run NAME ended" lines), its console in LOG.
 # This L1 (TCG running kvm_amd) crashes now and then, most often under a two-vCPU L2 on the
 # split irqchip: its own kernel takes an interrupt right after VMRUN returns, before KVM has
@@ -120,8 +120,9 @@ boot_l1() {
         if [ "$boot" -gt 1 ]; then
             echo "L1-BOOT: boot $boot for the runs that had not ended: $remaining" | tee -a "$log"
         fi
-        timeout "$per" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 -nographic -no-reboot \
-            -kernel "$vmlinuz" -initrd "$initrd" \
+        # shellcheck disable=SC2086 # L1_QEMU_ARGS is a list of arguments
+        timeout "$per" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp "${L1_SMP:-2}" \
+            -nographic -no-reboot -kernel "$vmlinuz" -initrd "$initrd" ${L1_QEMU_ARGS:-} \
             -append "console=ttyS0 panic=-1 quiet runs=$(echo $remaining | tr ' ' ,)" |
             tee -a "$log" || true
         ended=$(sed -n 's/^L1: run \([^ ]*\) ended at.*/\1/p' "$log")

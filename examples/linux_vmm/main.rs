@@ -6,7 +6,9 @@
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
 //!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
-//!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120]
+//!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120] \
+//!     [--policy kernel|auto|userspace] [--no-ioeventfd] [--blk-moderation off|K,MICROS] \
+//!     [--disk-direct] [--blk-io sync|uring] [--blk-poll MICROS]
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
@@ -17,6 +19,15 @@
 //! the local APICs only and serves the IOAPIC from vm-notify (`KVM_CAP_SPLIT_IRQCHIP`). Every
 //! PCI function also has INTA#, routed by the DSDT's `_PRT` to its own IOAPIC pin: a guest that
 //! leaves MSI-X off (`--append pci=nomsi`) gets its interrupts there, behind the ISR status.
+//! `--policy` says where vm-notify puts kicks and interrupts (`kernel`, the default: ioeventfd
+//! and irqfd; `userspace`: every kick exits and every interrupt goes through vm-notify's
+//! injector thread); `--no-ioeventfd` takes kicks as exits but leaves interrupts in the kernel.
+//! `--blk-moderation K,MICROS` has the block queue's `QueueServer` hold up to K interrupts for at
+//! most MICROS while more requests wait in the ring (`off`, the default: none held).
+//! `--disk-direct` opens the disk image with `O_DIRECT`, past the host's page cache; `--blk-io
+//! uring` moves the block device's data through an io_uring per queue instead of a synchronous
+//! `preadv`/`pwritev` per request; `--blk-poll MICROS` has the block queue's server watch the
+//! ring for up to that long (a self-tuning window) before asking the driver for kicks again.
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
@@ -46,6 +57,7 @@ mod virtio_mmio;
 mod virtio_pci;
 
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -61,7 +73,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vm_notify::fallback::Policy;
 use vm_notify::io::IoRegion;
 use vm_notify::irqchip::{Ioapic, IOAPIC_BASE, IOAPIC_SIZE};
-use vm_notify::Vm;
+use vm_notify::virtio::Moderation;
+use vm_notify::{Capability, Vm};
 
 use pci::PciFunction;
 use virtio_mmio::VirtioMmio;
@@ -93,6 +106,12 @@ struct Args {
     vcpus: u8,
     mmio: bool,
     split_irqchip: bool,
+    policy: Policy,
+    ioeventfd: bool,
+    blk_moderation: Option<Moderation>,
+    disk_direct: bool,
+    blk_io: blk::BlkIo,
+    blk_poll: Option<Duration>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -108,6 +127,12 @@ fn args() -> Result<Args, Error> {
         vcpus: 1,
         mmio: false,
         split_irqchip: false,
+        policy: Policy::Kernel,
+        ioeventfd: true,
+        blk_moderation: None,
+        disk_direct: false,
+        blk_io: blk::BlkIo::Sync,
+        blk_poll: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -125,6 +150,27 @@ fn args() -> Result<Args, Error> {
             "--vcpus" => a.vcpus = value()?.parse()?,
             "--mmio" => a.mmio = true,
             "--split-irqchip" => a.split_irqchip = true,
+            "--policy" => {
+                a.policy = match value()?.as_str() {
+                    "kernel" => Policy::Kernel,
+                    "auto" => Policy::Auto,
+                    "userspace" => Policy::Userspace,
+                    other => {
+                        return Err(format!("--policy {other}: kernel, auto or userspace").into())
+                    }
+                }
+            }
+            "--no-ioeventfd" => a.ioeventfd = false,
+            "--blk-moderation" => a.blk_moderation = moderation(&value()?)?,
+            "--disk-direct" => a.disk_direct = true,
+            "--blk-poll" => a.blk_poll = Some(Duration::from_micros(value()?.parse()?)),
+            "--blk-io" => {
+                a.blk_io = match value()?.as_str() {
+                    "sync" => blk::BlkIo::Sync,
+                    "uring" => blk::BlkIo::Uring,
+                    other => return Err(format!("--blk-io {other}: sync or uring").into()),
+                }
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -134,10 +180,28 @@ fn args() -> Result<Args, Error> {
     if !(1..=MAX_VCPUS).contains(&a.vcpus) {
         return Err(format!("--vcpus {}: 1 to {MAX_VCPUS}", a.vcpus).into());
     }
+    if !a.ioeventfd && a.policy == Policy::Kernel {
+        // Kicks go where the kernel cannot take them: the exits.
+        a.policy = Policy::Auto;
+    }
     if a.mmio && a.vhost_rng.is_some() {
         return Err("--vhost-rng is served over virtio-pci only".into());
     }
     Ok(a)
+}
+
+/// `--blk-moderation`: `off`, or `K,MICROS` (at most K interrupts held, none for longer).
+fn moderation(value: &str) -> Result<Option<Moderation>, Error> {
+    if value == "off" {
+        return Ok(None);
+    }
+    let (held, micros) = value
+        .split_once(',')
+        .ok_or(format!("--blk-moderation {value}: off or K,MICROS"))?;
+    Ok(Some(Moderation {
+        max_held: held.parse()?,
+        budget: Duration::from_micros(micros.parse()?),
+    }))
 }
 
 /// Registers a device's MMIO parts at `base` (a function's BAR 0, where it stays: see
@@ -191,6 +255,7 @@ trait Function {
             "interrupts": stats.interrupts.load(Relaxed),
             "resamples": stats.resamples.load(Relaxed),
             "reasserts": stats.reasserts.load(Relaxed),
+            "polled": stats.polled.load(Relaxed),
             "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
                 serde_json::json!({ "before": before, "after": after })
             }),
@@ -491,14 +556,18 @@ fn main() -> Result<(), Error> {
     // local APICs, the IOAPIC is vm-notify's in userspace, there is no PIC or PIT: the guest's
     // hardware-reduced ACPI asks for no legacy timer).
     let vm = if args.split_irqchip {
-        Vm::with_split_irqchip(fd.clone(), Policy::Kernel)?
+        Vm::with_split_irqchip(fd.clone(), args.policy)?
     } else {
         fd.create_irq_chip()?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         })?;
-        Vm::new(fd.clone(), Policy::Kernel)?
+        Vm::new(fd.clone(), args.policy)?
+    };
+    let vm = match args.ioeventfd {
+        true => vm,
+        false => vm.disable(Capability::IoEventFd),
     };
 
     // Memory: one region from 0. With a vhost-user backend, guest memory is a memfd mapped
@@ -560,11 +629,19 @@ fn main() -> Result<(), Error> {
     // own BAR 0; with --mmio: virtio-mmio windows the DSDT describes.
     let disk = match &args.disk {
         Some(path) => {
+            let direct = if args.disk_direct { libc::O_DIRECT } else { 0 };
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(direct)
                 .open(path)?;
-            Some(blk::Blk::new(file, args.vcpus.into())?)
+            Some(blk::Blk::new(
+                file,
+                args.vcpus.into(),
+                args.blk_moderation,
+                args.blk_poll,
+                args.blk_io,
+            )?)
         }
         None => None,
     };
@@ -683,7 +760,8 @@ fn main() -> Result<(), Error> {
         map_regions(&mut io, f.base(), regions)?;
     }
     // On the split irqchip: the IOAPIC's window, and the injector that serves its pins (the
-    // interrupts of the serial port and the virtio-mmio lines), a thread this VMM runs.
+    // interrupts of the serial port and the virtio-mmio lines), a thread this VMM runs; the
+    // injector also runs when --policy places interrupts in userspace.
     let ioapic = vm.ioapic().cloned();
     if let Some(ioapic) = &ioapic {
         io.register_mmio(
@@ -691,9 +769,9 @@ fn main() -> Result<(), Error> {
             Arc::new(IoRegion::ioapic(ioapic)),
         )?;
     }
-    let injector = match &ioapic {
-        Some(_) => Some(vm.injector()?.spawn()?),
-        None => None,
+    let injector = match ioapic.is_some() || args.policy != Policy::Kernel {
+        true => Some(vm.injector()?.spawn()?),
+        false => None,
     };
 
     eprintln!(
@@ -744,9 +822,17 @@ fn main() -> Result<(), Error> {
         "seconds": started.elapsed().as_secs_f64(),
         "exits": { "pio": pio_exits, "mmio": mmio_exits },
         "queue_notify_exits": queue_notify_exits,
+        "policy": format!("{:?}", args.policy),
+        "ioeventfd": args.ioeventfd,
         "devices": devices,
         "irqchip": match &ioapic {
-            None => serde_json::json!({ "kind": "in-kernel" }),
+            None => serde_json::json!({
+                "kind": "in-kernel",
+                "injector": injector.as_ref().map(|stopped| match stopped {
+                    Ok(()) => "stopped and joined".to_string(),
+                    Err(e) => format!("error: {e}"),
+                }),
+            }),
             Some(io) => {
                 let st = io.stats();
                 serde_json::json!({

@@ -23,10 +23,10 @@ use vm_memory::GuestMemoryMmap;
 use vm_notify::io::IoRegion;
 use vm_notify::msix::{MsixStats, MsixVectors};
 use vm_notify::virtio::{
-    PciLayout, PciNotify, QueueServer, StatusLine, VirtQueueNotify, NO_VECTOR,
+    PciLayout, PciNotify, QueueServer, ServeStats, StatusLine, VirtQueueNotify, NO_VECTOR,
 };
 use vm_notify::wait::{EventLoop, StopHandle, Wake};
-use vm_notify::Vm;
+use vm_notify::{Notifier, Vm};
 
 use crate::lock;
 use crate::pci::PciFunction;
@@ -82,6 +82,8 @@ pub struct DeviceStats {
     pub resamples: AtomicU64,
     /// A level line asserted again at a resample, its status still set.
     pub reasserts: AtomicU64,
+    /// Times ring polling found buffers the driver had not kicked for.
+    pub polled: AtomicU64,
 }
 
 /// The calling thread's page faults so far (minor and major).
@@ -115,6 +117,11 @@ pub trait VirtioDevice: Send + 'static {
     {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// Sets up a queue's server: interrupt moderation, ring polling (neither unless it says
+    /// otherwise).
+    fn configure(&self, _server: &mut QueueServer) -> vm_notify::Result<()> {
+        Ok(())
+    }
     /// Completes one descriptor chain: returns the bytes written into the chain's writable
     /// buffers (the used length), or `None` for a chain it cannot serve (returned empty).
     fn complete(
@@ -123,6 +130,38 @@ pub trait VirtioDevice: Send + 'static {
         chain: DescriptorChain<&GuestMemoryMmap>,
         stats: &DeviceStats,
     ) -> Option<u32>;
+
+    /// An asynchronous device's completion notifier: the device thread takes chains with
+    /// `begin`, hands what it began to the kernel with `submit`, and when this notifier fires
+    /// collects what finished with `reap`. `None` (the default): every chain completes in
+    /// `complete`.
+    fn completions(&self) -> Option<&Notifier> {
+        None
+    }
+    /// Begins one chain: done at once (as `complete`), or pending until `reap` returns it.
+    fn begin(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        stats: &DeviceStats,
+    ) -> Begun {
+        Begun::Done(self.complete(mem, chain, stats))
+    }
+    /// Hands the chains begun since the last call to whatever completes them.
+    fn submit(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Adds the chains that finished since the last call to `done`: each its head index and
+    /// used length.
+    fn reap(&mut self, _mem: &GuestMemoryMmap, _stats: &DeviceStats, _done: &mut Vec<(u16, u32)>) {}
+}
+
+/// What became of a chain an asynchronous device began.
+pub enum Begun {
+    /// Completed now: the used length, or `None` for a chain it cannot serve.
+    Done(Option<u32>),
+    /// In flight; `reap` returns it.
+    Pending,
 }
 
 /// A queue's configuration, as the driver writes it (on either transport).
@@ -799,22 +838,30 @@ fn serve<D: VirtioDevice>(
 ) -> vm_notify::Result<()> {
     const KICK: u64 = 0;
     const RESAMPLE: u64 = 1;
+    const COMPLETED: u64 = 2;
+    device.configure(&mut server)?;
     events.add(KICK, server.notify().kicks())?;
     if let Some(notifier) = resample.and_then(|irq| irq.resample()) {
         events.add(RESAMPLE, notifier)?;
     }
-    let (mut ready, mut signalled) = (Vec::new(), 0);
+    let asynchronous = match device.completions() {
+        Some(done) => events.add(COMPLETED, done).map(|()| true)?,
+        None => false,
+    };
+    let (mut ready, mut seen) = (Vec::new(), ServeStats::default());
+    let mut done: Vec<(u16, u32)> = Vec::new();
     loop {
         if events.wait(None, &mut ready)? == Wake::Stopped {
             return Ok(());
         }
-        let mut kicked = false;
+        let (mut kicked, mut completed) = (false, false);
         for &(token, count) in &ready {
             match token {
                 KICK => {
                     stats.kicks.fetch_add(count, Ordering::Relaxed);
                     kicked = true;
                 }
+                COMPLETED => completed = true,
                 _ => {
                     stats.resamples.fetch_add(count, Ordering::Relaxed);
                     if let Some(irq) = resample {
@@ -825,27 +872,60 @@ fn serve<D: VirtioDevice>(
                 }
             }
         }
-        if !kicked {
+        let served = if asynchronous {
+            if kicked {
+                // Every available chain begun, then handed to the kernel at once.
+                server.take_at_most(mem, u64::MAX, |chain| {
+                    let head = chain.head_index();
+                    let started = std::time::Instant::now();
+                    let begun = device.begin(mem, chain, stats);
+                    let busy = started.elapsed().as_nanos() as u64;
+                    stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+                    if let Begun::Done(len) = begun {
+                        done.push((head, used_length(len, stats)));
+                    }
+                })?;
+                device.submit().map_err(|e| vm_notify::Error::Virtqueue {
+                    op: "submit the requests",
+                    reason: e.to_string(),
+                })?;
+            }
+            if completed {
+                device.reap(mem, stats, &mut done);
+            }
+            // What finished goes back to the guest together: at most one interrupt.
+            server.complete(mem, done.drain(..))?
+        } else if kicked {
+            server.serve(mem, |chain| {
+                let (started, faults) = (std::time::Instant::now(), thread_faults());
+                let len = device.complete(mem, chain, stats);
+                let busy = started.elapsed().as_nanos() as u64;
+                stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+                stats
+                    .faults
+                    .fetch_add(thread_faults() - faults, Ordering::Relaxed);
+                used_length(len, stats)
+            })?
+        } else {
             continue;
-        }
-        let served = server.serve(mem, |chain| {
-            let (started, faults) = (std::time::Instant::now(), thread_faults());
-            let len = device.complete(mem, chain, stats);
-            let busy = started.elapsed().as_nanos() as u64;
-            stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
-            stats
-                .faults
-                .fetch_add(thread_faults() - faults, Ordering::Relaxed);
-            len.unwrap_or_else(|| {
-                stats.malformed.fetch_add(1, Ordering::Relaxed);
-                0
-            })
-        })?;
+        };
         stats.requests.fetch_add(served, Ordering::Relaxed);
-        let now = server.stats().interrupts;
+        let now = server.stats();
         stats
             .interrupts
-            .fetch_add(now - signalled, Ordering::Relaxed);
-        signalled = now;
+            .fetch_add(now.interrupts - seen.interrupts, Ordering::Relaxed);
+        stats
+            .polled
+            .fetch_add(now.polled - seen.polled, Ordering::Relaxed);
+        seen = now;
     }
+}
+
+/// A chain's used length: what the device wrote, or 0 (counted as malformed) for one it could
+/// not serve.
+fn used_length(len: Option<u32>, stats: &DeviceStats) -> u32 {
+    len.unwrap_or_else(|| {
+        stats.malformed.fetch_add(1, Ordering::Relaxed);
+        0
+    })
 }

@@ -29,6 +29,12 @@
 //!   the budget, its time guessed from the last chain's; there is no timer, so a chain slower
 //!   than the one before can still overrun the budget by the difference.
 //!
+//! * **Devices that complete later** (asynchronous I/O: io_uring, a thread pool):
+//!   [`QueueServer::take_at_most`] hands out every available chain with the same kick
+//!   suppression and re-check as `serve`, and [`QueueServer::complete`] later puts a batch of
+//!   finished ones on the used ring — in any order — and decides once, for the batch, whether
+//!   the driver wants an interrupt.
+//!
 //! The server does not wait: the device's thread waits however it likes — a blocking read of
 //! [`VirtQueueNotify::kicks`], [`AdaptivePoll::wait`](crate::wait::AdaptivePoll::wait), or an
 //! [`EventLoop`](crate::wait::EventLoop) with many queues — and calls
@@ -66,6 +72,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::VirtQueueNotify;
 use crate::error::{Error, Result};
+use crate::wait::AdaptivePoll;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without EVENT_IDX, the driver asks for no used-buffer
 /// interrupts.
@@ -128,6 +135,11 @@ pub struct ServeStats {
     pub flushed_late: u64,
     /// With moderation: held interrupts sent because the ring ran dry (or serving stopped).
     pub flushed_dry: u64,
+    /// With ring polling: times buffers came while the server watched the ring with kicks off
+    /// (each a kick the driver did not have to make).
+    pub polled: u64,
+    /// With ring polling: windows that ran out, after which kicks were turned back on.
+    pub poll_ran_out: u64,
 }
 
 /// One split virtqueue served with event suppression both ways (see the module docs). Generic
@@ -138,6 +150,17 @@ pub struct QueueServer<Q: QueueT = Queue> {
     queue: Q,
     stats: ServeStats,
     held: Option<Held>,
+    poll: Option<RingPoll>,
+}
+
+/// Ring polling's running state.
+#[derive(Debug, Clone)]
+struct RingPoll {
+    /// The window and its tuning, as [`AdaptivePoll`] does it for a notifier.
+    window: AdaptivePoll,
+    /// When the last window that ran out began: the next wake-up tunes the window by how long
+    /// after it came.
+    ran_out: Option<std::time::Instant>,
 }
 
 impl<Q: QueueT> fmt::Debug for QueueServer<Q> {
@@ -149,6 +172,7 @@ impl<Q: QueueT> fmt::Debug for QueueServer<Q> {
             .field("next_used", &self.queue.next_used())
             .field("stats", &self.stats)
             .field("held", &self.held)
+            .field("poll", &self.poll)
             .finish()
     }
 }
@@ -169,6 +193,7 @@ impl<Q: QueueT> QueueServer<Q> {
             queue,
             stats: ServeStats::default(),
             held: None,
+            poll: None,
         }
     }
 
@@ -191,6 +216,26 @@ impl<Q: QueueT> QueueServer<Q> {
             last_chain: std::time::Duration::ZERO,
         });
         Ok(())
+    }
+
+    /// Turns ring polling on (`Some(max)`) or off (`None`) for this queue: when the ring runs
+    /// dry, the server keeps kicks off and watches the available index for a while before it
+    /// turns them back on and returns, serving what comes meanwhile — buffers the driver makes
+    /// available then need no kick, which in a VM is an exit (virtio's event suppression lets a
+    /// device do this: the driver kicks only when the device asks). The window tunes itself
+    /// between zero and `max` as [`AdaptivePoll`]'s does, by when the next wake-up came after a
+    /// window ran out. The price is the device thread's CPU while it watches: a VMM turns it on
+    /// where a core is free for it.
+    pub fn poll(&mut self, max: Option<std::time::Duration>) {
+        self.poll = max.map(|max| RingPoll {
+            window: AdaptivePoll::new(max),
+            ran_out: None,
+        });
+    }
+
+    /// With ring polling, the current window. `None` without.
+    pub fn poll_window(&self) -> Option<std::time::Duration> {
+        self.poll.as_ref().map(|p| p.window.window())
     }
 
     /// With moderation, the current `K`: how many interrupts the server holds back before they
@@ -342,15 +387,124 @@ impl<Q: QueueT> QueueServer<Q> {
         max: u64,
         mut complete: impl FnMut(DescriptorChain<&M>) -> u32,
     ) -> Result<(u64, bool)> {
+        self.each_available(mem, max, |server, chain| {
+            // What is held goes now if it would be due before this chain is done (its time
+            // guessed from the last one's).
+            if let Some(held) = &server.held {
+                let due = held
+                    .since
+                    .is_some_and(|since| since.elapsed() + held.last_chain >= held.config.budget);
+                if due {
+                    server.flush(Flush::Late)?;
+                }
+            }
+            let head = chain.head_index();
+            let started = std::time::Instant::now();
+            let len = complete(chain);
+            if let Some(held) = &mut server.held {
+                held.last_chain = started.elapsed();
+            }
+            server.add_used(mem, head, len)?;
+            server.used_added(mem).map(drop)
+        })
+    }
+
+    /// For a device that completes chains later — asynchronous I/O, such as io_uring — the
+    /// first half of [`serve_at_most`](Self::serve_at_most): with kicks off, hands `take` every
+    /// available chain (at most `max`), adding nothing to the used ring; then turns kicks back
+    /// on and checks the ring again, as `serve` does, so no wake-up is lost. The device keeps
+    /// each chain's [`head_index`](DescriptorChain::head_index) and, once its work is done, hands
+    /// it to [`complete`](Self::complete). Returns the chains taken and whether it stopped with
+    /// work left in the ring (then kicks stay off and the caller calls again without waiting).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Virtqueue`] when the rings cannot be read or written, and those of
+    /// [`VirtQueueNotify::trigger`] (sending what moderation held).
+    pub fn take_at_most<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        max: u64,
+        mut take: impl FnMut(DescriptorChain<&M>),
+    ) -> Result<(u64, bool)> {
+        self.each_available(mem, max, |_, chain| {
+            take(chain);
+            Ok(())
+        })
+    }
+
+    /// The second half, for chains [`take_at_most`](Self::take_at_most) handed out: adds each
+    /// of `done` — a chain's head index and the bytes written into its buffers — to the used
+    /// ring, in the order given (virtio lets a device complete out of order), then decides
+    /// once, for all of them, whether the driver wants an interrupt
+    /// ([`used_added`](Self::used_added)), and sends it. A batch of completions costs at most
+    /// one interrupt. Returns the chains completed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Virtqueue`] when the used ring cannot be written (the chains before the failing
+    /// one are on it, and the interrupt decision is still made for them), and those of
+    /// [`VirtQueueNotify::trigger`].
+    pub fn complete<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        done: impl IntoIterator<Item = (u16, u32)>,
+    ) -> Result<u64> {
+        let mut added = 0;
+        let mut failed = Ok(());
+        for (head, len) in done {
+            if let Err(e) = self.add_used(mem, head, len) {
+                failed = Err(e);
+                break;
+            }
+            added += 1;
+        }
+        if added > 0 {
+            self.used_added(mem)?;
+            // The batch is the unit here: nothing is held past it.
+            self.flush(Flush::Dry)?;
+        }
+        failed.map(|()| added)
+    }
+
+    fn add_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> Result<()> {
+        self.queue
+            .add_used(mem, head, len)
+            .map_err(queue_error("add_used"))?;
+        self.stats.chains += 1;
+        Ok(())
+    }
+
+    /// One wake-up's loop, for `serve_at_most` and `take_at_most`: turns kicks off, gives
+    /// `per_chain` each available chain (at most `max`), turns kicks back on and checks again,
+    /// until a check finds the ring empty or `max` are done; what moderation held is sent
+    /// before it returns.
+    fn each_available<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        max: u64,
+        mut per_chain: impl FnMut(&mut Self, DescriptorChain<&M>) -> Result<()>,
+    ) -> Result<(u64, bool)> {
         self.stats.wakeups += 1;
+        if let Some(poll) = &mut self.poll {
+            // The wake-up came this long after the last window ran out.
+            if let Some(since) = poll.ran_out.take() {
+                poll.window.tune(since.elapsed());
+            }
+        }
         let mut served = 0;
         let result = loop {
-            match self.drain(mem, &mut complete, max - served) {
+            match self.drain(mem, &mut per_chain, max - served) {
                 Ok(n) => served += n,
                 Err(e) => break Err(e),
             }
             if served == max {
                 break self.has_work(mem).map(|more| (served, more));
+            }
+            match self.watch(mem) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
             match self.rearm(mem) {
                 Ok(true) => self.stats.rechecks += 1,
@@ -372,11 +526,11 @@ impl<Q: QueueT> QueueServer<Q> {
         Ok(avail.0 != self.queue.next_avail())
     }
 
-    /// Turns kicks off and completes available chains, at most `max`; returns how many.
+    /// Turns kicks off and gives `per_chain` available chains, at most `max`; returns how many.
     fn drain<M: GuestMemory>(
         &mut self,
         mem: &M,
-        complete: &mut impl FnMut(DescriptorChain<&M>) -> u32,
+        per_chain: &mut impl FnMut(&mut Self, DescriptorChain<&M>) -> Result<()>,
         max: u64,
     ) -> Result<u64> {
         self.queue
@@ -387,30 +541,34 @@ impl<Q: QueueT> QueueServer<Q> {
             let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
                 break;
             };
-            // What is held goes now if it would be due before the next chain is done (its time
-            // guessed from the last one's).
-            if let Some(held) = &self.held {
-                let due = held
-                    .since
-                    .is_some_and(|since| since.elapsed() + held.last_chain >= held.config.budget);
-                if due {
-                    self.flush(Flush::Late)?;
-                }
-            }
-            let head = chain.head_index();
-            let started = std::time::Instant::now();
-            let len = complete(chain);
-            if let Some(held) = &mut self.held {
-                held.last_chain = started.elapsed();
-            }
-            self.queue
-                .add_used(mem, head, len)
-                .map_err(queue_error("add_used"))?;
+            per_chain(self, chain)?;
             served += 1;
-            self.stats.chains += 1;
-            self.used_added(mem)?;
         }
         Ok(served)
+    }
+
+    /// With ring polling, watches the ring (kicks still off) for up to the window: `true` when
+    /// buffers came.
+    fn watch<M: GuestMemory>(&mut self, mem: &M) -> Result<bool> {
+        let Some(window) = self.poll.as_ref().map(|p| p.window.window()) else {
+            return Ok(false);
+        };
+        let started = std::time::Instant::now();
+        while !window.is_zero() {
+            if self.has_work(mem)? {
+                self.stats.polled += 1;
+                return Ok(true);
+            }
+            if started.elapsed() >= window {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.stats.poll_ran_out += 1;
+        if let Some(poll) = &mut self.poll {
+            poll.ran_out = Some(started);
+        }
+        Ok(false)
     }
 
     /// Turns kicks back on, then (after a full fence) checks the ring once more: `true` when
@@ -650,6 +808,114 @@ mod tests {
         assert_eq!(server.stats().suppressed, 5);
     }
 
+    /// Chains taken now and completed later, out of order, as asynchronous I/O does: nothing
+    /// reaches the used ring or interrupts at take; kicks are wanted again after it; the batch
+    /// completed later is on the used ring in the order given and costs one interrupt.
+    #[test]
+    fn chains_taken_then_completed_later_cost_one_interrupt_a_batch() {
+        let mut driver = Driver::new(true);
+        let (mut server, irq) = server(&driver);
+        driver.set_used_event(0); // interrupt at the first buffer used
+        assert!(driver.submit(5));
+        let mut heads = Vec::new();
+        let taken = server.take_at_most(&driver.mem, u64::MAX, |chain| {
+            heads.push(chain.head_index())
+        });
+        assert_eq!(taken.unwrap(), (5, false));
+        assert_eq!(heads, [0, 1, 2, 3, 4]);
+        assert_eq!((driver.used_idx(), irq.triggers()), (0, 0));
+        assert_eq!(
+            driver.u16_at(USED + 4 + 8 * u64::from(SIZE)),
+            5,
+            "kicks wanted again"
+        );
+        let done: Vec<(u16, u32)> = heads.iter().rev().map(|&h| (h, 64)).collect();
+        assert_eq!(server.complete(&driver.mem, done).unwrap(), 5);
+        assert_eq!((driver.used_idx(), irq.triggers()), (5, 1));
+        // The used ring's first element is the first completion given: head 4.
+        assert_eq!(driver.u16_at(USED + 4), 4);
+        // The driver wants none until the used index passes 7: a batch of 2 raises nothing.
+        driver.set_used_event(7);
+        driver.submit(2);
+        let mut heads = Vec::new();
+        server
+            .take_at_most(&driver.mem, u64::MAX, |chain| {
+                heads.push(chain.head_index())
+            })
+            .unwrap();
+        server
+            .complete(&driver.mem, heads.iter().map(|&h| (h, 0)))
+            .unwrap();
+        assert_eq!((driver.used_idx(), irq.triggers()), (7, 1));
+        let stats = server.stats();
+        assert_eq!(
+            (stats.chains, stats.interrupts, stats.suppressed),
+            (7, 1, 1)
+        );
+        // An empty batch adds nothing and decides nothing.
+        assert_eq!(server.complete(&driver.mem, []).unwrap(), 0);
+        assert_eq!(server.stats().suppressed, 1);
+    }
+
+    /// `take_at_most` stops at `max` with kicks left off and says work is left; the next call
+    /// takes the rest and turns them back on.
+    #[test]
+    fn take_at_most_leaves_kicks_off_while_work_is_left() {
+        let mut driver = Driver::new(false);
+        let (mut server, _irq) = server(&driver);
+        driver.submit(3);
+        let mut taken = 0;
+        let first = server.take_at_most(&driver.mem, 2, |_| taken += 1).unwrap();
+        assert_eq!((first, taken), ((2, true), 2));
+        assert_eq!(
+            driver.u16_at(USED) & NO_NOTIFY,
+            NO_NOTIFY,
+            "no kick needed yet"
+        );
+        let rest = server.take_at_most(&driver.mem, 2, |_| taken += 1).unwrap();
+        assert_eq!((rest, taken), ((1, false), 3));
+        assert_eq!(driver.u16_at(USED) & NO_NOTIFY, 0, "kicks wanted again");
+    }
+
+    /// Ring polling: the window grows from zero while wake-ups come soon after it ran out; then
+    /// a buffer made available while the server watches (after serving a kicked one) is served
+    /// in the same call, and the driver saw no kick wanted for it. Wake-ups long after a window shrink it again.
+    #[test]
+    fn ring_polling_serves_a_buffer_that_needed_no_kick() {
+        for event_idx in [true, false] {
+            let mut driver = Driver::new(event_idx);
+            let (mut server, _irq) = server(&driver);
+            let max = Duration::from_millis(500);
+            server.poll(Some(max));
+            assert_eq!(server.poll_window(), Some(Duration::ZERO));
+            // Wake-ups back to back: each finds the window ran out just before, and grows it.
+            while server.poll_window() < Some(Duration::from_millis(200)) {
+                server.serve(&driver.mem, |_| 64).unwrap();
+            }
+            let ran_out = server.stats().poll_ran_out;
+            // A kicked buffer wakes the server; the next one comes while it watches.
+            assert!(driver.submit(1));
+            let mem = driver.mem.clone();
+            let kick_wanted = std::thread::scope(|s| {
+                let late = s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    driver.submit(1)
+                });
+                assert_eq!(server.serve(&mem, |_| 64).unwrap(), 2);
+                late.join().unwrap()
+            });
+            assert!(!kick_wanted, "EVENT_IDX {event_idx}: kicks stayed off");
+            let stats = server.stats();
+            assert_eq!((stats.polled, stats.poll_ran_out), (1, ran_out + 1));
+            assert_eq!(driver.used_idx(), 2);
+            // An idle spell longer than `max`: the window halves.
+            let before = server.poll_window().unwrap();
+            std::thread::sleep(max + Duration::from_millis(10));
+            server.serve(&driver.mem, |_| 64).unwrap();
+            assert_eq!(server.poll_window(), Some(before / 2));
+        }
+    }
+
     /// The lost wake-up, step by step: the device has drained the ring but not yet turned
     /// kicks back on; the driver makes a buffer available then, sees no kick wanted and does not
     /// kick. Turning kicks back on must find that buffer (and `serve` then serves it), or it
@@ -659,14 +925,18 @@ mod tests {
         for event_idx in [true, false] {
             let mut driver = Driver::new(event_idx);
             let (mut server, _irq) = server(&driver);
+            let mem = &driver.mem.clone();
+            let mut complete = |s: &mut QueueServer, c: DescriptorChain<&GuestMemoryMmap>| {
+                s.add_used(mem, c.head_index(), 64)
+            };
             driver.submit(2);
-            assert_eq!(server.drain(&driver.mem, &mut |_| 64, u64::MAX).unwrap(), 2);
+            assert_eq!(server.drain(mem, &mut complete, u64::MAX).unwrap(), 2);
             assert!(
                 !driver.submit(1),
                 "EVENT_IDX {event_idx}: kicks are still off"
             );
             assert!(server.rearm(&driver.mem).unwrap(), "EVENT_IDX {event_idx}");
-            assert_eq!(server.drain(&driver.mem, &mut |_| 64, u64::MAX).unwrap(), 1);
+            assert_eq!(server.drain(mem, &mut complete, u64::MAX).unwrap(), 1);
             assert!(!server.rearm(&driver.mem).unwrap());
             assert!(
                 driver.submit(1),

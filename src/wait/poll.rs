@@ -126,7 +126,7 @@ impl AdaptivePoll {
     }
 
     /// Adjusts the window after a wait that blocked and took `waited` in all.
-    fn tune(&mut self, waited: Duration) {
+    pub(crate) fn tune(&mut self, waited: Duration) {
         if waited > self.max {
             self.window /= 2;
             if self.window < Self::GROW_FROM {

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryMmap;
 use vm_notify::kvm::MsiMessage;
 use vm_notify::virtio::{Moderation, PciLayout, QueueServer, ServeStats};
 use vm_notify::wait::EventLoop;
@@ -43,6 +45,19 @@ pub fn random_depths(seed: u64, requests: u64) -> Vec<u8> {
     out
 }
 
+/// How the device thread completes what the guest makes available.
+#[derive(Debug, Clone, Copy)]
+pub enum Serving {
+    /// `QueueServer::serve` on each wake-up, with this moderation or none.
+    Serve(Option<Moderation>),
+    /// `QueueServer::serve` with ring polling up to this window (`QueueServer::poll`).
+    Polled(Duration),
+    /// As an asynchronous backend: `QueueServer::take_at_most` takes every available chain,
+    /// then the wake-up's chains are completed, last taken first, in one
+    /// `QueueServer::complete`.
+    Deferred,
+}
+
 /// What both sides counted in one run.
 #[derive(Debug)]
 pub struct Counts {
@@ -58,18 +73,20 @@ pub struct Counts {
     pub guest_irqs: u64,
     pub device: ServeStats,
     pub moderated: bool,
+    /// Completed by `QueueServer::complete`, a batch at a time.
+    pub deferred: bool,
     /// With timing: the time-stamp counter ticks each batch took, in order.
     pub ticks: Vec<u32>,
     /// The run's wall time, from the guest's start to its end.
     pub wall: Duration,
 }
 
-/// One run: the guest's driver with `mode` at `depths`, the device with `moderation`, spending
-/// `work` on each request (spinning, as a backend doing the request's I/O would be busy);
-/// with `timed`, each batch's time-stamp-counter ticks.
+/// One run: the guest's driver with `mode` at `depths`, the device serving as `serving` says,
+/// spending `work` on each request (spinning, as a backend doing the request's I/O would be
+/// busy); with `timed`, each batch's time-stamp-counter ticks.
 pub fn run(
     mode: Suppression,
-    moderation: Option<Moderation>,
+    serving: Serving,
     depths: &[u8],
     timed: bool,
     work: Duration,
@@ -97,7 +114,14 @@ pub fn run(
     // The device: kicks through an event loop, every wake-up one `serve`.
     let event_idx = matches!(mode, Suppression::EventIdx | Suppression::EventIdxEach);
     let mut server = QueueServer::new(pci.queue(0).unwrap(), device_queue(&q, event_idx));
+    let moderation = match serving {
+        Serving::Serve(moderation) => moderation,
+        Serving::Polled(_) | Serving::Deferred => None,
+    };
     server.moderate(moderation).unwrap();
+    if let Serving::Polled(max) = serving {
+        server.poll(Some(max));
+    }
     let events = EventLoop::new().unwrap();
     events.add(0, server.notify().kicks()).unwrap();
     let stop = events.stop_handle();
@@ -108,13 +132,23 @@ pub fn run(
         events
             .run(|_, count| {
                 kicks += count;
-                server.serve(&mem, |chain| {
+                let complete = |chain: DescriptorChain<&GuestMemoryMmap>| {
                     let started = Instant::now();
                     while started.elapsed() < work {
                         std::hint::spin_loop();
                     }
-                    chain.writable().map(|d| d.len()).sum()
-                })?;
+                    (chain.head_index(), chain.writable().map(|d| d.len()).sum())
+                };
+                match serving {
+                    Serving::Serve(_) | Serving::Polled(_) => {
+                        server.serve(&mem, |chain| complete(chain).1).map(drop)?
+                    }
+                    Serving::Deferred => {
+                        let mut taken = Vec::new();
+                        server.take_at_most(&mem, u64::MAX, |chain| taken.push(complete(chain)))?;
+                        server.complete(&mem, taken.into_iter().rev())?;
+                    }
+                }
                 *seen.lock().unwrap() = server.stats();
                 Ok(())
             })
@@ -177,6 +211,7 @@ pub fn run(
         guest_irqs: vm.irq_count(VECTOR).unwrap(),
         device,
         moderated: moderation.is_some(),
+        deferred: matches!(serving, Serving::Deferred),
         ticks,
         wall,
     }
@@ -198,7 +233,13 @@ pub fn check(mode: Suppression, c: &Counts) {
     eprintln!(
         "{mode:?}{}: {} requests in {} batches; kicks guest {} device {}; interrupts guest {} device {} \
          (suppressed {}, held {}); sleeps {}, races {}, device wake-ups {}, re-checks {}",
-        if c.moderated { " with moderation" } else { "" },
+        if c.moderated {
+            " with moderation"
+        } else if c.deferred {
+            " completed a batch at a time"
+        } else {
+            ""
+        },
         c.requests,
         c.batches,
         c.guest_kicks,
@@ -225,7 +266,10 @@ pub fn check(mode: Suppression, c: &Counts) {
         c.guest_irqs <= c.device.interrupts,
         "an interrupt the device never raised"
     );
-    if !c.moderated {
+    if c.deferred {
+        // One interrupt decision a batch of completions, and no batch larger than a wake-up.
+        assert!(c.device.interrupts + c.device.suppressed <= c.device.wakeups);
+    } else if !c.moderated {
         assert_eq!(c.device.interrupts + c.device.suppressed, c.requests);
     }
     match mode {
