@@ -8,7 +8,7 @@
 //!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
 //!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120] \
 //!     [--policy kernel|auto|userspace] [--no-ioeventfd] [--blk-moderation off|K,MICROS] \
-//!     [--disk-direct] [--blk-io sync|uring] [--blk-poll MICROS]
+//!     [--disk-direct] [--blk-io uring|sync] [--blk-poll auto|off|MICROS]
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
@@ -24,10 +24,12 @@
 //! injector thread); `--no-ioeventfd` takes kicks as exits but leaves interrupts in the kernel.
 //! `--blk-moderation K,MICROS` has the block queue's `QueueServer` hold up to K interrupts for at
 //! most MICROS while more requests wait in the ring (`off`, the default: none held).
-//! `--disk-direct` opens the disk image with `O_DIRECT`, past the host's page cache; `--blk-io
-//! uring` moves the block device's data through an io_uring per queue instead of a synchronous
-//! `preadv`/`pwritev` per request; `--blk-poll MICROS` has the block queue's server watch the
-//! ring for up to that long (a self-tuning window) before asking the driver for kicks again.
+//! `--disk-direct` opens the disk image with `O_DIRECT`, past the host's page cache. The block
+//! device moves its data through an io_uring per queue (`--blk-io sync`: a synchronous
+//! `preadv`/`pwritev` per request instead), and its queue's server watches the ring for up to
+//! 1 ms (a self-tuning window) before asking the driver for kicks again, where the host has a
+//! CPU to spare for that (`--blk-poll auto`; `off`, or a window in microseconds). These
+//! defaults are what measured fastest under fio (`scripts/linux-bench`, docs/PERFORMANCE.md).
 //!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
@@ -86,6 +88,8 @@ type Error = Box<dyn std::error::Error>;
 type Regions = Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)>;
 
 const MAX_VCPUS: u8 = 4;
+/// The longest ring-polling window of `--blk-poll auto`.
+const BLK_POLL_MAX: Duration = Duration::from_millis(1);
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
@@ -111,7 +115,8 @@ struct Args {
     blk_moderation: Option<Moderation>,
     disk_direct: bool,
     blk_io: blk::BlkIo,
-    blk_poll: Option<Duration>,
+    /// `None`: decided at start (`--blk-poll auto`).
+    blk_poll: Option<Option<Duration>>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -131,7 +136,7 @@ fn args() -> Result<Args, Error> {
         ioeventfd: true,
         blk_moderation: None,
         disk_direct: false,
-        blk_io: blk::BlkIo::Sync,
+        blk_io: blk::BlkIo::Uring,
         blk_poll: None,
     };
     let mut it = std::env::args().skip(1);
@@ -163,7 +168,13 @@ fn args() -> Result<Args, Error> {
             "--no-ioeventfd" => a.ioeventfd = false,
             "--blk-moderation" => a.blk_moderation = moderation(&value()?)?,
             "--disk-direct" => a.disk_direct = true,
-            "--blk-poll" => a.blk_poll = Some(Duration::from_micros(value()?.parse()?)),
+            "--blk-poll" => {
+                a.blk_poll = match value()?.as_str() {
+                    "auto" => None,
+                    "off" => Some(None),
+                    micros => Some(Some(Duration::from_micros(micros.parse()?))),
+                }
+            }
             "--blk-io" => {
                 a.blk_io = match value()?.as_str() {
                     "sync" => blk::BlkIo::Sync,
@@ -188,6 +199,17 @@ fn args() -> Result<Args, Error> {
         return Err("--vhost-rng is served over virtio-pci only".into());
     }
     Ok(a)
+}
+
+/// The block queues' ring polling: as `--blk-poll` says, or with `auto` (the default) up to
+/// `BLK_POLL_MAX` where the host has a CPU beyond the vCPUs for the device thread to watch the
+/// ring on, and none where it has not (there the watching thread would keep a vCPU from
+/// running, and the driver from making the requests it waits for).
+fn blk_poll(flag: Option<Option<Duration>>, vcpus: u8) -> Option<Duration> {
+    flag.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        (cpus > usize::from(vcpus)).then_some(BLK_POLL_MAX)
+    })
 }
 
 /// `--blk-moderation`: `off`, or `K,MICROS` (at most K interrupts held, none for longer).
@@ -639,7 +661,7 @@ fn main() -> Result<(), Error> {
                 file,
                 args.vcpus.into(),
                 args.blk_moderation,
-                args.blk_poll,
+                blk_poll(args.blk_poll, args.vcpus),
                 args.blk_io,
             )?)
         }

@@ -10,6 +10,7 @@
 //! thread per queue — started when the driver readies the queue, stopped and joined at the end —
 //! serves the ring with `QueueServer`, which suppresses kicks and interrupts as the driver asks.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -150,6 +151,12 @@ pub trait VirtioDevice: Send + 'static {
     /// Hands the chains begun since the last call to whatever completes them.
     fn submit(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// Called while the queue's server polls the ring and finds it dry: starts what was begun,
+    /// and says whether finished work waits that the driver may be waiting for (then the
+    /// server stops polling, so it goes back at once).
+    fn idle(&mut self) -> bool {
+        false
     }
     /// Adds the chains that finished since the last call to `done`: each its head index and
     /// used length.
@@ -874,17 +881,24 @@ fn serve<D: VirtioDevice>(
         }
         let served = if asynchronous {
             if kicked {
-                // Every available chain begun, then handed to the kernel at once.
-                server.take_at_most(mem, u64::MAX, |chain| {
-                    let head = chain.head_index();
-                    let started = std::time::Instant::now();
-                    let begun = device.begin(mem, chain, stats);
-                    let busy = started.elapsed().as_nanos() as u64;
-                    stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
-                    if let Begun::Done(len) = begun {
-                        done.push((head, used_length(len, stats)));
-                    }
-                })?;
+                // Every available chain begun, and handed to the kernel together once the ring
+                // is dry (while the server polls it, or after).
+                let shared = RefCell::new(&mut device);
+                server.take_at_most(
+                    mem,
+                    u64::MAX,
+                    |chain| {
+                        let head = chain.head_index();
+                        let started = std::time::Instant::now();
+                        let begun = shared.borrow_mut().begin(mem, chain, stats);
+                        let busy = started.elapsed().as_nanos() as u64;
+                        stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+                        if let Begun::Done(len) = begun {
+                            done.push((head, used_length(len, stats)));
+                        }
+                    },
+                    || shared.borrow_mut().idle(),
+                )?;
                 device.submit().map_err(|e| vm_notify::Error::Virtqueue {
                     op: "submit the requests",
                     reason: e.to_string(),

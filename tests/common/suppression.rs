@@ -145,7 +145,12 @@ pub fn run(
                     }
                     Serving::Deferred => {
                         let mut taken = Vec::new();
-                        server.take_at_most(&mem, u64::MAX, |chain| taken.push(complete(chain)))?;
+                        server.take_at_most(
+                            &mem,
+                            u64::MAX,
+                            |chain| taken.push(complete(chain)),
+                            || false,
+                        )?;
                         server.complete(&mem, taken.into_iter().rev())?;
                     }
                 }
