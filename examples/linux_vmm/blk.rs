@@ -7,10 +7,13 @@
 //!
 //! While the queue's server polls the ring (`--blk-poll`), completions wait: at depth the
 //! guest keeps making requests without kicks, and a burst's completions go back together, with
-//! one interrupt, when the polling window runs out; a lone request's goes back once the ring
-//! has been quiet for 200 µs after it.
+//! one interrupt, when the polling window runs out. A lone request's goes back at once when the
+//! driver makes one request at a time, or once the ring has been quiet for 200 µs after it when
+//! the driver has been making bursts (so a burst's first request does not end the batch); the
+//! device learns which from how many completions went back together lately.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -82,12 +85,23 @@ struct Uring {
     unsubmitted: usize,
     /// When the last request was taken.
     last_taken: Instant,
+    /// Whether the driver makes requests in bursts (completions came back several at once
+    /// lately): then a lone request's completion waits `LONE_QUIET` for the rest of a burst.
+    bursting: bool,
+    /// Lone completions in a row; `LONE_STREAK` of them end bursting.
+    lone_streak: u32,
+    /// Lone completions since the last probe; every `PROBE_EVERY`th request waits as in a
+    /// burst, to find out whether the driver has started making bursts.
+    since_probe: u32,
 }
 
 /// How long the ring stays quiet after a lone request before its completion goes back while
-/// the server still polls: longer than the gap between a driver's requests at depth (about
-/// 100 µs of guest time here), so a burst's first request does not end its batch.
+/// the server still polls, when the driver makes bursts: longer than the gap between its
+/// requests at depth (about 100 µs of guest time here), so a burst's first request does not end
+/// its batch. Otherwise a lone request's completion goes back at once.
 const LONE_QUIET: Duration = Duration::from_micros(200);
+const LONE_STREAK: u32 = 8;
+const PROBE_EVERY: u32 = 128;
 
 /// A read or write the kernel is working on.
 struct InFlight {
@@ -115,7 +129,8 @@ impl Blk {
         poll: Option<Duration>,
         io: BlkIo,
     ) -> std::io::Result<Blk> {
-        let sectors = file.metadata()?.len() / SECTOR;
+        // The end of a file, or of a block device (whose metadata says 0 bytes).
+        let sectors = (&file).seek(SeekFrom::End(0))? / SECTOR;
         let uring = match io {
             // A host without io_uring (an old kernel, a sandbox that forbids it) still serves
             // the disk, synchronously.
@@ -283,6 +298,9 @@ impl Uring {
             free: Vec::new(),
             unsubmitted: 0,
             last_taken: Instant::now(),
+            bursting: true,
+            lone_streak: 0,
+            since_probe: 0,
         })
     }
 
@@ -338,12 +356,41 @@ impl Uring {
     }
 
     /// Whether the driver waits for a lone request that has finished: the only one held, and
-    /// the ring quiet since for `LONE_QUIET`. With more held, the driver is making a burst, and
-    /// its completions go back together when the server's polling window runs out.
+    /// the ring quiet since (for `LONE_QUIET` while the driver makes bursts, or on a probe).
+    /// With more held, the driver is making a burst, and its completions go back together when
+    /// the server's polling window runs out.
     fn driver_waits(&mut self) -> bool {
+        let quiet = if self.bursting || self.since_probe >= PROBE_EVERY {
+            LONE_QUIET
+        } else {
+            Duration::ZERO
+        };
         self.in_flight() == 1
-            && self.last_taken.elapsed() >= LONE_QUIET
+            && self.last_taken.elapsed() >= quiet
             && !self.ring.completion().is_empty()
+    }
+
+    /// Learns from `n` completions that go back together whether the driver makes bursts.
+    fn went_back(&mut self, n: usize) {
+        match n {
+            0 => {}
+            1 => {
+                self.lone_streak += 1;
+                self.since_probe += 1;
+                if self.lone_streak >= LONE_STREAK {
+                    self.bursting = false;
+                }
+                if self.since_probe > PROBE_EVERY {
+                    // The probe found a lone request again.
+                    self.since_probe = 0;
+                }
+            }
+            _ => {
+                self.bursting = true;
+                self.lone_streak = 0;
+                self.since_probe = 0;
+            }
+        }
     }
 }
 
@@ -511,6 +558,7 @@ impl VirtioDevice for Blk {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
+        uring.went_back(finished.len());
         for (slot, result) in finished {
             let Some(mut request) = uring.slots.get_mut(slot as usize).and_then(Option::take)
             else {
