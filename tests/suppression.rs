@@ -13,7 +13,7 @@ use std::time::Duration;
 mod common;
 
 use common::suppression::{check, random_depths, run, Counts, Serving};
-use vm_notify::virtio::Moderation;
+use vm_notify::virtio::{Moderation, ServeStats};
 use vm_notify_testkit::{kvm_test, Suppression};
 
 const REQUESTS: u64 = 100_000;
@@ -122,5 +122,35 @@ fn ring_polling_takes_buffers_the_guest_did_not_kick_for() {
         per_request(&plain),
         per_request(&polled),
         polled.device.polled
+    );
+}
+
+/// Ring polling on a CPU another thread wants: the device thread, pinned beside a thread that
+/// takes the CPU whenever it wakes, polls what little it runs (its windows shrink when they catch
+/// nothing, and back off when they are preempted) and every count still holds. The same run on a
+/// free CPU is printed beside it. (`virtio::serve`'s unit test
+/// `a_watch_that_loses_its_cpu_backs_polling_off` pins the back-off itself down.)
+#[test]
+fn ring_polling_gives_way_where_its_cpu_is_taken() {
+    kvm_test!();
+    let max = Duration::from_micros(200);
+    let free = run_mode(Suppression::EventIdx, Serving::Polled(max));
+    let taken = run_mode(Suppression::EventIdx, Serving::PolledBesideHog(max));
+    check(Suppression::EventIdx, &taken);
+    let d = taken.device;
+    assert!(
+        d.poll_ran_out + d.poll_preempted + d.poll_backed_off > 0,
+        "polling was not on: {d:?}"
+    );
+    let per_wake_up = |s: &ServeStats| s.polled as f64 / s.wakeups as f64;
+    eprintln!(
+        "buffers caught while polling per wake-up: {:.3} on a free CPU ({} watches preempted, {} \
+         wake-ups backed off), {:.3} beside the other thread ({} preempted, {} backed off)",
+        per_wake_up(&free.device),
+        free.device.poll_preempted,
+        free.device.poll_backed_off,
+        per_wake_up(&d),
+        d.poll_preempted,
+        d.poll_backed_off
     );
 }

@@ -278,6 +278,10 @@ trait Function {
             "resamples": stats.resamples.load(Relaxed),
             "reasserts": stats.reasserts.load(Relaxed),
             "polled": stats.polled.load(Relaxed),
+            "poll_preempted": stats.poll_preempted.load(Relaxed),
+            "poll_backed_off": stats.poll_backed_off.load(Relaxed),
+            "poll_ran_out": stats.poll_ran_out.load(Relaxed),
+            "poll_cut": stats.poll_cut.load(Relaxed),
             "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
                 serde_json::json!({ "before": before, "after": after })
             }),

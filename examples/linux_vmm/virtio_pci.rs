@@ -85,6 +85,14 @@ pub struct DeviceStats {
     pub reasserts: AtomicU64,
     /// Times ring polling found buffers the driver had not kicked for.
     pub polled: AtomicU64,
+    /// Ring polling's watches cut short because the device thread lost its CPU.
+    pub poll_preempted: AtomicU64,
+    /// Wake-ups that did not watch the ring because polling was backed off.
+    pub poll_backed_off: AtomicU64,
+    /// Ring polling's windows that ran out.
+    pub poll_ran_out: AtomicU64,
+    /// Ring polling's windows the device ended (a lone request finished).
+    pub poll_cut: AtomicU64,
 }
 
 /// The calling thread's page faults so far (minor and major).
@@ -925,12 +933,24 @@ fn serve<D: VirtioDevice>(
         };
         stats.requests.fetch_add(served, Ordering::Relaxed);
         let now = server.stats();
-        stats
-            .interrupts
-            .fetch_add(now.interrupts - seen.interrupts, Ordering::Relaxed);
-        stats
-            .polled
-            .fetch_add(now.polled - seen.polled, Ordering::Relaxed);
+        // The server's counts since the last wake-up, added to the device's.
+        let add = |total: &AtomicU64, now: u64, then: u64| {
+            total.fetch_add(now - then, Ordering::Relaxed);
+        };
+        add(&stats.interrupts, now.interrupts, seen.interrupts);
+        add(&stats.polled, now.polled, seen.polled);
+        add(
+            &stats.poll_preempted,
+            now.poll_preempted,
+            seen.poll_preempted,
+        );
+        add(
+            &stats.poll_backed_off,
+            now.poll_backed_off,
+            seen.poll_backed_off,
+        );
+        add(&stats.poll_ran_out, now.poll_ran_out, seen.poll_ran_out);
+        add(&stats.poll_cut, now.poll_cut, seen.poll_cut);
         seen = now;
     }
 }

@@ -15,6 +15,8 @@ mod poll;
 mod subscriber;
 
 pub use event_loop::{EventLoop, StopHandle, Wake};
+#[cfg(feature = "virtio-queue")]
+pub(crate) use poll::SpinClock;
 pub use poll::{AdaptivePoll, PollStats};
 #[cfg(feature = "event-manager")]
 #[cfg_attr(docsrs, doc(cfg(feature = "event-manager")))]

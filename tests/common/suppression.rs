@@ -2,6 +2,7 @@
 //! `QueueServer` on a device thread, over a virtio-pci queue (an any-width ioeventfd for kicks,
 //! an MSI-X vector for interrupts). Shared by `tests/suppression.rs` and `benches/suppression.rs`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -52,6 +53,10 @@ pub enum Serving {
     Serve(Option<Moderation>),
     /// `QueueServer::serve` with ring polling up to this window (`QueueServer::poll`).
     Polled(Duration),
+    /// As `Polled`, with the device thread pinned to one CPU beside a thread that wants it two
+    /// thirds of the time and takes it whenever it wants (spins 2 ms, sleeps 1 ms, the device
+    /// thread `SCHED_IDLE`): a core that is not free, where polling must back off.
+    PolledBesideHog(Duration),
     /// As an asynchronous backend: `QueueServer::take_at_most` takes every available chain,
     /// then the wake-up's chains are completed, last taken first, in one
     /// `QueueServer::complete`.
@@ -116,10 +121,10 @@ pub fn run(
     let mut server = QueueServer::new(pci.queue(0).unwrap(), device_queue(&q, event_idx));
     let moderation = match serving {
         Serving::Serve(moderation) => moderation,
-        Serving::Polled(_) | Serving::Deferred => None,
+        Serving::Polled(_) | Serving::PolledBesideHog(_) | Serving::Deferred => None,
     };
     server.moderate(moderation).unwrap();
-    if let Serving::Polled(max) = serving {
+    if let Serving::Polled(max) | Serving::PolledBesideHog(max) = serving {
         server.poll(Some(max));
     }
     let events = EventLoop::new().unwrap();
@@ -128,6 +133,7 @@ pub fn run(
     let published = Arc::new(Mutex::new(ServeStats::default()));
     let (mem, seen) = (vm.memory().clone(), published.clone());
     let device = thread::spawn(move || {
+        let _hog = matches!(serving, Serving::PolledBesideHog(_)).then(Hog::beside_this_thread);
         let mut kicks = 0;
         events
             .run(|_, count| {
@@ -140,7 +146,7 @@ pub fn run(
                     (chain.head_index(), chain.writable().map(|d| d.len()).sum())
                 };
                 match serving {
-                    Serving::Serve(_) | Serving::Polled(_) => {
+                    Serving::Serve(_) | Serving::Polled(_) | Serving::PolledBesideHog(_) => {
                         server.serve(&mem, |chain| complete(chain).1).map(drop)?
                     }
                     Serving::Deferred => {
@@ -296,4 +302,81 @@ pub fn check(mode: Suppression, c: &Counts) {
             assert!(c.guest_kicks <= c.requests);
         }
     }
+}
+
+/// A thread on the CPU of the thread that made it, both pinned there, until dropped: it spins
+/// 2 ms and sleeps 1 ms in turn, and the thread that made it drops to `SCHED_IDLE`, so the hog
+/// takes the CPU each time it wakes.
+struct Hog {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Hog {
+    fn beside_this_thread() -> Hog {
+        // SAFETY: sched_getcpu takes no arguments and only returns a number.
+        let cpu = unsafe { libc::sched_getcpu() };
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        pin_to(cpu as usize);
+        // SAFETY: sched_setscheduler reads the parameter block it is given (priority 0, as
+        // SCHED_IDLE requires) and changes only the calling thread's policy (pid 0); moving to
+        // SCHED_IDLE needs no privilege.
+        let rc = unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param)
+        };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            pin_to(cpu as usize);
+            while !flag.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(2) {
+                    std::hint::spin_loop();
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Hog {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is an empty set; CPU_SET writes a bit inside the set it is
+    // given (cpu is below the kernel's count of CPUs, well within the set's 1024 bits), and
+    // sched_setaffinity reads the set for the size passed.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
 }
