@@ -617,7 +617,8 @@ impl<Q: QueueT> QueueServer<Q> {
     }
 
     /// With ring polling, watches the ring (kicks still off) for up to the window, or until
-    /// `idle` says so: `true` when buffers came.
+    /// `idle` says so: `true` when buffers came. How the watch ended tunes the window and
+    /// polling's back-off, in one place.
     fn watch<M: GuestMemory>(&mut self, mem: &M, idle: &mut impl FnMut() -> bool) -> Result<bool> {
         let Some(poll) = &mut self.poll else {
             return Ok(false);
@@ -627,27 +628,61 @@ impl<Q: QueueT> QueueServer<Q> {
             return Ok(false);
         };
         let started = std::time::Instant::now();
+        let end = self.spin(mem, window, started, idle)?;
+        let preempted = matches!(
+            end,
+            WatchEnd::Preempted | WatchEnd::Caught { preempted: true }
+        );
+        match end {
+            WatchEnd::Caught { .. } => self.stats.polled += 1,
+            // Cut short: the next wake-up says nothing about the window's length.
+            WatchEnd::Cut => self.stats.poll_cut += 1,
+            // Kicks go back on at once; the window stays as it was.
+            WatchEnd::Preempted => {}
+            WatchEnd::RanOut => self.stats.poll_ran_out += 1,
+        }
+        if preempted {
+            self.stats.poll_preempted += 1;
+        }
+        let Some(poll) = &mut self.poll else {
+            return Ok(false);
+        };
+        // A zero window did not spin: it says nothing of the CPU, nor of what windows catch.
+        if !window.is_zero() {
+            poll.window.spun(preempted);
+            match end {
+                WatchEnd::Caught { .. } => poll.caught(true),
+                WatchEnd::RanOut => poll.caught(false),
+                WatchEnd::Cut | WatchEnd::Preempted => {}
+            }
+        }
+        if end == WatchEnd::RanOut {
+            poll.ran_out = Some(started);
+        }
+        Ok(matches!(end, WatchEnd::Caught { .. }))
+    }
+
+    /// The watch itself: reads the available index until buffers come, the window runs out, the
+    /// thread loses its CPU or `idle` cuts it short.
+    fn spin<M: GuestMemory>(
+        &self,
+        mem: &M,
+        window: std::time::Duration,
+        started: std::time::Instant,
+        idle: &mut impl FnMut() -> bool,
+    ) -> Result<WatchEnd> {
         let mut clock = SpinClock::since(started);
-        let mut preempted = false;
         while !window.is_zero() {
             let work = self.has_work(mem)?;
-            preempted = clock.lost_cpu();
+            let preempted = clock.lost_cpu();
             if work {
-                self.spun(preempted);
-                self.stats.polled += 1;
-                if let Some(poll) = &mut self.poll {
-                    poll.caught(true);
-                }
-                return Ok(true);
+                return Ok(WatchEnd::Caught { preempted });
             }
             if preempted {
-                break;
+                return Ok(WatchEnd::Preempted);
             }
             if idle() {
-                // Cut short: the next wake-up says nothing about the window's length.
-                self.spun(false);
-                self.stats.poll_cut += 1;
-                return Ok(false);
+                return Ok(WatchEnd::Cut);
             }
             clock.skip();
             if clock.elapsed() >= window {
@@ -655,32 +690,7 @@ impl<Q: QueueT> QueueServer<Q> {
             }
             std::hint::spin_loop();
         }
-        if preempted {
-            // Kicks go back on at once; the window stays as it was.
-            self.spun(true);
-            return Ok(false);
-        }
-        if !window.is_zero() {
-            self.spun(false);
-        }
-        self.stats.poll_ran_out += 1;
-        if let Some(poll) = &mut self.poll {
-            poll.ran_out = Some(started);
-            if !window.is_zero() {
-                poll.caught(false);
-            }
-        }
-        Ok(false)
-    }
-
-    /// Records how a watch ended, for polling's back-off.
-    fn spun(&mut self, preempted: bool) {
-        if let Some(poll) = &mut self.poll {
-            poll.window.spun(preempted);
-        }
-        if preempted {
-            self.stats.poll_preempted += 1;
-        }
+        Ok(WatchEnd::RanOut)
     }
 
     /// Turns kicks back on, then (after a full fence) checks the ring once more: `true` when
@@ -710,6 +720,22 @@ impl<Q: QueueT> QueueServer<Q> {
         }
         Ok(served)
     }
+}
+
+/// How a watch of the ring ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    /// Buffers came; `preempted` when the thread had lost its CPU just before.
+    Caught {
+        /// The read that found them came after a gap (see `SpinClock`).
+        preempted: bool,
+    },
+    /// The thread lost its CPU while watching.
+    Preempted,
+    /// The device's `idle` said stop (finished work waits).
+    Cut,
+    /// The window ran out (or was zero).
+    RanOut,
 }
 
 /// Why held interrupts are sent.
