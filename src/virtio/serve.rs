@@ -189,6 +189,22 @@ const CATCH_MIN: u32 = CATCH_ONE / 10;
 const CATCH_START: u32 = CATCH_ONE * 3 / 20;
 
 impl RingPoll {
+    /// Tunes polling by how a watch of `window`, begun at `started`, ended.
+    fn watched(&mut self, end: WatchEnd, window: std::time::Duration, started: std::time::Instant) {
+        // A zero window did not spin: it says nothing of the CPU, nor of what windows catch.
+        if !window.is_zero() {
+            self.window.spun(end.preempted());
+            match end {
+                WatchEnd::Caught { .. } => self.caught(true),
+                WatchEnd::RanOut => self.caught(false),
+                WatchEnd::Cut | WatchEnd::Preempted => {}
+            }
+        }
+        if end == WatchEnd::RanOut {
+            self.ran_out = Some(started);
+        }
+    }
+
     /// Counts a non-zero window into the catch rate: it caught buffers, or ran out.
     fn caught(&mut self, caught: bool) {
         self.catches -= self.catches / CATCH_OVER;
@@ -629,10 +645,6 @@ impl<Q: QueueT> QueueServer<Q> {
         };
         let started = std::time::Instant::now();
         let end = self.spin(mem, window, started, idle)?;
-        let preempted = matches!(
-            end,
-            WatchEnd::Preempted | WatchEnd::Caught { preempted: true }
-        );
         match end {
             WatchEnd::Caught { .. } => self.stats.polled += 1,
             // Cut short: the next wake-up says nothing about the window's length.
@@ -641,23 +653,11 @@ impl<Q: QueueT> QueueServer<Q> {
             WatchEnd::Preempted => {}
             WatchEnd::RanOut => self.stats.poll_ran_out += 1,
         }
-        if preempted {
+        if end.preempted() {
             self.stats.poll_preempted += 1;
         }
-        let Some(poll) = &mut self.poll else {
-            return Ok(false);
-        };
-        // A zero window did not spin: it says nothing of the CPU, nor of what windows catch.
-        if !window.is_zero() {
-            poll.window.spun(preempted);
-            match end {
-                WatchEnd::Caught { .. } => poll.caught(true),
-                WatchEnd::RanOut => poll.caught(false),
-                WatchEnd::Cut | WatchEnd::Preempted => {}
-            }
-        }
-        if end == WatchEnd::RanOut {
-            poll.ran_out = Some(started);
+        if let Some(poll) = &mut self.poll {
+            poll.watched(end, window, started);
         }
         Ok(matches!(end, WatchEnd::Caught { .. }))
     }
@@ -736,6 +736,16 @@ enum WatchEnd {
     Cut,
     /// The window ran out (or was zero).
     RanOut,
+}
+
+impl WatchEnd {
+    /// Whether the thread lost its CPU during the watch.
+    fn preempted(self) -> bool {
+        matches!(
+            self,
+            WatchEnd::Preempted | WatchEnd::Caught { preempted: true }
+        )
+    }
 }
 
 /// Why held interrupts are sent.
