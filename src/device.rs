@@ -98,6 +98,29 @@ pub trait GuestInterrupt: Send + Sync + fmt::Debug {
     }
 }
 
+/// A shared interrupt is the interrupt (a virtio-mmio device's [`StatusLine`], which its queues
+/// and a vhost-user [`CallRelay`] hold together).
+///
+/// [`StatusLine`]: crate::virtio::StatusLine
+/// [`CallRelay`]: crate::vhost_user::CallRelay
+impl<T: GuestInterrupt + ?Sized> GuestInterrupt for std::sync::Arc<T> {
+    fn trigger(&self) -> Result<bool> {
+        (**self).trigger()
+    }
+
+    fn eventfd(&self) -> Result<Option<Notifier>> {
+        (**self).eventfd()
+    }
+
+    fn level(&self) -> Option<&dyn LevelInterrupt> {
+        (**self).level()
+    }
+
+    fn mask(&self) -> Option<&dyn MaskableInterrupt> {
+        (**self).mask()
+    }
+}
+
 /// A level-triggered line: asserted by [`GuestInterrupt::trigger`], lowered by the device when
 /// its condition clears, and resampled at the guest's end of interrupt.
 pub trait LevelInterrupt: Send + Sync + fmt::Debug {

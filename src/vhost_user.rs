@@ -16,6 +16,17 @@
 //! delivered on unmask. When the guest moves the queue to another vector,
 //! [`VhostUserFrontend::set_call`] hands the backend the new vector's eventfd.
 //!
+//! An interrupt with no eventfd of its own — a virtio-mmio device's [`StatusLine`], whose
+//! `InterruptStatus` must say "used buffers" before the guest's handler reads it — cannot take
+//! the backend's calls directly: an eventfd write would raise the line with the status still 0,
+//! and Linux's `vm_interrupt` would answer `IRQ_NONE` until the kernel disabled the line.
+//! [`VhostUserFrontend::start_queue`] then hands the backend a fresh eventfd and returns a
+//! [`CallRelay`]: the VMM waits on its [`calls`](CallRelay::calls) in its own event loop and
+//! [`deliver`](CallRelay::deliver)s each wake-up as the queue's interrupt, which sets the status
+//! bit and asserts the line. The library starts no thread for it.
+//!
+//! [`StatusLine`]: crate::virtio::StatusLine
+//!
 //! A backend that stops is seen: [`VhostUserFrontend::wait_disconnect`] polls the connection and
 //! returns [`Error::VhostUserDisconnected`] when the peer has gone.
 
@@ -32,14 +43,45 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::{GuestInterrupt, QueueKicks};
 use crate::error::{Error, Result};
-use crate::notifier::Notifier;
+use crate::notifier::{Mode, Notifier};
 use crate::virtio::VringLayout;
 
-/// A started queue: what the frontend owns for it.
+/// A started queue: what the frontend owns for it (a relayed call's interrupt is the relay's).
 #[derive(Debug)]
 struct Handed {
     _kick: Box<dyn QueueKicks>,
-    _call: Box<dyn GuestInterrupt>,
+    _call: Option<Box<dyn GuestInterrupt>>,
+}
+
+/// A backend's calls for a queue whose interrupt has no eventfd of its own (see the module
+/// docs): the backend writes [`calls`](Self::calls); the VMM waits on it and, for each wake-up,
+/// [`deliver`](Self::deliver)s the queue's interrupt. Keep it, and keep waiting on it, while
+/// the queue runs: calls that arrive while nobody waits stay in the notifier's count and go to
+/// the guest at the next wake-up, as one interrupt.
+#[must_use = "the backend's calls reach the guest only through a relay that is waited on"]
+#[derive(Debug)]
+pub struct CallRelay {
+    calls: Notifier,
+    to: Box<dyn GuestInterrupt>,
+}
+
+impl CallRelay {
+    /// The notifier the backend's calls add to (the eventfd it was given with `SET_VRING_CALL`).
+    pub fn calls(&self) -> &Notifier {
+        &self.calls
+    }
+
+    /// After a wait on [`calls`](Self::calls) read a non-zero count: interrupts the guest as the
+    /// queue's interrupt does (for a [`StatusLine`](crate::virtio::StatusLine): sets
+    /// "used buffers" in the status, then asserts the line if it was clear). Returns whether
+    /// that asked for a new interrupt. Reads nothing from `calls`; the caller's wait did.
+    ///
+    /// # Errors
+    ///
+    /// Those of the interrupt's [`trigger`](GuestInterrupt::trigger).
+    pub fn deliver(&self) -> Result<bool> {
+        self.to.trigger()
+    }
 }
 
 /// The frontend side of one vhost-user connection (see the module docs).
@@ -64,21 +106,19 @@ impl fmt::Debug for VhostUserFrontend {
     }
 }
 
-/// The eventfd a backend's calls go to. Only an edge interrupt with an eventfd can take them: a
-/// level line the backend asserted would stay high, as nothing in the VMM sees the backend's
-/// condition clear to deassert it.
-fn call_eventfd(call: &dyn GuestInterrupt) -> Result<Notifier> {
+/// The eventfd a backend's calls go to: the interrupt's own, or `None` where it has none (a
+/// relay must take them). A level line cannot take them: one the backend asserted would stay
+/// high, as nothing in the VMM sees the backend's condition clear to deassert it.
+fn call_eventfd(call: &dyn GuestInterrupt) -> Result<Option<Notifier>> {
     if call.level().is_some() {
         return Err(Error::VhostUser {
             op: "SET_VRING_CALL",
             reason: "a level interrupt cannot take a backend's calls (nothing would deassert \
-                     it); use an edge irqfd or an MSI-X vector"
+                     it); use an edge irqfd, an MSI-X vector, or the device's status line"
                 .into(),
         });
     }
-    call.eventfd()?.ok_or(Error::NoEventFd {
-        what: "this interrupt (a backend's calls need an edge irqfd or an MSI-X vector)",
-    })
+    call.eventfd()
 }
 
 fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
@@ -172,20 +212,28 @@ impl VhostUserFrontend {
     /// Hands queue `layout.index` to the backend: its size and ring addresses, then `kick`'s
     /// notifier (a registered ioeventfd) and `call`'s eventfd, then enables it, and returns once
     /// the backend has taken all of it (so a kick right after this is served). The frontend owns
-    /// both from now on.
+    /// both from now on; the backend's calls go straight into KVM and this returns `None`.
+    ///
+    /// Where `call` has no eventfd (a virtio-mmio [`StatusLine`](crate::virtio::StatusLine)),
+    /// the backend gets a fresh eventfd instead and this returns the [`CallRelay`] that owns
+    /// `call`: the VMM's event loop must wait on it (see the module docs).
     ///
     /// # Errors
     ///
     /// [`Error::VhostUser`] naming the message that failed, a ring address outside guest memory,
-    /// or a level `call` (only edge interrupts and MSI-X vectors can take a backend's calls);
-    /// those of `call`'s [`eventfd`](GuestInterrupt::eventfd).
+    /// or a level `call` whose line the backend would raise (an edge interrupt, an MSI-X
+    /// vector, or an interrupt with no eventfd can take a backend's calls); those of `call`'s
+    /// [`eventfd`](GuestInterrupt::eventfd) and of [`Notifier::new`].
     pub fn start_queue(
         &mut self,
         layout: VringLayout,
         kick: impl QueueKicks + 'static,
         call: impl GuestInterrupt + 'static,
-    ) -> Result<()> {
-        let call_fd = call_eventfd(&call)?;
+    ) -> Result<Option<CallRelay>> {
+        let (call_fd, relayed) = match call_eventfd(&call)? {
+            Some(fd) => (fd, false),
+            None => (Notifier::new(Mode::Counter)?, true),
+        };
         let host = |gpa: u64| {
             self.memory
                 .get_host_address(GuestAddress(gpa))
@@ -228,12 +276,21 @@ impl VhostUserFrontend {
         // everything before it.
         f.get_features()
             .map_err(vhost_err("GET_FEATURES (barrier after starting the queue)"))?;
+        let (owned, relay) = if relayed {
+            let relay = CallRelay {
+                calls: call_fd,
+                to: Box::new(call),
+            };
+            (None, Some(relay))
+        } else {
+            (Some(Box::new(call) as Box<dyn GuestInterrupt>), None)
+        };
         let handed = Handed {
             _kick: Box::new(kick),
-            _call: Box::new(call),
+            _call: owned,
         };
         self.queues.insert(layout.index, handed);
-        Ok(())
+        Ok(relay)
     }
 
     /// Moves queue `index`'s calls to `call` (the guest picked another vector): hands the backend
@@ -243,9 +300,12 @@ impl VhostUserFrontend {
     ///
     /// # Errors
     ///
-    /// [`Error::VhostUser`] for a queue not started or a failed `SET_VRING_CALL`.
+    /// [`Error::VhostUser`] for a queue not started, a level `call` or a failed `SET_VRING_CALL`;
+    /// [`Error::NoEventFd`] for a `call` with no eventfd (a relayed queue keeps its relay).
     pub fn set_call(&mut self, index: u16, call: impl GuestInterrupt + 'static) -> Result<()> {
-        let call_fd = call_eventfd(&call)?;
+        let call_fd = call_eventfd(&call)?.ok_or(Error::NoEventFd {
+            what: "this interrupt (a queue's calls move to an edge irqfd or an MSI-X vector)",
+        })?;
         if !self.queues.contains_key(&index) {
             return Err(Error::VhostUser {
                 op: "SET_VRING_CALL",
@@ -263,7 +323,7 @@ impl VhostUserFrontend {
             .get_features()
             .map_err(vhost_err("GET_FEATURES (barrier after SET_VRING_CALL)"))?;
         if let Some(q) = self.queues.get_mut(&index) {
-            q._call = Box::new(call);
+            q._call = Some(Box::new(call));
         }
         Ok(())
     }

@@ -93,6 +93,9 @@ pub struct DeviceStats {
     pub poll_ran_out: AtomicU64,
     /// Ring polling's windows the device ended (a lone request finished).
     pub poll_cut: AtomicU64,
+    /// A vhost-user backend's calls relayed to a status line (virtio-mmio): the relay's
+    /// wake-ups, each one interrupt decision.
+    pub relayed_calls: AtomicU64,
 }
 
 /// The calling thread's page faults so far (minor and major).
@@ -268,6 +271,61 @@ impl Worker {
             .map_err(|e| format!("spawn: {e}"))?;
         Ok(Worker { stop, thread })
     }
+}
+
+/// The thread that relays a vhost-user backend's calls for queue `q` to `line`, a device's
+/// status line (virtio-mmio): on each wake-up of the relay it sets the used-buffer bit and
+/// asserts the line if it was clear; on each resample it asserts the line again while a bit is
+/// still set. The backend serves the ring; this thread only carries its calls.
+#[cfg(feature = "vhost-user")]
+pub fn relay_calls(
+    name: &str,
+    q: u16,
+    relay: vm_notify::vhost_user::CallRelay,
+    line: Arc<StatusLine>,
+    stats: &Arc<DeviceStats>,
+) -> Result<Worker, String> {
+    const CALLS: u64 = 0;
+    const RESAMPLE: u64 = 1;
+    let events = EventLoop::new().map_err(|e| format!("event loop: {e}"))?;
+    events
+        .add(CALLS, relay.calls())
+        .map_err(|e| format!("the relay's calls: {e}"))?;
+    if let Some(resample) = line.resample() {
+        events
+            .add(RESAMPLE, resample)
+            .map_err(|e| format!("the line's resamples: {e}"))?;
+    }
+    let stop = events.stop_handle();
+    let stats = stats.clone();
+    let thread = thread::Builder::new()
+        .name(format!("{name}.{q}.calls"))
+        .spawn(move || {
+            let mut ready = Vec::new();
+            let mut relayed = || -> vm_notify::Result<()> {
+                loop {
+                    if events.wait(None, &mut ready)? == Wake::Stopped {
+                        return Ok(());
+                    }
+                    for &(token, count) in &ready {
+                        if token == CALLS {
+                            stats.relayed_calls.fetch_add(1, Ordering::Relaxed);
+                            if relay.deliver()? {
+                                stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                            }
+                        } else {
+                            stats.resamples.fetch_add(count, Ordering::Relaxed);
+                            if line.on_resample()? {
+                                stats.reasserts.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            };
+            relayed().map_err(|e| e.to_string())
+        })
+        .map_err(|e| format!("spawn: {e}"))?;
+    Ok(Worker { stop, thread })
 }
 
 /// Stops every queue's thread of device `name` and joins it: how they ended (the first error;
@@ -711,7 +769,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 return;
             }
             match frontend.start_queue(layout, queue, call) {
-                Ok(()) => state.vhost_started = true,
+                Ok(None) => state.vhost_started = true,
+                // An MSI-X vector has its eventfd: the backend's calls go straight to KVM.
+                Ok(Some(_)) => eprintln!("linux_vmm: vhost-user: the vector has no eventfd"),
                 Err(e) => eprintln!("linux_vmm: vhost-user start_queue: {e}"),
             }
             return;
