@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
-//! `vhost-user`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
+//! `vhost-user`; on virtio-mmio a device thread relays the backend's calls to the status line,
+//! vm-notify's `CallRelay`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
 //! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
 //! exits through the one `IoManager`; `--mmio` puts the devices on virtio-mmio (described in the
 //! DSDT, each interrupting on a level IOAPIC pin) instead of PCI; `--split-irqchip` leaves KVM
@@ -191,14 +192,35 @@ fn args() -> Result<Args, Error> {
     if !(1..=MAX_VCPUS).contains(&a.vcpus) {
         return Err(format!("--vcpus {}: 1 to {MAX_VCPUS}", a.vcpus).into());
     }
+    #[cfg(not(feature = "vhost-user"))]
+    if let Some(socket) = &a.vhost_rng {
+        return Err(format!(
+            "--vhost-rng {}: build with --features vhost-user",
+            socket.display()
+        )
+        .into());
+    }
     if !a.ioeventfd && a.policy == Policy::Kernel {
         // Kicks go where the kernel cannot take them: the exits.
         a.policy = Policy::Auto;
     }
-    if a.mmio && a.vhost_rng.is_some() {
-        return Err("--vhost-rng is served over virtio-pci only".into());
-    }
     Ok(a)
+}
+
+/// `--vhost-rng`'s backend, connected (with the entropy device's features on offer); `None`
+/// without the flag.
+#[cfg(feature = "vhost-user")]
+fn vhost_rng(
+    args: &Args,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<Option<vm_notify::vhost_user::VhostUserFrontend>, Error> {
+    let features = virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX;
+    let Some(socket) = &args.vhost_rng else {
+        return Ok(None);
+    };
+    Ok(Some(vm_notify::vhost_user::VhostUserFrontend::connect(
+        socket, 1, mem, features,
+    )?))
 }
 
 /// The block queues' ring polling: as `--blk-poll` says, or with `auto` (the default) up to
@@ -282,11 +304,17 @@ trait Function {
             "poll_backed_off": stats.poll_backed_off.load(Relaxed),
             "poll_ran_out": stats.poll_ran_out.load(Relaxed),
             "poll_cut": stats.poll_cut.load(Relaxed),
+            "relayed_calls": stats.relayed_calls.load(Relaxed),
             "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
                 serde_json::json!({ "before": before, "after": after })
             }),
             "queue_notify_exits": self.notify_exits(),
             "thread": match thread {
+                // virtio-mmio: a VMM thread relayed the backend's calls to the status line.
+                Ok(()) if self.is_vhost() && stats.relayed_calls.load(Relaxed) > 0 => {
+                    "the vhost-user backend served the queue; its calls' relay stopped and joined"
+                        .to_string()
+                }
                 Ok(()) if self.is_vhost() => "none: the vhost-user backend served the queue".to_string(),
                 Ok(()) => "stopped and joined".to_string(),
                 Err(e) => format!("error: {e}"),
@@ -376,7 +404,7 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
     }
 
     fn is_vhost(&self) -> bool {
-        false
+        VirtioMmio::is_vhost(self)
     }
 
     fn transport_figures(&self) -> serde_json::Value {
@@ -676,14 +704,20 @@ fn main() -> Result<(), Error> {
     let mut pci_functions: Vec<Arc<dyn PciFunction>> = Vec::new();
     if args.mmio {
         let (base, gsi) = mmio_slots[0];
-        let rng = Arc::new(VirtioMmio::new(
+        #[cfg_attr(not(feature = "vhost-user"), allow(unused_mut))]
+        let mut rng = VirtioMmio::new(
             &vm,
             mem.clone(),
             base,
             gsi,
             rng::Rng::new()?,
             args.event_idx,
-        )?);
+        )?;
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = vhost_rng(&args, &mem)? {
+            rng = rng.with_vhost(frontend);
+        }
+        let rng = Arc::new(rng);
         functions.push((rng.clone(), rng.regions()));
         lock(&watched)
             .devices
@@ -712,23 +746,9 @@ fn main() -> Result<(), Error> {
             rng::Rng::new()?,
             args.event_idx,
         )?;
-        if let Some(socket) = &args.vhost_rng {
-            #[cfg(feature = "vhost-user")]
-            {
-                let frontend = vm_notify::vhost_user::VhostUserFrontend::connect(
-                    socket,
-                    1,
-                    &mem,
-                    virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX,
-                )?;
-                rng = rng.with_vhost(frontend);
-            }
-            #[cfg(not(feature = "vhost-user"))]
-            return Err(format!(
-                "--vhost-rng {}: build with --features vhost-user",
-                socket.display()
-            )
-            .into());
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = vhost_rng(&args, &mem)? {
+            rng = rng.with_vhost(frontend);
         }
         let rng = Arc::new(rng);
         functions.push((rng.clone(), rng.regions()));

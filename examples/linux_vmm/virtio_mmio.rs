@@ -55,6 +55,10 @@ struct State<D> {
     queue_sel: u32,
     queues: Vec<QueueConfig>,
     workers: Vec<Option<Worker>>,
+    /// When set, an external vhost-user backend serves queue 0, and a VMM thread relays its
+    /// calls to the status line (the queue's worker).
+    #[cfg(feature = "vhost-user")]
+    vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
 }
 
 /// A virtio-mmio device serving the queues of `D`, its window at `base`, its line on `gsi`.
@@ -110,6 +114,8 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 queue_sel: 0,
                 queues: vec![queue; queues.into()],
                 workers: (0..queues).map(|_| None).collect(),
+                #[cfg(feature = "vhost-user")]
+                vhost: None,
             }),
             offered,
             device_config,
@@ -118,6 +124,21 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             stats: Arc::default(),
             notify_exits: Arc::default(),
         })
+    }
+
+    /// Has `frontend`'s backend serve queue 0 (the entropy queue) instead of a device thread.
+    #[cfg(feature = "vhost-user")]
+    pub fn with_vhost(self, frontend: vm_notify::vhost_user::VhostUserFrontend) -> Self {
+        lock(&self.state).vhost = Some(frontend);
+        self
+    }
+
+    /// Whether a vhost-user backend serves the queue.
+    pub fn is_vhost(&self) -> bool {
+        #[cfg(feature = "vhost-user")]
+        return lock(&self.state).vhost.is_some();
+        #[cfg(not(feature = "vhost-user"))]
+        false
     }
 
     /// The window's base.
@@ -283,6 +304,36 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             return;
         };
         let (config, features) = (state.queues[i], state.driver_features);
+        #[cfg(feature = "vhost-user")]
+        if let Some(frontend) = state.vhost.as_mut() {
+            let layout = vm_notify::virtio::VringLayout {
+                index: q,
+                size: config.size,
+                desc_table: config.desc,
+                avail_ring: config.driver,
+                used_ring: config.device,
+            };
+            let line = self.notify.interrupt().clone();
+            let started = frontend
+                .set_acked_features(features)
+                .map_err(|e| format!("SET_FEATURES: {e}"))
+                .and_then(|_| {
+                    frontend
+                        .start_queue(layout, queue, line.clone())
+                        .map_err(|e| format!("start_queue: {e}"))
+                })
+                .and_then(|relay| {
+                    // The status line has no eventfd: the frontend hands the backend one of its
+                    // own, and this VMM's thread relays it.
+                    let relay = relay.ok_or("the status line took the calls itself")?;
+                    crate::virtio_pci::relay_calls(D::NAME, q, relay, line, &self.stats)
+                });
+            match started {
+                Ok(worker) => state.workers[i] = Some(worker),
+                Err(e) => eprintln!("linux_vmm: {}: vhost-user: {e}", D::NAME),
+            }
+            return;
+        }
         let (mem, stats) = (&self.mem, &self.stats);
         let resample = Some(self.notify.interrupt().clone());
         match Worker::start(
