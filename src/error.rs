@@ -285,6 +285,15 @@ pub enum Error {
     /// The vhost-user backend closed its connection.
     #[error("the vhost-user backend disconnected")]
     VhostUserDisconnected,
+    /// A step of the kernel vhost-net hand-off failed: the step (opening `/dev/vhost-net`, or
+    /// an ioctl) and what the vhost crate or the kernel said.
+    #[error("vhost-net {op} failed: {reason}")]
+    VhostNet {
+        /// The step (opening the device, or the ioctl's name).
+        op: &'static str,
+        /// The error.
+        reason: String,
+    },
     /// A split virtqueue's rings could not be read or written (feature `virtio-queue`): the
     /// step, and what virtio-queue or guest memory said.
     #[error("virtqueue {op} failed: {reason}")]

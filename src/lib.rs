@@ -28,8 +28,9 @@
 //!   registration, behind [`IoEvent`], [`IrqFd`] and [`LevelIrqFd`];
 //! * [`device`]: what devices see — [`GuestInterrupt`] and [`QueueKicks`], implemented by every
 //!   delivery kind, with [`RecordingInterrupt`](device::RecordingInterrupt) for tests without KVM;
-//! * [`virtio`] (virtio-mmio and virtio-pci) and `vhost_user` (cargo feature `vhost-user`): the
-//!   transports, built on the traits;
+//! * [`virtio`] (virtio-mmio and virtio-pci), `vhost_user` and `vhost_net` (cargo features
+//!   `vhost-user`, `vhost-net`): the transports and the hand-off to backends outside the VMM,
+//!   built on the traits;
 //! * [`Vm`]: the root a VMM makes every registration from.
 //!
 //! Every registration is a value: creating it registers, dropping it unregisters, and it holds an
@@ -113,6 +114,10 @@ pub mod msix;
 #[cfg(feature = "vhost-user")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vhost-user")))]
 pub mod vhost_user;
+
+#[cfg(feature = "vhost-net")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vhost-net")))]
+pub mod vhost_net;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

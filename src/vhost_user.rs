@@ -48,9 +48,35 @@ use crate::virtio::VringLayout;
 
 /// A started queue: what the frontend owns for it (a relayed call's interrupt is the relay's).
 #[derive(Debug)]
-struct Handed {
+pub(crate) struct Handed {
     _kick: Box<dyn QueueKicks>,
-    _call: Option<Box<dyn GuestInterrupt>>,
+    pub(crate) _call: Option<Box<dyn GuestInterrupt>>,
+}
+
+impl Handed {
+    /// What a queue whose calls go to `call_fd` keeps: `call` itself, or, where `relayed` (the
+    /// backend was given `call_fd` because `call` has no eventfd), a [`CallRelay`] that owns it.
+    pub(crate) fn new(
+        kick: impl QueueKicks + 'static,
+        call: impl GuestInterrupt + 'static,
+        call_fd: Notifier,
+        relayed: bool,
+    ) -> (Handed, Option<CallRelay>) {
+        let (owned, relay) = if relayed {
+            let relay = CallRelay {
+                calls: call_fd,
+                to: Box::new(call),
+            };
+            (None, Some(relay))
+        } else {
+            (Some(Box::new(call) as Box<dyn GuestInterrupt>), None)
+        };
+        let handed = Handed {
+            _kick: Box::new(kick),
+            _call: owned,
+        };
+        (handed, relay)
+    }
 }
 
 /// A backend's calls for a queue whose interrupt has no eventfd of its own (see the module
@@ -106,19 +132,41 @@ impl fmt::Debug for VhostUserFrontend {
     }
 }
 
+/// Why a level interrupt cannot take a backend's calls.
+const LEVEL_REFUSED: &str = "a level interrupt cannot take a backend's calls \
+    (nothing would deassert it); use an edge irqfd, an MSI-X vector, or the device's status line";
+
 /// The eventfd a backend's calls go to: the interrupt's own, or `None` where it has none (a
-/// relay must take them). A level line cannot take them: one the backend asserted would stay
-/// high, as nothing in the VMM sees the backend's condition clear to deassert it.
-fn call_eventfd(call: &dyn GuestInterrupt) -> Result<Option<Notifier>> {
+/// relay must take them). A level line cannot take them (`refused` makes that error): one the
+/// backend asserted would stay high, as nothing in the VMM sees the backend's condition clear
+/// to deassert it.
+pub(crate) fn call_eventfd(
+    call: &dyn GuestInterrupt,
+    refused: fn(String) -> Error,
+) -> Result<Option<Notifier>> {
     if call.level().is_some() {
-        return Err(Error::VhostUser {
-            op: "SET_VRING_CALL",
-            reason: "a level interrupt cannot take a backend's calls (nothing would deassert \
-                     it); use an edge irqfd, an MSI-X vector, or the device's status line"
-                .into(),
-        });
+        return Err(refused(LEVEL_REFUSED.into()));
     }
     call.eventfd()
+}
+
+/// Where a queue's calls go when it starts: the interrupt's own eventfd, or a fresh one and
+/// `true` (relayed) where it has none.
+pub(crate) fn call_target(
+    call: &dyn GuestInterrupt,
+    refused: fn(String) -> Error,
+) -> Result<(Notifier, bool)> {
+    Ok(match call_eventfd(call, refused)? {
+        Some(fd) => (fd, false),
+        None => (Notifier::new(Mode::Counter)?, true),
+    })
+}
+
+fn refused(reason: String) -> Error {
+    Error::VhostUser {
+        op: "SET_VRING_CALL",
+        reason,
+    }
 }
 
 fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
@@ -230,10 +278,7 @@ impl VhostUserFrontend {
         kick: impl QueueKicks + 'static,
         call: impl GuestInterrupt + 'static,
     ) -> Result<Option<CallRelay>> {
-        let (call_fd, relayed) = match call_eventfd(&call)? {
-            Some(fd) => (fd, false),
-            None => (Notifier::new(Mode::Counter)?, true),
-        };
+        let (call_fd, relayed) = call_target(&call, refused)?;
         let host = |gpa: u64| {
             self.memory
                 .get_host_address(GuestAddress(gpa))
@@ -276,19 +321,7 @@ impl VhostUserFrontend {
         // everything before it.
         f.get_features()
             .map_err(vhost_err("GET_FEATURES (barrier after starting the queue)"))?;
-        let (owned, relay) = if relayed {
-            let relay = CallRelay {
-                calls: call_fd,
-                to: Box::new(call),
-            };
-            (None, Some(relay))
-        } else {
-            (Some(Box::new(call) as Box<dyn GuestInterrupt>), None)
-        };
-        let handed = Handed {
-            _kick: Box::new(kick),
-            _call: owned,
-        };
+        let (handed, relay) = Handed::new(kick, call, call_fd, relayed);
         self.queues.insert(layout.index, handed);
         Ok(relay)
     }
@@ -303,7 +336,7 @@ impl VhostUserFrontend {
     /// [`Error::VhostUser`] for a queue not started, a level `call` or a failed `SET_VRING_CALL`;
     /// [`Error::NoEventFd`] for a `call` with no eventfd (a relayed queue keeps its relay).
     pub fn set_call(&mut self, index: u16, call: impl GuestInterrupt + 'static) -> Result<()> {
-        let call_fd = call_eventfd(&call)?.ok_or(Error::NoEventFd {
+        let call_fd = call_eventfd(&call, refused)?.ok_or(Error::NoEventFd {
             what: "this interrupt (a queue's calls move to an edge irqfd or an MSI-X vector)",
         })?;
         if !self.queues.contains_key(&index) {
