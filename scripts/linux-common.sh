@@ -49,10 +49,16 @@ kernel_package() {
     mods="$work/kernel/lib/modules/$kver/kernel"
     l1mods=("$mods/virt/lib/irqbypass.ko:mods/irqbypass.ko" "$mods/arch/x86/kvm/kvm.ko:mods/kvm.ko"
         "$mods/arch/x86/kvm/kvm-amd.ko:mods/kvm-amd.ko")
+    # The tap and the kernel's vhost-net, in load order.
+    for m in drivers/net/tun drivers/net/tap drivers/vhost/vhost_iotlb drivers/vhost/vhost \
+        drivers/vhost/vhost_net; do
+        l1mods+=("$mods/$m.ko:mods/$(basename "$m").ko")
+    done
     l2mods=()
     for m in drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_modern_dev \
         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/virtio/virtio_mmio \
-        drivers/char/hw_random/virtio-rng drivers/block/virtio_blk; do
+        drivers/char/hw_random/virtio-rng drivers/block/virtio_blk net/core/failover \
+        drivers/net/net_failover drivers/net/virtio_net; do
         l2mods+=("$mods/$m.ko:mods/$(basename "$m").ko")
     done
 }
@@ -64,7 +70,7 @@ tree() {
     rm -rf "$dir" && mkdir -p "$dir"/{bin,proc,sys,dev,tmp,mods}
     cp "$(command -v busybox)" "$dir/bin/busybox"
     for a in sh mount insmod poweroff reboot cat echo ls dmesg sleep grep head tail dd wc cut \
-        md5sum sync tr awk sed taskset readlink timeout time kill; do
+        md5sum sync tr awk sed taskset readlink timeout time kill ip nc ping tunctl mv rm mkfifo; do
         ln -sf busybox "$dir/bin/$a"
     done
     for pair in "$@"; do

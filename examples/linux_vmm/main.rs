@@ -5,7 +5,8 @@
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
-//!     [--disk image] [--vhost-rng socket] [--no-event-idx] [--cmdline "..." | --append "..."] \
+//!     [--disk image] [--vhost-rng socket] [--net-tap tap0] [--no-event-idx] \
+//!     [--cmdline "..." | --append "..."] \
 //!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120] \
 //!     [--policy kernel|auto|userspace] [--no-ioeventfd] [--blk-moderation off|K,MICROS] \
 //!     [--disk-direct] [--blk-io uring|sync] [--blk-poll auto|off|MICROS]
@@ -13,7 +14,10 @@
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
 //! `vhost-user`; on virtio-mmio a device thread relays the backend's calls to the status line,
-//! vm-notify's `CallRelay`); `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
+//! vm-notify's `CallRelay`); `--net-tap NAME` adds a virtio-net function (virtio-pci, MSI-X)
+//! whose two queues the host kernel's vhost-net serves on the tap NAME (feature `vhost-net`;
+//! vm-notify's `VhostNetFrontend`: no VMM thread, no packet or notification in the VMM);
+//! `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
 //! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
 //! exits through the one `IoManager`; `--mmio` puts the devices on virtio-mmio (described in the
 //! DSDT, each interrupting on a level IOAPIC pin) instead of PCI; `--split-irqchip` leaves KVM
@@ -42,7 +46,7 @@
 //! The files, one concern each: `boot.rs` (memory, the boot protocol, the vCPU), `acpi.rs` (the
 //! tables), `legacy.rs` (serial, i8042, CMOS), `console.rs` (the console's output), `pci.rs`
 //! (bus 0 and configuration mechanism #1), `virtio_pci.rs` (a virtio-pci function and its device
-//! thread), and a file per device (`rng.rs`, `blk.rs`): a new device is one file implementing
+//! thread), and a file per device (`rng.rs`, `blk.rs`, `net.rs`): a new device is one file implementing
 //! `virtio_pci::VirtioDevice` and two lines here.
 //!
 //! Linux cannot boot on the instruction-emulating `/dev/kvm` of this project's machines; it boots
@@ -54,6 +58,8 @@ mod blk;
 mod boot;
 mod console;
 mod legacy;
+#[cfg(feature = "vhost-net")]
+mod net;
 mod pci;
 mod rng;
 mod virtio_mmio;
@@ -107,6 +113,7 @@ struct Args {
     timeout: Duration,
     disk: Option<PathBuf>,
     vhost_rng: Option<PathBuf>,
+    net_tap: Option<String>,
     event_idx: bool,
     vcpus: u8,
     mmio: bool,
@@ -129,6 +136,7 @@ fn args() -> Result<Args, Error> {
         timeout: Duration::from_secs(120),
         disk: None,
         vhost_rng: None,
+        net_tap: None,
         event_idx: true,
         vcpus: 1,
         mmio: false,
@@ -152,6 +160,7 @@ fn args() -> Result<Args, Error> {
             "--timeout-s" => a.timeout = Duration::from_secs(value()?.parse()?),
             "--disk" => a.disk = Some(value()?.into()),
             "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
+            "--net-tap" => a.net_tap = Some(value()?),
             "--no-event-idx" => a.event_idx = false,
             "--vcpus" => a.vcpus = value()?.parse()?,
             "--mmio" => a.mmio = true,
@@ -199,6 +208,13 @@ fn args() -> Result<Args, Error> {
             socket.display()
         )
         .into());
+    }
+    #[cfg(not(feature = "vhost-net"))]
+    if let Some(tap) = &a.net_tap {
+        return Err(format!("--net-tap {tap}: build with --features vhost-net").into());
+    }
+    if a.net_tap.is_some() && a.mmio {
+        return Err("--net-tap: virtio-net is on virtio-pci only (leave out --mmio)".into());
     }
     if !a.ioeventfd && a.policy == Policy::Kernel {
         // Kicks go where the kernel cannot take them: the exits.
@@ -270,8 +286,9 @@ trait Function {
     /// The features the driver accepted.
     fn driver_features(&self) -> u64;
     fn queues(&self) -> u16;
-    /// Whether an external vhost-user backend served it (then it has no device thread).
-    fn is_vhost(&self) -> bool;
+    /// The backend outside the VMM that served it (`vhost-user`, `vhost-net`), if one did (then
+    /// it has no device thread).
+    fn vhost(&self) -> Option<&'static str>;
     /// The figures only its transport has, as a JSON object.
     fn transport_figures(&self) -> serde_json::Value;
     fn stop(&self) -> Result<(), String>;
@@ -288,7 +305,8 @@ trait Function {
         let (stats, features) = (self.stats(), self.driver_features());
         let mut figures = serde_json::json!({
             "name": self.name(),
-            "vhost_user": self.is_vhost(),
+            "vhost_user": self.vhost() == Some("vhost-user"),
+            "backend": self.vhost().unwrap_or("vmm"),
             "features": format!("{features:#x}"),
             "queues": self.queues(),
             "event_idx": features & virtio_pci::F_EVENT_IDX != 0,
@@ -309,15 +327,14 @@ trait Function {
                 serde_json::json!({ "before": before, "after": after })
             }),
             "queue_notify_exits": self.notify_exits(),
-            "thread": match thread {
+            "thread": match (thread, self.vhost()) {
                 // virtio-mmio: a VMM thread relayed the backend's calls to the status line.
-                Ok(()) if self.is_vhost() && stats.relayed_calls.load(Relaxed) > 0 => {
-                    "the vhost-user backend served the queue; its calls' relay stopped and joined"
-                        .to_string()
+                (Ok(()), Some(backend)) if stats.relayed_calls.load(Relaxed) > 0 => {
+                    format!("the {backend} backend served the queue; its calls' relay stopped and joined")
                 }
-                Ok(()) if self.is_vhost() => "none: the vhost-user backend served the queue".to_string(),
-                Ok(()) => "stopped and joined".to_string(),
-                Err(e) => format!("error: {e}"),
+                (Ok(()), Some(backend)) => format!("none: the {backend} backend served the queues"),
+                (Ok(()), None) => "stopped and joined".to_string(),
+                (Err(e), _) => format!("error: {e}"),
             },
         });
         if let (Some(all), serde_json::Value::Object(own)) =
@@ -350,8 +367,8 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
         VirtioPci::queues(self)
     }
 
-    fn is_vhost(&self) -> bool {
-        VirtioPci::is_vhost(self)
+    fn vhost(&self) -> Option<&'static str> {
+        VirtioPci::vhost(self)
     }
 
     fn transport_figures(&self) -> serde_json::Value {
@@ -403,8 +420,8 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
         VirtioMmio::queues(self)
     }
 
-    fn is_vhost(&self) -> bool {
-        VirtioMmio::is_vhost(self)
+    fn vhost(&self) -> Option<&'static str> {
+        VirtioMmio::vhost(self)
     }
 
     fn transport_figures(&self) -> serde_json::Value {
@@ -748,12 +765,12 @@ fn main() -> Result<(), Error> {
         )?;
         #[cfg(feature = "vhost-user")]
         if let Some(frontend) = vhost_rng(&args, &mem)? {
-            rng = rng.with_vhost(frontend);
+            rng = rng.with_vhost(virtio_pci::External::User(frontend));
         }
         let rng = Arc::new(rng);
         functions.push((rng.clone(), rng.regions()));
         pci_functions.push(rng.clone());
-        if !rng.is_vhost() {
+        if rng.vhost().is_none() {
             lock(&watched)
                 .devices
                 .push((rng.name(), rng.clone().delivered()));
@@ -774,6 +791,29 @@ fn main() -> Result<(), Error> {
             lock(&watched)
                 .devices
                 .push((blk.name(), blk.clone().delivered()));
+        }
+        // virtio-net on the next function, its queues served by the host kernel's vhost-net on
+        // the tap: no device thread, and nothing of it in the console's delivery report.
+        #[cfg(feature = "vhost-net")]
+        if let Some(tap) = &args.net_tap {
+            let slot = pci_functions.len() as u64;
+            let tap = net::open_tap(tap).map_err(|e| format!("--net-tap {tap}: {e}"))?;
+            // The ring features the guest may have: those vhost-net offers among these.
+            let ring_features =
+                virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX | virtio_pci::F_INDIRECT_DESC;
+            let backend = vm_notify::vhost_net::VhostNetFrontend::open(&mem, tap, ring_features)?;
+            let net = VirtioPci::new(
+                &vm,
+                mem.clone(),
+                virtio_pci::BAR0_BASE + slot * virtio_pci::BAR0_SIZE,
+                pci::intx_gsi(slot as u8 + 1),
+                net::Net,
+                args.event_idx,
+            )?
+            .with_vhost(virtio_pci::External::Net(backend));
+            let net = Arc::new(net);
+            functions.push((net.clone(), net.regions()));
+            pci_functions.push(net);
         }
     }
 

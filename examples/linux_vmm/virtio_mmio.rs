@@ -133,12 +133,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self
     }
 
-    /// Whether a vhost-user backend serves the queue.
-    pub fn is_vhost(&self) -> bool {
+    /// The backend outside the VMM that serves the queue (`vhost-user`), if one does.
+    pub fn vhost(&self) -> Option<&'static str> {
         #[cfg(feature = "vhost-user")]
-        return lock(&self.state).vhost.is_some();
+        return lock(&self.state).vhost.is_some().then_some("vhost-user");
         #[cfg(not(feature = "vhost-user"))]
-        false
+        None
     }
 
     /// The window's base.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
@@ -57,9 +57,10 @@ const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 
-/// VIRTIO_F_VERSION_1 and VIRTIO_RING_F_EVENT_IDX as feature bits.
+/// VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX and VIRTIO_RING_F_INDIRECT_DESC as feature bits.
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+pub const F_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
 
 /// What a device did, counted by its thread.
 #[derive(Debug, Default)]
@@ -365,10 +366,62 @@ struct State<D> {
     workers: Vec<Option<Worker>>,
     /// The Interrupt Line register (0x3c): the IRQ the guest noted for INTx.
     interrupt_line: u8,
-    /// When set, an external vhost-user backend serves the queue instead of the device thread.
+    /// When set, a backend outside the VMM serves the queues instead of the device threads.
     #[cfg(feature = "vhost-user")]
-    vhost: Option<vm_notify::vhost_user::VhostUserFrontend>,
-    vhost_started: bool,
+    vhost: Option<External>,
+    /// Per queue, whether the external backend serves it.
+    vhost_started: Vec<bool>,
+}
+
+/// A backend outside the VMM that serves a function's queues: a vhost-user process, or the host
+/// kernel's vhost-net worker. Either takes each queue's kick ioeventfd and its MSI-X vector's
+/// eventfd as they are.
+#[cfg(feature = "vhost-user")]
+pub enum External {
+    User(vm_notify::vhost_user::VhostUserFrontend),
+    #[cfg(feature = "vhost-net")]
+    Net(vm_notify::vhost_net::VhostNetFrontend),
+}
+
+#[cfg(feature = "vhost-user")]
+impl External {
+    /// The backend's name in reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            External::User(_) => "vhost-user",
+            #[cfg(feature = "vhost-net")]
+            External::Net(_) => "vhost-net",
+        }
+    }
+
+    fn features(&self) -> u64 {
+        match self {
+            External::User(f) => f.features(),
+            #[cfg(feature = "vhost-net")]
+            External::Net(f) => f.features(),
+        }
+    }
+
+    fn set_acked_features(&mut self, acked: u64) -> vm_notify::Result<u64> {
+        match self {
+            External::User(f) => f.set_acked_features(acked),
+            #[cfg(feature = "vhost-net")]
+            External::Net(f) => f.set_acked_features(acked),
+        }
+    }
+
+    fn start_queue(
+        &mut self,
+        layout: vm_notify::virtio::VringLayout,
+        kick: impl vm_notify::QueueKicks + 'static,
+        call: impl vm_notify::GuestInterrupt + 'static,
+    ) -> vm_notify::Result<Option<vm_notify::vhost_user::CallRelay>> {
+        match self {
+            External::User(f) => f.start_queue(layout, kick, call),
+            #[cfg(feature = "vhost-net")]
+            External::Net(f) => f.start_queue(layout, kick, call),
+        }
+    }
 }
 
 /// A modern virtio-pci function serving the queues of device `D`.
@@ -486,7 +539,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 interrupt_line: 0xff,
                 #[cfg(feature = "vhost-user")]
                 vhost: None,
-                vhost_started: false,
+                vhost_started: vec![false; queues.into()],
             }),
             device_config,
             config: c,
@@ -499,21 +552,22 @@ impl<D: VirtioDevice> VirtioPci<D> {
         })
     }
 
-    /// Hands the queue to the vhost-user backend behind `frontend` when the driver enables it:
-    /// the queue's own kick ioeventfd and its MSI-X vector's eventfd go to the backend, and no
-    /// VMM thread is in the path. The guest is offered what the frontend negotiated.
+    /// Hands each queue to `backend` when the driver enables it: the queue's own kick ioeventfd
+    /// and its MSI-X vector's eventfd go to the backend, and no VMM thread is in the path. The
+    /// guest is offered the ring features the backend negotiated, and the device's own.
     #[cfg(feature = "vhost-user")]
-    pub fn with_vhost(self, frontend: vm_notify::vhost_user::VhostUserFrontend) -> Self {
-        lock(&self.state).vhost = Some(frontend);
+    pub fn with_vhost(self, backend: External) -> Self {
+        lock(&self.state).vhost = Some(backend);
         self
     }
 
-    /// Whether a vhost-user backend serves the queue.
-    pub fn is_vhost(&self) -> bool {
+    /// The backend outside the VMM that serves the queues (`vhost-user`, `vhost-net`), if one
+    /// does.
+    pub fn vhost(&self) -> Option<&'static str> {
         #[cfg(feature = "vhost-user")]
-        return lock(&self.state).vhost.is_some();
+        return lock(&self.state).vhost.as_ref().map(External::kind);
         #[cfg(not(feature = "vhost-user"))]
-        false
+        None
     }
 
     /// BAR 0's base now.
@@ -568,7 +622,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// when a queue's thread never started, unless a vhost-user backend served the queue).
     pub fn stop(&self) -> Result<(), String> {
         let mut state = lock(&self.state);
-        if state.vhost_started {
+        if state.vhost_started.iter().any(|&started| started) {
             return Ok(());
         }
         let workers: Vec<_> = state.workers.iter_mut().map(Option::take).collect();
@@ -580,8 +634,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn offered(&self, state: &State<D>) -> u64 {
         let event_idx = if self.event_idx { F_EVENT_IDX } else { 0 };
         #[cfg(feature = "vhost-user")]
-        if let Some(frontend) = &state.vhost {
-            return frontend.features() & (F_VERSION_1 | event_idx);
+        if let Some(backend) = &state.vhost {
+            let ring = F_VERSION_1 | event_idx | F_INDIRECT_DESC;
+            return (backend.features() & ring) | state.offered_at_start;
         }
         F_VERSION_1 | event_idx | state.offered_at_start
     }
@@ -686,7 +741,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let lo = |old: u64| (old & !0xffff_ffff) | (value & 0xffff_ffff);
         let hi = |old: u64| (old & 0xffff_ffff) | (value << 32);
         let selected = state.common.selected().map(|(q, _)| q);
-        let running = state.workers.iter().any(Option::is_some) || state.vhost_started;
+        let running = state.workers.iter().any(Option::is_some)
+            || state.vhost_started.iter().any(|&started| started);
         match (offset, selected) {
             (0x10, _) => state.common.config_vector = self.notify.set_config_vector(value as u16),
             (0x1a, Some(q)) => {
@@ -738,11 +794,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    /// Queue `q` is ready: the vhost-user backend (queue 0 only) or the queue's device thread
-    /// starts serving it.
+    /// Queue `q` is ready: the external backend or the queue's device thread starts serving it.
     fn start(&self, state: &mut State<D>, q: u16) {
         let i = usize::from(q);
-        if state.workers[i].is_some() || state.vhost_started {
+        if state.workers[i].is_some() || state.vhost_started[i] {
             return;
         }
         let Some(queue) = self.notify.queue(q) else {
@@ -750,29 +805,30 @@ impl<D: VirtioDevice> VirtioPci<D> {
         };
         let config = state.common.queues[i];
         #[cfg(feature = "vhost-user")]
-        if let Some(frontend) = state.vhost.as_mut() {
-            let c = &state.common;
-            let vector = self.notify.queue_vector(0).unwrap_or(NO_VECTOR);
+        if let Some(backend) = state.vhost.as_mut() {
+            let kind = backend.kind();
+            let vector = self.notify.queue_vector(q).unwrap_or(NO_VECTOR);
             let Ok(call) = self.msix.handle(vector.into()) else {
+                eprintln!("linux_vmm: {kind}: queue {q} has no MSI-X vector (INTx is not served)");
                 return;
             };
             let layout = vm_notify::virtio::VringLayout {
-                index: 0,
+                index: q,
                 size: config.size,
                 desc_table: config.desc,
                 avail_ring: config.driver,
                 used_ring: config.device,
             };
             // The backend learns what the driver accepted (EVENT_IDX among it) before the queue.
-            if let Err(e) = frontend.set_acked_features(c.driver_features) {
-                eprintln!("linux_vmm: vhost-user SET_FEATURES: {e}");
+            if let Err(e) = backend.set_acked_features(state.common.driver_features) {
+                eprintln!("linux_vmm: {kind}: {e}");
                 return;
             }
-            match frontend.start_queue(layout, queue, call) {
-                Ok(None) => state.vhost_started = true,
+            match backend.start_queue(layout, queue, call) {
+                Ok(None) => state.vhost_started[i] = true,
                 // An MSI-X vector has its eventfd: the backend's calls go straight to KVM.
-                Ok(Some(_)) => eprintln!("linux_vmm: vhost-user: the vector has no eventfd"),
-                Err(e) => eprintln!("linux_vmm: vhost-user start_queue: {e}"),
+                Ok(Some(_)) => eprintln!("linux_vmm: {kind}: the vector has no eventfd"),
+                Err(e) => eprintln!("linux_vmm: {kind}: queue {q}: {e}"),
             }
             return;
         }
