@@ -150,7 +150,8 @@ impl VhostNetFrontend {
     ///
     /// [`Error::VhostNet`] naming the ioctl that failed (a ring outside guest memory or a size
     /// that is not a power of two among them), a level `call`, or a queue already started;
-    /// those of `call`'s [`eventfd`](GuestInterrupt::eventfd) and of [`Notifier::new`].
+    /// those of `call`'s [`eventfd`](GuestInterrupt::eventfd) and of
+    /// [`Notifier::new`](crate::Notifier::new).
     pub fn start_queue(
         &mut self,
         layout: VringLayout,
