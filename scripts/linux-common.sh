@@ -58,7 +58,8 @@ kernel_package() {
     for m in drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_modern_dev \
         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/virtio/virtio_mmio \
         drivers/char/hw_random/virtio-rng drivers/block/virtio_blk net/core/failover \
-        drivers/net/net_failover drivers/net/virtio_net; do
+        drivers/net/net_failover drivers/net/virtio_net net/vmw_vsock/vsock \
+        net/vmw_vsock/vmw_vsock_virtio_transport_common net/vmw_vsock/vmw_vsock_virtio_transport; do
         l2mods+=("$mods/$m.ko:mods/$(basename "$m").ko")
     done
 }
@@ -70,7 +71,7 @@ tree() {
     rm -rf "$dir" && mkdir -p "$dir"/{bin,proc,sys,dev,tmp,mods}
     cp "$(command -v busybox)" "$dir/bin/busybox"
     for a in sh mount insmod poweroff reboot cat echo ls dmesg sleep grep head tail dd wc cut \
-        md5sum sync tr awk sed taskset readlink timeout time kill ip nc ping tunctl mv rm mkfifo; do
+        md5sum sync tr awk sed taskset readlink timeout time kill ip nc ping tunctl mv rm mkfifo seq; do
         ln -sf busybox "$dir/bin/$a"
     done
     for pair in "$@"; do

@@ -238,7 +238,9 @@ impl VhostUserFrontend {
     }
 
     /// Tells the backend the features the guest's driver accepted (`SET_FEATURES` again): call
-    /// once they are final and before [`start_queue`](Self::start_queue). This is how a backend
+    /// once they are final and before the first [`start_queue`](Self::start_queue), and not
+    /// again while queues run — rust-vmm's vhost-user-backend disables every ring at
+    /// `SET_FEATURES` when protocol features were negotiated. This is how a backend
     /// learns whether `VIRTIO_RING_F_EVENT_IDX` is in use, and so whether to read and publish
     /// the rings' event indexes; features the backend did not offer are dropped, and
     /// `VHOST_USER_F_PROTOCOL_FEATURES` stays as negotiated at [`connect`](Self::connect).

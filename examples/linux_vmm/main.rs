@@ -5,8 +5,8 @@
 //!
 //! ```sh
 //! cargo run --release --example linux_vmm -- --kernel bzImage --initrd initrd.cpio.gz \
-//!     [--disk image] [--vhost-rng socket] [--net-tap tap0] [--no-event-idx] \
-//!     [--cmdline "..." | --append "..."] \
+//!     [--disk image] [--vhost-rng socket] [--net-tap tap0] [--vhost-vsock socket] \
+//!     [--no-event-idx] [--cmdline "..." | --append "..."] \
 //!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120] \
 //!     [--policy kernel|auto|userspace] [--no-ioeventfd] [--blk-moderation off|K,MICROS] \
 //!     [--disk-direct] [--blk-io uring|sync] [--blk-poll auto|off|MICROS]
@@ -17,6 +17,8 @@
 //! vm-notify's `CallRelay`); `--net-tap NAME` adds a virtio-net function (virtio-pci, MSI-X)
 //! whose two queues the host kernel's vhost-net serves on the tap NAME (feature `vhost-net`;
 //! vm-notify's `VhostNetFrontend`: no VMM thread, no packet or notification in the VMM);
+//! `--vhost-vsock SOCKET` adds a virtio-vsock function (virtio-pci, MSI-X, the guest context 3)
+//! whose queues the vhost-user backend at SOCKET serves (rust-vmm's vhost-device-vsock);
 //! `--no-event-idx` offers the drivers no `VIRTIO_RING_F_EVENT_IDX`; `--vcpus`
 //! (1 to 4) gives the guest that many CPUs, each a thread running its vCPU, all routing their
 //! exits through the one `IoManager`; `--mmio` puts the devices on virtio-mmio (described in the
@@ -46,7 +48,7 @@
 //! The files, one concern each: `boot.rs` (memory, the boot protocol, the vCPU), `acpi.rs` (the
 //! tables), `legacy.rs` (serial, i8042, CMOS), `console.rs` (the console's output), `pci.rs`
 //! (bus 0 and configuration mechanism #1), `virtio_pci.rs` (a virtio-pci function and its device
-//! thread), and a file per device (`rng.rs`, `blk.rs`, `net.rs`): a new device is one file implementing
+//! thread), and a file per device (`rng.rs`, `blk.rs`, `net.rs`, `vsock.rs`): a new device is one file implementing
 //! `virtio_pci::VirtioDevice` and two lines here.
 //!
 //! Linux cannot boot on the instruction-emulating `/dev/kvm` of this project's machines; it boots
@@ -64,6 +66,8 @@ mod pci;
 mod rng;
 mod virtio_mmio;
 mod virtio_pci;
+#[cfg(feature = "vhost-user")]
+mod vsock;
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -114,6 +118,7 @@ struct Args {
     disk: Option<PathBuf>,
     vhost_rng: Option<PathBuf>,
     net_tap: Option<String>,
+    vhost_vsock: Option<PathBuf>,
     event_idx: bool,
     vcpus: u8,
     mmio: bool,
@@ -137,6 +142,7 @@ fn args() -> Result<Args, Error> {
         disk: None,
         vhost_rng: None,
         net_tap: None,
+        vhost_vsock: None,
         event_idx: true,
         vcpus: 1,
         mmio: false,
@@ -161,6 +167,7 @@ fn args() -> Result<Args, Error> {
             "--disk" => a.disk = Some(value()?.into()),
             "--vhost-rng" => a.vhost_rng = Some(value()?.into()),
             "--net-tap" => a.net_tap = Some(value()?),
+            "--vhost-vsock" => a.vhost_vsock = Some(value()?.into()),
             "--no-event-idx" => a.event_idx = false,
             "--vcpus" => a.vcpus = value()?.parse()?,
             "--mmio" => a.mmio = true,
@@ -213,8 +220,16 @@ fn args() -> Result<Args, Error> {
     if let Some(tap) = &a.net_tap {
         return Err(format!("--net-tap {tap}: build with --features vhost-net").into());
     }
-    if a.net_tap.is_some() && a.mmio {
-        return Err("--net-tap: virtio-net is on virtio-pci only (leave out --mmio)".into());
+    #[cfg(not(feature = "vhost-user"))]
+    if let Some(socket) = &a.vhost_vsock {
+        return Err(format!(
+            "--vhost-vsock {}: build with --features vhost-user",
+            socket.display()
+        )
+        .into());
+    }
+    if a.mmio && (a.net_tap.is_some() || a.vhost_vsock.is_some()) {
+        return Err("--net-tap, --vhost-vsock: on virtio-pci only (leave out --mmio)".into());
     }
     if !a.ioeventfd && a.policy == Policy::Kernel {
         // Kicks go where the kernel cannot take them: the exits.
@@ -644,9 +659,9 @@ fn main() -> Result<(), Error> {
     // Memory: one region from 0. With a vhost-user backend, guest memory is a memfd mapped
     // shared, so the backend can map it.
     let mem_size = args.mem_mib << 20;
-    let file = match args.vhost_rng {
-        Some(_) => Some(vm_memory::FileOffset::new(boot::memfd(mem_size)?, 0)),
-        None => None,
+    let file = match args.vhost_rng.is_some() || args.vhost_vsock.is_some() {
+        true => Some(vm_memory::FileOffset::new(boot::memfd(mem_size)?, 0)),
+        false => None,
     };
     let mem = boot::guest_memory(mem_size as usize, file)?;
     let host = mem.get_host_address(GuestAddress(0))?;
@@ -814,6 +829,27 @@ fn main() -> Result<(), Error> {
             let net = Arc::new(net);
             functions.push((net.clone(), net.regions()));
             pci_functions.push(net);
+        }
+        // virtio-vsock on the next function, its queues served by the vhost-user backend at
+        // the socket (the guest is context 3).
+        #[cfg(feature = "vhost-user")]
+        if let Some(socket) = &args.vhost_vsock {
+            let slot = pci_functions.len() as u64;
+            let ring_features = virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX;
+            let backend =
+                vm_notify::vhost_user::VhostUserFrontend::connect(socket, 3, &mem, ring_features)?;
+            let vsock = VirtioPci::new(
+                &vm,
+                mem.clone(),
+                virtio_pci::BAR0_BASE + slot * virtio_pci::BAR0_SIZE,
+                pci::intx_gsi(slot as u8 + 1),
+                vsock::Vsock { guest_cid: 3 },
+                args.event_idx,
+            )?
+            .with_vhost(virtio_pci::External::User(backend));
+            let vsock = Arc::new(vsock);
+            functions.push((vsock.clone(), vsock.regions()));
+            pci_functions.push(vsock);
         }
     }
 

@@ -8,10 +8,8 @@ use std::os::fd::AsRawFd;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
-use crate::virtio_pci::{DeviceStats, VirtioDevice};
+use crate::virtio_pci::VirtioDevice;
 
 /// The guest's MAC address: locally administered, unicast.
 pub const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
@@ -45,16 +43,6 @@ impl VirtioDevice for Net {
 
     fn for_queue(&self) -> std::io::Result<Self> {
         Ok(Net)
-    }
-
-    fn complete(
-        &mut self,
-        _mem: &GuestMemoryMmap,
-        _chain: DescriptorChain<&GuestMemoryMmap>,
-        _stats: &DeviceStats,
-    ) -> Option<u32> {
-        // The kernel serves both queues; a chain reaching the VMM is one it cannot serve.
-        None
     }
 }
 

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+#[cfg(feature = "vhost-user")]
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
@@ -60,6 +62,7 @@ const CAP_DEVICE: u8 = 4;
 /// VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX and VIRTIO_RING_F_INDIRECT_DESC as feature bits.
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+#[cfg(feature = "vhost-user")]
 pub const F_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
 
 /// What a device did, counted by its thread.
@@ -136,13 +139,17 @@ pub trait VirtioDevice: Send + 'static {
         Ok(())
     }
     /// Completes one descriptor chain: returns the bytes written into the chain's writable
-    /// buffers (the used length), or `None` for a chain it cannot serve (returned empty).
+    /// buffers (the used length), or `None` for a chain it cannot serve (returned empty). A
+    /// device whose queues a backend outside the VMM serves (`External`) keeps the default:
+    /// no chain reaches it.
     fn complete(
         &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        stats: &DeviceStats,
-    ) -> Option<u32>;
+        _mem: &GuestMemoryMmap,
+        _chain: DescriptorChain<&GuestMemoryMmap>,
+        _stats: &DeviceStats,
+    ) -> Option<u32> {
+        None
+    }
 
     /// An asynchronous device's completion notifier: the device thread takes chains with
     /// `begin`, hands what it began to the kernel with `submit`, and when this notifier fires
@@ -819,10 +826,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 avail_ring: config.driver,
                 used_ring: config.device,
             };
-            // The backend learns what the driver accepted (EVENT_IDX among it) before the queue.
-            if let Err(e) = backend.set_acked_features(state.common.driver_features) {
-                eprintln!("linux_vmm: {kind}: {e}");
-                return;
+            // The backend learns what the driver accepted (EVENT_IDX among it) before the first
+            // queue, and only then: a vhost-user backend disables every ring at SET_FEATURES
+            // when protocol features were negotiated (rust-vmm's vhost-user-backend does).
+            let first = !state.vhost_started.iter().any(|&started| started);
+            if first {
+                if let Err(e) = backend.set_acked_features(state.common.driver_features) {
+                    eprintln!("linux_vmm: {kind}: {e}");
+                    return;
+                }
             }
             match backend.start_queue(layout, queue, call) {
                 Ok(None) => state.vhost_started[i] = true,
