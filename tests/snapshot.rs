@@ -292,26 +292,152 @@ fn a_device_snapshot_mid_storm_restores_onto_a_fresh_vm_exactly() {
     }
 }
 
-/// The kit does not save the split irqchip's IOAPIC yet, and says so instead of restoring a
-/// machine whose pins would come back masked.
+/// The split irqchip: vm-notify's IOAPIC saved with the machine and restored onto a fresh VM.
+///
+/// The guest programs three IOAPIC pins: 5 level-triggered (vector 0x35, masked), 6
+/// edge-triggered (0x36, masked) and 7 edge-triggered (0x37, unmasked), then halts. The device
+/// asserts its level line on pin 5 and pulses pin 6 while both are masked: the line held, the
+/// edge latched. The machine is paused and saved — the IOAPIC through JSON, with the level line's
+/// state — and a fresh VM restored from it. There an edge on pin 7 wakes the guest (the entry
+/// the guest programmed on the first VM routes it), which unmasks pins 5 and 6: the held line is
+/// delivered once, and its handler's acknowledge lowers it through the restored line, which took
+/// it over; the latched edge is delivered once; the line's EOI resamples the restored line once.
 #[test]
-fn a_split_irqchip_snapshot_is_refused() {
+fn a_split_irqchip_machine_restores_its_ioapic_entries_latched_edge_and_held_line() {
+    use vm_notify::irqchip::IoapicState;
+
     kvm_test!();
-    let mut vm = TinyVm::with_split_irqchip(1).unwrap();
+    const LEVEL_PIN: u8 = 5;
+    const EDGE_PIN: u8 = 6;
+    const GO_PIN: u8 = 7;
+    const LEVEL_VECTOR: u8 = 0x35;
+    const EDGE_VECTOR: u8 = 0x36;
+    const GO_VECTOR: u8 = 0x37;
+    const MASKED: u64 = 1 << 16;
+    const LEVEL: u64 = 1 << 15;
+    let entry = |p: &mut GuestProgram, pin: u8, low: u64| {
+        p.mmio_write(layout::IOAPIC, 0x10 + 2 * u64::from(pin), 4)
+            .unwrap();
+        p.mmio_write(layout::IOAPIC + 0x10, low, 4).unwrap();
+    };
     let mut p = GuestProgram::new().unwrap();
     p.enable_lapic().unwrap();
+    p.on_interrupt_with(LEVEL_VECTOR, Eoi::Lapic, |a| {
+        a.mov(rax, ACK)?;
+        a.mov(dword_ptr(rax), 1u32)?;
+        Ok(())
+    });
+    p.on_interrupt(EDGE_VECTOR, Eoi::Lapic);
+    p.on_interrupt(GO_VECTOR, Eoi::Lapic);
+    // Destination APIC 0 (the high dwords' reset value), masked.
+    entry(&mut p, LEVEL_PIN, u64::from(LEVEL_VECTOR) | LEVEL | MASKED);
+    entry(&mut p, EDGE_PIN, u64::from(EDGE_VECTOR) | MASKED);
+    p.route_ioapic_pin(GO_PIN, GO_VECTOR, false).unwrap();
+    p.signal_host(1).unwrap();
+    p.wait_for_interrupt().unwrap(); // the go edge, on the restored machine
+    entry(&mut p, LEVEL_PIN, u64::from(LEVEL_VECTOR) | LEVEL);
+    entry(&mut p, EDGE_PIN, u64::from(EDGE_VECTOR));
     p.wait_for_interrupt().unwrap();
+    p.drain_interrupts(0x21).unwrap(); // the other one, and anything extra
     p.exit().unwrap();
-    let paused = vm
-        .start(p, |e: &GuestExit, _: &mut [u8]| {
-            panic!("unexpected exit {e:?}")
-        })
-        .unwrap()
-        .pause(TIMEOUT)
+
+    let device = Arc::new(Device::default());
+    let mut first = TinyVm::with_split_irqchip(1).unwrap();
+    let root = first.notify().clone();
+    first.run_injector(&root).unwrap();
+    let line = Arc::new(root.level_irqfd(LEVEL_PIN.into()).unwrap());
+    let edge = root.irqfd(EDGE_PIN.into()).unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let running = first
+        .start(p, handler(device.clone(), line.clone(), Some(ready_tx)))
         .unwrap();
-    let e = vm.snapshot(paused).unwrap_err();
-    assert!(
-        matches!(e, vm_notify_testkit::Error::Unsupported(_)),
-        "{e:?}"
+    ready_rx.recv_timeout(TIMEOUT).unwrap();
+    device.asserted.store(true, Ordering::SeqCst);
+    line.trigger().unwrap();
+    edge.trigger().unwrap();
+    let ioapic = root.ioapic().unwrap().clone();
+    wait_until("the held line and the latched edge", || {
+        let s = ioapic.save();
+        s.lines & (1 << LEVEL_PIN) != 0 && s.latched & (1 << EDGE_PIN) != 0
+    });
+    let paused = running.pause(TIMEOUT).unwrap();
+    let machine = first.snapshot(paused).unwrap();
+    let saved = ioapic.save();
+    eprintln!("saved IOAPIC: {saved:?}");
+    assert_eq!(
+        (saved.entries[usize::from(GO_PIN)] & 0xff) as u8,
+        GO_VECTOR,
+        "the guest's entries are in the state"
     );
+    // Through JSON, as a migration stream would carry it.
+    let wire = serde_json::to_string(&(&saved, &line.save().unwrap())).unwrap();
+    let (_, line_state): (IoapicState, LevelLineState) = serde_json::from_str(&wire).unwrap();
+    drop((edge, line, ioapic, root, first));
+
+    let mut second = TinyVm::restore(&machine).unwrap();
+    let root = second.notify().clone();
+    second.run_injector(&root).unwrap();
+    assert_eq!(
+        root.ioapic().unwrap().save(),
+        saved,
+        "the IOAPIC came back as saved"
+    );
+    let line = Arc::new(root.restore_level_irqfd(&line_state).unwrap());
+    let go = root.irqfd(GO_PIN.into()).unwrap();
+    let running = second
+        .resume(handler(device.clone(), line.clone(), None))
+        .unwrap();
+    go.trigger().unwrap();
+    running.wait(TIMEOUT).done().unwrap();
+
+    let counts: Vec<u64> = [LEVEL_VECTOR, EDGE_VECTOR, GO_VECTOR]
+        .iter()
+        .map(|&v| second.irq_count(v).unwrap())
+        .collect();
+    let resamples = match line.resample().try_read().unwrap() {
+        Attempt::Done(n) => n,
+        Attempt::WouldBlock => 0,
+    };
+    eprintln!(
+        "after restore: level, edge, go interrupts {counts:?}; resamples {resamples}; IOAPIC {:?}",
+        root.ioapic().unwrap().stats()
+    );
+    assert_eq!(
+        counts,
+        vec![1, 1, 1],
+        "each owed interrupt once, nothing extra"
+    );
+    assert!(
+        !device.asserted.load(Ordering::SeqCst),
+        "the guest acknowledged the level device"
+    );
+    assert_eq!(
+        resamples, 1,
+        "the line's EOI resampled the restored line once"
+    );
+    assert!(
+        !root.ioapic().unwrap().line(LEVEL_PIN.into()),
+        "the line is low"
+    );
+}
+
+/// A saved IOAPIC state that does not fit is refused before anything changes.
+#[test]
+fn a_saved_ioapic_state_that_does_not_fit_is_refused() {
+    kvm_test!();
+    let vm = TinyVm::with_split_irqchip(1).unwrap();
+    let ioapic = vm.notify().ioapic().unwrap();
+    let fresh = ioapic.save();
+    let mut short = fresh.clone();
+    short.entries.pop();
+    let mut edge_irr = fresh.clone();
+    edge_irr.entries[3] = 0x33 | (1 << 14);
+    let mut past = fresh.clone();
+    past.lines = 1 << 24;
+    for bad in [short, edge_irr, past] {
+        let e = ioapic.restore(&bad).unwrap_err();
+        assert!(matches!(e, vm_notify::Error::SavedState { .. }), "{e:?}");
+        eprintln!("{e}");
+        assert_eq!(ioapic.save(), fresh, "nothing changed");
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use kvm_ioctls::VmFd;
 
-use super::registers::{Redirection, Registers, Written, IOAPIC_PINS};
+use super::registers::{IoapicState, Redirection, Registers, Written, IOAPIC_PINS};
 use crate::error::{Error, Result};
 use crate::kvm::{Gsi, GsiRouter, MsiMessage};
 use crate::notifier::Notifier;
@@ -299,6 +299,48 @@ impl Ioapic {
         self.lock().stats
     }
 
+    /// The IOAPIC's state, for a snapshot (take it with the vCPUs stopped, so the guest changes
+    /// nothing meanwhile). A route change in flight is waited for first, so no pin is held and
+    /// nothing kept for its release is left out. The level lines saved are those the sources
+    /// assert; each source saves its own side ([`LevelIrqFd::save`](crate::LevelIrqFd::save)).
+    pub fn save(&self) -> IoapicState {
+        let mut state = self.lock();
+        while state.settling.iter().any(|&n| n > 0) {
+            state = self
+                .shared
+                .committed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        state.regs.save()
+    }
+
+    /// Puts `saved` on this IOAPIC, a fresh one (before the guest runs): the guest's entries
+    /// with their remote IRR, the latched edges and the asserted lines, and the routes KVM
+    /// needs for the level entries (so the EOI of an interrupt delivered before the snapshot
+    /// still reaches the IOAPIC, and its line's sources get their resample). A level source
+    /// attached afterwards to a pin whose line came back asserted holds that line, as the
+    /// source it replaces did ([`Vm::restore_level_irqfd`](crate::Vm::restore_level_irqfd)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SavedState`] for a state that does not fit (not 24 entries, a remote IRR on an
+    /// edge entry, bits past the pins), before anything changes; those of a routing commit
+    /// ([`Error::SetRouting`], [`Error::RouteTableFull`]) and [`Error::SignalMsi`], after the
+    /// registers are in place.
+    pub fn restore(&self, saved: &IoapicState) -> Result<()> {
+        let regs = Registers::restored(saved).map_err(|what| Error::SavedState { what })?;
+        self.lock().regs = regs;
+        let mut first = Ok(());
+        for pin in 0..IOAPIC_PINS {
+            let (committed, delivered) = self.settle(self.lock(), pin);
+            if first.is_ok() {
+                first = committed.and(delivered);
+            }
+        }
+        first
+    }
+
     /// A source on `pin`: an edge one, or with `resample` a level one (whose pin then reports
     /// its EOIs, whatever the guest programs). Returns its token.
     ///
@@ -313,6 +355,11 @@ impl Ioapic {
         state.next += 1;
         let pin = pin as usize;
         debug_assert!(pin < IOAPIC_PINS);
+        // A level source on a pin whose line is up and held by no source (a restored state
+        // left it asserted) holds the line, as the source it replaces did: lowered at the EOI
+        // or at its deassert.
+        let adopt = is_level && state.regs.line(pin) && !state.held(pin, token);
+        let level = level.map(|(notifier, _)| (notifier, adopt));
         state.sources.insert(token, Source { pin, level });
         if !is_level {
             return Ok(token);

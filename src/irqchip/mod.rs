@@ -19,6 +19,9 @@
 //! * each delivery is the MSI the entry makes (destination in the address, vector, delivery
 //!   mode and trigger mode in the data), sent with `KVM_SIGNAL_MSI`.
 //!
+//! Its state saves and restores whole ([`IoapicState`]: the entries with their remote IRR, the
+//! latched edges, the asserted lines), so a split-irqchip machine can be snapshotted.
+//!
 //! Polarity is kept and read back but lines are logical (asserted or not), as devices signal
 //! them. There is no 8259 PIC: on the split irqchip a guest uses the IOAPIC (or MSIs).
 //!
@@ -29,4 +32,4 @@ mod ioapic;
 mod registers;
 
 pub use ioapic::{Ioapic, IoapicStats};
-pub use registers::{Redirection, IOAPIC_BASE, IOAPIC_SIZE};
+pub use registers::{IoapicState, Redirection, IOAPIC_BASE, IOAPIC_SIZE};

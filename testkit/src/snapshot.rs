@@ -1,5 +1,6 @@
 //! Saving a paused tiny VM and restoring it onto a fresh one: guest memory, each vCPU's
-//! registers, local APIC and pending events, and the in-kernel PIC and IOAPIC.
+//! registers, local APIC and pending events, and the in-kernel PIC and IOAPIC or, on the split
+//! irqchip, vm-notify's IOAPIC.
 
 use kvm_bindings::{
     kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
@@ -7,6 +8,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
+use vm_notify::irqchip::IoapicState;
 
 use crate::layout::MEM_SIZE;
 use crate::machine::TinyVm;
@@ -29,8 +31,10 @@ struct VcpuState {
 pub struct MachineState {
     memory: Vec<u8>,
     vcpus: Vec<VcpuState>,
-    /// PIC master, PIC slave, IOAPIC.
-    irqchip: [kvm_irqchip; 3],
+    /// The in-kernel irqchip: PIC master, PIC slave, IOAPIC.
+    irqchip: Option<[kvm_irqchip; 3]>,
+    /// The split irqchip: vm-notify's IOAPIC.
+    ioapic: Option<IoapicState>,
 }
 
 impl std::fmt::Debug for MachineState {
@@ -77,7 +81,8 @@ fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
 impl TinyVm {
     /// Saves the machine a [`Running::pause`](crate::Running::pause) stopped: its memory, every
     /// vCPU's registers, local APIC (with the interrupts pending and in service there) and
-    /// pending events, and the in-kernel PIC and IOAPIC. The paused vCPUs are consumed; the
+    /// pending events, and the in-kernel PIC and IOAPIC, or on the split irqchip vm-notify's
+    /// IOAPIC ([`Ioapic::save`](vm_notify::irqchip::Ioapic::save)). The paused vCPUs are consumed; the
     /// machine itself is left as it is (drop it, or keep it to compare).
     ///
     /// Notifications are not part of it: save them with vm-notify (the device's kicks, vectors
@@ -85,26 +90,27 @@ impl TinyVm {
     ///
     /// # Errors
     ///
-    /// [`Error::Kvm`] naming the ioctl that failed; [`Error::Memory`];
-    /// [`Error::Unsupported`] on the split irqchip, whose IOAPIC state it does not save yet.
+    /// [`Error::Kvm`] naming the ioctl that failed; [`Error::Memory`].
     pub fn snapshot(&self, paused: Paused) -> Result<MachineState> {
-        if self.notify().ioapic().is_some() {
-            return Err(Error::Unsupported(
-                "a snapshot of a split-irqchip machine (the userspace IOAPIC's state is not saved)",
-            ));
-        }
         let vcpus = paused
             .vcpus
             .iter()
             .map(save_vcpu)
             .collect::<Result<Vec<_>>>()?;
-        let mut chips = [kvm_irqchip::default(); 3];
-        for (chip, id) in chips.iter_mut().zip(CHIPS) {
-            chip.chip_id = id;
-            self.vm()
-                .get_irqchip(chip)
-                .map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
-        }
+        let ioapic = self.notify().ioapic().map(|ioapic| ioapic.save());
+        let irqchip = match ioapic {
+            Some(_) => None,
+            None => {
+                let mut chips = [kvm_irqchip::default(); 3];
+                for (chip, id) in chips.iter_mut().zip(CHIPS) {
+                    chip.chip_id = id;
+                    self.vm()
+                        .get_irqchip(chip)
+                        .map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
+                }
+                Some(chips)
+            }
+        };
         let mut memory = vec![0u8; MEM_SIZE];
         self.memory()
             .read_slice(&mut memory, GuestAddress(0))
@@ -112,26 +118,37 @@ impl TinyVm {
         Ok(MachineState {
             memory,
             vcpus,
-            irqchip: chips,
+            irqchip,
+            ioapic,
         })
     }
 
-    /// A fresh machine (a new VM, the same number of vCPUs, the in-kernel irqchip) in the state
-    /// `state` saved: [`resume`](Self::resume) runs the paused program on.
+    /// A fresh machine (a new VM, the same number of vCPUs, the irqchip it was on) in the state
+    /// `state` saved: [`resume`](Self::resume) runs the paused program on. On the split irqchip
+    /// the IOAPIC is restored before anything else is made on the machine: restore the device's
+    /// level lines after this, and they take over the lines that were asserted.
     ///
     /// # Errors
     ///
     /// Those of [`with_irqchip`](Self::with_irqchip), [`Error::Kvm`] naming the ioctl that
-    /// failed, [`Error::Memory`].
+    /// failed, [`Error::Memory`], and those of
+    /// [`Ioapic::restore`](vm_notify::irqchip::Ioapic::restore) ([`Error::Notify`]).
     pub fn restore(state: &MachineState) -> Result<TinyVm> {
-        let vm = TinyVm::with_irqchip(crate::Irqchip::Kernel, state.vcpus.len())?;
+        let irqchip = match state.ioapic {
+            Some(_) => crate::Irqchip::Split,
+            None => crate::Irqchip::Kernel,
+        };
+        let vm = TinyVm::with_irqchip(irqchip, state.vcpus.len())?;
         vm.memory()
             .write_slice(&state.memory, GuestAddress(0))
             .map_err(|e| Error::Memory(e.to_string()))?;
-        for chip in &state.irqchip {
+        for chip in state.irqchip.iter().flatten() {
             vm.vm()
                 .set_irqchip(chip)
                 .map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
+        }
+        if let (Some(saved), Some(ioapic)) = (&state.ioapic, vm.notify().ioapic()) {
+            ioapic.restore(saved)?;
         }
         for (vcpu, saved) in vm.vcpu_fds().zip(&state.vcpus) {
             restore_vcpu(vcpu, saved)?;
