@@ -441,3 +441,121 @@ fn a_saved_ioapic_state_that_does_not_fit_is_refused() {
         assert_eq!(ioapic.save(), fresh, "nothing changed");
     }
 }
+
+/// A level interrupt in its handler when the split-irqchip machine is saved: the guest's handler
+/// has taken it and has not yet acknowledged the device or sent the EOI. On the restored VM the
+/// handler goes on: its acknowledge lowers the line through the restored level line, and the
+/// interrupt is not delivered again.
+///
+/// Where the host keeps the interrupt in service until the guest's EOI, the saved entry has its
+/// remote IRR and the EOI reaches the restored IOAPIC (whose restore committed the level route
+/// KVM reports EOIs through), which resamples the restored line. These hosts end a level
+/// interrupt when they inject it and report its EOI at the vCPU's next exit (docs/HOST_NOTES.md):
+/// the pause's exit brings it, the line's resample is signalled on the first VM, and the saved
+/// line carries it unread to the second. Either way the device reads one resample.
+#[test]
+fn a_level_interrupt_in_its_handler_at_the_snapshot_ends_once_on_the_restored_split_irqchip() {
+    use vm_memory::{Bytes, GuestAddress};
+
+    kvm_test!();
+    const PIN: u8 = 5;
+    const VECTOR: u8 = 0x35;
+    let go = layout::data_slot(0);
+    let mut p = GuestProgram::new().unwrap();
+    p.enable_lapic().unwrap();
+    p.on_interrupt_with(VECTOR, Eoi::Lapic, move |a| {
+        // Tell the host the handler runs, then wait for the host's go (given on the new VM).
+        a.mov(dx, u32::from(layout::HOST_PORT))?;
+        a.mov(eax, 2u32)?;
+        a.out(dx, eax)?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.mov(rax, go)?;
+        a.cmp(qword_ptr(rax), 0)?;
+        a.je(spin)?;
+        a.mov(rax, ACK)?;
+        a.mov(dword_ptr(rax), 1u32)?;
+        Ok(())
+    });
+    p.route_ioapic_pin(PIN, VECTOR, true).unwrap();
+    p.signal_host(1).unwrap();
+    p.wait_for_interrupt().unwrap();
+    p.drain_interrupts(0x21).unwrap();
+    p.exit().unwrap();
+
+    let device = Arc::new(Device::default());
+    let mut first = TinyVm::with_split_irqchip(1).unwrap();
+    let root = first.notify().clone();
+    first.run_injector(&root).unwrap();
+    let line = Arc::new(root.level_irqfd(PIN.into()).unwrap());
+    let (signal_tx, signal_rx) = mpsc::channel();
+    let running = first
+        .start(p, move |e: &GuestExit, _: &mut [u8]| match *e {
+            GuestExit::PioWrite {
+                port: layout::HOST_PORT,
+                data,
+                ..
+            } => signal_tx.send(data).unwrap(),
+            GuestExit::IoapicEoi { .. } => {}
+            ref other => panic!("unexpected exit {other:?}"),
+        })
+        .unwrap();
+    assert_eq!(signal_rx.recv_timeout(TIMEOUT).unwrap(), 1);
+    device.asserted.store(true, Ordering::SeqCst);
+    line.trigger().unwrap();
+    assert_eq!(
+        signal_rx.recv_timeout(TIMEOUT).unwrap(),
+        2,
+        "the handler runs"
+    );
+    // Let the vCPU enter the guest again: an EOI exit KVM has queued is made at that entry,
+    // and a pause landing before it would leave it queued in the old vCPU (KVM_RUN with
+    // immediate_exit returns before serving requests).
+    thread::sleep(Duration::from_millis(50));
+    let paused = running.pause(TIMEOUT).unwrap();
+    let ioapic = root.ioapic().unwrap().clone();
+    let saved = ioapic.save();
+    let in_service = vm_notify::irqchip::Redirection(saved.entries[usize::from(PIN)]).remote_irr();
+    let line_state = line.save().unwrap();
+    eprintln!(
+        "saved: in service {in_service}, line {line_state:?}, IOAPIC {:?}",
+        ioapic.stats()
+    );
+    assert_eq!(
+        line_state.unread_resamples,
+        u64::from(!in_service),
+        "a resample was signalled exactly when the EOI came before the snapshot"
+    );
+    let machine = first.snapshot(paused).unwrap();
+    drop((line, ioapic, root, first));
+
+    let mut second = TinyVm::restore(&machine).unwrap();
+    let root = second.notify().clone();
+    second.run_injector(&root).unwrap();
+    let line = Arc::new(root.restore_level_irqfd(&line_state).unwrap());
+    second.memory().write_obj(1u64, GuestAddress(go)).unwrap();
+    let running = second
+        .resume(handler(device.clone(), line.clone(), None))
+        .unwrap();
+    running.wait(TIMEOUT).done().unwrap();
+
+    let irqs = second.irq_count(VECTOR).unwrap();
+    let resamples = match line.resample().try_read().unwrap() {
+        Attempt::Done(n) => n,
+        Attempt::WouldBlock => 0,
+    };
+    let stats = root.ioapic().unwrap().stats();
+    eprintln!(
+        "after restore: {irqs} interrupt(s) handled; resamples {resamples}; IOAPIC {stats:?}"
+    );
+    assert_eq!(irqs, 1, "the one interrupt, none again");
+    assert_eq!(stats.delivered, 0, "nothing delivered anew");
+    assert_eq!(
+        stats.eois,
+        u64::from(in_service),
+        "the EOI reached the restored IOAPIC if it was owed"
+    );
+    assert_eq!(resamples, 1, "the device reads one resample");
+    assert!(!device.asserted.load(Ordering::SeqCst));
+    assert!(!root.ioapic().unwrap().line(PIN.into()), "the line is low");
+}
