@@ -315,7 +315,8 @@ impl Ioapic {
         state.regs.save()
     }
 
-    /// Puts `saved` on this IOAPIC, a fresh one (before the guest runs): the guest's entries
+    /// Puts `saved` on this IOAPIC, a fresh one (after the vCPUs' local APICs are restored, as
+    /// it may deliver, and before the guest runs): the guest's entries
     /// with their remote IRR, the latched edges and the asserted lines, and the routes KVM
     /// needs for the level entries (so the EOI of an interrupt delivered before the snapshot
     /// still reaches the IOAPIC, and its line's sources get their resample). A level source

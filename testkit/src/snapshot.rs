@@ -125,8 +125,9 @@ impl TinyVm {
 
     /// A fresh machine (a new VM, the same number of vCPUs, the irqchip it was on) in the state
     /// `state` saved: [`resume`](Self::resume) runs the paused program on. On the split irqchip
-    /// the IOAPIC is restored before anything else is made on the machine: restore the device's
-    /// level lines after this, and they take over the lines that were asserted.
+    /// the IOAPIC is restored after the vCPUs, before anything else is made on the machine:
+    /// restore the device's level lines after this, and they take over the lines that were
+    /// asserted.
     ///
     /// # Errors
     ///
@@ -147,11 +148,13 @@ impl TinyVm {
                 .set_irqchip(chip)
                 .map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
         }
-        if let (Some(saved), Some(ioapic)) = (&state.ioapic, vm.notify().ioapic()) {
-            ioapic.restore(saved)?;
-        }
         for (vcpu, saved) in vm.vcpu_fds().zip(&state.vcpus) {
             restore_vcpu(vcpu, saved)?;
+        }
+        // After the local APICs: an interrupt the restore delivers (a line asserted on an
+        // unmasked entry that no local APIC had taken) would be overwritten by KVM_SET_LAPIC.
+        if let (Some(saved), Some(ioapic)) = (&state.ioapic, vm.notify().ioapic()) {
+            ioapic.restore(saved)?;
         }
         Ok(vm)
     }
