@@ -239,6 +239,17 @@ impl Blk {
     }
 }
 
+/// Counts a request the device took by its type.
+fn count(kind: u32, stats: &DeviceStats) {
+    let counter = match kind {
+        T_IN => &stats.reads,
+        T_OUT => &stats.writes,
+        T_FLUSH => &stats.flushes,
+        _ => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Moves the bytes of `iovs` between `file` at `offset` and guest memory, the first `skip` of
 /// them already moved, in as few vectored calls as the kernel allows; returns the status.
 fn transfer(file: &File, into_guest: bool, iovs: &mut [libc::iovec], offset: u64, skip: u64) -> u8 {
@@ -466,6 +477,7 @@ impl VirtioDevice for Blk {
         stats: &DeviceStats,
     ) -> Option<u32> {
         let (kind, sector, data, status) = Blk::parse(mem, chain)?;
+        count(kind, stats);
         let (code, written) = self.serve_now(mem, kind, sector, &data)?;
         mem.write_obj(code, status.addr()).ok()?;
         if code == S_OK && matches!(kind, T_IN | T_OUT) {
@@ -492,6 +504,7 @@ impl VirtioDevice for Blk {
         let Some((kind, sector, data, status)) = Blk::parse(mem, chain) else {
             return Begun::Done(None);
         };
+        count(kind, stats);
         let offset = sector.saturating_mul(SECTOR);
         let into_guest = kind == T_IN;
         let iovecs = match kind {
@@ -547,6 +560,31 @@ impl VirtioDevice for Blk {
             return true;
         }
         uring.driver_waits()
+    }
+
+    /// Hands the kernel what it has not taken and waits until every request in flight has
+    /// finished, reaping each as it does.
+    fn drain(&mut self, mem: &GuestMemoryMmap, stats: &DeviceStats, done: &mut Vec<(u16, u32)>) {
+        loop {
+            let Some(uring) = self.uring.as_mut() else {
+                return;
+            };
+            if uring.in_flight() == 0 {
+                return;
+            }
+            let waited = uring.submit().and_then(|()| uring.ring.submit_and_wait(1));
+            match waited {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Those left are waited for when the ring goes (`Uring`'s drop); the guest
+                    // does not get them back.
+                    eprintln!("linux_vmm: virtio-blk: draining the requests in flight: {e}");
+                    return;
+                }
+            }
+            self.reap(mem, stats, done);
+        }
     }
 
     fn reap(&mut self, mem: &GuestMemoryMmap, stats: &DeviceStats, done: &mut Vec<(u16, u32)>) {

@@ -28,6 +28,22 @@ impl<W: Write + Send> Console<W> {
     pub fn new(irq: IrqFd, out: W) -> Self {
         Console(Mutex::new(Serial::new(irq, out)))
     }
+
+    /// The port in a saved state (its interrupt raised again if the state has one pending).
+    pub fn restore(
+        irq: IrqFd,
+        out: W,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map(|serial| Console(Mutex::new(serial)))
+            .map_err(|e| format!("the serial port's saved state: {e:?}"))
+    }
+
+    /// Its registers and receive buffer, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        lock(&self.0).state()
+    }
 }
 
 impl<W: Write + Send> DevicePio for Console<W> {

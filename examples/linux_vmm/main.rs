@@ -9,7 +9,8 @@
 //!     [--no-event-idx] [--cmdline "..." | --append "..."] \
 //!     [--mem-mib 256] [--vcpus 1] [--mmio] [--split-irqchip] [--timeout-s 120] \
 //!     [--policy kernel|auto|userspace] [--no-ioeventfd] [--blk-moderation off|K,MICROS] \
-//!     [--disk-direct] [--blk-io uring|sync] [--blk-poll auto|off|MICROS]
+//!     [--disk-direct] [--blk-io uring|sync] [--blk-poll auto|off|MICROS] \
+//!     [--snapshot DIR] [--restore DIR]
 //! ```
 //!
 //! `--vhost-rng` serves the entropy queue from an external vhost-user backend (feature
@@ -38,6 +39,13 @@
 //! CPU to spare for that (`--blk-poll auto`; `off`, or a window in microseconds). These
 //! defaults are what measured fastest under fio (`scripts/linux-bench`, docs/PERFORMANCE.md).
 //!
+//! `--snapshot DIR` moves the guest out: on `SIGUSR1` the VMM pauses it, lets the devices finish
+//! what they began, saves the machine in DIR (its memory, each vCPU, the irqchip — KVM's, or on
+//! the split irqchip vm-notify's IOAPIC — the clock, the serial port and each virtio-pci
+//! function with vm-notify's notification state) and exits; `--restore DIR` (with the same
+//! devices, vCPUs and memory, no kernel) runs the guest saved there on (`snapshot.rs`). Both
+//! take virtio-pci devices the VMM serves only.
+//!
 //! The guest's console goes to standard output. The run ends when the guest resets through the
 //! keyboard controller (`reboot -f` with `reboot=k`), or at the timeout. The end-of-run figures
 //! are one line, `linux_vmm-summary {json}`, which `scripts/linux-guest` parses (how the run
@@ -47,7 +55,8 @@
 //!
 //! The files, one concern each: `boot.rs` (memory, the boot protocol, the vCPU), `acpi.rs` (the
 //! tables), `legacy.rs` (serial, i8042, CMOS), `console.rs` (the console's output), `pci.rs`
-//! (bus 0 and configuration mechanism #1), `virtio_pci.rs` (a virtio-pci function and its device
+//! (bus 0 and configuration mechanism #1), `snapshot.rs` (saving and restoring the machine),
+//! `virtio_pci.rs` (a virtio-pci function and its device
 //! thread), and a file per device (`rng.rs`, `blk.rs`, `net.rs`, `vsock.rs`): a new device is one file implementing
 //! `virtio_pci::VirtioDevice` and two lines here.
 //!
@@ -64,6 +73,7 @@ mod legacy;
 mod net;
 mod pci;
 mod rng;
+mod snapshot;
 mod virtio_mmio;
 mod virtio_pci;
 #[cfg(feature = "vhost-user")]
@@ -71,7 +81,7 @@ mod vsock;
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -91,7 +101,7 @@ use vm_notify::{Capability, Vm};
 
 use pci::PciFunction;
 use virtio_mmio::VirtioMmio;
-use virtio_pci::{DeviceStats, VirtioDevice, VirtioPci};
+use virtio_pci::{DeviceStats, Saved, VirtioDevice, VirtioPci};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -130,6 +140,10 @@ struct Args {
     blk_io: blk::BlkIo,
     /// `None`: decided at start (`--blk-poll auto`).
     blk_poll: Option<Option<Duration>>,
+    /// `--snapshot DIR`: on SIGUSR1, pause the guest, save it here and exit.
+    snapshot: Option<PathBuf>,
+    /// `--restore DIR`: run the guest saved there instead of booting.
+    restore: Option<PathBuf>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -153,6 +167,8 @@ fn args() -> Result<Args, Error> {
         disk_direct: false,
         blk_io: blk::BlkIo::Uring,
         blk_poll: None,
+        snapshot: None,
+        restore: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -185,6 +201,8 @@ fn args() -> Result<Args, Error> {
             "--no-ioeventfd" => a.ioeventfd = false,
             "--blk-moderation" => a.blk_moderation = moderation(&value()?)?,
             "--disk-direct" => a.disk_direct = true,
+            "--snapshot" => a.snapshot = Some(value()?.into()),
+            "--restore" => a.restore = Some(value()?.into()),
             "--blk-poll" => {
                 a.blk_poll = match value()?.as_str() {
                     "auto" => None,
@@ -202,8 +220,16 @@ fn args() -> Result<Args, Error> {
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    if a.kernel.as_os_str().is_empty() {
-        return Err("--kernel is required".into());
+    if a.kernel.as_os_str().is_empty() && a.restore.is_none() {
+        return Err("--kernel is required (or --restore)".into());
+    }
+    let moving = a.snapshot.is_some() || a.restore.is_some();
+    let external = a.vhost_rng.is_some() || a.net_tap.is_some() || a.vhost_vsock.is_some();
+    if moving && (a.mmio || external) {
+        return Err(
+            "--snapshot, --restore: virtio-pci devices the VMM serves only (no --mmio, no vhost)"
+                .into(),
+        );
     }
     if !(1..=MAX_VCPUS).contains(&a.vcpus) {
         return Err(format!("--vcpus {}: 1 to {MAX_VCPUS}", a.vcpus).into());
@@ -279,6 +305,21 @@ fn moderation(value: &str) -> Result<Option<Moderation>, Error> {
     }))
 }
 
+/// The virtio-pci function in PCI slot `slot + 1` (its BAR 0 and INTx pin follow from the
+/// slot): new, or restored from `saved`.
+fn pci_function<D: VirtioDevice>(
+    vm: &Vm,
+    mem: &vm_memory::GuestMemoryMmap,
+    slot: u64,
+    device: D,
+    event_idx: bool,
+    saved: Option<&Saved>,
+) -> Result<VirtioPci<D>, Error> {
+    let bar0 = virtio_pci::BAR0_BASE + slot * virtio_pci::BAR0_SIZE;
+    let intx = pci::intx_gsi(slot as u8 + 1);
+    VirtioPci::new(vm, mem.clone(), bar0, intx, device, event_idx, saved)
+}
+
 /// Registers a device's MMIO parts at `base` (a function's BAR 0, where it stays: see
 /// `VirtioPci`'s config space; a virtio-mmio device's window).
 fn map_regions(io: &mut IoManager, base: u64, regions: &Regions) -> Result<(), Error> {
@@ -307,6 +348,8 @@ trait Function {
     /// The figures only its transport has, as a JSON object.
     fn transport_figures(&self) -> serde_json::Value;
     fn stop(&self) -> Result<(), String>;
+    /// Saves it, its vCPUs paused: its threads finish what they began and stop.
+    fn save(&self) -> Result<Saved, String>;
     fn notify_exits(&self) -> u64;
 
     /// Its end-of-run figures: what its threads did, its deliveries around the guest's
@@ -338,6 +381,10 @@ trait Function {
             "poll_ran_out": stats.poll_ran_out.load(Relaxed),
             "poll_cut": stats.poll_cut.load(Relaxed),
             "relayed_calls": stats.relayed_calls.load(Relaxed),
+            "drained": stats.drained.load(Relaxed),
+            "reads": stats.reads.load(Relaxed),
+            "writes": stats.writes.load(Relaxed),
+            "flushes": stats.flushes.load(Relaxed),
             "deliveries_around_guest_snapshot": snapshot.map(|(before, after)| {
                 serde_json::json!({ "before": before, "after": after })
             }),
@@ -409,6 +456,10 @@ impl<D: VirtioDevice> Function for VirtioPci<D> {
         VirtioPci::stop(self)
     }
 
+    fn save(&self) -> Result<Saved, String> {
+        VirtioPci::save(self)
+    }
+
     fn notify_exits(&self) -> u64 {
         VirtioPci::notify_exits(self)
     }
@@ -447,6 +498,10 @@ impl<D: VirtioDevice> Function for VirtioMmio<D> {
         VirtioMmio::stop(self)
     }
 
+    fn save(&self) -> Result<Saved, String> {
+        Err(format!("{}: virtio-mmio devices are not saved", D::NAME))
+    }
+
     fn notify_exits(&self) -> u64 {
         VirtioMmio::notify_exits(self)
     }
@@ -460,6 +515,8 @@ struct Machine {
     reset: legacy::Reset,
     /// Set when one vCPU's loop ended: the others end theirs.
     stop: AtomicBool,
+    /// Set to pause the guest for a snapshot: each loop completes its vCPU's last exit and ends.
+    pause: AtomicBool,
     deadline: Instant,
     pio_exits: AtomicU64,
     mmio_exits: AtomicU64,
@@ -503,6 +560,18 @@ extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut std::ffi::c_void)
 /// or another vCPU's loop ended. Returns how it ended.
 fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static str {
     loop {
+        if m.pause.load(Ordering::Acquire) {
+            // KVM completes the exit the vCPU made (an MMIO or port read's data) at the next
+            // KVM_RUN, before it looks at `immediate_exit`: then the vCPU's state is whole.
+            vcpu.set_kvm_immediate_exit(1);
+            let completed = vcpu.run().err().map(|e| e.errno());
+            vcpu.set_kvm_immediate_exit(0);
+            if completed == Some(libc::EINTR) {
+                break "paused";
+            }
+            eprintln!("linux_vmm: vCPU {id}: completing its last exit: {completed:?}");
+            break "KVM_RUN failed";
+        }
         if m.reset.requested() {
             break "reset";
         }
@@ -579,12 +648,18 @@ fn run_vcpu(id: usize, vcpu: &mut kvm_ioctls::VcpuFd, m: &Machine) -> &'static s
     }
 }
 
-/// Runs each vCPU on a thread of its own until the first loop ends; then stops the others
-/// (kicking them out of `KVM_RUN` until they have) and joins them. Returns how the first ended.
+/// A vCPU whose loop ended, with how.
+type Ended = (&'static str, kvm_ioctls::VcpuFd);
+
+/// Runs each vCPU on a thread of its own until the first loop ends, or until `SIGUSR1` asks for
+/// a pause (with `pausable`); then stops the others (kicking them out of `KVM_RUN` until they
+/// have) and joins them. Returns how the first ended ("paused" for a pause) and the vCPUs, each
+/// with how its own loop ended.
 fn run_vcpus(
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     machine: &Arc<Machine>,
-) -> Result<&'static str, Error> {
+    pausable: bool,
+) -> Result<(&'static str, Vec<Ended>), Error> {
     // `on_kick` does nothing, which is async-signal-safe.
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)?;
     let (ended, first) = std::sync::mpsc::channel();
@@ -598,19 +673,30 @@ fn run_vcpus(
                     let outcome = run_vcpu(id, &mut vcpu, &m);
                     m.stop.store(true, Ordering::Release);
                     let _ = ended.send(outcome);
+                    (outcome, vcpu)
                 })?,
         );
     }
     // A guest whose vCPUs all wait in the kernel (halted, its timers in KVM's local APICs) makes
     // no exit, so no loop sees the deadline: it is watched here too.
-    let left = machine.deadline.saturating_duration_since(Instant::now());
-    let outcome = match first.recv_timeout(left) {
-        Ok(outcome) => outcome,
-        Err(_) => {
+    // A pause is asked for by a signal, which this thread looks for between waits.
+    let outcome = loop {
+        let left = machine.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             machine.stop.store(true, Ordering::Release);
-            "timed out"
+            break "timed out";
+        }
+        if pausable && snapshot::requested() {
+            machine.pause.store(true, Ordering::Release);
+            break "paused";
+        }
+        match first.recv_timeout(left.min(Duration::from_millis(20))) {
+            Ok(outcome) => break outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break "ended",
         }
     };
+    let mut ended = Vec::with_capacity(threads.len());
     for (id, thread) in threads.into_iter().enumerate() {
         // A vCPU halted in the guest stays in KVM_RUN until a signal: kick until it has left.
         // One that does not leave within 10 s is stuck in the VMM, not in the guest: say where,
@@ -627,14 +713,127 @@ fn run_vcpus(
             let _ = thread.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(1));
         }
-        thread.join().map_err(|_| "a vCPU thread panicked")?;
+        ended.push(thread.join().map_err(|_| "a vCPU thread panicked")?);
     }
-    Ok(outcome)
+    Ok((outcome, ended))
+}
+
+/// The machine's parts a save reads besides the vCPUs and devices.
+struct Guest<'a> {
+    kvm: &'a Kvm,
+    fd: &'a kvm_ioctls::VmFd,
+    ioapic: Option<&'a Ioapic>,
+    mem: &'a vm_memory::GuestMemoryMmap,
+    mem_bytes: u64,
+}
+
+/// What a save did, for the summary.
+struct SaveReport {
+    /// The guest's moves before this one.
+    moves: u32,
+    /// Level interrupts the guest had EOIed whose EOI exit the pause kept (split irqchip),
+    /// completed here.
+    eois_completed: u32,
+    /// MSRs saved per vCPU.
+    msrs: Vec<usize>,
+    /// Per vCPU, its APIC ID and the vectors its local APIC held when saved: requested, in
+    /// service.
+    lapic_held: Vec<(u8, Vec<u8>, Vec<u8>)>,
+    /// Per function, its running queues as the save left them (`Saved::rings_at_save`).
+    rings: Vec<(&'static str, Vec<serde_json::Value>)>,
+    /// Per function, the requests it completed after the vCPUs had paused (the guest's
+    /// requests in flight at the pause), and the kicks it had not read when it was saved.
+    in_flight: Vec<(&'static str, u64, u64)>,
+    /// How long the save took.
+    ms: f64,
+}
+
+/// Saves the paused guest in `dir`, in the order `snapshot.rs` gives: the split irqchip's
+/// EOIs the pause kept, the devices (their threads finish what they began and stop), then the
+/// vCPUs, the irqchip, the clock, the serial port and memory.
+fn save_guest<W: Write + Send>(
+    dir: &Path,
+    guest: &Guest,
+    vcpus: &[Ended],
+    functions: &[(Arc<dyn Function>, Regions)],
+    serial: &legacy::Console<W>,
+    moves: u32,
+) -> Result<SaveReport, Error> {
+    let began = Instant::now();
+    if let Some((ended, _)) = vcpus.iter().find(|(ended, _)| *ended != "paused") {
+        return Err(format!("a vCPU did not pause: its loop ended {ended}").into());
+    }
+    let vcpus: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|(_, vcpu)| vcpu).collect();
+    // Where a save that never ends stopped: a line per step.
+    eprintln!("linux_vmm: save: the vCPUs are paused");
+    let eois_completed = match guest.ioapic {
+        Some(ioapic) => snapshot::complete_eois(ioapic, &vcpus)?,
+        None => 0,
+    };
+    let mut saved = Vec::with_capacity(functions.len());
+    let mut in_flight = Vec::with_capacity(functions.len());
+    for (f, _) in functions {
+        let before = f.stats().requests.load(Relaxed);
+        let function = f.save()?;
+        let unread = function.unread_kicks();
+        in_flight.push((f.name(), f.stats().requests.load(Relaxed) - before, unread));
+        saved.push(function);
+        eprintln!("linux_vmm: save: {} saved", f.name());
+    }
+    // The devices' last interrupts reach the local APICs through their irqfds, which KVM may
+    // inject from a work item: let it run before the local APICs are read.
+    std::thread::sleep(Duration::from_millis(20));
+    let msr_indices = snapshot::msr_indices(guest.kvm)?;
+    let states = vcpus
+        .iter()
+        .map(|vcpu| snapshot::save_vcpu(vcpu, &msr_indices))
+        .collect::<Result<Vec<_>, _>>()?;
+    eprintln!("linux_vmm: save: the vCPUs saved");
+    let state = snapshot::MachineState {
+        mem_bytes: guest.mem_bytes,
+        vcpus: states,
+        chips: snapshot::save_chips(guest.fd, guest.ioapic)?,
+        clock: snapshot::save_clock(guest.fd)?,
+        serial: serial.state(),
+        functions: saved,
+        moves,
+    };
+    eprintln!("linux_vmm: save: the irqchip, the clock and the serial port saved");
+    snapshot::write(dir, &state, guest.mem)?;
+    Ok(SaveReport {
+        moves,
+        eois_completed,
+        msrs: state.vcpus.iter().map(snapshot::VcpuState::msrs).collect(),
+        lapic_held: state
+            .vcpus
+            .iter()
+            .map(|v| {
+                let (irr, isr) = v.interrupts_held();
+                (v.apic_id(), irr, isr)
+            })
+            .collect(),
+        rings: functions
+            .iter()
+            .zip(&state.functions)
+            .map(|((f, _), saved)| (f.name(), saved.rings_at_save(guest.mem)))
+            .collect(),
+        in_flight,
+        ms: began.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 fn main() -> Result<(), Error> {
     let args = args()?;
     let started = Instant::now();
+    // A guest saved by another process: it runs on from there.
+    let restored = args
+        .restore
+        .as_deref()
+        .map(snapshot::read_state)
+        .transpose()?;
+    if args.snapshot.is_some() {
+        snapshot::on_signal()?;
+    }
     let kvm = Kvm::new()?;
     let fd = Arc::new(kvm.create_vm()?);
     fd.set_tss_address(0xfffb_d000)?;
@@ -689,26 +888,64 @@ fn main() -> Result<(), Error> {
             .collect(),
         false => Vec::new(),
     };
-    let loaded = boot::load_linux(
-        &mem,
-        mem_size,
-        &args.kernel,
-        args.initrd.as_deref(),
-        &args.cmdline,
-        args.vcpus,
-        &mmio_slots,
-    )?;
+    let loaded = match (&restored, &args.restore) {
+        (Some(saved), Some(dir)) => {
+            if saved.vcpus.len() != usize::from(args.vcpus) || saved.mem_bytes != mem_size {
+                return Err(format!(
+                    "--restore: the guest was saved with {} vCPUs and {} MiB",
+                    saved.vcpus.len(),
+                    saved.mem_bytes >> 20
+                )
+                .into());
+            }
+            snapshot::read_memory(dir, &mem)?;
+            eprintln!("linux_vmm: restore: memory read");
+            fd.set_clock(&saved.clock)?;
+            snapshot::restore_kernel_chips(&fd, &saved.chips)?;
+            None
+        }
+        _ => Some(boot::load_linux(
+            &mem,
+            mem_size,
+            &args.kernel,
+            args.initrd.as_deref(),
+            &args.cmdline,
+            args.vcpus,
+            &mmio_slots,
+        )?),
+    };
     // Every vCPU exists before the first runs: Linux starts the others with IPIs to the APIC IDs
     // the MADT names.
     let mut vcpus = Vec::new();
+    let mut msrs_refused = 0;
     for id in 0..args.vcpus {
         let vcpu = fd.create_vcpu(id.into())?;
-        match id {
-            0 => boot::setup_vcpu(&kvm, &vcpu, loaded.entry, args.vcpus)?,
+        match (&loaded, &restored) {
+            (Some(loaded), _) if id == 0 => {
+                boot::setup_vcpu(&kvm, &vcpu, loaded.entry, args.vcpus)?
+            }
+            (_, Some(saved)) => {
+                boot::set_cpuid(&kvm, &vcpu, id, args.vcpus)?;
+                msrs_refused += snapshot::restore_vcpu(&vcpu, &saved.vcpus[usize::from(id)])?;
+            }
             _ => boot::set_cpuid(&kvm, &vcpu, id, args.vcpus)?,
         }
         vcpus.push(vcpu);
     }
+    if let Some(saved) = &restored {
+        eprintln!("linux_vmm: restore: the vCPUs restored");
+        snapshot::restore_split(vm.ioapic(), &saved.chips)?;
+    }
+    // A restored function takes its saved state, in the order the functions are made.
+    let saved_function = |slot: usize| -> Result<Option<&Saved>, Error> {
+        match &restored {
+            None => Ok(None),
+            Some(saved) => match saved.functions.get(slot) {
+                Some(function) => Ok(Some(function)),
+                None => Err(format!("--restore: no saved function {slot}").into()),
+            },
+        }
+    };
 
     // The devices: virtio-rng and, with --disk, virtio-blk (a request queue per vCPU, as QEMU
     // and Cloud Hypervisor give SMP guests). On PCI: functions 00:01.0 and 00:02.0, each with its
@@ -770,13 +1007,13 @@ fn main() -> Result<(), Error> {
         }
     } else {
         #[cfg_attr(not(feature = "vhost-user"), allow(unused_mut))]
-        let mut rng = VirtioPci::new(
+        let mut rng = pci_function(
             &vm,
-            mem.clone(),
-            virtio_pci::BAR0_BASE,
-            pci::intx_gsi(1),
+            &mem,
+            0,
             rng::Rng::new()?,
             args.event_idx,
+            saved_function(0)?,
         )?;
         #[cfg(feature = "vhost-user")]
         if let Some(frontend) = vhost_rng(&args, &mem)? {
@@ -791,16 +1028,8 @@ fn main() -> Result<(), Error> {
                 .push((rng.name(), rng.clone().delivered()));
         }
         if let Some(blk) = disk {
-            let bar0 = virtio_pci::BAR0_BASE + virtio_pci::BAR0_SIZE;
-            let blk = VirtioPci::new(
-                &vm,
-                mem.clone(),
-                bar0,
-                pci::intx_gsi(2),
-                blk,
-                args.event_idx,
-            );
-            let blk = Arc::new(blk?);
+            let blk = pci_function(&vm, &mem, 1, blk, args.event_idx, saved_function(1)?)?;
+            let blk = Arc::new(blk);
             functions.push((blk.clone(), blk.regions()));
             pci_functions.push(blk.clone());
             lock(&watched)
@@ -817,15 +1046,8 @@ fn main() -> Result<(), Error> {
             let ring_features =
                 virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX | virtio_pci::F_INDIRECT_DESC;
             let backend = vm_notify::vhost_net::VhostNetFrontend::open(&mem, tap, ring_features)?;
-            let net = VirtioPci::new(
-                &vm,
-                mem.clone(),
-                virtio_pci::BAR0_BASE + slot * virtio_pci::BAR0_SIZE,
-                pci::intx_gsi(slot as u8 + 1),
-                net::Net,
-                args.event_idx,
-            )?
-            .with_vhost(virtio_pci::External::Net(backend));
+            let net = pci_function(&vm, &mem, slot, net::Net, args.event_idx, None)?
+                .with_vhost(virtio_pci::External::Net(backend));
             let net = Arc::new(net);
             functions.push((net.clone(), net.regions()));
             pci_functions.push(net);
@@ -838,31 +1060,29 @@ fn main() -> Result<(), Error> {
             let ring_features = virtio_pci::F_VERSION_1 | virtio_pci::F_EVENT_IDX;
             let backend =
                 vm_notify::vhost_user::VhostUserFrontend::connect(socket, 3, &mem, ring_features)?;
-            let vsock = VirtioPci::new(
-                &vm,
-                mem.clone(),
-                virtio_pci::BAR0_BASE + slot * virtio_pci::BAR0_SIZE,
-                pci::intx_gsi(slot as u8 + 1),
-                vsock::Vsock { guest_cid: 3 },
-                args.event_idx,
-            )?
-            .with_vhost(virtio_pci::External::User(backend));
+            let vsock = vsock::Vsock { guest_cid: 3 };
+            let vsock = pci_function(&vm, &mem, slot, vsock, args.event_idx, None)?
+                .with_vhost(virtio_pci::External::User(backend));
             let vsock = Arc::new(vsock);
             functions.push((vsock.clone(), vsock.regions()));
             pci_functions.push(vsock);
         }
     }
 
+    if restored.is_some() {
+        eprintln!("linux_vmm: restore: the devices restored");
+    }
     // Every exit is routed once, here.
     let mut io = IoManager::new();
-    let serial = legacy::Console::new(
+    let (serial_irq, output) = (
         vm.irqfd(legacy::COM1_GSI)?,
         console::Output::new(watched.clone()),
     );
-    io.register_pio(
-        PioRange::new(PioAddress(legacy::COM1), 8)?,
-        Arc::new(serial),
-    )?;
+    let serial = Arc::new(match &restored {
+        Some(saved) => legacy::Console::restore(serial_irq, output, &saved.serial)?,
+        None => legacy::Console::new(serial_irq, output),
+    });
+    io.register_pio(PioRange::new(PioAddress(legacy::COM1), 8)?, serial.clone())?;
     let reset = legacy::Reset::default();
     let keyboard = legacy::Keyboard::new(reset.clone());
     io.register_pio(
@@ -896,25 +1116,63 @@ fn main() -> Result<(), Error> {
         false => None,
     };
 
-    eprintln!(
-        "linux_vmm: {} MiB, kernel {} ({} bytes at {:#x}), cmdline {:?}",
-        args.mem_mib,
-        args.kernel.display(),
-        loaded.kernel_end - loaded.kernel_load,
-        loaded.kernel_load,
-        args.cmdline
-    );
+    // How long the restore took, from the start of the process to the guest's first instruction.
+    let restore_ms = started.elapsed().as_secs_f64() * 1e3;
+    if let Some(saved) = &restored {
+        if saved.functions.len() != functions.len() {
+            return Err(format!(
+                "--restore: {} functions saved, {} made",
+                saved.functions.len(),
+                functions.len()
+            )
+            .into());
+        }
+    }
+    match &loaded {
+        Some(loaded) => eprintln!(
+            "linux_vmm: {} MiB, kernel {} ({} bytes at {:#x}), cmdline {:?}",
+            args.mem_mib,
+            args.kernel.display(),
+            loaded.kernel_end - loaded.kernel_load,
+            loaded.kernel_load,
+            args.cmdline
+        ),
+        None => eprintln!(
+            "linux_vmm: {} MiB, restored from {} (moved {} times before), {msrs_refused} MSRs refused",
+            args.mem_mib,
+            args.restore.as_deref().unwrap_or(Path::new("")).display(),
+            restored.as_ref().map_or(0, |s| s.moves),
+        ),
+    }
     let machine = Arc::new(Machine {
         io,
         ioapic: ioapic.clone(),
         reset,
         stop: AtomicBool::new(false),
+        pause: AtomicBool::new(false),
         deadline: started + args.timeout,
         pio_exits: AtomicU64::new(0),
         mmio_exits: AtomicU64::new(0),
         handling: (0..args.vcpus).map(|_| AtomicU64::new(0)).collect(),
     });
-    let outcome = run_vcpus(vcpus, &machine)?;
+    let (mut outcome, vcpus) = run_vcpus(vcpus, &machine, args.snapshot.is_some())?;
+    // A pause saves the guest (while the injector still serves the split irqchip's pins: the
+    // devices' last completions may raise a level line); how each function's threads ended is
+    // its save's outcome.
+    let mut saved = None;
+    if let (Some(dir), "paused") = (&args.snapshot, outcome) {
+        let moves = restored.as_ref().map_or(0, |s| s.moves + 1);
+        let guest = Guest {
+            kvm: &kvm,
+            fd: &fd,
+            ioapic: ioapic.as_ref(),
+            mem: &mem,
+            mem_bytes: mem_size,
+        };
+        let threads = save_guest(dir, &guest, &vcpus, &functions, &serial, moves)?;
+        outcome = "saved";
+        saved = Some(threads);
+    }
     let injector = injector.map(|thread| thread.stop().map_err(|e| e.to_string()));
     let (pio_exits, mmio_exits) = (
         machine.pio_exits.load(Relaxed),
@@ -927,7 +1185,11 @@ fn main() -> Result<(), Error> {
     let devices: Vec<serde_json::Value> = functions
         .iter()
         .map(|(f, _)| {
-            let thread = f.stop();
+            // A saved function's threads were stopped by its save, which succeeded.
+            let thread = match &saved {
+                Some(_) => Ok(()),
+                None => f.stop(),
+            };
             if let Err(e) = &thread {
                 eprintln!("linux_vmm: {}: {e}", f.name());
             }
@@ -941,6 +1203,29 @@ fn main() -> Result<(), Error> {
     let queue_notify_exits: u64 = functions.iter().map(|(f, _)| f.notify_exits()).sum();
     let summary = serde_json::json!({
         "outcome": outcome,
+        "moved": restored.as_ref().map(|s| serde_json::json!({
+            "moves_before": s.moves,
+            "msrs_refused": msrs_refused,
+            "ms": restore_ms,
+        })),
+        "saved": saved.as_ref().map(|s| serde_json::json!({
+            "moves": s.moves,
+            "vcpus": vcpus.iter().map(|(ended, _)| *ended).collect::<Vec<_>>(),
+            "eois_completed": s.eois_completed,
+            "msrs": s.msrs,
+            "lapics": s.lapic_held.iter().map(|(id, irr, isr)| serde_json::json!({
+                "apic_id": id, "irr": irr, "isr": isr,
+            })).collect::<Vec<_>>(),
+            "rings": s.rings.iter().map(|(name, rings)| serde_json::json!({
+                "name": name, "queues": rings,
+            })).collect::<Vec<_>>(),
+            "ms": s.ms,
+            "in_flight": s.in_flight.iter().map(|(name, completed, unread)| serde_json::json!({
+                "name": name,
+                "completed_after_pause": completed,
+                "unread_kicks": unread,
+            })).collect::<Vec<_>>(),
+        })),
         "seconds": started.elapsed().as_secs_f64(),
         "exits": { "pio": pio_exits, "mmio": mmio_exits },
         "queue_notify_exits": queue_notify_exits,
@@ -977,7 +1262,7 @@ fn main() -> Result<(), Error> {
     });
     eprintln!("linux_vmm-summary {summary}");
     match outcome {
-        "reset" => Ok(()),
+        "reset" | "saved" => Ok(()),
         other => Err(format!("the guest did not reset the machine: {other}").into()),
     }
 }

@@ -342,6 +342,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             queue,
             &config,
             features,
+            None,
             mem,
             stats,
             resample,

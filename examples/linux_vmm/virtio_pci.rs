@@ -100,6 +100,15 @@ pub struct DeviceStats {
     /// A vhost-user backend's calls relayed to a status line (virtio-mmio): the relay's
     /// wake-ups, each one interrupt decision.
     pub relayed_calls: AtomicU64,
+    /// A block device's read requests.
+    pub reads: AtomicU64,
+    /// A block device's write requests.
+    pub writes: AtomicU64,
+    /// A block device's flush requests.
+    pub flushes: AtomicU64,
+    /// Chains that were in flight when the device thread was stopped, finished and returned to
+    /// the guest before it ended (counted in `requests` too).
+    pub drained: AtomicU64,
 }
 
 /// The calling thread's page faults so far (minor and major).
@@ -180,6 +189,10 @@ pub trait VirtioDevice: Send + 'static {
     /// Adds the chains that finished since the last call to `done`: each its head index and
     /// used length.
     fn reap(&mut self, _mem: &GuestMemoryMmap, _stats: &DeviceStats, _done: &mut Vec<(u16, u32)>) {}
+    /// Waits for every chain begun and not yet reaped, and adds them all to `done` (the device
+    /// thread's last act before it stops: nothing is left in flight to lose).
+    fn drain(&mut self, _mem: &GuestMemoryMmap, _stats: &DeviceStats, _done: &mut Vec<(u16, u32)>) {
+    }
 }
 
 /// What became of a chain an asynchronous device began.
@@ -191,7 +204,7 @@ pub enum Begun {
 }
 
 /// A queue's configuration, as the driver writes it (on either transport).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     pub size: u16,
     pub ready: bool,
@@ -213,6 +226,7 @@ impl Default for QueueConfig {
 }
 
 /// The common configuration of the device and its queues.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Common {
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -243,16 +257,22 @@ impl Common {
     }
 }
 
+/// Where a queue's device stands in its ring: the next available entry it will take and the
+/// next used entry it will write (virtio-queue's `next_avail`, `next_used`).
+pub type RingPosition = (u16, u16);
+
 /// The device thread, once the driver readied the queue.
 pub struct Worker {
     stop: StopHandle,
-    thread: JoinHandle<Result<(), String>>,
+    /// Ends with the ring's position (`None`: a thread that serves no ring, a call relay).
+    thread: JoinHandle<Result<Option<RingPosition>, String>>,
 }
 
 impl Worker {
     /// Starts queue `q`'s device thread (either transport): `device` — taken only once the ring
-    /// and the loop are made — serves the ring the driver configured, with kicks from `queue`;
-    /// with `resample`, a level line's resamples too (see [`serve`]). Says why it could not.
+    /// and the loop are made — serves the ring the driver configured, from `at` (a restored
+    /// queue's position; the ring's start without), with kicks from `queue`; with `resample`, a
+    /// level line's resamples too (see [`serve`]). Says why it could not.
     #[allow(clippy::too_many_arguments)]
     pub fn start<D: VirtioDevice>(
         q: u16,
@@ -260,11 +280,16 @@ impl Worker {
         queue: VirtQueueNotify,
         config: &QueueConfig,
         driver_features: u64,
+        at: Option<RingPosition>,
         mem: &GuestMemoryMmap,
         stats: &Arc<DeviceStats>,
         resample: Option<Arc<StatusLine>>,
     ) -> Result<Worker, String> {
-        let ring = ring(config, driver_features).map_err(|e| format!("queue: {e}"))?;
+        let mut ring = ring(config, driver_features).map_err(|e| format!("queue: {e}"))?;
+        if let Some((next_avail, next_used)) = at {
+            ring.set_next_avail(next_avail);
+            ring.set_next_used(next_used);
+        }
         let events = EventLoop::new().map_err(|e| format!("event loop: {e}"))?;
         let device = device.take().ok_or("the device is serving already")?;
         let stop = events.stop_handle();
@@ -274,10 +299,20 @@ impl Worker {
             .name(format!("{}.{q}", D::NAME))
             .spawn(move || {
                 serve(device, server, &mem, &events, &stats, resample.as_deref())
+                    .map(Some)
                     .map_err(|e| e.to_string())
             })
             .map_err(|e| format!("spawn: {e}"))?;
         Ok(Worker { stop, thread })
+    }
+
+    /// Stops the thread and joins it: where its ring stands (`None` for a call relay), or how it
+    /// failed.
+    pub fn finish(self, name: &str) -> Result<Option<RingPosition>, String> {
+        self.stop.stop().map_err(|e| e.to_string())?;
+        self.thread
+            .join()
+            .map_err(|_| format!("the {name} thread panicked"))?
     }
 }
 
@@ -330,7 +365,7 @@ pub fn relay_calls(
                     }
                 }
             };
-            relayed().map_err(|e| e.to_string())
+            relayed().map(|()| None).map_err(|e| e.to_string())
         })
         .map_err(|e| format!("spawn: {e}"))?;
     Ok(Worker { stop, thread })
@@ -343,16 +378,7 @@ pub fn stop_workers(workers: Vec<Option<Worker>>, name: &str) -> Result<(), Stri
     for (q, worker) in workers.into_iter().enumerate() {
         let outcome = match worker {
             None => Err(format!("queue {q}: the device thread never started")),
-            Some(worker) => worker
-                .stop
-                .stop()
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    worker
-                        .thread
-                        .join()
-                        .map_err(|_| format!("the {name} thread panicked"))?
-                }),
+            Some(worker) => worker.finish(name).map(drop),
         };
         ended = ended.and(outcome);
     }
@@ -431,6 +457,60 @@ impl External {
     }
 }
 
+/// A virtio-pci function's saved state (`VirtioPci::save`): what the driver configured,
+/// vm-notify's notification state (the queues' unread kicks, their vectors, the MSI-X table with
+/// its pending bits), and where each running queue's device stood in its ring.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    /// The device's name (`VirtioDevice::NAME`): a restore checks it.
+    pub name: String,
+    common: Common,
+    interrupt_line: u8,
+    notify: vm_notify::virtio::PciNotifyState,
+    /// Per queue, its device's ring position (`None`: the queue was not running).
+    rings: Vec<Option<RingPosition>>,
+}
+
+impl Saved {
+    /// Guest notifications its queues' kick counters held unread when it was saved.
+    pub fn unread_kicks(&self) -> u64 {
+        self.notify.queues.iter().map(|q| q.unread_kicks).sum()
+    }
+
+    /// Each running queue as the save left it: the device's ring position, what the driver
+    /// had published (avail idx) and asked for (used_event), the used idx in guest memory, and
+    /// the MSI-X entry of its vector (the x86 vector and destination APIC ID, masked, pending).
+    pub fn rings_at_save(&self, mem: &GuestMemoryMmap) -> Vec<serde_json::Value> {
+        use vm_memory::{Bytes, GuestAddress};
+        let read = |at: u64| mem.read_obj::<u16>(GuestAddress(at)).ok();
+        let mut rings = Vec::new();
+        for (q, at) in self.rings.iter().enumerate() {
+            let (Some((next_avail, next_used)), Some(config)) = (at, self.common.queues.get(q))
+            else {
+                continue;
+            };
+            let used_event = config.driver + 4 + 2 * u64::from(config.size);
+            let vector = self.notify.queues.get(q).map_or(NO_VECTOR, |s| s.vector);
+            let entry = self.notify.msix.vectors.get(usize::from(vector));
+            rings.push(serde_json::json!({
+                "queue": q,
+                "next_avail": next_avail,
+                "next_used": next_used,
+                "avail_idx": read(config.driver + 2),
+                "used_event": read(used_event),
+                "used_idx": read(config.device + 2),
+                "msix": entry.map(|e| serde_json::json!({
+                    "vector": e.message.data & 0xff,
+                    "apic_id": (e.message.address >> 12) & 0xff,
+                    "masked": e.masked,
+                    "pending": e.pending,
+                })),
+            }));
+        }
+        rings
+    }
+}
+
 /// A modern virtio-pci function serving the queues of device `D`.
 pub struct VirtioPci<D: VirtioDevice> {
     state: Mutex<State<D>>,
@@ -477,7 +557,10 @@ fn virtio_cap(
 impl<D: VirtioDevice> VirtioPci<D> {
     /// The function with its BAR 0 at `bar0`, its notify address registered and its vectors
     /// made on `vm`, its INTx pin (INTA#) on IOAPIC pin `intx_gsi` (the DSDT's `_PRT` says so);
-    /// `event_idx` says whether VIRTIO_RING_F_EVENT_IDX is offered.
+    /// `event_idx` says whether VIRTIO_RING_F_EVENT_IDX is offered. With `saved`, the function
+    /// it describes, on a `vm` whose memory, vCPUs and irqchip are restored: its notification
+    /// state restored by vm-notify (`Vm::restore_virtio_pci`), the driver's configuration as it
+    /// was, and a device thread serving each queue that ran, from where it stood.
     pub fn new(
         vm: &Vm,
         mem: GuestMemoryMmap,
@@ -485,21 +568,46 @@ impl<D: VirtioDevice> VirtioPci<D> {
         intx_gsi: u32,
         device: D,
         event_idx: bool,
+        saved: Option<&Saved>,
     ) -> Result<Self, crate::Error> {
+        if let Some(saved) =
+            saved.filter(|s| s.name != D::NAME || s.notify.layout.notify_base != bar0 + NOTIFY)
+        {
+            return Err(format!(
+                "--restore: the saved function {} at {:#x} is not {} at {bar0:#x}",
+                saved.name,
+                saved.notify.layout.notify_base.wrapping_sub(NOTIFY),
+                D::NAME
+            )
+            .into());
+        }
         let queues = device.queues();
         if !(1..=QUEUES_MAX).contains(&queues) {
             return Err(format!("{}: {queues} queues (1 to {QUEUES_MAX})", D::NAME).into());
         }
-        // A vector per queue, and one for the configuration interrupt.
-        let msix = vm.msix(usize::from(queues) + 1)?;
-        // Each queue its own notify address.
-        let layout = PciLayout {
-            notify_base: bar0 + NOTIFY,
-            notify_off_multiplier: NOTIFY_MULTIPLIER,
-            queue_notify_off: (0..queues).collect(),
-            intx: Some(intx_gsi),
+        if saved.is_some_and(|s| s.rings.len() != usize::from(queues)) {
+            return Err(format!("--restore: {} saved with other queues", D::NAME).into());
+        }
+        let (msix, notify) = match saved {
+            Some(saved) => {
+                let notify = vm.restore_virtio_pci(&saved.notify)?;
+                (notify.vectors().clone(), notify)
+            }
+            None => {
+                // A vector per queue, and one for the configuration interrupt.
+                let msix = vm.msix(usize::from(queues) + 1)?;
+                // Each queue its own notify address.
+                let layout = PciLayout {
+                    notify_base: bar0 + NOTIFY,
+                    notify_off_multiplier: NOTIFY_MULTIPLIER,
+                    queue_notify_off: (0..queues).collect(),
+                    intx: Some(intx_gsi),
+                };
+                let notify = vm.virtio_pci(&layout, &msix)?;
+                (msix, notify)
+            }
         };
-        let notify = Arc::new(vm.virtio_pci(&layout, &msix)?);
+        let notify = Arc::new(notify);
         let mut c = [0u8; 256];
         let kind = D::TYPE as u16;
         put16(&mut c, 0x00, 0x1af4); // virtio
@@ -535,15 +643,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
             devices.push(Some(device.for_queue()?));
         }
         devices.insert(0, Some(device));
-        Ok(VirtioPci {
+        let function = VirtioPci {
             state: Mutex::new(State {
                 offered_at_start,
                 devices,
                 bar0,
                 bar0_probe: [false; 2],
-                common: Common::new(queues),
+                common: saved.map_or_else(|| Common::new(queues), |s| s.common.clone()),
                 workers: (0..queues).map(|_| None).collect(),
-                interrupt_line: 0xff,
+                interrupt_line: saved.map_or(0xff, |s| s.interrupt_line),
                 #[cfg(feature = "vhost-user")]
                 vhost: None,
                 vhost_started: vec![false; queues.into()],
@@ -556,7 +664,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
             mem,
             stats: Arc::default(),
             notify_exits: Arc::default(),
-        })
+        };
+        let mut state = lock(&function.state);
+        for (q, at) in saved.iter().flat_map(|s| s.rings.iter()).enumerate() {
+            if let Some(at) = at {
+                function.start(&mut state, q as u16, Some(*at));
+            }
+        }
+        drop(state);
+        Ok(function)
     }
 
     /// Hands each queue to `backend` when the driver enables it: the queue's own kick ioeventfd
@@ -635,6 +751,35 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let workers: Vec<_> = state.workers.iter_mut().map(Option::take).collect();
         drop(state);
         stop_workers(workers, D::NAME)
+    }
+
+    /// Saves the function of a paused guest (its vCPUs stopped): each queue's device thread
+    /// finishes what it began and stops, telling where its ring stands, then vm-notify saves
+    /// the notifications. A function an external backend serves is refused (its rings are the
+    /// backend's).
+    pub fn save(&self) -> Result<Saved, String> {
+        let mut state = lock(&self.state);
+        if state.vhost_started.iter().any(|&started| started) {
+            return Err(format!(
+                "{}: its backend holds its rings; not saved",
+                D::NAME
+            ));
+        }
+        let mut rings = Vec::with_capacity(state.workers.len());
+        for worker in state.workers.iter_mut() {
+            rings.push(match worker.take() {
+                Some(worker) => worker.finish(D::NAME)?,
+                None => None,
+            });
+        }
+        let notify = self.notify.save().map_err(|e| e.to_string())?;
+        Ok(Saved {
+            name: D::NAME.into(),
+            common: state.common.clone(),
+            interrupt_line: state.interrupt_line,
+            notify,
+            rings,
+        })
     }
 
     /// Every feature offered.
@@ -757,7 +902,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             (0x1c, Some(q)) if value == 1 => {
                 state.common.queues[usize::from(q)].ready = true;
-                self.start(state, q);
+                self.start(state, q, None);
             }
             (0x14, _) if value == 0 && !running => {
                 // A reset before the queues ran: back to the initial configuration. (A reset of
@@ -801,8 +946,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    /// Queue `q` is ready: the external backend or the queue's device thread starts serving it.
-    fn start(&self, state: &mut State<D>, q: u16) {
+    /// Queue `q` is ready: the external backend or the queue's device thread starts serving it
+    /// (a restored queue's thread from `at`).
+    fn start(&self, state: &mut State<D>, q: u16, at: Option<RingPosition>) {
         let i = usize::from(q);
         if state.workers[i].is_some() || state.vhost_started[i] {
             return;
@@ -854,6 +1000,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             queue,
             &config,
             features,
+            at,
             mem,
             stats,
             resample,
@@ -978,7 +1125,7 @@ fn serve<D: VirtioDevice>(
     events: &EventLoop,
     stats: &DeviceStats,
     resample: Option<&StatusLine>,
-) -> vm_notify::Result<()> {
+) -> vm_notify::Result<RingPosition> {
     const KICK: u64 = 0;
     const RESAMPLE: u64 = 1;
     const COMPLETED: u64 = 2;
@@ -995,7 +1142,18 @@ fn serve<D: VirtioDevice>(
     let mut done: Vec<(u16, u32)> = Vec::new();
     loop {
         if events.wait(None, &mut ready)? == Wake::Stopped {
-            return Ok(());
+            // What was begun finishes and goes back to the guest (its interrupt raised as the
+            // driver asks): the ring's position is then all a restored device needs.
+            device.drain(mem, stats, &mut done);
+            let served = server.complete(mem, done.drain(..))?;
+            stats.requests.fetch_add(served, Ordering::Relaxed);
+            stats.drained.fetch_add(served, Ordering::Relaxed);
+            stats.interrupts.fetch_add(
+                server.stats().interrupts - seen.interrupts,
+                Ordering::Relaxed,
+            );
+            let queue = server.queue();
+            return Ok((queue.next_avail(), queue.next_used()));
         }
         let (mut kicked, mut completed) = (false, false);
         for &(token, count) in &ready {
