@@ -29,12 +29,12 @@ use std::sync::Arc;
 
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::device::{GuestInterrupt, QueueKicks};
 use crate::error::{Error, Result};
-use crate::vhost_user::{call_eventfd, call_target, CallRelay, Handed};
+use crate::vhost_user::{call_eventfd, call_target, hand_vring, CallRelay, Handed, VringRequests};
 use crate::virtio::VringLayout;
 
 /// `VHOST_NET_F_VIRTIO_NET_HDR`: vhost-net adds and strips the virtio-net header itself (never
@@ -165,28 +165,17 @@ impl VhostNetFrontend {
             });
         }
         let (call_fd, relayed) = call_target(&call, refused)?;
-        let index = usize::from(layout.index);
+        const NAMES: VringRequests = [
+            "VHOST_SET_VRING_NUM",
+            "VHOST_SET_VRING_ADDR",
+            "VHOST_SET_VRING_BASE",
+            "VHOST_SET_VRING_CALL",
+            "VHOST_SET_VRING_KICK",
+        ];
         // The kernel's vhost takes guest-physical ring addresses and translates them itself.
-        let config = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: layout.desc_table,
-            used_ring_addr: layout.used_ring,
-            avail_ring_addr: layout.avail_ring,
-            log_addr: None,
-        };
-        let net = &self.net;
-        net.set_vring_num(index, layout.size)
-            .map_err(net_err("VHOST_SET_VRING_NUM"))?;
-        net.set_vring_addr(index, &config)
-            .map_err(net_err("VHOST_SET_VRING_ADDR"))?;
-        net.set_vring_base(index, 0)
-            .map_err(net_err("VHOST_SET_VRING_BASE"))?;
-        net.set_vring_call(index, call_fd.as_event_fd())
-            .map_err(net_err("VHOST_SET_VRING_CALL"))?;
-        net.set_vring_kick(index, kick.kicks().as_event_fd())
-            .map_err(net_err("VHOST_SET_VRING_KICK"))?;
+        let (call_to, kicks) = (call_fd.as_event_fd(), kick.kicks().as_event_fd());
+        hand_vring(&self.net, &layout, Ok, call_to, kicks, NAMES, net_err)?;
+        let (net, index) = (&self.net, usize::from(layout.index));
         net.set_backend(index, Some(&self.tap))
             .map_err(net_err("VHOST_NET_SET_BACKEND"))?;
         // Every one of these is a synchronous ioctl: the worker serves the queue from here on.

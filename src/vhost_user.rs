@@ -169,6 +169,52 @@ fn refused(reason: String) -> Error {
     }
 }
 
+/// The names of the five requests that hand a vring over, in the order [`hand_vring`] makes
+/// them: size, addresses, base, call, kick.
+pub(crate) type VringRequests = [&'static str; 5];
+
+/// Hands queue `layout.index` to a vhost backend, another process's or the kernel's: its size,
+/// its rings (each address through `translate`: a vhost-user backend takes this process's
+/// virtual addresses, the kernel guest-physical ones), base 0, then `call` and `kick`. `err`
+/// makes the frontend's error from the name (in `names`) of the request that failed.
+pub(crate) fn hand_vring<B, E, F>(
+    backend: &B,
+    layout: &VringLayout,
+    translate: impl Fn(u64) -> Result<u64>,
+    call: &vmm_sys_util::eventfd::EventFd,
+    kick: &vmm_sys_util::eventfd::EventFd,
+    names: VringRequests,
+    err: E,
+) -> Result<()>
+where
+    B: VhostBackend,
+    E: Fn(&'static str) -> F,
+    F: FnOnce(vhost::Error) -> Error,
+{
+    let index = usize::from(layout.index);
+    let config = VringConfigData {
+        queue_max_size: layout.size,
+        queue_size: layout.size,
+        flags: 0,
+        desc_table_addr: translate(layout.desc_table)?,
+        used_ring_addr: translate(layout.used_ring)?,
+        avail_ring_addr: translate(layout.avail_ring)?,
+        log_addr: None,
+    };
+    let [size, addresses, base, call_name, kick_name] = names;
+    backend
+        .set_vring_num(index, layout.size)
+        .map_err(err(size))?;
+    backend
+        .set_vring_addr(index, &config)
+        .map_err(err(addresses))?;
+    backend.set_vring_base(index, 0).map_err(err(base))?;
+    backend
+        .set_vring_call(index, call)
+        .map_err(err(call_name))?;
+    backend.set_vring_kick(index, kick).map_err(err(kick_name))
+}
+
 fn vhost_err(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     move |e| Error::VhostUser {
         op,
@@ -290,27 +336,24 @@ impl VhostUserFrontend {
                     reason: e.to_string(),
                 })
         };
-        let index = usize::from(layout.index);
-        let config = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: host(layout.desc_table)?,
-            used_ring_addr: host(layout.used_ring)?,
-            avail_ring_addr: host(layout.avail_ring)?,
-            log_addr: None,
-        };
-        let f = &mut self.frontend;
-        f.set_vring_num(index, layout.size)
-            .map_err(vhost_err("SET_VRING_NUM"))?;
-        f.set_vring_addr(index, &config)
-            .map_err(vhost_err("SET_VRING_ADDR"))?;
-        f.set_vring_base(index, 0)
-            .map_err(vhost_err("SET_VRING_BASE"))?;
-        f.set_vring_call(index, call_fd.as_event_fd())
-            .map_err(vhost_err("SET_VRING_CALL"))?;
-        f.set_vring_kick(index, kick.kicks().as_event_fd())
-            .map_err(vhost_err("SET_VRING_KICK"))?;
+        const NAMES: VringRequests = [
+            "SET_VRING_NUM",
+            "SET_VRING_ADDR",
+            "SET_VRING_BASE",
+            "SET_VRING_CALL",
+            "SET_VRING_KICK",
+        ];
+        let (call_to, kicks) = (call_fd.as_event_fd(), kick.kicks().as_event_fd());
+        hand_vring(
+            &self.frontend,
+            &layout,
+            host,
+            call_to,
+            kicks,
+            NAMES,
+            vhost_err,
+        )?;
+        let (f, index) = (&mut self.frontend, usize::from(layout.index));
         if self.protocol.is_some() {
             f.set_vring_enable(index, true)
                 .map_err(vhost_err("SET_VRING_ENABLE"))?;
